@@ -1,0 +1,119 @@
+"""The ``vllm-tune`` command line: a thin click layer and the one error boundary.
+
+Each subcommand lives in ``vllm_tuner/commands/<module>.py`` as a click command named ``command``;
+this module loads it only when that subcommand runs, so ``vllm-tune diagnose`` never imports httpx.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import platform
+import signal
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .errors import TunerError
+from .paths import data_dir
+
+# name -> (module under vllm_tuner.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "estimate": ("estimate", "Estimate per-GPU memory and what context x concurrency fits."),
+    "find": ("find", "Launch vLLM with candidate flags and return the largest stable config."),
+    "ramp": ("ramp", "Raise --gpu-memory-utilization by 0.01 per step, soaking each step under load."),
+    "diagnose": ("diagnose", "Explain a vLLM crash log and say which flag to change."),
+    "history": ("history", "Show past searches, ramps and their winners."),
+    "plan": ("deploy", "Plan several models on shared GPUs from a deployment file."),
+    "up": ("deploy", "Start a deployment's models one after another and verify them."),
+    "status": ("deploy", "Health and memory of a running deployment."),
+    "down": ("deploy", "Stop what 'vllm-tune up' started."),
+    "emit": ("deploy", "Write a deployment as shell, compose, systemd or Kubernetes files."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, _help = COMMANDS[name]
+        module = importlib.import_module(f"vllm_tuner.commands.{module_name}")
+        attr = "command" if module_name == name else f"{name}_command"
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_) for name, (_m, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vllm-tune")
+def cli() -> None:
+    """Find the largest vLLM configuration that is stable on your GPUs.
+
+    \b
+    Examples:
+      vllm-tune estimate --model qwen2.5-7b --gpu rtx-4090
+      vllm-tune find --model qwen2.5-7b --gpus 2 --simulate rtx-5090
+      vllm-tune diagnose vllm.log
+    """
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached the tuner: unwind like Ctrl-C so every child is stopped."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every way out goes through here. Returns the process exit code."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_terminated)
+    try:
+        cli.main(args=argv, prog_name="vllm-tune", standalone_mode=False)
+        return 0
+    except TunerError as exc:
+        click.echo(f"vllm-tune: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.Abort:
+        click.echo("vllm-tune: aborted", err=True)
+        return 130
+    except (KeyboardInterrupt, Terminated):
+        click.echo("vllm-tune: interrupted; every vLLM it started has been stopped", err=True)
+        return 130
+    except Exception as exc:  # a bug: one line for the user, the traceback in a crash log
+        path = _write_crash_log(exc)
+        click.echo(f"vllm-tune: internal error: {exc!r}; details in {path}", err=True)
+        return 3
+
+
+def _write_crash_log(exc: BaseException) -> str:
+    try:
+        folder = data_dir() / "crashes"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"crash-{_dt.datetime.now():%Y%m%d-%H%M%S}.log"
+        path.write_text(
+            f"vllm-tune {__version__} python {platform.python_version()} {platform.platform()}\n"
+            f"argv: {sys.argv}\n\n" + "".join(traceback.format_exception(exc))
+        )
+        return str(path)
+    except OSError:
+        return "<crash log could not be written>"
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
