@@ -1,0 +1,229 @@
+"""The search policy, driven with plain data: a toy linear memory model stands in for the estimator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_tuner.search import GIB, Finish, Launch, Observation, Policy, ProbeSummary, Request
+from vllm_tuner.serveconfig import ServeConfig
+
+TOTAL = 32 * GIB
+BYTES_PER_TOKEN = 131072  # Llama-3.1-8B, bf16, TP1
+
+
+@dataclass
+class ToyEstimate:
+    kv_pool_bytes: int
+    kv_bytes_per_token: int
+    weights_bytes: int = 14 * GIB
+    cudagraph_bytes: int = GIB // 2
+
+    def max_context(self, seqs: int) -> int:
+        return max(0, self.kv_pool_bytes // (self.kv_bytes_per_token * seqs))
+
+    def max_seqs(self, context: int) -> int:
+        return max(0, self.kv_pool_bytes // (self.kv_bytes_per_token * context))
+
+
+def toy_model(fixed_bytes: int):
+    """pool = total * util - fixed - cudagraph; a calibration replaces ``fixed`` by the measured one."""
+
+    def estimate(cfg: ServeConfig, calibration) -> ToyEstimate:
+        fixed = calibration if calibration is not None else fixed_bytes
+        graphs = 0 if cfg.enforce_eager else GIB // 2
+        per_token = BYTES_PER_TOKEN // (2 if cfg.kv_cache_dtype == "fp8" else 1)
+        pool = int(TOTAL * (cfg.gpu_memory_utilization or 0.92)) - fixed - graphs
+        return ToyEstimate(pool, per_token, cudagraph_bytes=graphs)
+
+    def calibrate(facts: dict, cfg: ServeConfig) -> int:
+        graphs = 0 if cfg.enforce_eager else GIB // 2
+        return int(TOTAL * cfg.gpu_memory_utilization) - int(facts["available_kv_gib"] * GIB) - graphs
+
+    return estimate, calibrate
+
+
+class World:
+    """The 'real GPU' for these tests: the true fixed cost differs from the estimate."""
+
+    def __init__(self, true_fixed: int, *, graph_edge: float = 1.0, runtime_spike: int = 0) -> None:
+        self.true_fixed = true_fixed
+        self.graph_edge = graph_edge
+        self.runtime_spike = runtime_spike
+
+    def run(self, cfg: ServeConfig) -> Observation:
+        util = cfg.gpu_memory_utilization
+        graphs = 0 if cfg.enforce_eager else GIB // 2
+        per_token = BYTES_PER_TOKEN // (2 if cfg.kv_cache_dtype == "fp8" else 1)
+        pool = int(TOTAL * util) - self.true_fixed - graphs
+        facts = {"available_kv_gib": pool / GIB, "total_gib": TOTAL / GIB, "gpu_memory_utilization": util}
+        need = cfg.max_model_len * per_token
+        if pool < need:
+            facts["estimated_max_model_len"] = pool // per_token
+            return Observation(cfg, "kv_cache_insufficient_for_max_len", facts)
+        if util >= self.graph_edge and not cfg.enforce_eager:
+            return Observation(cfg, "oom_cudagraph_capture", facts)
+        facts["kv_cache_tokens"] = pool // per_token
+        used = self.true_fixed + graphs + pool + self.runtime_spike
+        headroom = TOTAL - used
+        probe = ProbeSummary(ok=headroom >= GIB, min_headroom_bytes=headroom)
+        return Observation(cfg, "success", facts, probe)
+
+
+def drive(policy: Policy, world: World, limit: int = 12):
+    history: list[Observation] = []
+    for _ in range(limit):
+        decision = policy.next(history)
+        if isinstance(decision, Finish):
+            return decision, history
+        obs = world.run(decision.config)
+        if obs.booted and not policy.probe_after_boot(history, obs.config, obs.facts):
+            obs = Observation(obs.config, obs.category, obs.facts, None)
+        history.append(obs)
+    raise AssertionError(f"no decision after {limit} launches: {[o.verdict for o in history]}")
+
+
+def best_context(true_fixed: int, util: float, seqs: int = 1) -> int:
+    pool = int(TOTAL * util) - true_fixed - GIB // 2
+    return pool // (BYTES_PER_TOKEN * seqs)
+
+
+BASE = ServeConfig(model="Qwen/Qwen2.5-7B-Instruct")
+
+
+def test_first_candidate_comes_from_the_estimate():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    first = policy.next([])
+    assert isinstance(first, Launch)
+    assert first.config.gpu_memory_utilization == 0.95
+    assert first.config.max_num_seqs == 1
+    expected = best_context(20 * GIB, 0.95) // 16 * 16
+    assert first.config.max_model_len == expected
+    assert "estimated" in first.reason
+
+
+def test_estimate_too_optimistic_converges_from_measured_numbers():
+    estimate, calibrate = toy_model(18 * GIB)  # the estimate believes 2 GiB more is free than is
+    world = World(true_fixed=20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    finish, history = drive(policy, world)
+    assert finish.winner is not None and finish.winner.stable
+    assert len(history) == 2
+    assert history[0].category == "kv_cache_insufficient_for_max_len"
+    true_best = best_context(20 * GIB, 0.95)
+    assert true_best * 0.98 <= finish.winner.config.max_model_len <= true_best
+
+
+def test_estimate_too_pessimistic_relaunches_bigger_without_probing_the_small_one():
+    estimate, calibrate = toy_model(22 * GIB)  # believes 2 GiB less is free
+    world = World(true_fixed=20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    finish, history = drive(policy, world)
+    assert [o.verdict for o in history] == ["boots", "stable"]
+    assert finish.winner.config.max_model_len > history[0].config.max_model_len
+
+
+def test_graph_capture_edge_backs_off_utilization_by_one_step():
+    estimate, calibrate = toy_model(20 * GIB)
+    world = World(true_fixed=20 * GIB, graph_edge=0.95)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    finish, history = drive(policy, world)
+    assert history[0].category == "oom_cudagraph_capture"
+    assert finish.winner.config.gpu_memory_utilization == 0.94
+
+
+def test_unstable_under_load_lowers_utilization_until_headroom_holds():
+    estimate, calibrate = toy_model(20 * GIB)
+    world = World(true_fixed=20 * GIB, runtime_spike=int(1.2 * GIB))
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    finish, history = drive(policy, world)
+    assert any(o.verdict == "unstable" for o in history)
+    winner = finish.winner
+    assert winner.stable and winner.probe.min_headroom_bytes >= GIB
+    assert winner.config.gpu_memory_utilization < 0.95
+
+
+def test_native_maximum_reached_then_concurrency_grows():
+    estimate, calibrate = toy_model(20 * GIB)
+    world = World(true_fixed=20 * GIB)
+    policy = Policy(Request(native_max_len=32768), BASE, estimate=estimate, calibrate=calibrate)
+    finish, _ = drive(policy, world)
+    cfg = finish.winner.config
+    assert cfg.max_model_len == 32768
+    assert cfg.max_num_seqs == best_context(20 * GIB, 0.95) // 32768
+
+
+def test_concurrency_objective_keeps_the_context_floor():
+    estimate, calibrate = toy_model(20 * GIB)
+    world = World(true_fixed=20 * GIB)
+    req = Request(objective="concurrency", min_context=8192, native_max_len=32768)
+    finish, _ = drive(Policy(req, BASE, estimate=estimate, calibrate=calibrate), world)
+    cfg = finish.winner.config
+    assert cfg.max_model_len == 8192
+    assert cfg.max_num_seqs == best_context(20 * GIB, 0.95) // 8192
+
+
+def test_targets_out_of_reach_say_what_would_help_and_launch_nothing():
+    estimate, calibrate = toy_model(20 * GIB)
+    req = Request(objective="targets", target_context=65536, target_seqs=2, native_max_len=131072)
+    decision = Policy(req, BASE, estimate=estimate, calibrate=calibrate).next([])
+    assert isinstance(decision, Finish) and decision.winner is None
+    assert any("--allow fp8-kv" in line for line in decision.missing)
+
+
+def test_targets_reached_with_an_allowed_lossy_knob():
+    estimate, calibrate = toy_model(20 * GIB)
+    world = World(true_fixed=20 * GIB)
+    req = Request(
+        objective="targets",
+        target_context=65536,
+        target_seqs=2,
+        native_max_len=131072,
+        allow=frozenset({"eager", "fp8-kv"}),
+    )
+    finish, _ = drive(Policy(req, BASE, estimate=estimate, calibrate=calibrate), world)
+    cfg = finish.winner.config
+    assert cfg.kv_cache_dtype == "fp8" and cfg.max_model_len == 65536 and cfg.max_num_seqs == 2
+    assert not cfg.enforce_eager  # fp8 alone reaches the target: eager would only cost speed
+
+
+def test_weights_that_do_not_fit_end_the_search():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(Request(native_max_len=32768), BASE, estimate=estimate, calibrate=calibrate)
+    first = policy.next([])
+    failed = Observation(first.config, "oom_weights_load", {"tried_to_allocate_gib": 0.9})
+    decision = policy.next([failed])
+    assert isinstance(decision, Finish) and decision.winner is None
+    assert "weights" in decision.reason
+
+
+def test_free_memory_check_caps_utilization_from_the_numbers():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    first = policy.next([])
+    failed = Observation(
+        first.config, "startup_free_memory_below_utilization", {"free_gib": 28.0, "total_gib": 32.0}
+    )
+    decision = policy.next([failed])
+    assert isinstance(decision, Launch)
+    assert decision.config.gpu_memory_utilization == 0.86
+
+
+def test_a_known_failure_is_never_relaunched():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    first = policy.next([])
+    # vLLM failed for a reason the model cannot explain (no numbers): the next candidate must differ.
+    failed = Observation(first.config, "oom_during_profiling", {})
+    decision = policy.next([failed])
+    assert isinstance(decision, Launch)
+    assert decision.config.key() != first.config.key()
+
+
+def test_decisions_are_deterministic_for_resume():
+    estimate, calibrate = toy_model(18 * GIB)
+    world = World(true_fixed=20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    _, history = drive(policy, world)
+    again = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    assert again.next(history[:1]) == policy.next(history[:1])

@@ -1,0 +1,452 @@
+"""The search policy of ``vllm-tune find``: pure decisions, no I/O.
+
+Given what the user asked for and every trial so far, :meth:`Policy.next` says what to launch next
+(or that the search is over), and :meth:`Policy.probe_after_boot` says whether a config that just
+booted is worth proving under load or should be replaced at once by a better one.
+
+The policy measures, then computes: the first candidate comes from the estimate; every launch that
+printed vLLM's own numbers (available KV memory, tokens, "estimated maximum model length is N") is fed
+back through ``calibrate`` so the next candidate is computed from measured memory, not stepped to.
+Failures move caps (utilization, sequences, batched tokens) by their category, in the guides' knob
+order; lossy knobs (eager, fp8 KV, CPU offload) are used only when allowed and only when needed.
+
+Everything here is deterministic given the history, so a resumed search replays to the same point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .serveconfig import ServeConfig
+
+GIB = 1 << 30
+UTIL_STEP = 0.01
+LOSSY_ORDER = ("eager", "fp8-kv", "offload")
+OBJECTIVES = ("context", "concurrency", "targets")
+
+# Categories that no flag change within the search can fix.
+HOPELESS = {
+    "unsupported_flag_or_arg_error": "vLLM rejected the command line",
+    "engine_core_died_other": "vLLM died for a reason that is not memory",
+    "startup_timeout": "vLLM did not become ready in time",
+    "unknown": "vLLM stopped without a recognisable cause",
+}
+
+
+class EstimateView(Protocol):
+    """What the policy reads from an estimate (see ``vllm_tuner.estimate.Estimate``)."""
+
+    kv_pool_bytes: int
+    kv_bytes_per_token: int
+    weights_bytes: int
+    cudagraph_bytes: int
+
+    def max_context(self, seqs: int) -> int: ...
+
+    def max_seqs(self, context: int) -> int: ...
+
+
+EstimateFn = Callable[[ServeConfig, object | None], EstimateView]
+CalibrateFn = Callable[[dict, ServeConfig], object]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked ``find`` for."""
+
+    objective: str = "context"
+    min_seqs: int = 1
+    min_context: int | None = None
+    target_context: int | None = None
+    target_seqs: int | None = None
+    allow: frozenset[str] = frozenset()
+    util_ceiling: float = 0.95
+    util_floor: float = 0.50
+    headroom_bytes: int = GIB
+    native_max_len: int = 32768
+    max_seqs_cap: int = 256
+    block_size: int = 16
+    knob_order: tuple[str, ...] = ("max-num-seqs", "max-model-len", "gpu-memory-utilization", *LOSSY_ORDER)
+    offload_flag: str | None = "--cpu-offload-gb"
+    near_optimum: float = 0.02  # a booted config within this fraction of the computed best is probed
+
+    def floor_context(self) -> int:
+        if self.objective == "targets":
+            return self.target_context or self.native_max_len
+        if self.objective == "concurrency":
+            return min(self.min_context or 8192, self.native_max_len)
+        return self.min_context or self.block_size
+
+    def floor_seqs(self) -> int:
+        if self.objective == "targets":
+            return self.target_seqs or 1
+        return self.min_seqs
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    ok: bool
+    server_died: bool = False
+    min_headroom_bytes: int | None = None
+    errors: int = 0
+    preemptions: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finished trial, as the policy sees it."""
+
+    config: ServeConfig
+    category: str
+    facts: dict = field(default_factory=dict)
+    probe: ProbeSummary | None = None
+
+    @property
+    def booted(self) -> bool:
+        return self.category == "success"
+
+    @property
+    def stable(self) -> bool:
+        return self.booted and self.probe is not None and self.probe.ok
+
+    @property
+    def verdict(self) -> str:
+        if not self.booted:
+            return "failed"
+        if self.probe is None:
+            return "boots"
+        return "stable" if self.probe.ok else "unstable"
+
+
+@dataclass(frozen=True)
+class Launch:
+    config: ServeConfig
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    winner: Observation | None
+    reason: str
+    complete: bool = True
+    missing: tuple[str, ...] = ()
+
+
+@dataclass
+class _Caps:
+    """What the history has taught: upper bounds and escalations, derived fresh on every decision."""
+
+    util: float
+    seqs: int | None = None
+    batched_tokens: int | None = None
+    lossy: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    stop: str | None = None
+
+
+def _floor_to(value: float, step: float) -> float:
+    return math.floor(round(value / step, 6)) * step
+
+
+def _round_util(value: float) -> float:
+    return round(_floor_to(value, UTIL_STEP), 2)
+
+
+class Policy:
+    """Decides the next launch. ``estimate(config, calibration)`` and ``calibrate(facts, config)``
+    are injected (the real ones live in ``vllm_tuner.estimate``)."""
+
+    def __init__(
+        self,
+        request: Request,
+        base: ServeConfig,
+        *,
+        estimate: EstimateFn,
+        calibrate: CalibrateFn,
+        start_util_cap: float | None = None,
+    ) -> None:
+        if request.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {request.objective!r}")
+        self.request = request
+        self.base = base
+        self._estimate = estimate
+        self._calibrate = calibrate
+        self._start_util_cap = start_util_cap
+
+    # -- what the history teaches -------------------------------------------------------------
+    def caps(self, history: Sequence[Observation]) -> _Caps:
+        req = self.request
+        util = req.util_ceiling
+        if self._start_util_cap is not None:
+            util = min(util, self._start_util_cap)
+        caps = _Caps(util=_round_util(util))
+        graph_failures = 0
+        for obs in history:
+            cat, facts, cfg = obs.category, obs.facts, obs.config
+            used_util = cfg.gpu_memory_utilization or 0.92
+            if cat == "startup_free_memory_below_utilization":
+                free, total = facts.get("free_gib"), facts.get("total_gib")
+                cap = free / total - UTIL_STEP if free and total else used_util - 0.05
+                caps.util = min(caps.util, _round_util(cap))
+                caps.notes.append(f"only {free} GiB of {total} GiB was free at startup")
+            elif cat == "oom_cudagraph_capture":
+                graph_failures += 1
+                caps.util = min(caps.util, round(used_util - UTIL_STEP * graph_failures, 2))
+                caps.notes.append(f"{used_util:.2f} failed in CUDA-graph capture")
+            elif cat == "oom_at_runtime" or (obs.booted and obs.probe and not obs.probe.ok):
+                caps.util = min(caps.util, self._util_after_runtime_failure(obs))
+                caps.notes.append(f"{used_util:.2f} was not stable under load ({_probe_words(obs)})")
+            elif cat == "oom_during_profiling":
+                tokens = cfg.max_num_batched_tokens or facts.get("max_num_batched_tokens") or 8192
+                caps.batched_tokens = max(cfg.max_num_seqs or 1, int(tokens) // 2)
+                caps.notes.append(f"profiling ran out of memory at {tokens} batched tokens")
+            elif cat == "mamba_blocks_below_max_num_seqs":
+                limit = facts.get("max_num_seqs_limit")
+                if limit:
+                    caps.seqs = min(caps.seqs or limit, int(limit))
+            elif cat == "no_kv_cache_memory":
+                caps.notes.append(f"no memory was left for the KV cache at {used_util:.2f}")
+            elif cat == "oom_weights_load":
+                caps.stop = "the weights alone do not fit on the GPUs"
+            elif cat in HOPELESS:
+                caps.stop = HOPELESS[cat]
+            elif cat == "profiling_memory_changed" and _count(history, cat) >= 2:
+                caps.stop = "another process changed GPU memory while vLLM was profiling, twice"
+        caps.lossy = self._lossy_needed(history, caps)
+        if caps.util < self.request.util_floor:
+            caps.stop = caps.stop or (
+                f"the usable --gpu-memory-utilization fell below {self.request.util_floor:.2f}"
+            )
+        return caps
+
+    def _util_after_runtime_failure(self, obs: Observation) -> float:
+        used = obs.config.gpu_memory_utilization or 0.92
+        total = obs.facts.get("total_gib")
+        total_bytes = total * GIB if total else None
+        need = self.request.headroom_bytes
+        seen = obs.probe.min_headroom_bytes if obs.probe else None
+        if total_bytes and seen is not None and not (obs.probe and obs.probe.server_died):
+            deficit = max(need - seen, 0) + 0.25 * GIB
+            return round(used - max(UTIL_STEP, math.ceil(deficit / total_bytes * 100) / 100), 2)
+        if total_bytes:
+            return round(used - max(2 * UTIL_STEP, math.ceil(need / total_bytes * 100) / 100), 2)
+        return round(used - 0.03, 2)
+
+    def _lossy_needed(self, history: Sequence[Observation], caps: _Caps) -> tuple[str, ...]:
+        """The cheapest allowed set of lossy knobs that reaches the goal: fewest knobs first, then
+        the earliest in the knob order. If none reaches it, every allowed knob (the most they buy)."""
+        allowed = [k for k in LOSSY_ORDER if k in self.request.allow]
+        subsets = [()]
+        for size in range(1, len(allowed) + 1):
+            subsets += list(itertools.combinations(allowed, size))
+        for subset in subsets:
+            target = self._target(history, caps, subset)
+            if target is not None and self._reaches_goal(*target):
+                return subset
+        return tuple(allowed)
+
+    # -- the goal -------------------------------------------------------------------------------
+    def _reaches_goal(self, context: int, seqs: int) -> bool:
+        req = self.request
+        if req.objective == "context":
+            return context >= req.native_max_len and seqs >= req.floor_seqs()
+        if req.objective == "concurrency":
+            return seqs >= req.max_seqs_cap and context >= req.floor_context()
+        return context >= req.floor_context() and seqs >= req.floor_seqs()
+
+    def _meets_floor(self, context: int, seqs: int) -> bool:
+        return context >= self.request.floor_context() and seqs >= self.request.floor_seqs()
+
+    def _config(self, caps: _Caps, lossy: tuple[str, ...], context: int, seqs: int) -> ServeConfig:
+        cfg = self.base.replace(
+            max_model_len=context,
+            max_num_seqs=seqs,
+            gpu_memory_utilization=caps.util,
+            enforce_eager=self.base.enforce_eager or "eager" in lossy,
+            kv_cache_dtype="fp8" if "fp8-kv" in lossy else self.base.kv_cache_dtype,
+        )
+        if caps.batched_tokens:
+            cfg = cfg.replace(max_num_batched_tokens=max(caps.batched_tokens, seqs))
+        return cfg
+
+    def _calibration(self, history: Sequence[Observation], cfg: ServeConfig):
+        """Calibrate from the most recent launch that printed the KV pool, if its memory terms still
+        apply to ``cfg`` (same TP, KV dtype, eager mode and offload)."""
+        for obs in reversed(history):
+            if "available_kv_gib" not in obs.facts:
+                continue
+            o = obs.config
+            if (o.tensor_parallel_size, o.kv_cache_dtype, o.enforce_eager, o.cpu_offload_gb) != (
+                cfg.tensor_parallel_size,
+                cfg.kv_cache_dtype,
+                cfg.enforce_eager,
+                cfg.cpu_offload_gb,
+            ):
+                continue
+            return self._calibrate(obs.facts, obs.config)
+        return None
+
+    def _target(
+        self, history: Sequence[Observation], caps: _Caps, lossy: tuple[str, ...]
+    ) -> tuple[int, int] | None:
+        """The (max_model_len, max_num_seqs) the objective wants at these caps, or None if nothing fits."""
+        req = self.request
+        probe_cfg = self._config(caps, lossy, req.floor_context(), req.floor_seqs())
+        probe_cfg = self._with_offload(probe_cfg, lossy, history, caps)
+        est = self._estimate(probe_cfg, self._calibration(history, probe_cfg))
+        seq_cap = min(req.max_seqs_cap, caps.seqs or req.max_seqs_cap)
+        if req.objective == "concurrency":
+            context = req.floor_context()
+            seqs = min(seq_cap, est.max_seqs(context))
+        elif req.objective == "targets":
+            context, seqs = req.floor_context(), req.floor_seqs()
+            if est.max_seqs(context) < seqs:
+                return None
+        else:
+            seqs = min(seq_cap, req.floor_seqs())
+            context = min(req.native_max_len, est.max_context(seqs))
+            if context >= req.native_max_len:
+                context = req.native_max_len
+                seqs = max(seqs, min(seq_cap, est.max_seqs(context)))
+        context = self._round_len(context)
+        if context < req.block_size or seqs < 1:
+            return None
+        return context, seqs
+
+    def _round_len(self, context: int) -> int:
+        bs = self.request.block_size
+        if context >= self.request.native_max_len:
+            return self.request.native_max_len
+        return max(bs, context // bs * bs)
+
+    def _with_offload(self, cfg: ServeConfig, lossy: tuple[str, ...], history, caps) -> ServeConfig:
+        if "offload" not in lossy or not self.request.offload_flag:
+            return cfg
+        est = self._estimate(cfg, self._calibration(history, cfg))
+        gib = max(1, math.ceil(est.weights_bytes / GIB / 4))
+        return cfg.replace(cpu_offload_gb=float(gib))
+
+    # -- decisions ------------------------------------------------------------------------------
+    def next(self, history: Sequence[Observation]) -> Launch | Finish:
+        caps = self.caps(history)
+        best = self.best(history)
+        if caps.stop:
+            return self._finish(history, best, caps.stop)
+        target = self._target(history, caps, caps.lossy)
+        if target is None or not self._meets_floor(*target):
+            return self._finish(history, best, "nothing meets the requested floor at these settings")
+        context, seqs = target
+        cfg = self._with_offload(self._config(caps, caps.lossy, context, seqs), caps.lossy, history, caps)
+        seen = {o.config.key(): o for o in history}
+        step = 0
+        while cfg.key() in seen:
+            prior = seen[cfg.key()]
+            if prior.stable:
+                return self._finish(history, best, "the computed best config is proven stable")
+            if prior.category == "profiling_memory_changed" and _count(history, prior.category) < 2:
+                break  # a co-tenant moved memory once: the same launch is worth one retry
+            # The model says it fits but it failed before: shrink the objective's knob by 5%.
+            step += 1
+            if step > 20:
+                return self._finish(history, best, "no untried config is left below the failures")
+            cfg = self._shrink(cfg, step)
+            if cfg is None or not self._meets_floor(cfg.max_model_len or 0, cfg.max_num_seqs or 0):
+                return self._finish(history, best, "every config that meets the floor has failed")
+        if best and not self._better(cfg, best.config):
+            return self._finish(history, best, "no untried config beats the proven one")
+        return Launch(cfg, self._reason(history, caps, cfg))
+
+    def probe_after_boot(self, history: Sequence[Observation], config: ServeConfig, facts: dict) -> bool:
+        """After ``config`` booted and printed ``facts``: prove it under load, or relaunch at once?"""
+        booted = Observation(config, "success", facts)
+        caps = self.caps([*history, booted])
+        target = self._target([*history, booted], caps, caps.lossy)
+        if target is None:
+            return True
+        context, seqs = target
+        have_ctx, have_seqs = config.max_model_len or 0, config.max_num_seqs or 0
+        fits = context >= have_ctx and seqs >= have_seqs
+        tol = self.request.near_optimum
+        near = have_ctx >= context * (1 - tol) and have_seqs >= math.floor(seqs * (1 - tol))
+        return fits and near
+
+    # -- results --------------------------------------------------------------------------------
+    def _objective_key(self, cfg: ServeConfig) -> tuple:
+        ctx, seqs = cfg.max_model_len or 0, cfg.max_num_seqs or 0
+        lossless = -sum(
+            1 for flag in (cfg.enforce_eager, cfg.kv_cache_dtype != "auto", cfg.cpu_offload_gb) if flag
+        )
+        if self.request.objective == "concurrency":
+            return (seqs, ctx, lossless, cfg.gpu_memory_utilization or 0)
+        if self.request.objective == "targets":
+            return (lossless, -(cfg.gpu_memory_utilization or 0), ctx, seqs)
+        return (ctx, seqs, lossless, cfg.gpu_memory_utilization or 0)
+
+    def _better(self, cfg: ServeConfig, than: ServeConfig) -> bool:
+        a, b = self._objective_key(cfg), self._objective_key(than)
+        return a[:2] > b[:2] if self.request.objective != "targets" else a > b
+
+    def best(self, history: Sequence[Observation]) -> Observation | None:
+        stable = [o for o in history if o.stable]
+        return max(stable, key=lambda o: self._objective_key(o.config)) if stable else None
+
+    def _finish(self, history, best: Observation | None, reason: str) -> Finish:
+        missing: list[str] = []
+        if best is None:
+            missing = self.what_would_help(history)
+        return Finish(best, reason, complete=True, missing=tuple(missing))
+
+    def _shrink(self, cfg: ServeConfig, step: int) -> ServeConfig | None:
+        factor = 1 - 0.05 * step
+        if self.request.objective == "concurrency":
+            seqs = int((cfg.max_num_seqs or 1) * factor)
+            return cfg.replace(max_num_seqs=seqs) if seqs >= 1 else None
+        if self.request.objective == "targets":
+            util = round((cfg.gpu_memory_utilization or 0.92) - UTIL_STEP * step, 2)
+            return cfg.replace(gpu_memory_utilization=util) if util >= self.request.util_floor else None
+        ctx = self._round_len(int((cfg.max_model_len or 0) * factor))
+        return cfg.replace(max_model_len=ctx) if ctx >= self.request.block_size else None
+
+    def what_would_help(self, history: Sequence[Observation]) -> list[str]:
+        """What each lossy knob not yet allowed would buy, from the (calibrated) estimate."""
+        caps = self.caps(history)
+        out: list[str] = []
+        base_target = self._target(history, caps, caps.lossy)
+        for knob in LOSSY_ORDER:
+            if knob in caps.lossy:
+                continue
+            t = self._target(history, caps, (*caps.lossy, knob))
+            if t and (base_target is None or t != base_target):
+                out.append(f"--allow {knob} would reach --max-model-len {t[0]} with --max-num-seqs {t[1]}")
+        return out
+
+    def _reason(self, history: Sequence[Observation], caps: _Caps, cfg: ServeConfig) -> str:
+        source = "measured" if self._calibration(history, cfg) is not None else "estimated"
+        words = [f"{source} KV pool → --max-model-len {cfg.max_model_len} × {cfg.max_num_seqs} seqs"]
+        if caps.lossy:
+            words.append("using " + ", ".join(caps.lossy))
+        if caps.notes:
+            words.append(caps.notes[-1])
+        return "; ".join(words)
+
+
+def _count(history: Sequence[Observation], category: str) -> int:
+    return sum(1 for o in history if o.category == category)
+
+
+def _probe_words(obs: Observation) -> str:
+    if obs.category == "oom_at_runtime":
+        return "out of memory at runtime"
+    p = obs.probe
+    if p is None:
+        return "no probe"
+    if p.server_died:
+        return "server died under load"
+    if p.min_headroom_bytes is not None:
+        return f"{p.min_headroom_bytes / GIB:.2f} GiB headroom"
+    return p.detail or "probe failed"
