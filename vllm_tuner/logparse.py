@@ -139,7 +139,9 @@ def _ints(*keys: str) -> Callable[[re.Match[str]], Facts]:
 
 def _floats(*keys: str) -> Callable[[re.Match[str]], Facts]:
     def read(match: re.Match[str]) -> Facts:
-        return {k: float(_number(g)) for k, g in zip(keys, match.groups(), strict=True) if k and g is not None}
+        return {
+            k: float(_number(g)) for k, g in zip(keys, match.groups(), strict=True) if k and g is not None
+        }
 
     return read
 
@@ -194,7 +196,10 @@ _FACT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Facts]]] = [
     (re.compile(r"LLM engine \(v([0-9][\w.+\-]*)\)"), lambda m: {"vllm_version": m.group(1)}),
     (re.compile(r"Using max model len " + _N), _ints("max_model_len")),
     (re.compile(r"LLM engine .*?\bmax_seq_len=(\d+)"), _ints("max_model_len")),
-    (re.compile(r"Auto-fit max_model_len: reduced from (\d+) to (\d+)"), _ints("derived_max_model_len", "max_model_len")),
+    (
+        re.compile(r"Auto-fit max_model_len: reduced from (\d+) to (\d+)"),
+        _ints("derived_max_model_len", "max_model_len"),
+    ),
     (re.compile(r"Auto-fit max_model_len: full model context length (\d+) fits"), _ints("max_model_len")),
     # weights
     (re.compile(r"Model loading took " + _N + r"\s*(GiB|GB)"), _sized("weights_gib")),
@@ -204,57 +209,116 @@ _FACT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Facts]]] = [
     # V0 profiling summaries
     (re.compile(r"Memory profiling results: (?:\w+=-?[\d.]+(?:GiB)?\s*)+"), _v0_profile),
     (
-        re.compile(r"total_gpu_memory \(" + _N + r"GiB\) x gpu_memory_utilization \(" + _N + r"\) = " + _N + "GiB"),
+        re.compile(
+            r"total_gpu_memory \(" + _N + r"GiB\) x gpu_memory_utilization \(" + _N + r"\) = " + _N + "GiB"
+        ),
         _floats("total_gib", "gpu_memory_utilization", "requested_gib"),
     ),
     (re.compile(r"non_torch_memory takes " + _N + "GiB"), _floats("non_torch_gib")),
     (re.compile(r"activation peak memory takes " + _N + "GiB"), _floats("peak_activation_gib")),
     (re.compile(r"reserved for KV Cache is " + _N + "GiB"), _floats("available_kv_gib")),
     # V1 profiling
-    (re.compile(r"Initial free memory: " + _N + r" GiB; Requested memory: " + _N + r" \(util\), " + _N + " GiB"),
-     _floats("free_gib", "gpu_memory_utilization", "requested_gib")),
+    (
+        re.compile(
+            r"Initial free memory: " + _N + r" GiB; Requested memory: " + _N + r" \(util\), " + _N + " GiB"
+        ),
+        _floats("free_gib", "gpu_memory_utilization", "requested_gib"),
+    ),
     (re.compile(r"total consumed \(from mem_get_info\): " + _N + "GiB"), _floats("consumed_gib")),
-    (re.compile(r"Initial free memory " + _N + r" GiB, reserved " + _N + r" GiB memory for KV Cache"),
-     _floats("free_gib", "available_kv_gib")),
+    (
+        re.compile(r"Initial free memory " + _N + r" GiB, reserved " + _N + r" GiB memory for KV Cache"),
+        _floats("free_gib", "available_kv_gib"),
+    ),
     (re.compile(r"Estimated CUDA graph memory: " + _N + " GiB"), _floats("cudagraph_estimated_gib")),
     (re.compile(r"Available KV cache memory: " + _N + " GiB"), _floats("available_kv_gib")),
-    (re.compile(r"current --gpu-memory-utilization=" + _N + " is equivalent"), _floats("gpu_memory_utilization")),
+    (
+        re.compile(r"current --gpu-memory-utilization=" + _N + " is equivalent"),
+        _floats("gpu_memory_utilization"),
+    ),
     (re.compile(r"increase --gpu-memory-utilization from " + _N + " to"), _floats("gpu_memory_utilization")),
     # capacity
     (re.compile(r"KV cache size: " + _N + " tokens"), _ints("kv_cache_tokens")),
-    (re.compile(r"Maximum concurrency for " + _N + r" tokens per request: " + _N + "x"),
-     lambda m: {"concurrency_tokens": int(_number(m.group(1))), "max_concurrency": float(_number(m.group(2)))}),
-    (re.compile(r"maximum number of tokens that can be stored in KV cache \(" + _N + r"\)"), _ints("kv_cache_tokens")),
-    (re.compile(r"\b(?:GPU|cuda) blocks: " + _N + r"(?:, # CPU blocks: " + _N + ")?"), _ints("num_gpu_blocks", "num_cpu_blocks")),
+    (
+        re.compile(r"Maximum concurrency for " + _N + r" tokens per request: " + _N + "x"),
+        lambda m: {
+            "concurrency_tokens": int(_number(m.group(1))),
+            "max_concurrency": float(_number(m.group(2))),
+        },
+    ),
+    (
+        re.compile(r"maximum number of tokens that can be stored in KV cache \(" + _N + r"\)"),
+        _ints("kv_cache_tokens"),
+    ),
+    (
+        re.compile(r"\b(?:GPU|cuda) blocks: " + _N + r"(?:, # CPU blocks: " + _N + ")?"),
+        _ints("num_gpu_blocks", "num_cpu_blocks"),
+    ),
     # graph capture
     (re.compile(r"Graph capturing finished in \d+ secs?, took " + _N + " GiB"), _floats("cudagraph_gib")),
-    (re.compile(r"CUDA graph pool memory: " + _N + r" GiB \(actual\), " + _N + r" GiB \(estimated\)"),
-     _floats("cudagraph_gib", "cudagraph_estimated_gib")),
-    (re.compile(r"Free memory on device[^(]*\(" + _N + "/" + _N + r" GiB\) on startup"), _floats("free_gib", "total_gib")),
-    (re.compile(r"desired GPU memory utilization (?:is )?\(" + _N + ", " + _N + r" GiB\)", re.I),
-     _floats("gpu_memory_utilization", "requested_gib")),
+    (
+        re.compile(r"CUDA graph pool memory: " + _N + r" GiB \(actual\), " + _N + r" GiB \(estimated\)"),
+        _floats("cudagraph_gib", "cudagraph_estimated_gib"),
+    ),
+    (
+        re.compile(r"Free memory on device[^(]*\(" + _N + "/" + _N + r" GiB\) on startup"),
+        _floats("free_gib", "total_gib"),
+    ),
+    (
+        re.compile(r"desired GPU memory utilization (?:is )?\(" + _N + ", " + _N + r" GiB\)", re.I),
+        _floats("gpu_memory_utilization", "requested_gib"),
+    ),
     (re.compile(r"Actual usage is " + _N + r" GiB for consumed memory"), _floats("consumed_gib")),
     (re.compile(_N + r" GiB for peak activation"), _floats("peak_activation_gib")),
     (re.compile(_N + r" GiB for CUDAGraph memory"), _floats("cudagraph_gib")),
-    (re.compile(r"--kv-cache-memory=(\d+)`?\s*\([^)]*\) to fit into requested memory"), _ints("kv_cache_memory_fit_bytes")),
-    (re.compile(r"--kv-cache-memory=(\d+)`?\s*\([^)]*\) to fully utilize"), _ints("kv_cache_memory_full_bytes")),
-    (re.compile(r"init engine \(profile, create kv cache, warmup model\) took " + _N + " s"), _floats("init_seconds")),
+    (
+        re.compile(r"--kv-cache-memory=(\d+)`?\s*\([^)]*\) to fit into requested memory"),
+        _ints("kv_cache_memory_fit_bytes"),
+    ),
+    (
+        re.compile(r"--kv-cache-memory=(\d+)`?\s*\([^)]*\) to fully utilize"),
+        _ints("kv_cache_memory_full_bytes"),
+    ),
+    (
+        re.compile(r"init engine \(profile, create kv cache, warmup model\) took " + _N + " s"),
+        _floats("init_seconds"),
+    ),
     # failures
     (re.compile(r"max seq len \(" + _N + r"\)"), _ints("max_model_len")),
-    (re.compile(r"\(" + _N + r" GiB KV cache is needed, which is larger than the available KV cache memory \(" + _N + r" GiB\)"),
-     _floats("needed_gib", "available_kv_gib")),
+    (
+        re.compile(
+            r"\("
+            + _N
+            + r" GiB KV cache is needed, which is larger than the available KV cache memory \("
+            + _N
+            + r" GiB\)"
+        ),
+        _floats("needed_gib", "available_kv_gib"),
+    ),
     (re.compile(r"estimated maximum model length is " + _N), _ints("estimated_max_model_len")),
-    (re.compile(r"max_num_seqs \((\d+)\) exceeds available Mamba cache blocks \((\d+)\)"), _ints("max_num_seqs", "max_num_seqs_limit")),
+    (
+        re.compile(r"max_num_seqs \((\d+)\) exceeds available Mamba cache blocks \((\d+)\)"),
+        _ints("max_num_seqs", "max_num_seqs_limit"),
+    ),
     (re.compile(r"lower max_num_seqs to at most (\d+)", re.I), _ints("max_num_seqs_limit")),
     (re.compile(r"Tried to allocate " + _SIZE), _sized("tried_to_allocate_gib")),
     (re.compile(r"total capacity of " + _SIZE + r" of which " + _SIZE + " is free"), _oom_capacity),
     (re.compile(r"this process has " + _SIZE + " memory in use"), _sized("process_used_gib")),
     (re.compile(r"allocated memory " + _SIZE + " is allocated by PyTorch"), _sized("torch_allocated_gib")),
-    (re.compile(r"Initial free memory " + _N + r"\s*(GiB)?, current free memory " + _N + r"\s*(GiB)?"), _profiling_change),
+    (
+        re.compile(r"Initial free memory " + _N + r"\s*(GiB)?, current free memory " + _N + r"\s*(GiB)?"),
+        _profiling_change,
+    ),
     (re.compile(r"User-specified max_model_len \((\d+)\)"), _ints("max_model_len")),
-    (re.compile(r"derived max_model_len \(\w+=" + _N), lambda m: {"derived_max_model_len": int(float(m.group(1).replace(",", "")))}),
-    (re.compile(r"max_num_batched_tokens \((\d+)\) must be greater than or equal to max_num_seqs \((\d+)\)"),
-     _ints("max_num_batched_tokens", "max_num_seqs")),
+    (
+        re.compile(r"derived max_model_len \(\w+=" + _N),
+        lambda m: {"derived_max_model_len": int(float(m.group(1).replace(",", "")))},
+    ),
+    (
+        re.compile(
+            r"max_num_batched_tokens \((\d+)\) must be greater than or equal to max_num_seqs \((\d+)\)"
+        ),
+        _ints("max_num_batched_tokens", "max_num_seqs"),
+    ),
     (re.compile(r"compute capability of at least " + _N), _floats("required_compute_capability")),
     (re.compile(r"has compute capability " + _N), _floats("compute_capability")),
     (re.compile(r"unrecognized arguments: (.+?)\s*$"), lambda m: {"unrecognized_arguments": m.group(1)}),
@@ -266,25 +330,46 @@ _FACT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Facts]]] = [
 _FATAL_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"No available memory for the cache blocks"), "no_kv_cache_memory"),
     (re.compile(r"Cannot auto-fit max_model_len"), "no_kv_cache_memory"),
-    (re.compile(r"KV cache is needed, which is larger than the available KV cache memory"), "kv_cache_insufficient_for_max_len"),
-    (re.compile(r"max seq len \([\d,]+\) is larger than the maximum number of tokens"), "kv_cache_insufficient_for_max_len"),
-    (re.compile(r"on startup is less than desired GPU memory utilization"), "startup_free_memory_below_utilization"),
+    (
+        re.compile(r"KV cache is needed, which is larger than the available KV cache memory"),
+        "kv_cache_insufficient_for_max_len",
+    ),
+    (
+        re.compile(r"max seq len \([\d,]+\) is larger than the maximum number of tokens"),
+        "kv_cache_insufficient_for_max_len",
+    ),
+    (
+        re.compile(r"on startup is less than desired GPU memory utilization"),
+        "startup_free_memory_below_utilization",
+    ),
     (re.compile(r"exceeds available Mamba cache blocks"), "mamba_blocks_below_max_num_seqs"),
     (re.compile(r"Error in memory profiling"), "profiling_memory_changed"),
     (re.compile(r"Failed to load model - not enough GPU memory"), "oom_weights_load"),
     (re.compile(r"CUDA out of memory occurred when warming up (?:sampler|pooler)"), "oom_during_profiling"),
     (re.compile(r"Timed out waiting for engine core processes to start"), "startup_timeout"),
     (re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory"), "oom"),
-    (re.compile(r"unrecognized arguments:|error: argument |invalid choice:|error: the following arguments are required"),
-     "unsupported_flag_or_arg_error"),
-    (re.compile(r"ValidationError|validation errors? for \w+Config|\bValue error, "), "unsupported_flag_or_arg_error"),
+    (
+        re.compile(
+            r"unrecognized arguments:|error: argument |invalid choice:|error: the following arguments are required"
+        ),
+        "unsupported_flag_or_arg_error",
+    ),
+    (
+        re.compile(r"ValidationError|validation errors? for \w+Config|\bValue error, "),
+        "unsupported_flag_or_arg_error",
+    ),
     (re.compile(r"greater than the derived max_model_len"), "unsupported_flag_or_arg_error"),
     (re.compile(r"must be greater than or equal to max_num_seqs"), "unsupported_flag_or_arg_error"),
     (re.compile(r"compute capability of at least|Invalid kv_cache_dtype"), "unsupported_flag_or_arg_error"),
-    (re.compile(r"EngineCore failed to start|Engine core initialization failed|WorkerProc failed to start"
-                r"|WorkerProc hit an exception|WorkerProc initialization failed|died unexpectedly|EngineDeadError"
-                r"|EngineCore encountered (?:a fatal error|an issue)|Error executing method|died with exit code"
-                r"|Worker \w+ pid \d+ died|Frontend process failed"), "died"),
+    (
+        re.compile(
+            r"EngineCore failed to start|Engine core initialization failed|WorkerProc failed to start"
+            r"|WorkerProc hit an exception|WorkerProc initialization failed|died unexpectedly|EngineDeadError"
+            r"|EngineCore encountered (?:a fatal error|an issue)|Error executing method|died with exit code"
+            r"|Worker \w+ pid \d+ died|Frontend process failed"
+        ),
+        "died",
+    ),
 ]
 
 _OOM_WRAPPERS = {"oom_weights_load", "oom_during_profiling"}
@@ -300,16 +385,41 @@ _OOM_CATEGORY = {
 # Progress: lines that start a phase, and lines that only show the startup is moving.
 
 _PHASE_MARKERS: list[tuple[str, re.Pattern[str]]] = [
-    ("serving", re.compile(r"Starting vLLM (?:API )?server\b|Supported tasks|Available routes are|Application startup complete"
-                           r"|Uvicorn running on|Started server process|Avg prompt throughput")),
-    ("capturing", re.compile(r"Compile and warming up model|Capturing CUDA graph|Capturing cudagraphs|Graph capturing finished"
-                             r"|CUDA graph pool memory|init engine \(profile")),
-    ("profiling", re.compile(r"Model loading took|Loading model weights took|Memory profiling|Dynamo bytecode transform"
-                             r"|torch\.compile take|Compiling a graph|Directly load the compiled graph|Profiling CUDA graph memory"
-                             r"|Estimated CUDA graph memory|Available KV cache memory|KV cache size:|(?:GPU|cuda) blocks:"
-                             r"|Maximum concurrency for|the current vLLM instance can use|model weights take")),
-    ("loading", re.compile(r"Starting to load model|Loading safetensors checkpoint shards|Loading weights took|Loading pt checkpoint")),
-    ("starting", re.compile(r"vLLM (?:API )?server version|non-default args|Initializing (?:a V1 |an )?LLM engine|Using max model len")),
+    (
+        "serving",
+        re.compile(
+            r"Starting vLLM (?:API )?server\b|Supported tasks|Available routes are|Application startup complete"
+            r"|Uvicorn running on|Started server process|Avg prompt throughput"
+        ),
+    ),
+    (
+        "capturing",
+        re.compile(
+            r"Compile and warming up model|Capturing CUDA graph|Capturing cudagraphs|Graph capturing finished"
+            r"|CUDA graph pool memory|init engine \(profile"
+        ),
+    ),
+    (
+        "profiling",
+        re.compile(
+            r"Model loading took|Loading model weights took|Memory profiling|Dynamo bytecode transform"
+            r"|torch\.compile take|Compiling a graph|Directly load the compiled graph|Profiling CUDA graph memory"
+            r"|Estimated CUDA graph memory|Available KV cache memory|KV cache size:|(?:GPU|cuda) blocks:"
+            r"|Maximum concurrency for|the current vLLM instance can use|model weights take"
+        ),
+    ),
+    (
+        "loading",
+        re.compile(
+            r"Starting to load model|Loading safetensors checkpoint shards|Loading weights took|Loading pt checkpoint"
+        ),
+    ),
+    (
+        "starting",
+        re.compile(
+            r"vLLM (?:API )?server version|non-default args|Initializing (?:a V1 |an )?LLM engine|Using max model len"
+        ),
+    ),
 ]
 _READY = re.compile(r"Application startup complete|Starting vLLM (?:API )?server\b|Uvicorn running on")
 _PROGRESS_ONLY = re.compile(r"\d+%\||Compiling a graph|Loading safetensors|Capturing CUDA graph")
@@ -361,8 +471,10 @@ _HINT_PHASE: tuple[tuple[str, str], ...] = (
     ("model_forward", "profiling"),
 )
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception))(?::\s*(.*))?$")
-_WRAPPER = re.compile(r"See root cause above|See stack trace|WorkerProc initialization failed|EngineDeadError"
-                      r"|EngineCore encountered|Engine core initialization failed|Frontend process failed")
+_WRAPPER = re.compile(
+    r"See root cause above|See stack trace|WorkerProc initialization failed|EngineDeadError"
+    r"|EngineCore encountered|Engine core initialization failed|Frontend process failed"
+)
 _TRACEBACK = re.compile(r"Traceback \(most recent call last\)")
 
 _WINDOW = 3  # lines joined for matching wrapped messages
@@ -394,7 +506,7 @@ class LogWatcher:
 
     @property
     def phase(self) -> str:
-        """"starting", "loading", "profiling", "capturing", "serving", or "failed" after a fatal line."""
+        """ "starting", "loading", "profiling", "capturing", "serving", or "failed" after a fatal line."""
         return "failed" if self.fatal_category else self._phase
 
     @property
@@ -585,13 +697,25 @@ class LogWatcher:
             guess = self._infer_from_stack()
             if guess:
                 return guess, self._death_line or "a stack trace without its error message", True
-            return "engine_core_died_other", self._death_line or "a stack trace without its error message", False
+            return (
+                "engine_core_died_other",
+                self._death_line or "a stack trace without its error message",
+                False,
+            )
         if self.ready:
             if exit_code is not None and exit_code > 0:
-                return "engine_core_died_other", f"the server exited with code {exit_code} after startup", False
+                return (
+                    "engine_core_died_other",
+                    f"the server exited with code {exit_code} after startup",
+                    False,
+                )
             return "success", "the server reported that startup completed", False
         if exit_code is not None:
-            return "engine_core_died_other", f"the server exited with code {exit_code} before it was ready", False
+            return (
+                "engine_core_died_other",
+                f"the server exited with code {exit_code} before it was ready",
+                False,
+            )
         if self._root_error:
             return "engine_core_died_other", self._root_error, False
         return "unknown", "", False
@@ -630,7 +754,9 @@ def classify_lines(lines: Iterable[str]) -> Diagnosis:
 # The flags a log shows it was started with.
 
 _NON_DEFAULT = re.compile(r"non-default args: (\{.*\})")
-_COMMAND = re.compile(r"(?:^|\s)(?:vllm serve|vllm\.entrypoints\.openai\.api_server|vllm\.entrypoints\.api_server)\s(.*)$")
+_COMMAND = re.compile(
+    r"(?:^|\s)(?:vllm serve|vllm\.entrypoints\.openai\.api_server|vllm\.entrypoints\.api_server)\s(.*)$"
+)
 _SKIP_ARGS = {"model", "model_tag", "host", "port", "served_model_name"}
 
 

@@ -1,0 +1,484 @@
+"""The next change of flags for a diagnosed vLLM log, with the numbers worked out (pure).
+
+Advice follows the knob order of the guides — fewer ``--max-num-seqs``, shorter ``--max-model-len``,
+higher ``--gpu-memory-utilization``, ``--enforce-eager``, fp8 KV cache, CPU offload — keeping only the
+knobs that can fix the category at hand, and it says so where the right move is counter-intuitive:
+"No available memory for the cache blocks" wants a *higher* utilization, a startup free-memory failure
+wants a *lower* one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .logparse import Diagnosis, Facts
+
+LENGTH_STEP = 256  # suggested context lengths are rounded down to this
+UTIL_CEILING = 0.98  # never suggest more than this
+UTIL_MARGIN = 0.01
+
+TITLES: dict[str, str] = {
+    "success": "the server started",
+    "oom_weights_load": "out of GPU memory while loading the weights",
+    "kv_cache_insufficient_for_max_len": "the KV cache cannot hold one request of --max-model-len tokens",
+    "no_kv_cache_memory": "no memory left for the KV cache inside --gpu-memory-utilization",
+    "startup_free_memory_below_utilization": "less GPU memory is free than --gpu-memory-utilization asks for",
+    "oom_cudagraph_capture": "out of GPU memory while capturing CUDA graphs",
+    "oom_during_profiling": "out of GPU memory during the startup profile run",
+    "oom_at_runtime": "out of GPU memory while serving requests",
+    "mamba_blocks_below_max_num_seqs": "fewer Mamba cache blocks than --max-num-seqs",
+    "profiling_memory_changed": "free GPU memory changed while vLLM was profiling (another process)",
+    "unsupported_flag_or_arg_error": "vLLM rejected a flag or its value",
+    "startup_timeout": "the server did not become ready in time",
+    "engine_core_died_other": "the engine died for a reason that is not GPU memory",
+    "unknown": "no vLLM failure or startup found in the log",
+}
+
+# Flags that newer vLLM no longer accepts, and what to use instead.
+REMOVED_FLAGS: dict[str, str] = {
+    "--swap-space": "use --kv-offloading-size GIB (CPU KV cache) or --cpu-offload-gb GIB (weights) instead",
+    "--calculate-kv-scales": "drop it; fp8 KV scales come from the checkpoint",
+    "--max-seq-len-to-capture": "drop it; use --max-cudagraph-capture-size to bound graph capture",
+    "--use-v2-block-manager": "drop it; the V2 block manager is the only one",
+    "--disable-log-requests": "drop it; request logging is off unless --enable-log-requests",
+}
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One suggestion: a sentence, and the flag changes it means (empty when it is not a flag)."""
+
+    text: str
+    changes: dict[str, object] = field(default_factory=dict)
+
+
+def advise(diagnosis: Diagnosis, flags: Mapping[str, object] | None = None) -> list[Advice]:
+    """What to change next, best first. ``flags`` are the flags the failed launch used, if known."""
+    known = _Known(diagnosis.facts, dict(flags or {}))
+    rule = _RULES.get(diagnosis.category)
+    return rule(known) if rule else []
+
+
+class _Known:
+    """The numbers a rule may use: the log's facts first, then the flags the launch was given."""
+
+    def __init__(self, facts: Facts, flags: dict[str, object]) -> None:
+        self.facts = facts
+        self.flags = flags
+
+    def number(self, fact: str, flag: str | None = None) -> float | None:
+        value = self.facts.get(fact)
+        if value is None and flag:
+            value = self.flags.get(flag)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return value
+
+    def util(self) -> float | None:
+        return self.number("gpu_memory_utilization", "--gpu-memory-utilization")
+
+    def max_model_len(self) -> int | None:
+        value = self.number("max_model_len", "--max-model-len")
+        return int(value) if value else None
+
+    def max_num_seqs(self) -> int | None:
+        value = self.number("max_num_seqs", "--max-num-seqs")
+        return int(value) if value else None
+
+    def tp(self) -> int:
+        value = self.flags.get("--tensor-parallel-size") or self.flags.get("-tp") or 1
+        return int(value) if isinstance(value, (int, float)) else 1
+
+
+def round_length(tokens: float) -> int:
+    """A context length at or below ``tokens``: a multiple of 256 (of 16 below 256)."""
+    step = LENGTH_STEP if tokens >= LENGTH_STEP else 16
+    return max(16, int(tokens) // step * step)
+
+
+def _util_up(value: float) -> float:
+    return round(math.ceil(round(value * 100, 6)) / 100, 2)
+
+
+def _util_down(value: float) -> float:
+    return round(math.floor(round(value * 100, 6)) / 100, 2)
+
+
+def _gib(value: float) -> str:
+    return f"{value:.2f} GiB"
+
+
+# --------------------------------------------------------------------------------------------------
+# One rule per category.
+
+
+def _kv_insufficient(k: _Known) -> list[Advice]:
+    length = k.max_model_len()
+    fits = k.number("estimated_max_model_len") or k.number("kv_cache_tokens")
+    tokens = k.number("kv_cache_tokens")
+    out: list[Advice] = []
+    if fits and length:
+        new_len = round_length(fits)
+        holds = (
+            f"KV cache holds {int(tokens):,} tokens" if tokens else f"the KV cache fits {int(fits):,} tokens"
+        )
+        out.append(
+            Advice(
+                f"{holds} but --max-model-len is {length}: use --max-model-len {new_len}",
+                {"--max-model-len": new_len},
+            )
+        )
+    elif length:
+        out.append(Advice(f"shorten --max-model-len below {length}", {}))
+    else:
+        out.append(Advice("shorten --max-model-len", {}))
+    util, total = k.util(), k.number("total_gib")
+    needed, available = k.number("needed_gib"), k.number("available_kv_gib")
+    if needed is None and available is not None and tokens and length:
+        needed = available * length / tokens
+    keep = f" to keep {length}" if length else ""
+    if util and total and needed is not None and available is not None:
+        target = _util_up(util + (needed - available) / total + UTIL_MARGIN)
+        if target <= UTIL_CEILING:
+            out.append(
+                Advice(
+                    f"or raise --gpu-memory-utilization to {target}{keep} "
+                    f"({_gib(needed)} of KV cache needed, {_gib(available)} available)",
+                    {"--gpu-memory-utilization": target},
+                )
+            )
+        else:
+            out.append(
+                Advice(f"raising --gpu-memory-utilization cannot keep {length}: it would need {target}", {})
+            )
+    else:
+        detail = (
+            f" ({_gib(needed)} of KV cache needed, {_gib(available)} available)"
+            if needed and available
+            else ""
+        )
+        out.append(Advice(f"or raise --gpu-memory-utilization{keep}{detail}", {}))
+    out.append(
+        Advice(
+            "or --enforce-eager: no CUDA graphs, their memory goes to the KV cache", {"--enforce-eager": True}
+        )
+    )
+    out.append(
+        Advice(
+            "or --kv-cache-dtype fp8: about twice the tokens in the same memory (small quality cost)",
+            {"--kv-cache-dtype": "fp8"},
+        )
+    )
+    return out
+
+
+def _no_kv_memory(k: _Known) -> list[Advice]:
+    util, total = k.util(), k.number("total_gib")
+    available = k.number("available_kv_gib")
+    used = [f"weights {_gib(w)}" for w in [k.number("weights_gib")] if w]
+    used += [f"activations {_gib(a)}" for a in [k.number("peak_activation_gib")] if a]
+    spent = f" after {' and '.join(used)}" if used else ""
+    budget = f" ({util:.2f} of the GPU)" if util else ""
+    lead = (
+        f"the budget{budget} has no room for a KV cache{spent}: RAISE "
+        "--gpu-memory-utilization — this error means the budget is too small, not that the GPU is full"
+    )
+    out: list[Advice] = []
+    if util and total:
+        short = max(0.0, -(available or 0.0)) + 1.0  # reach at least 1 GiB of KV cache
+        target = _util_up(util + short / total)
+        if target <= UTIL_CEILING:
+            out.append(Advice(f"{lead}; try {target}", {"--gpu-memory-utilization": target}))
+        else:
+            out.append(Advice(f"{lead}, but even {UTIL_CEILING} is not enough", {}))
+    else:
+        out.append(Advice(lead, {}))
+    seqs = k.max_num_seqs()
+    if seqs and seqs > 1:
+        out.append(
+            Advice(
+                f"fewer --max-num-seqs ({seqs // 2}) and --max-num-batched-tokens shrink the activation peak",
+                {"--max-num-seqs": seqs // 2},
+            )
+        )
+    out.append(
+        Advice(
+            "--enforce-eager frees the CUDA graph memory reserved out of the budget",
+            {"--enforce-eager": True},
+        )
+    )
+    out.append(_more_gpus(k, "the weights leave too little of each GPU"))
+    return out
+
+
+def _free_below_util(k: _Known) -> list[Advice]:
+    free, total = k.number("free_gib"), k.number("total_gib")
+    util, requested = k.util(), k.number("requested_gib")
+    out: list[Advice] = []
+    if free and total:
+        target = _util_down(free / total - UTIL_MARGIN)
+        asks = (
+            f" but --gpu-memory-utilization {util:g} asks for {_gib(requested)}" if util and requested else ""
+        )
+        out.append(
+            Advice(
+                f"only {free:.2f} of {total:.2f} GiB is free at startup{asks}: LOWER "
+                f"--gpu-memory-utilization to {target}",
+                {"--gpu-memory-utilization": target},
+            )
+        )
+        out.append(
+            Advice(
+                f"or free the GPU: {total - free:.2f} GiB is held by other processes or this one's CUDA context "
+                "(see nvidia-smi); the utilization is a share of the whole GPU",
+                {},
+            )
+        )
+    else:
+        out.append(Advice("LOWER --gpu-memory-utilization, or stop what else uses the GPU", {}))
+    return out
+
+
+def _oom_capture(k: _Known) -> list[Advice]:
+    util = k.util()
+    out: list[Advice] = []
+    if util:
+        target = round(util - UTIL_MARGIN, 2)
+        out.append(
+            Advice(
+                f"lower --gpu-memory-utilization to {target}: CUDA graphs are captured outside the budget",
+                {"--gpu-memory-utilization": target},
+            )
+        )
+    else:
+        out.append(
+            Advice("lower --gpu-memory-utilization by 0.01: CUDA graphs are captured outside the budget", {})
+        )
+    seqs = k.max_num_seqs()
+    largest = min(seqs * 2, 512) if seqs else 512
+    out.append(
+        Advice(
+            f"or capture fewer graph sizes: --max-cudagraph-capture-size {max(largest // 2, 8)}",
+            {"--max-cudagraph-capture-size": max(largest // 2, 8)},
+        )
+    )
+    out.append(
+        Advice("or --enforce-eager: no graph capture at all (slower decoding)", {"--enforce-eager": True})
+    )
+    return out
+
+
+def _oom_weights(k: _Known) -> list[Advice]:
+    free, total = k.number("free_gib"), k.number("total_gib")
+    out: list[Advice] = []
+    if free is not None and total and free < 0.5 and (k.number("process_used_gib") or 0) < total * 0.5:
+        out.append(
+            Advice(f"the GPU had only {free:.2f} GiB free: another process holds it; free the GPU", {})
+        )
+    out.append(_more_gpus(k, "the weights do not fit one GPU"))
+    out.append(Advice("or a quantized checkpoint (AWQ, GPTQ, FP8) to shrink the weights", {}))
+    out.append(
+        Advice(
+            "or --cpu-offload-gb N to keep N GiB of weights per GPU in CPU memory (slow)",
+            {"--cpu-offload-gb": 4},
+        )
+    )
+    return out
+
+
+def _oom_profiling(k: _Known) -> list[Advice]:
+    out: list[Advice] = []
+    seqs = k.max_num_seqs()
+    if seqs and seqs > 1:
+        out.append(
+            Advice(
+                f"fewer --max-num-seqs ({seqs // 2}): the profile run's activation peak grows with it",
+                {"--max-num-seqs": seqs // 2},
+            )
+        )
+    tokens = k.number("max_num_batched_tokens", "--max-num-batched-tokens")
+    new_tokens = max(2048, int(tokens) // 2) if tokens else 2048
+    out.append(
+        Advice(
+            f"--max-num-batched-tokens {new_tokens}: the profile run processes this many tokens at once "
+            "(with chunked prefill off it is the whole --max-model-len)",
+            {"--max-num-batched-tokens": new_tokens},
+        )
+    )
+    length = k.max_model_len()
+    if length and length > 4096:
+        new_len = round_length(length / 2)
+        out.append(Advice(f"or a shorter --max-model-len ({new_len})", {"--max-model-len": new_len}))
+    out.append(_more_gpus(k, "activations and weights together do not fit"))
+    return out
+
+
+def _oom_runtime(k: _Known) -> list[Advice]:
+    out: list[Advice] = []
+    tried, free = k.number("tried_to_allocate_gib"), k.number("free_gib")
+    what = f" (it needed {_gib(tried)} more with {_gib(free)} free)" if tried and free is not None else ""
+    seqs = k.max_num_seqs()
+    if seqs and seqs > 1:
+        out.append(
+            Advice(
+                f"fewer --max-num-seqs ({seqs // 2}): the server ran out of memory under load{what}",
+                {"--max-num-seqs": seqs // 2},
+            )
+        )
+    util = k.util()
+    if util:
+        target = round(util - 0.03, 2)
+        out.append(
+            Advice(
+                f"lower --gpu-memory-utilization to {target}: leave room for activations outside the budget"
+                f"{'' if out else what}",
+                {"--gpu-memory-utilization": target},
+            )
+        )
+    else:
+        out.append(Advice(f"lower --gpu-memory-utilization by 0.03 to leave room for activations{what}", {}))
+    if k.flags.get("--no-enable-chunked-prefill") or k.flags.get("--enable-chunked-prefill") is False:
+        out.append(
+            Advice(
+                "turn chunked prefill back on: a whole long prompt's activations arrive at once",
+                {"--enable-chunked-prefill": True},
+            )
+        )
+    out.append(
+        Advice(
+            "or a smaller --max-num-batched-tokens, so each step's activations stay small",
+            {"--max-num-batched-tokens": 2048},
+        )
+    )
+    return out
+
+
+def _mamba(k: _Known) -> list[Advice]:
+    limit = k.number("max_num_seqs_limit")
+    seqs = k.max_num_seqs()
+    if not limit:
+        return [Advice("lower --max-num-seqs or raise --gpu-memory-utilization", {})]
+    new = int(limit) // 8 * 8 if limit >= 8 else int(limit)
+    asked = f" but --max-num-seqs is {seqs}" if seqs else ""
+    return [
+        Advice(
+            f"only {int(limit)} Mamba cache blocks fit{asked} (one per running sequence): use --max-num-seqs {new}",
+            {"--max-num-seqs": new},
+        ),
+        Advice("or raise --gpu-memory-utilization to fit more blocks", {}),
+    ]
+
+
+def _profiling_changed(k: _Known) -> list[Advice]:
+    first, later = k.number("initial_free_gib"), k.number("current_free_gib")
+    moved = f" (free memory went from {first:.2f} to {later:.2f} GiB)" if first and later else ""
+    out = [
+        Advice(
+            f"another process freed or took GPU memory while vLLM profiled{moved}: start instances one at a "
+            "time and keep the GPU to this server while it starts",
+            {},
+        )
+    ]
+    fit = k.number("kv_cache_memory_fit_bytes")
+    if fit:
+        out.append(
+            Advice(
+                f"or fix the KV cache size and skip profiling: --kv-cache-memory-bytes {int(fit)}",
+                {"--kv-cache-memory-bytes": int(fit)},
+            )
+        )
+    else:
+        out.append(
+            Advice(
+                "or fix the KV cache size and skip profiling with --kv-cache-memory-bytes "
+                "(the value a clean start printed as --kv-cache-memory=)",
+                {},
+            )
+        )
+    return out
+
+
+def _arg_error(k: _Known) -> list[Advice]:
+    facts = k.facts
+    unknown = str(facts.get("unrecognized_arguments", ""))
+    out: list[Advice] = []
+    for word in unknown.split():
+        flag = word.split("=")[0].replace("_", "-")
+        if flag in REMOVED_FLAGS:
+            out.append(Advice(f"{flag} was removed from vLLM: {REMOVED_FLAGS[flag]}", {flag: None}))
+    if unknown and not out:
+        out.append(
+            Advice(
+                f"this vLLM does not accept {unknown}: check `vllm serve --help`; a flag and its value "
+                "passed as one argument ('--flag value') also fails, write --flag=value",
+                {},
+            )
+        )
+    derived = facts.get("derived_max_model_len")
+    if isinstance(derived, int):
+        out.append(
+            Advice(
+                f"the model supports {derived} tokens: use --max-model-len {derived} (or set "
+                "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 with RoPE scaling, at your own risk)",
+                {"--max-model-len": derived},
+            )
+        )
+    batched, seqs = facts.get("max_num_batched_tokens"), facts.get("max_num_seqs")
+    if isinstance(batched, int) and isinstance(seqs, int):
+        out.append(
+            Advice(
+                f"--max-num-batched-tokens ({batched}) must be at least --max-num-seqs ({seqs}): "
+                f"use --max-num-batched-tokens {seqs}",
+                {"--max-num-batched-tokens": seqs},
+            )
+        )
+    if "required_compute_capability" in facts:
+        out.append(Advice("this GPU has no bfloat16: use --dtype half", {"--dtype": "half"}))
+    if not out:
+        out.append(
+            Advice(
+                "fix the flag named in the error line; `vllm serve --help` lists what this vLLM accepts", {}
+            )
+        )
+    return out
+
+
+def _timeout(k: _Known) -> list[Advice]:
+    return [
+        Advice(
+            "the engine did not finish starting: check the last lines for progress (weights still loading, "
+            "a compile, a download); raise VLLM_ENGINE_READY_TIMEOUT_S (default 600) for large models",
+            {},
+        ),
+    ]
+
+
+def _died(k: _Known) -> list[Advice]:
+    return [
+        Advice("not a memory limit that flags can fix: read the error line above and the lines before it", {})
+    ]
+
+
+def _more_gpus(k: _Known, why: str) -> Advice:
+    tp = k.tp()
+    return Advice(
+        f"{why}: use more GPUs, --tensor-parallel-size {tp * 2}", {"--tensor-parallel-size": tp * 2}
+    )
+
+
+_RULES: dict[str, Callable[[_Known], list[Advice]]] = {
+    "kv_cache_insufficient_for_max_len": _kv_insufficient,
+    "no_kv_cache_memory": _no_kv_memory,
+    "startup_free_memory_below_utilization": _free_below_util,
+    "oom_cudagraph_capture": _oom_capture,
+    "oom_weights_load": _oom_weights,
+    "oom_during_profiling": _oom_profiling,
+    "oom_at_runtime": _oom_runtime,
+    "mamba_blocks_below_max_num_seqs": _mamba,
+    "profiling_memory_changed": _profiling_changed,
+    "unsupported_flag_or_arg_error": _arg_error,
+    "startup_timeout": _timeout,
+    "engine_core_died_other": _died,
+}
