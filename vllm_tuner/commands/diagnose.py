@@ -1,0 +1,152 @@
+"""``vllm-tune diagnose LOGFILE``: explain a vLLM log — the category, the numbers, the next flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..advice import TITLES, Advice, advise
+from ..errors import UsageError
+from ..logparse import Diagnosis, classify, launch_flags
+
+# Facts shown in the human output, in this order, with their labels and units.
+_SHOWN: tuple[tuple[str, str, str], ...] = (
+    ("vllm_version", "vLLM", ""),
+    ("max_model_len", "max model len", "tokens"),
+    ("derived_max_model_len", "model's max len", "tokens"),
+    ("estimated_max_model_len", "max len that fits", "tokens"),
+    ("weights_gib", "weights", "GiB"),
+    ("available_kv_gib", "KV cache memory", "GiB"),
+    ("needed_gib", "KV cache needed", "GiB"),
+    ("kv_cache_tokens", "KV cache", "tokens"),
+    ("num_gpu_blocks", "GPU blocks", ""),
+    ("max_concurrency", "max concurrency", "x"),
+    ("concurrency_tokens", "at tokens per request", ""),
+    ("cudagraph_estimated_gib", "CUDA graphs (estimated)", "GiB"),
+    ("cudagraph_gib", "CUDA graphs", "GiB"),
+    ("peak_activation_gib", "peak activation", "GiB"),
+    ("total_gib", "GPU total", "GiB"),
+    ("free_gib", "GPU free", "GiB"),
+    ("gpu_memory_utilization", "gpu-memory-utilization", ""),
+    ("requested_gib", "requested", "GiB"),
+    ("tried_to_allocate_gib", "tried to allocate", "GiB"),
+    ("initial_free_gib", "free before profiling", "GiB"),
+    ("current_free_gib", "free after profiling", "GiB"),
+    ("max_num_seqs", "max num seqs", ""),
+    ("max_num_seqs_limit", "max num seqs that fit", ""),
+    ("kv_cache_memory_fit_bytes", "--kv-cache-memory (fit)", "bytes"),
+    ("kv_cache_memory_full_bytes", "--kv-cache-memory (full)", "bytes"),
+    ("init_seconds", "engine init", "s"),
+)
+
+
+@click.command(name="diagnose")
+@click.argument("logfile", required=False)
+@click.option("json_", "--json", is_flag=True, help="Print one JSON object: category, facts, advice.")
+@click.option(
+    "--max-model-len", type=int, help="The --max-model-len the launch used, if the log does not show it."
+)
+@click.option("--gpu-memory-utilization", type=float, help="The --gpu-memory-utilization the launch used.")
+@click.option("--max-num-seqs", type=int, help="The --max-num-seqs the launch used.")
+def command(
+    logfile: str | None,
+    json_: bool,
+    max_model_len: int | None,
+    gpu_memory_utilization: float | None,
+    max_num_seqs: int | None,
+) -> None:
+    """Explain a vLLM log: what failed, the numbers vLLM printed, and which flag to change.
+
+    \b
+    Examples:
+      vllm-tune diagnose vllm.log
+      docker logs vllm 2>&1 | vllm-tune diagnose --json
+    """
+    text = _read_log(logfile)
+    diagnosis = classify(text)
+    flags = launch_flags(text)
+    given = {
+        "--max-model-len": max_model_len,
+        "--gpu-memory-utilization": gpu_memory_utilization,
+        "--max-num-seqs": max_num_seqs,
+    }
+    flags.update({k: v for k, v in given.items() if v is not None})
+    advice = advise(diagnosis, flags)
+    if json_:
+        click.echo(json.dumps(report(diagnosis, advice, flags), indent=2))
+    else:
+        click.echo(render(diagnosis, advice))
+
+
+def _read_log(logfile: str | None) -> str:
+    if logfile in (None, "-"):
+        if logfile is None and sys.stdin.isatty():
+            raise UsageError("no log given", "pass a LOGFILE or pipe the log into 'vllm-tune diagnose'")
+        return click.get_text_stream("stdin").read()
+    path = Path(logfile)
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise UsageError(f"no such log file: {path}", "pass the path of a vLLM server log") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}", "pass a readable vLLM server log") from exc
+
+
+def report(diagnosis: Diagnosis, advice: list[Advice], flags: dict[str, object]) -> dict[str, object]:
+    """The ``--json`` document."""
+    return {
+        "category": diagnosis.category,
+        "title": TITLES.get(diagnosis.category, diagnosis.category),
+        "evidence": diagnosis.evidence,
+        "inferred": diagnosis.inferred,
+        "phase": diagnosis.phase,
+        "facts": diagnosis.facts,
+        "flags": {k: v for k, v in flags.items() if _jsonable(v)},
+        "advice": [{"text": a.text, "changes": a.changes} for a in advice],
+    }
+
+
+def _jsonable(value: object) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, list, dict))
+
+
+def render(diagnosis: Diagnosis, advice: list[Advice]) -> str:
+    """The human report: category in words, the evidence, the numbers, the advice."""
+    title = TITLES.get(diagnosis.category, diagnosis.category)
+    lines = [f"{title} ({diagnosis.category})"]
+    if diagnosis.inferred:
+        lines.append("  inferred: the log has no error message; judged from where the stack trace stopped")
+    if diagnosis.evidence:
+        lines.append(f"  evidence: {_shorten(diagnosis.evidence, 300)}")
+    numbers = [
+        _fact_text(key, label, unit, diagnosis.facts[key])
+        for key, label, unit in _SHOWN
+        if key in diagnosis.facts
+    ]
+    if numbers:
+        lines.append("  numbers:")
+        lines += [f"    {n}" for n in numbers]
+    if advice:
+        lines.append("next:")
+        for index, item in enumerate(advice, 1):
+            lines.append(f"  {index}. {item.text}")
+    return "\n".join(lines)
+
+
+def _fact_text(key: str, label: str, unit: str, value: object) -> str:
+    if isinstance(value, float) and unit == "GiB":
+        shown = f"{value:.2f} GiB"
+    elif isinstance(value, int) and unit in ("tokens", "", "bytes") and key != "vllm_version":
+        shown = f"{value:,}" + (f" {unit}" if unit else "")
+    elif unit == "x":
+        shown = f"{value}x"
+    else:
+        shown = f"{value}" + (f" {unit}" if unit else "")
+    return f"{label + ':':<26} {shown}"
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
