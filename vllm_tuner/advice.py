@@ -54,9 +54,18 @@ class Advice:
     changes: dict[str, object] = field(default_factory=dict)
 
 
-def advise(diagnosis: Diagnosis, flags: Mapping[str, object] | None = None) -> list[Advice]:
-    """What to change next, best first. ``flags`` are the flags the failed launch used, if known."""
-    known = _Known(diagnosis.facts, dict(flags or {}))
+def advise(
+    diagnosis: Diagnosis, flags: Mapping[str, object] | None = None, *, gpu_total_gib: float | None = None
+) -> list[Advice]:
+    """What to change next, best first.
+
+    ``flags`` are the flags the failed launch used, if known (``{"--max-model-len": 32768}``);
+    ``gpu_total_gib`` is one GPU's total memory, used when the log does not print it.
+    """
+    facts = dict(diagnosis.facts)
+    if gpu_total_gib and "total_gib" not in facts:
+        facts["total_gib"] = gpu_total_gib
+    known = _Known(facts, dict(flags or {}))
     rule = _RULES.get(diagnosis.category)
     return rule(known) if rule else []
 

@@ -51,12 +51,16 @@ _SHOWN: tuple[tuple[str, str, str], ...] = (
 )
 @click.option("--gpu-memory-utilization", type=float, help="The --gpu-memory-utilization the launch used.")
 @click.option("--max-num-seqs", type=int, help="The --max-num-seqs the launch used.")
+@click.option(
+    "--gpu-total-gib", type=float, help="One GPU's total memory in GiB, if the log does not print it."
+)
 def command(
     logfile: str | None,
     json_: bool,
     max_model_len: int | None,
     gpu_memory_utilization: float | None,
     max_num_seqs: int | None,
+    gpu_total_gib: float | None,
 ) -> None:
     """Explain a vLLM log: what failed, the numbers vLLM printed, and which flag to change.
 
@@ -74,7 +78,7 @@ def command(
         "--max-num-seqs": max_num_seqs,
     }
     flags.update({k: v for k, v in given.items() if v is not None})
-    advice = advise(diagnosis, flags)
+    advice = advise(diagnosis, flags, gpu_total_gib=gpu_total_gib)
     if json_:
         click.echo(json.dumps(report(diagnosis, advice, flags), indent=2))
     else:
