@@ -1,0 +1,136 @@
+"""Options and wiring shared by the commands that launch vLLM (find, ramp, up).
+
+This is the composition root: it builds the launcher, the store, NVML access and the progress
+reporter from the command line and hands them to the domain code, which never builds its own.
+``--simulate`` is wired here and only here: it points ``--vllm-cmd`` at the simulated vLLM and puts
+the simulated ``pynvml`` first on the import path — exactly the seams real vLLM and NVML use.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..paths import data_dir, default_db_path
+from ..progress import Progress, QuietProgress, TerminalProgress
+
+DEFAULT_SIM_TIME_SCALE = 40.0
+
+
+def runtime_options(func):
+    """``--vllm-cmd``, ``--docker-image``, ``--db``, ``--json``, ``--simulate``, ``--sim-time-scale``."""
+
+    @click.option(
+        "--vllm-cmd",
+        default="vllm",
+        show_default=True,
+        envvar="VLLM_TUNE_VLLM_CMD",
+        help="How to run vLLM, e.g. 'uv run vllm' or /opt/venv/bin/vllm.",
+    )
+    @click.option(
+        "--docker-image", default=None, help="Run vLLM in this image instead (vllm/vllm-openai:TAG)."
+    )
+    @click.option(
+        "--db",
+        "db",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="SQLite file for trials and runs [default: the user's data directory].",
+    )
+    @click.option("--json", "json_", is_flag=True, help="Print one JSON object and no progress.")
+    @click.option(
+        "--simulate",
+        "simulate",
+        metavar="SCENARIO",
+        default=None,
+        help="Run against simulated GPUs and a simulated vLLM (profiles/sim/SCENARIO.yaml).",
+    )
+    @click.option(
+        "--sim-time-scale",
+        type=float,
+        default=DEFAULT_SIM_TIME_SCALE,
+        show_default=True,
+        help="With --simulate: how much faster than real time the simulated vLLM runs.",
+    )
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class Runtime:
+    launcher: object
+    db_path: Path
+    json: bool
+    progress: Progress
+    log_root: Path
+    simulated: object | None = None  # the SimEnvironment when --simulate is on
+
+    def open_store(self):
+        from ..store import Store
+
+        return Store.open(self.db_path)
+
+    def open_nvml(self):
+        from ..nvml import open_nvml
+
+        return open_nvml()
+
+
+def build_runtime(
+    *,
+    vllm_cmd: str,
+    docker_image: str | None,
+    db: Path | None,
+    json_: bool,
+    simulate: str | None,
+    sim_time_scale: float,
+) -> Runtime:
+    from ..launch import DockerLauncher, LocalLauncher
+
+    if sim_time_scale <= 0:
+        raise UsageError(
+            f"--sim-time-scale must be positive, got {sim_time_scale}", "use e.g. --sim-time-scale 40"
+        )
+    simulated = None
+    if simulate:
+        if docker_image:
+            raise UsageError("--simulate and --docker-image cannot be combined", "drop one of them")
+        from ..sim.activate import create
+
+        simulated = create(simulate, state_dir=data_dir() / "sim" / simulate, time_scale=sim_time_scale)
+        simulated.apply()
+        launcher = LocalLauncher(simulated.vllm_cmd)
+    elif docker_image:
+        launcher = DockerLauncher(docker_image, hf_cache=_hf_cache())
+    else:
+        launcher = LocalLauncher(vllm_cmd)
+    progress: Progress = QuietProgress() if json_ else TerminalProgress()
+    return Runtime(
+        launcher=launcher,
+        db_path=db or default_db_path(),
+        json=json_,
+        progress=progress,
+        log_root=data_dir() / "logs",
+        simulated=simulated,
+    )
+
+
+def _hf_cache() -> Path:
+    import os
+
+    home = os.environ.get("HF_HOME")
+    return Path(home) / "hub" if home else Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def emit_json(obj: object) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")

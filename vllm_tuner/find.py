@@ -1,0 +1,547 @@
+"""``vllm-tune find``: the search loop that returns the largest stable config and a ready serve command.
+
+plan (model, GPUs, estimate, policy) → launch (trial) → observe (log facts, probe) → decide (policy)
+→ record (store) → emit (:class:`FindResult`). Every dependency comes in as an argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import GpuError, UsageError
+from .progress import Progress
+from .search import GIB, Finish, Launch, Observation, Policy, ProbeSummary, Request
+from .serveconfig import ServeConfig, shell_command
+from .trial import ProbePlan, Timeouts, TrialOutcome, run_trial
+
+CONTEXT_OVERHEAD_BYTES = GIB // 2  # CUDA context + cuBLAS a vLLM worker holds before its free-memory check
+
+
+@dataclass(frozen=True)
+class FindRequest:
+    model: str
+    gpu_ids: tuple[int, ...]
+    tensor_parallel_size: int
+    objective: str = "context"
+    min_seqs: int = 1
+    min_context: int | None = None
+    target_context: int | None = None
+    target_seqs: int | None = None
+    allow: frozenset[str] = frozenset()
+    util_ceiling: float = 0.95
+    headroom_bytes: int = GIB
+    max_launches: int = 12
+    time_budget_s: float | None = None
+    timeouts: Timeouts = Timeouts()
+    probe_duration_s: float | None = None
+    dummy_trials: bool = False
+    extra_args: tuple[str, ...] = ()
+    vllm_cmd: str = "vllm"
+
+    def key(self) -> str:
+        blob = json.dumps(self.as_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "gpu_ids": list(self.gpu_ids),
+            "tp": self.tensor_parallel_size,
+            "objective": self.objective,
+            "min_seqs": self.min_seqs,
+            "min_context": self.min_context,
+            "target_context": self.target_context,
+            "target_seqs": self.target_seqs,
+            "allow": sorted(self.allow),
+            "util_ceiling": self.util_ceiling,
+            "headroom_bytes": self.headroom_bytes,
+            "dummy_trials": self.dummy_trials,
+            "extra_args": list(self.extra_args),
+        }
+
+
+@dataclass
+class FindResult:
+    request: FindRequest
+    winner: TrialOutcome | None
+    trials: list[TrialOutcome]
+    launches: int
+    reason: str
+    complete: bool
+    missing: tuple[str, ...] = ()
+    explanation: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    config_path: Path | None = None
+    run_id: int | None = None
+
+    @property
+    def stable(self) -> bool:
+        return self.winner is not None and self.winner.verdict == "stable"
+
+    def final_config(self) -> ServeConfig | None:
+        if self.winner is None:
+            return None
+        return self.winner.config.replace(load_format=None)
+
+    def command(self) -> str | None:
+        cfg = self.final_config()
+        return shell_command(cfg.serve_args(), self.env, vllm_cmd=self.request.vllm_cmd) if cfg else None
+
+    def yaml_text(self) -> str | None:
+        cfg = self.final_config()
+        if cfg is None:
+            return None
+        notes = "".join(f"# {line}\n" for line in self.explanation)
+        return (
+            f"# vllm serve --config this-file.yaml   (written by vllm-tune find)\n{notes}"
+            + yaml.safe_dump(cfg.yaml_mapping(), sort_keys=False)
+        )
+
+    def as_json(self) -> dict:
+        cfg = self.final_config()
+        return {
+            "command": self.command(),
+            "config": {k: v for k, v in cfg.flags().items()} if cfg else {},
+            "model": cfg.model if cfg else self.request.model,
+            "stable": self.stable,
+            "complete": self.complete,
+            "reason": self.reason,
+            "launches": self.launches,
+            "explanation": self.explanation,
+            "missing": list(self.missing),
+            "config_file": str(self.config_path) if self.config_path else None,
+            "run_id": self.run_id,
+            "trials": [trial_json(t) for t in self.trials],
+        }
+
+
+def trial_json(t: TrialOutcome) -> dict:
+    probe = t.probe
+    return {
+        "flags": t.config.flags(),
+        "category": t.category,
+        "verdict": t.verdict,
+        "facts": t.facts,
+        "duration_s": round(t.duration_s, 3),
+        "min_headroom_gib": round(t.min_headroom_bytes / GIB, 3)
+        if t.min_headroom_bytes is not None
+        else None,
+        "probe_failure": t.probe_failure or None,
+        "preemptions": getattr(probe, "preemptions", None),
+        "log": str(t.log_path) if t.log_path else None,
+    }
+
+
+class Finder:
+    """Runs one search. Collaborators are injected: model spec, GPU target, estimator, vLLM info,
+    launcher, NVML, store and progress."""
+
+    def __init__(
+        self,
+        request: FindRequest,
+        *,
+        spec,
+        gpu,
+        estimate_fn,
+        calibrate_fn,
+        vllm_info,
+        launcher,
+        nvml,
+        store,
+        progress: Progress,
+        log_dir: Path,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.request = request
+        self.spec = spec
+        self.gpu = gpu
+        self.vllm_info = vllm_info
+        self.launcher = launcher
+        self.nvml = nvml
+        self.store = store
+        self.progress = progress
+        self.log_dir = log_dir
+        self.clock = clock
+        self.base = ServeConfig(
+            model=spec.serve_name,
+            tensor_parallel_size=request.tensor_parallel_size,
+            extra_args=request.extra_args,
+            load_format="dummy" if request.dummy_trials else None,
+        )
+        self.policy = Policy(
+            self._policy_request(),
+            self.base,
+            estimate=lambda cfg, cal: estimate_fn(
+                spec, gpu.total_bytes, cfg, gpu_name=gpu.name, calibration=cal
+            ),
+            calibrate=calibrate_fn,
+            start_util_cap=self._free_memory_util_cap(),
+        )
+
+    def _policy_request(self) -> Request:
+        r = self.request
+        offload = None
+        for flag in ("--cpu-offload-gb",):
+            if self.vllm_info is None or self.vllm_info.accepts(flag):
+                offload = flag
+        return Request(
+            objective=r.objective,
+            min_seqs=r.min_seqs,
+            min_context=r.min_context,
+            target_context=r.target_context,
+            target_seqs=r.target_seqs,
+            allow=r.allow if offload else r.allow - {"offload"},
+            util_ceiling=r.util_ceiling,
+            headroom_bytes=r.headroom_bytes,
+            native_max_len=self.spec.derived_max_model_len,
+            offload_flag=offload,
+        )
+
+    def _free_memory_util_cap(self) -> float | None:
+        """vLLM refuses to start unless util × total is free after its own CUDA context: cap it up front."""
+        free = getattr(self.gpu, "free_bytes", None)
+        if not free:
+            return None
+        total = self.gpu.total_bytes
+        cap = (min(free) - CONTEXT_OVERHEAD_BYTES) / total
+        return None if cap >= self.request.util_ceiling else round(int(cap * 100) / 100, 2)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> FindResult:
+        env_fp = self.env_fingerprint()
+        run_id, history, outcomes = self._open_run(env_fp)
+        started = self.clock()
+        launches = 0
+        while True:
+            decision = self.policy.next(history)
+            if isinstance(decision, Finish):
+                return self._finish(run_id, decision, outcomes, launches)
+            if launches >= self.request.max_launches:
+                return self._finish(
+                    run_id, self._budget_finish(history, "launch budget"), outcomes, launches, complete=False
+                )
+            if self.request.time_budget_s and self.clock() - started > self.request.time_budget_s:
+                return self._finish(
+                    run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
+                )
+            known = self.store.known_trial(env_fp, decision.config.key())
+            if known is not None and known.verdict in ("failed", "unstable"):
+                self.progress.step(
+                    f"skip {_flags_words(decision.config)}",
+                    f"known {known.category} from an earlier run; not launched again",
+                )
+                obs = _observation_from_record(decision.config, known)
+                history.append(obs)
+                outcomes.append(
+                    TrialOutcome(decision.config, known.category, known.verdict, dict(known.facts))
+                )
+                continue
+            launches += 1
+            outcome = self._launch(decision, history, len(outcomes) + 1)
+            self._record(run_id, env_fp, outcome)
+            outcomes.append(outcome)
+            history.append(self._observation(outcome))
+
+    def _launch(self, decision: Launch, history: list[Observation], number: int) -> TrialOutcome:
+        cfg = decision.config
+        self.progress.step(f"trial {number}: {_flags_words(cfg)}", decision.reason)
+        log_path = self.log_dir / f"trial-{number:02d}-{cfg.key()}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+
+        def decide_probe(facts: dict) -> ProbePlan | None:
+            facts = self._with_totals(facts)
+            if not self.policy.probe_after_boot(history, cfg, facts):
+                return None
+            return ProbePlan.worst_case(
+                cfg, headroom_bytes=self.request.headroom_bytes, duration_s=self.request.probe_duration_s
+            )
+
+        outcome = run_trial(
+            cfg,
+            launcher=self.launcher,
+            nvml=self.nvml,
+            gpu_ids=list(self.request.gpu_ids),
+            log_path=log_path,
+            progress=self.progress,
+            timeouts=self.request.timeouts,
+            decide_probe=decide_probe,
+            vocab_size=getattr(self.spec, "vocab_size", 32000) or 32000,
+        )
+        outcome.facts = self._with_totals(outcome.facts)
+        self.progress.done(outcome.verdict, _outcome_words(outcome))
+        return outcome
+
+    def _with_totals(self, facts: dict) -> dict:
+        out = dict(facts)
+        out.setdefault("total_gib", self.gpu.total_bytes / GIB)
+        return out
+
+    def _observation(self, t: TrialOutcome) -> Observation:
+        probe = None
+        if t.probe is not None or t.verdict == "unstable":
+            probe = ProbeSummary(
+                ok=t.verdict == "stable",
+                server_died=bool(getattr(t.probe, "server_died", False)) or t.category != "success",
+                min_headroom_bytes=t.min_headroom_bytes,
+                detail=t.probe_failure,
+            )
+        return Observation(t.config, t.category, dict(t.facts), probe)
+
+    # -- store ----------------------------------------------------------------------------------
+    def env_fingerprint(self) -> str:
+        parts = {
+            "model": self.spec.serve_name,
+            "weights": getattr(self.spec, "weights_bytes", None),
+            "gpus": [getattr(self.gpu, "name", ""), self.gpu.total_bytes, list(self.request.gpu_ids)],
+            "uuids": list(getattr(self.gpu, "uuids", []) or []),
+            "driver": getattr(self.gpu, "driver", ""),
+            "vllm": getattr(self.vllm_info, "version", ""),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _open_run(self, env_fp: str):
+        req_key = f"{self.request.key()}-{env_fp}"
+        prior = self.store.unfinished_run("find", req_key)
+        history: list[Observation] = []
+        outcomes: list[TrialOutcome] = []
+        if prior is not None:
+            for rec in self.store.trials(prior.id):
+                cfg = _config_from_record(self.base, rec)
+                history.append(_observation_from_record(cfg, rec))
+                outcomes.append(
+                    TrialOutcome(
+                        cfg,
+                        rec.category,
+                        rec.verdict,
+                        dict(rec.facts),
+                        log_path=Path(rec.log_path) if rec.log_path else None,
+                        duration_s=rec.duration_s or 0.0,
+                    )
+                )
+            self.progress.note(f"resuming run {prior.id}: {len(outcomes)} trial(s) already done")
+            return prior.id, history, outcomes
+        run_id = self.store.begin_run("find", req_key, self.request.as_dict(), env_fp)
+        return run_id, history, outcomes
+
+    def _record(self, run_id: int, env_fp: str, t: TrialOutcome) -> None:
+        probe = None
+        if t.probe is not None:
+            p = t.probe
+            probe = {
+                "ok": t.verdict == "stable",
+                "failure": t.probe_failure,
+                "min_headroom_bytes": t.min_headroom_bytes,
+                "preemptions": getattr(p, "preemptions", None),
+                "server_died": getattr(p, "server_died", None),
+                "latency_p50_s": getattr(p, "latency_p50_s", None),
+                "latency_p99_s": getattr(p, "latency_p99_s", None),
+                "peak_used_bytes": {str(k): v for k, v in (getattr(p, "peak_used_bytes", {}) or {}).items()},
+            }
+        self.store.record_trial(
+            run_id,
+            config=_config_record(t.config),
+            config_key=t.config.key(),
+            env_fingerprint=env_fp,
+            category=t.category,
+            verdict=t.verdict,
+            facts=t.facts,
+            probe=probe,
+            started_at=t.started_at,
+            duration_s=t.duration_s,
+            log_path=str(t.log_path) if t.log_path else None,
+        )
+
+    # -- results --------------------------------------------------------------------------------
+    def _budget_finish(self, history: list[Observation], what: str) -> Finish:
+        return Finish(self.policy.best(history), f"stopped by the {what}", complete=False)
+
+    def _finish(
+        self,
+        run_id: int,
+        decision: Finish,
+        outcomes: list[TrialOutcome],
+        launches: int,
+        complete: bool = True,
+    ) -> FindResult:
+        winner = None
+        if decision.winner is not None:
+            key = decision.winner.config.key()
+            winner = next(t for t in reversed(outcomes) if t.config.key() == key and t.verdict == "stable")
+        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+        if winner is not None and (
+            winner.config.kv_offloading_size or "--kv-transfer-config" in winner.config.extra_args
+        ):
+            env = {}
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.request.gpu_ids)
+        result = FindResult(
+            request=self.request,
+            winner=winner,
+            trials=outcomes,
+            launches=launches,
+            reason=decision.reason,
+            complete=complete and decision.complete,
+            missing=decision.missing,
+            env=env,
+            run_id=run_id,
+        )
+        result.explanation = explain(result, self.gpu.total_bytes)
+        status = "done" if winner is not None else "failed"
+        self.store.finish_run(run_id, status, result.as_json())
+        return result
+
+
+def explain(result: FindResult, total_bytes: int) -> list[str]:
+    """Why each knob ended where it did, from the trials' own numbers."""
+    lines: list[str] = []
+    w = result.winner
+    if w is not None:
+        cfg, f = w.config, w.facts
+        pool, tokens = f.get("available_kv_gib"), f.get("kv_cache_tokens")
+        if pool is not None and tokens is not None:
+            lines.append(
+                f"KV pool {pool:.2f} GiB holds {int(tokens):,} tokens; --max-model-len {cfg.max_model_len} "
+                f"at {cfg.max_num_seqs} sequence(s)"
+            )
+        util_words = f"{cfg.gpu_memory_utilization:.2f}"
+        failed = sorted(
+            {
+                (t.config.gpu_memory_utilization or 0, t.category)
+                for t in result.trials
+                if t.verdict in ("failed", "unstable")
+                and (t.config.gpu_memory_utilization or 0) > (cfg.gpu_memory_utilization or 0)
+            },
+            reverse=True,
+        )
+        head = (
+            f" with {w.min_headroom_bytes / GIB:.2f} GiB headroom under load"
+            if w.min_headroom_bytes is not None
+            else ""
+        )
+        if failed:
+            u, cat = failed[-1]
+            lines.append(f"{u:.2f} failed ({cat.replace('_', ' ')}), {util_words} stable{head}")
+        else:
+            lines.append(f"--gpu-memory-utilization {util_words} stable{head}")
+        lossy = [
+            name
+            for name, on in (
+                ("--enforce-eager", cfg.enforce_eager),
+                ("--kv-cache-dtype fp8", cfg.kv_cache_dtype != "auto"),
+                ("--cpu-offload-gb", bool(cfg.cpu_offload_gb)),
+            )
+            if on
+        ]
+        if lossy:
+            lines.append("lossy knobs used because they were allowed and needed: " + ", ".join(lossy))
+    lines.append(f"{result.launches} launch(es); {result.reason}")
+    lines.extend(result.missing)
+    return lines
+
+
+def _flags_words(cfg: ServeConfig) -> str:
+    return " ".join(
+        f"{k}" if v is True else f"{k} {v}"
+        for k, v in cfg.flags().items()
+        if k not in ("--tensor-parallel-size", "--load-format")
+    )
+
+
+def _outcome_words(t: TrialOutcome) -> str:
+    f = t.facts
+    if t.verdict in ("stable", "boots", "unstable"):
+        bits = []
+        if "available_kv_gib" in f:
+            bits.append(f"KV {f['available_kv_gib']:.2f} GiB")
+        if "kv_cache_tokens" in f:
+            bits.append(f"{int(f['kv_cache_tokens']):,} tokens")
+        if t.min_headroom_bytes is not None:
+            bits.append(f"headroom {t.min_headroom_bytes / GIB:.2f} GiB")
+        if t.probe_failure:
+            bits.append(t.probe_failure)
+        return ", ".join(bits)
+    words = t.category.replace("_", " ")
+    if "estimated_max_model_len" in f:
+        words += f" (vLLM: estimated maximum model length is {int(f['estimated_max_model_len'])})"
+    return words
+
+
+def _config_record(cfg: ServeConfig) -> dict:
+    return {
+        "model": cfg.model,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "max_model_len": cfg.max_model_len,
+        "max_num_seqs": cfg.max_num_seqs,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "kv_cache_memory_bytes": cfg.kv_cache_memory_bytes,
+        "kv_cache_dtype": cfg.kv_cache_dtype,
+        "enforce_eager": cfg.enforce_eager,
+        "cpu_offload_gb": cfg.cpu_offload_gb,
+        "kv_offloading_size": cfg.kv_offloading_size,
+        "load_format": cfg.load_format,
+        "extra_args": list(cfg.extra_args),
+    }
+
+
+def _config_from_record(base: ServeConfig, rec) -> ServeConfig:
+    data = dict(rec.config)
+    data["extra_args"] = tuple(data.get("extra_args") or ())
+    return base.replace(**{k: v for k, v in data.items() if hasattr(base, k)})
+
+
+def _observation_from_record(cfg: ServeConfig, rec) -> Observation:
+    probe = None
+    if rec.probe or rec.verdict == "unstable":
+        p = rec.probe or {}
+        probe = ProbeSummary(
+            ok=rec.verdict == "stable",
+            server_died=bool(p.get("server_died")),
+            min_headroom_bytes=p.get("min_headroom_bytes"),
+            detail=p.get("failure") or "",
+        )
+    return Observation(cfg, rec.category, dict(rec.facts or {}), probe)
+
+
+def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids) -> None:
+    """Refuse early when other processes hold so much memory that not even the weights fit."""
+    free = getattr(gpu, "free_bytes", None)
+    if not free:
+        return
+    for idx, f in zip(gpu_ids, free):
+        if f - CONTEXT_OVERHEAD_BYTES < weights_per_gpu:
+            raise GpuError(
+                f"GPU {idx} has only {f / GIB:.1f} GiB free of {gpu.total_bytes / GIB:.1f} GiB, "
+                f"less than the {weights_per_gpu / GIB:.1f} GiB of weights per GPU",
+                "stop what is using it (nvidia-smi) or choose other GPUs with --gpu-ids",
+            )
+
+
+def validate_request(req: FindRequest) -> None:
+    if not 0 < req.util_ceiling <= 0.98:
+        raise UsageError(
+            f"--util-ceiling must be in (0, 0.98], got {req.util_ceiling}",
+            "vLLM needs some memory outside its budget; use e.g. --util-ceiling 0.95",
+        )
+    if req.objective == "targets" and not (req.target_context and req.target_seqs):
+        raise UsageError(
+            "fixed targets need both --context and --seqs", "pass e.g. --context 131072 --seqs 8"
+        )
+    if req.min_seqs < 1:
+        raise UsageError(f"--min-seqs must be at least 1, got {req.min_seqs}", "use --min-seqs 1 or more")
+    if req.max_launches < 1:
+        raise UsageError(
+            f"--max-launches must be at least 1, got {req.max_launches}", "use e.g. --max-launches 12"
+        )
+    unknown = req.allow - {"eager", "fp8-kv", "offload"}
+    if unknown:
+        raise UsageError(
+            f"unknown lossy knob(s) in --allow: {', '.join(sorted(unknown))}",
+            "choose from eager, fp8-kv, offload",
+        )

@@ -1,0 +1,192 @@
+"""One trial: launch vLLM with a config, watch it boot, optionally prove it under load, stop it.
+
+Shared by ``find``, ``ramp`` and ``up --verify``. The server is always stopped (and its GPU memory seen
+released) before this returns, whatever happened — including Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .progress import Progress
+from .serveconfig import ServeConfig
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """The load a booted config must survive: ``concurrency`` streams of ``prompt_tokens`` + ``max_tokens``."""
+
+    concurrency: int
+    prompt_tokens: int
+    max_tokens: int
+    duration_s: float | None = None
+    headroom_bytes: int = GIB
+    max_preemptions: int | None = None
+
+    @classmethod
+    def worst_case(
+        cls,
+        config: ServeConfig,
+        *,
+        headroom_bytes: int,
+        duration_s: float | None = None,
+        max_tokens: int = 64,
+    ) -> ProbePlan:
+        context = config.max_model_len or 2048
+        max_tokens = max(1, min(max_tokens, context // 4))
+        return cls(
+            concurrency=config.max_num_seqs or 1,
+            prompt_tokens=max(1, context - max_tokens),
+            max_tokens=max_tokens,
+            duration_s=duration_s,
+            headroom_bytes=headroom_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    ready_s: float = 1800.0  # a first torch.compile of a big model can take many minutes
+    stall_s: float = 600.0  # no log progress for this long while not ready = hung
+
+
+@dataclass
+class TrialOutcome:
+    config: ServeConfig
+    category: str
+    verdict: str  # stable | boots | unstable | failed
+    facts: dict = field(default_factory=dict)
+    probe: object | None = None  # probe.LoadReport
+    started_at: float = 0.0
+    duration_s: float = 0.0
+    log_path: Path | None = None
+    evidence: str = ""
+    probe_failure: str = ""
+
+    @property
+    def min_headroom_bytes(self) -> int | None:
+        if self.probe is None or not getattr(self.probe, "headroom_bytes", None):
+            return None
+        return min(self.probe.headroom_bytes.values())
+
+
+def run_trial(
+    config: ServeConfig,
+    *,
+    launcher,
+    nvml,
+    gpu_ids: list[int],
+    log_path: Path,
+    progress: Progress,
+    timeouts: Timeouts,
+    decide_probe: Callable[[dict], ProbePlan | None],
+    vocab_size: int = 32000,
+    wall_clock: Callable[[], float] = time.time,
+) -> TrialOutcome:
+    """Launch, observe, maybe probe, stop. ``decide_probe(facts)`` sees vLLM's numbers after boot."""
+    from .launch import ServerProcess
+    from .logparse import LogWatcher
+
+    started = wall_clock()
+    watcher = LogWatcher()
+
+    def on_progress(phase: str, elapsed_s: float, used: dict[int, int] | None) -> None:
+        progress.phase(phase, elapsed_s, used)
+
+    with ServerProcess(
+        launcher, config, gpu_ids=gpu_ids, log_path=log_path, watcher=watcher, nvml=nvml
+    ) as server:
+        ready = server.wait_ready(
+            timeout_s=timeouts.ready_s, stall_s=timeouts.stall_s, on_progress=on_progress
+        )
+        if not ready.ready:
+            diag = ready.diagnosis
+            return TrialOutcome(
+                config,
+                diag.category,
+                "failed",
+                dict(diag.facts),
+                None,
+                started,
+                wall_clock() - started,
+                log_path,
+                diag.evidence,
+            )
+        facts = dict(watcher.facts)
+        plan = decide_probe(facts)
+        if plan is None:
+            return TrialOutcome(
+                config, "success", "boots", facts, None, started, wall_clock() - started, log_path
+            )
+        progress.phase(
+            "probing", 0.0, None, f"{plan.concurrency} × {plan.prompt_tokens + plan.max_tokens} tokens"
+        )
+        report = _probe(server, watcher, plan, nvml=nvml, gpu_ids=gpu_ids, vocab_size=vocab_size)
+        facts = dict(watcher.facts)
+        if watcher.fatal_category:
+            category = watcher.fatal_category
+            return TrialOutcome(
+                config,
+                category,
+                "unstable",
+                facts,
+                report,
+                started,
+                wall_clock() - started,
+                log_path,
+                _evidence(watcher),
+                "the server died under load",
+            )
+        failure = judge_probe(report, plan)
+        verdict = "unstable" if failure else "stable"
+        return TrialOutcome(
+            config, "success", verdict, facts, report, started, wall_clock() - started, log_path, "", failure
+        )
+
+
+def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int):
+    from .probe import run_load_probe
+
+    def alive() -> bool:
+        return server.returncode is None and watcher.fatal_category is None
+
+    return run_load_probe(
+        server.base_url,
+        model=server.served_model_name,
+        concurrency=plan.concurrency,
+        prompt_tokens=plan.prompt_tokens,
+        max_tokens=plan.max_tokens,
+        duration_s=plan.duration_s,
+        nvml=nvml,
+        gpu_ids=gpu_ids,
+        is_alive=alive,
+        vocab_size=vocab_size,
+    )
+
+
+def judge_probe(report, plan: ProbePlan) -> str:
+    """Why a load probe failed, or "" if the config held: alive, no errors, headroom on every GPU."""
+    if report.server_died:
+        return "the server died under load"
+    errors = sum(report.errors.values()) if isinstance(report.errors, dict) else int(report.errors or 0)
+    if errors:
+        return f"{errors} request(s) failed under load"
+    if report.headroom_bytes:
+        worst_gpu, worst = min(report.headroom_bytes.items(), key=lambda kv: kv[1])
+        if worst < plan.headroom_bytes:
+            return (
+                f"GPU {worst_gpu} had {worst / GIB:.2f} GiB headroom under load, "
+                f"below the {plan.headroom_bytes / GIB:.2f} GiB required"
+            )
+    if plan.max_preemptions is not None and (report.preemptions or 0) > plan.max_preemptions:
+        return f"{report.preemptions} preemptions under load (limit {plan.max_preemptions})"
+    return ""
+
+
+def _evidence(watcher) -> str:
+    tail = watcher.tail(5)
+    return tail[-1] if tail else ""
