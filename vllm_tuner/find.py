@@ -514,7 +514,7 @@ def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids) -> None:
     free = getattr(gpu, "free_bytes", None)
     if not free:
         return
-    for idx, f in zip(gpu_ids, free):
+    for idx, f in zip(gpu_ids, free, strict=False):
         if f - CONTEXT_OVERHEAD_BYTES < weights_per_gpu:
             raise GpuError(
                 f"GPU {idx} has only {f / GIB:.1f} GiB free of {gpu.total_bytes / GIB:.1f} GiB, "
