@@ -186,8 +186,8 @@ def _v0_profile(match: re.Match[str]) -> Facts:
     return out
 
 
-_N = r"(-?\d[\d,]*(?:\.\d+)?)"  # a number, maybe with thousands separators
-_SIZE = r"(-?\d[\d,]*(?:\.\d+)?)\s*([KMGT]i?B)"
+_N = r"(-?\d+(?:,\d{3})*(?:\.\d+)?)"  # a number, maybe with thousands separators
+_SIZE = r"(-?\d+(?:,\d{3})*(?:\.\d+)?)\s*([KMGT]i?B)"
 
 # (pattern, reader). Each pattern is matched against the current line joined to the two before it,
 # so messages that a terminal or a reporter wrapped over lines are still read.
@@ -494,6 +494,7 @@ class LogWatcher:
         self._tail: deque[str] = deque(maxlen=max(tail_lines, 40))
         self._window: deque[str] = deque(maxlen=_WINDOW)
         self._fatal_evidence = ""
+        self._evidence_from_numbers = False
         self._decisive: str | None = None  # a root cause, not only a death notice
         self._oom_phase: str | None = None
         self._death_line = ""
@@ -627,6 +628,7 @@ class LogWatcher:
         ):
             self._decisive = "no_kv_cache_memory"
             self._fatal_evidence = text
+            self._evidence_from_numbers = True
         self._update_fatal(events)
 
     def _note_fatal(self, category: str, pattern: re.Pattern[str], text: str) -> None:
@@ -641,6 +643,9 @@ class LogWatcher:
                 self._oom_phase = self._phase
         elif self._decisive == "oom" and category in _OOM_WRAPPERS:
             self._decisive = category  # vLLM's own wording for the raw OOM seen just before
+        elif category == self._decisive and self._evidence_from_numbers:
+            self._fatal_evidence = self._evidence(pattern)  # the error line beats the number behind it
+            self._evidence_from_numbers = False
 
     def _evidence(self, pattern: re.Pattern[str]) -> str:
         """The line the decisive match starts on, with the lines it wraps onto."""
