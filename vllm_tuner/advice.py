@@ -130,9 +130,7 @@ def _kv_insufficient(k: _Known) -> list[Advice]:
     out: list[Advice] = []
     if fits and length:
         new_len = round_length(fits)
-        holds = (
-            f"KV cache holds {int(tokens):,} tokens" if tokens else f"the KV cache fits {int(fits):,} tokens"
-        )
+        holds = f"KV cache holds {int(tokens or fits):,} tokens"
         out.append(
             Advice(
                 f"{holds} but --max-model-len is {length}: use --max-model-len {new_len}",

@@ -89,7 +89,7 @@ def _read_log(logfile: str | None) -> str:
     if logfile in (None, "-"):
         if logfile is None and sys.stdin.isatty():
             raise UsageError("no log given", "pass a LOGFILE or pipe the log into 'vllm-tune diagnose'")
-        return click.get_text_stream("stdin").read()
+        return sys.stdin.read()
     path = Path(logfile)
     try:
         return path.read_bytes().decode("utf-8", errors="replace")
