@@ -1,0 +1,315 @@
+"""``vllm-tune estimate``: the per-GPU memory breakdown and what context × concurrency fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+from ..errors import UsageError
+from ..serveconfig import ServeConfig
+
+GIB = 1 << 30
+CONTEXT_ROWS = (8192, 32768, 65536, 131072)
+MARGIN = 1.25  # "fits with margin": at least 25% more KV blocks than the row needs
+
+
+@click.command("estimate")
+@click.option(
+    "--model", "models", multiple=True, help="Model dir, HF id or profile name (repeat to share a GPU)."
+)
+@click.option(
+    "--models",
+    "models_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML list of {model, max-model-len, max-num-seqs, ...} sharing the GPUs.",
+)
+@click.option("--gpus", type=int, default=None, help="Use the first N GPUs.")
+@click.option("--gpu-ids", default=None, help="Comma-separated GPU indices, e.g. 0,2.")
+@click.option("--gpu", "gpu_name", default=None, help="GPU model from profiles/gpus.yaml, e.g. rtx-4090.")
+@click.option("--gpu-memory", default=None, help="Memory per GPU, e.g. 32GiB.")
+@click.option("--tensor-parallel-size", "-tp", "tp", type=int, default=None)
+@click.option("--max-model-len", type=int, default=None)
+@click.option("--max-num-seqs", type=int, default=None)
+@click.option("--gpu-memory-utilization", "util", type=float, default=None)
+@click.option("--kv-cache-dtype", default="auto", show_default=True)
+@click.option("--enforce-eager", is_flag=True)
+@click.option("--json", "json_", is_flag=True, help="Print one JSON object.")
+def command(
+    models,
+    models_file,
+    gpus,
+    gpu_ids,
+    gpu_name,
+    gpu_memory,
+    tp,
+    max_model_len,
+    max_num_seqs,
+    util,
+    kv_cache_dtype,
+    enforce_eager,
+    json_,
+) -> None:
+    """Estimate per-GPU memory and what context x concurrency fits."""
+    from ..gpus import resolve_gpus
+    from ..models import resolve_model
+
+    if util is not None and not 0 < util <= 1:
+        raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {util}", "pass e.g. 0.9")
+    for flag, value in (("--tensor-parallel-size", tp), ("--max-num-seqs", max_num_seqs)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}", f"pass e.g. {flag} 1")
+    entries = _entries(models, models_file)
+    ids = _parse_ids(gpu_ids)
+    tp_size = tp or (len(ids) if ids else gpus) or 1
+    if gpus is None and not ids and tp_size > 1:
+        gpus = tp_size
+    gpu = resolve_gpus(gpus=gpus, gpu_ids=ids, gpu_name=gpu_name, gpu_memory=gpu_memory)
+    if tp_size > gpu.count:
+        raise UsageError(
+            f"--tensor-parallel-size {tp_size} needs {tp_size} GPUs, only {gpu.count} given",
+            "raise --gpus or lower --tensor-parallel-size",
+        )
+    flags = {"max_model_len": max_model_len, "max_num_seqs": max_num_seqs, "gpu_memory_utilization": util}
+    pairs = []
+    for entry in entries:
+        spec = resolve_model(entry["model"])
+        cfg = ServeConfig(
+            model=spec.serve_name,
+            tensor_parallel_size=int(entry.get("tensor-parallel-size") or tp_size),
+            max_model_len=entry.get("max-model-len") or flags["max_model_len"],
+            max_num_seqs=entry.get("max-num-seqs") or flags["max_num_seqs"],
+            gpu_memory_utilization=entry.get("gpu-memory-utilization") or flags["gpu_memory_utilization"],
+            kv_cache_dtype=str(entry.get("kv-cache-dtype") or kv_cache_dtype),
+            enforce_eager=bool(entry.get("enforce-eager") or enforce_eager),
+        )
+        pairs.append((spec, cfg))
+    if len(pairs) == 1:
+        _single(*pairs[0], gpu, json_)
+    else:
+        _shared(pairs, gpu, json_)
+
+
+def _entries(models: tuple[str, ...], models_file: Path | None) -> list[dict]:
+    entries = [{"model": m} for m in models]
+    if models_file is not None:
+        try:
+            data = yaml.safe_load(models_file.read_text())
+        except yaml.YAMLError as exc:
+            raise UsageError(f"cannot parse {models_file}: {exc}", "fix the YAML") from exc
+        items = data.get("models") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise UsageError(f"{models_file} must hold a list of models", "write e.g. '- model: qwen2.5-7b'")
+        for item in items:
+            item = {"model": item} if isinstance(item, str) else dict(item or {})
+            if not item.get("model"):
+                raise UsageError(
+                    f"an entry in {models_file} has no 'model'", "add 'model: NAME' to every entry"
+                )
+            entries.append({str(k).replace("_", "-"): v for k, v in item.items()})
+    if not entries:
+        raise UsageError("no model given", "pass --model NAME (e.g. --model qwen2.5-7b) or --models FILE")
+    return entries
+
+
+def _parse_ids(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(
+            f"--gpu-ids must be comma-separated integers, got {text!r}", "pass e.g. --gpu-ids 0,2"
+        ) from None
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+def _context_rows(est, spec) -> list[dict]:
+    lengths = sorted(
+        {n for n in CONTEXT_ROWS if n < spec.derived_max_model_len} | {spec.derived_max_model_len}
+    )
+    rows = []
+    for n in lengths:
+        seqs = est.max_seqs(n)
+        need = est.layout.blocks_per_request(n, est.in_flight_tokens)
+        verdict = "does not fit"
+        if seqs >= 1:
+            verdict = "fits with margin" if est.usable_blocks >= need * MARGIN else "tight"
+        rows.append(
+            {
+                "context": n,
+                "kv_gib_per_seq": round(need * est.bytes_per_block / GIB, 3),
+                "max_concurrency": seqs,
+                "verdict": verdict,
+            }
+        )
+    return rows
+
+
+def _remedies(spec, cfg: ServeConfig, est, total: int, gpu_name: str) -> list[dict]:
+    """When (max_model_len, max_num_seqs) does not fit: each step in the guides' order, with its gain."""
+    from ..estimate import estimate
+
+    out = []
+    need = est.kv_bytes_for(est.max_model_len, 1) - est.kv_pool_bytes
+    steps = [
+        ("fewer sequences", cfg.replace(max_num_seqs=max(1, est.max_num_seqs // 4))),
+        ("shorter context", cfg.replace(max_model_len=max(est.block_size, est.max_model_len_fit))),
+        ("higher utilization", cfg.replace(gpu_memory_utilization=0.95)),
+        ("eager mode (--enforce-eager)", cfg.replace(enforce_eager=True)),
+        ("fp8 KV cache (--kv-cache-dtype fp8)", cfg.replace(kv_cache_dtype="fp8")),
+        ("CPU offload (--cpu-offload-gb 4)", cfg.replace(cpu_offload_gb=4.0)),
+    ]
+    for label, changed in steps:
+        if changed == cfg:
+            continue
+        after = estimate(spec, total, changed, gpu_name=gpu_name)
+        gain = after.kv_pool_bytes - est.kv_pool_bytes
+        out.append(
+            {
+                "step": label,
+                "flags": changed.flags(),
+                "gain_gib": round(gain / GIB, 2),
+                "kv_cache_tokens": after.kv_cache_tokens,
+                "max_model_len_fit": after.max_model_len_fit,
+                "fits": after.fits,
+            }
+        )
+    if need > 0:
+        out.insert(0, {"step": "missing", "gain_gib": round(-need / GIB, 2)})
+    return out
+
+
+def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
+    from ..estimate import estimate
+    from ._common import emit_json
+
+    est = estimate(spec, gpu.total_bytes, cfg, gpu_name=gpu.name)
+    seqs = cfg.max_num_seqs or 1
+    fit = {
+        "max_context_for_seqs": {"seqs": seqs, "context": est.max_context(seqs)},
+        "max_seqs_for_context": {"context": est.max_model_len, "seqs": est.max_seqs(est.max_model_len)},
+        "min_utilization": {
+            "context": est.max_model_len,
+            "seqs": seqs,
+            "utilization": est.min_utilization(est.max_model_len, seqs),
+        },
+    }
+    rows = _context_rows(est, spec)
+    remedies = [] if est.fits else _remedies(spec, cfg, est, gpu.total_bytes, gpu.name)
+    if json_:
+        out = {
+            "model": spec.name,
+            "serve_name": spec.serve_name,
+            "gpu_ids": list(gpu.ids),
+            "gpu_source": gpu.source,
+            "weights_exact": spec.weights_exact,
+            **est.as_dict(),
+            "what_fits": fit,
+            "contexts": rows,
+            "remedies": remedies,
+        }
+        emit_json(out)
+        return
+    w = "exact" if spec.weights_exact else "computed"
+    click.echo(
+        f"{spec.name} ({spec.serve_name}) on {gpu.count} × {gpu.name or 'GPU'} "
+        f"({_gib(gpu.total_bytes)} each, {gpu.source}), TP {cfg.tensor_parallel_size}"
+    )
+    click.echo(f"Per GPU at --gpu-memory-utilization {est.utilization} ({_gib(est.requested_bytes)} budget):")
+    for label, value, note in (
+        ("weights", est.weights_bytes, w),
+        (
+            "non-torch",
+            est.non_torch_bytes,
+            "NCCL/all-reduce" if cfg.tensor_parallel_size > 1 else "cuBLAS, allocator",
+        ),
+        (
+            "activation peak",
+            est.activation_bytes,
+            f"{est.max_num_batched_tokens} batched tokens, {est.max_num_seqs} seqs",
+        ),
+        ("CUDA graphs", est.cudagraph_bytes, "eager" if cfg.enforce_eager else "estimated"),
+        ("KV cache pool", est.kv_pool_bytes, f"{est.kv_bytes_per_token:,} B/token, block {est.block_size}"),
+        ("headroom", est.headroom_bytes, "outside the budget: CUDA context, other processes"),
+    ):
+        click.echo(f"  {label:<16} {value / GIB:8.2f} GiB   {note}")
+    verdict = "fits" if est.fits else "does NOT fit"
+    click.echo(
+        f"KV cache: {est.kv_cache_tokens:,} tokens, maximum concurrency {est.max_concurrency:.2f}x "
+        f"at {est.max_model_len:,} tokens: {verdict}"
+    )
+    click.echo("What fits:")
+    click.echo(f"  largest context for {seqs} seq(s): {fit['max_context_for_seqs']['context']:,}")
+    click.echo(f"  most sequences at {est.max_model_len:,} tokens: {fit['max_seqs_for_context']['seqs']}")
+    u = fit["min_utilization"]["utilization"]
+    click.echo(
+        f"  smallest utilization for {est.max_model_len:,} × {seqs}: {u if u is not None else 'none (> 1.0)'}"
+    )
+    click.echo("Context table:")
+    click.echo(f"  {'context':>9}  {'KV/seq':>9}  {'concurrency':>11}  verdict")
+    for r in rows:
+        click.echo(
+            f"  {r['context']:>9,}  {r['kv_gib_per_seq']:>7.2f}G  {r['max_concurrency']:>11}  {r['verdict']}"
+        )
+    for note in est.notes:
+        click.echo(f"  note: {note}")
+    if remedies:
+        click.echo("To make it fit (in this order):")
+        for r in remedies:
+            if r["step"] == "missing":
+                click.echo(f"  short by {-r['gain_gib']:.2f} GiB of KV cache")
+                continue
+            state = "fits" if r["fits"] else "still short"
+            click.echo(
+                f"  {r['step']:<38} {r['gain_gib']:+6.2f} GiB  {r['kv_cache_tokens']:>9,} tokens  "
+                f"max len {r['max_model_len_fit']:,}  {state}"
+            )
+
+
+def _shared(pairs, gpu, json_: bool) -> None:
+    from ..estimate import share
+    from ._common import emit_json
+
+    plan = share(pairs, gpu.total_bytes, gpu_name=gpu.name)
+    out = {
+        "fits": plan.fits,
+        "gpu": gpu.name,
+        "total_gib": round(plan.total_bytes / GIB, 3),
+        "spare_gib": round(plan.spare_bytes / GIB, 3),
+        "reason": plan.reason,
+        "models": [
+            {
+                "model": e.name,
+                "gpu_memory_utilization": e.utilization,
+                "kv_cache_memory_bytes": e.kv_cache_memory_bytes,
+                "max_model_len": e.context,
+                "max_num_seqs": e.seqs,
+                "min_gib": round(e.min_bytes / GIB, 3),
+                **{
+                    k: v
+                    for k, v in e.estimate.as_dict().items()
+                    if k.endswith("_gib") or k in ("kv_cache_tokens", "fits")
+                },
+            }
+            for e in plan.entries
+        ],
+    }
+    if json_:
+        emit_json(out)
+        return
+    click.echo(
+        f"{len(pairs)} models on {gpu.name or 'GPU'} ({_gib(gpu.total_bytes)}): "
+        + ("they fit" if plan.fits else f"they do NOT fit: {plan.reason}")
+    )
+    for m in out["models"]:
+        click.echo(
+            f"  {m['model']:<28} --gpu-memory-utilization {m['gpu_memory_utilization']:<7} "
+            f"--kv-cache-memory-bytes {m['kv_cache_memory_bytes']:<12} --max-model-len {m['max_model_len']:<7} "
+            f"(needs at least {m['min_gib']:.2f} GiB)"
+        )
+    click.echo("Start them in this order; each needs its utilization × total free when it starts.")
