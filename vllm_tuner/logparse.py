@@ -324,6 +324,71 @@ _FACT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Facts]]] = [
     (re.compile(r"unrecognized arguments: (.+?)\s*$"), lambda m: {"unrecognized_arguments": m.group(1)}),
 ]
 
+# Every fact pattern contains one of these words; a window without any is skipped (the periodic
+# stats lines of a busy server are most of a long log).
+_FACT_WORDS = (
+    "version",
+    "max model len",
+    "max_seq_len",
+    "auto-fit",
+    "took",
+    "weights take",
+    "weights memory",
+    "memory profiling",
+    "total_gpu_memory",
+    "takes",
+    "reserved for kv",
+    "free memory",
+    "total consumed",
+    "cuda graph",
+    "kv cache memory",
+    "kv cache size",
+    "kv cache is needed",
+    "stored in kv cache",
+    "gpu-memory-utilization",
+    "maximum concurrency",
+    "blocks:",
+    "desired gpu",
+    "actual usage",
+    "gib for",
+    "kv-cache-memory",
+    "max seq len",
+    "estimated maximum",
+    "max_num_seqs",
+    "tried to allocate",
+    "total capacity",
+    "this process",
+    "allocated memory",
+    "max_model_len",
+    "max_num_batched_tokens",
+    "compute capability",
+    "unrecognized arguments",
+)
+# Every fatal pattern contains one of these.
+_FATAL_WORDS = (
+    "memory",
+    "max seq len",
+    "mamba",
+    "error",
+    "timed out",
+    "died",
+    "enginecore",
+    "workerproc",
+    "engine core",
+    "frontend process",
+    "invalid choice",
+    "greater than",
+    "auto-fit",
+    "compute capability",
+    "kv_cache_dtype",
+)
+
+
+def _mentions(window: Iterable[str], words: tuple[str, ...]) -> bool:
+    text = " ".join(window).lower()
+    return any(word in text for word in words)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fatal lines. "oom" is placed in its phase later; "died" is a death notice whose cause may follow.
 
@@ -581,6 +646,8 @@ class LogWatcher:
 
     def _read_facts(self, events: list[Event]) -> bool:
         found = False
+        if not _mentions(self._window, _FACT_WORDS):
+            return found
         for pattern, read in _FACT_RULES:
             for match in self._matches(pattern):
                 for key, value in read(match).items():
@@ -619,10 +686,11 @@ class LogWatcher:
         self._hints.add(hint)
 
     def _read_fatal(self, text: str, events: list[Event]) -> None:
-        for pattern, category in _FATAL_RULES:
-            if self._matches(pattern):
-                self._note_fatal(category, pattern, text)
-                break
+        if _mentions(self._window, _FATAL_WORDS):
+            for pattern, category in _FATAL_RULES:
+                if self._matches(pattern):
+                    self._note_fatal(category, pattern, text)
+                    break
         if self._decisive is None and (
             self.facts.get("num_gpu_blocks") == 0 or _negative(self.facts.get("available_kv_gib"))
         ):
