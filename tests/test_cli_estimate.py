@@ -1,0 +1,94 @@
+"""``vllm-tune estimate`` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_tuner.cli import main
+
+KEYS = {
+    "weights_gib",
+    "non_torch_gib",
+    "activation_gib",
+    "cudagraph_gib",
+    "kv_pool_gib",
+    "kv_bytes_per_token",
+    "kv_cache_tokens",
+    "max_concurrency",
+    "max_model_len_fit",
+    "fits",
+}
+
+
+def run_json(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["estimate", *args, "--json"])
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if code == 0 else {})
+
+
+def test_json_has_stable_keys(capsys):
+    code, data = run_json(capsys, "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--max-model-len", "32768")
+    assert code == 0 and set(data) >= KEYS
+    assert data["kv_bytes_per_token"] == 131072 and data["fits"] is True
+    assert data["contexts"][-1]["context"] == 131072
+
+
+def test_tp_splits_kv_per_gpu(capsys):
+    code, data = run_json(
+        capsys, "--model", "llama-3.1-8b", "--gpu-memory", "24GiB", "--tensor-parallel-size", "2"
+    )
+    assert code == 0 and data["kv_bytes_per_token"] == 65536 and data["gpu_ids"] == [0, 1]
+
+
+def test_human_output_when_it_does_not_fit(capsys):
+    code = main(["estimate", "--model", "llama-3.1-8b", "--gpu", "rtx-3090", "--max-model-len", "131072"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for text in (
+        "KV cache pool",
+        "does NOT fit",
+        "Context table",
+        "fewer sequences",
+        "fp8 KV cache",
+        "CPU offload",
+    ):
+        assert text in out
+
+
+@pytest.mark.parametrize("util", ["0", "1.5", "-0.1"])
+def test_bad_utilization_exits_2(capsys, util):
+    assert main(["estimate", "--model", "qwen2.5-7b", "--gpu", "h100", "--gpu-memory-utilization", util]) == 2
+    assert "--gpu-memory-utilization" in capsys.readouterr().err
+
+
+def test_without_nvml_or_gpu_says_what_to_pass(capsys, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "pynvml.py").write_text(
+        "class NVMLError(Exception):\n    pass\n\ndef nvmlInit():\n    raise NVMLError('no driver')\n"
+    )
+    import sys
+
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    try:
+        assert main(["estimate", "--model", "qwen2.5-7b"]) == 2
+    finally:
+        sys.modules.pop("pynvml", None)
+    err = capsys.readouterr().err
+    assert "--gpu" in err and "--gpu-memory" in err and err.count("\n") == 1
+
+
+def test_unknown_model_and_gpu_exit_2(capsys):
+    assert main(["estimate", "--model", "no-such-model", "--gpu", "h100"]) == 2
+    assert main(["estimate", "--model", "qwen2.5-7b", "--gpu", "h1000"]) == 2
+
+
+def test_models_file_shares_one_gpu(capsys, tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "- model: qwen2.5-7b\n  max-model-len: 8192\n- model: mistral-7b\n  max_model_len: 8192\n"
+    )
+    code, data = run_json(capsys, "--models", str(path), "--gpu", "h100")
+    assert code == 0 and data["fits"] and len(data["models"]) == 2
+    assert all(m["max_model_len"] >= 8192 and 0 < m["gpu_memory_utilization"] < 1 for m in data["models"])
