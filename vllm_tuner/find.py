@@ -217,6 +217,16 @@ class Finder:
     def run(self) -> FindResult:
         env_fp = self.env_fingerprint()
         run_id, history, outcomes = self._open_run(env_fp)
+        try:
+            return self._loop(run_id, env_fp, history, outcomes)
+        except BaseException:
+            # Ctrl-C, SIGTERM or a bug: the servers are already stopped by their context managers;
+            # mark the run so the same command resumes it.
+            self.store.finish_run(run_id, "interrupted", None)
+            self.progress.note("interrupted: run the same command again to resume where it stopped")
+            raise
+
+    def _loop(self, run_id: int, env_fp: str, history: list[Observation], outcomes: list[TrialOutcome]):
         started = self.clock()
         launches = 0
         while True:
@@ -232,7 +242,7 @@ class Finder:
                     run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
                 )
             known = self.store.known_trial(env_fp, decision.config.key())
-            if known is not None and known.verdict in ("failed", "unstable"):
+            if known is not None and _deterministic_failure(known):
                 self.progress.step(
                     f"skip {_flags_words(decision.config)}",
                     f"known {known.category} from an earlier run; not launched again",
@@ -325,6 +335,7 @@ class Finder:
                         duration_s=rec.duration_s or 0.0,
                     )
                 )
+            self.store.resume_run(prior.id)
             self.progress.note(f"resuming run {prior.id}: {len(outcomes)} trial(s) already done")
             return prior.id, history, outcomes
         run_id = self.store.begin_run("find", req_key, self.request.as_dict(), env_fp)
@@ -443,6 +454,14 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
     lines.append(f"{result.launches} launch(es); {result.reason}")
     lines.extend(result.missing)
     return lines
+
+
+# Failures that say nothing about the config itself: worth launching again on a later run.
+TRANSIENT = {"startup_timeout", "profiling_memory_changed", "engine_core_died_other", "unknown"}
+
+
+def _deterministic_failure(rec) -> bool:
+    return rec.verdict in ("failed", "unstable") and rec.category not in TRANSIENT
 
 
 def _flags_words(cfg: ServeConfig) -> str:
