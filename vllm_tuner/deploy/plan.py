@@ -45,6 +45,7 @@ class ModelCost:
     max_context: int | None = None  # the model's derived max length
     source: str = "estimate"  # estimate | file (the deployment's memory: block) | measured
     kv_dtype_bytes: int = 2  # bytes per KV element at kv_cache_dtype=auto (for the fp8 suggestion)
+    serve_name: str | None = None  # what ``vllm serve`` is given, when it differs from the file's ``model``
 
     @property
     def fixed_bytes(self) -> int:
@@ -100,7 +101,7 @@ class Instance:
         if self.entry.served_model_name:
             extra = ["--served-model-name", self.entry.served_model_name, *extra]
         return ServeConfig(
-            model=self.entry.model,
+            model=self.cost.serve_name or self.entry.model,
             tensor_parallel_size=self.entry.tensor_parallel_size,
             pipeline_parallel_size=self.entry.pipeline_parallel_size,
             max_model_len=self.max_model_len,
@@ -375,7 +376,7 @@ def _what_would_fit(entry: ModelEntry, cost: ModelCost, context: int, room: int)
         )
     else:
         fit_context = _floor(kv_room // (per_token * entry.min_seqs), CONTEXT_STEP)
-        if fit_context >= CONTEXT_STEP:
+        if fit_context >= 4 * CONTEXT_STEP:
             out.append(f"{entry.name}: fits with needs.min_context {fit_context} at {entry.min_seqs} seqs")
         fit_seqs = kv_room // kv_bytes_for(cost, context, 1)
         if fit_seqs >= 1:
@@ -437,7 +438,7 @@ def _derive_limits(p: _Placed) -> None:
     elif needs.objective == "concurrency":
         seqs = budget // kv_bytes_for(cost, p.context, 1)
         p.seqs = max(p.seqs, min(int(seqs), MAX_PLANNED_SEQS))
-        p.kv_bytes = budget
+        p.kv_bytes = max(p.kv_bytes, min(budget, kv_bytes_for(cost, p.context, p.seqs)))
     p.kv_bytes = _floor(p.kv_bytes, MIB)
 
 

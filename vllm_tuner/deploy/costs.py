@@ -1,0 +1,166 @@
+"""Where the plan's inputs come from: per-model costs (estimator or the file) and the GPUs (NVML or offline).
+
+The estimator and model resolver are injected so the planner's tests run on plain data; the defaults
+are :func:`vllm_tuner.models.resolve_model` and :func:`vllm_tuner.estimate.estimate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import DeployError, TunerError
+from ..serveconfig import ServeConfig
+from .plan import GpuInfo, ModelCost, min_context_of
+from .spec import DEFAULT_MIN_CONTEXT, Deployment, GpuSpec, ModelEntry
+
+ResolveFn = Callable[[str], object]
+EstimateFn = Callable[..., object]
+
+
+def model_costs(
+    deployment: Deployment,
+    gpu_total_bytes: int,
+    *,
+    gpu_name: str = "",
+    resolve: ResolveFn | None = None,
+    estimate_fn: EstimateFn | None = None,
+) -> dict[str, ModelCost]:
+    """Per-GPU cost of every model: its ``memory:`` block when given, else the estimator's breakdown."""
+    out: dict[str, ModelCost] = {}
+    for entry in deployment.models:
+        if entry.memory is not None:
+            out[entry.name] = ModelCost(
+                entry.memory.weights_bytes,
+                entry.memory.overhead_bytes,
+                entry.memory.kv_bytes_per_token,
+                entry.memory.max_context,
+                source="file",
+            )
+            continue
+        out[entry.name] = estimated_cost(
+            entry, gpu_total_bytes, gpu_name=gpu_name, resolve=resolve, estimate_fn=estimate_fn
+        )
+    return out
+
+
+def estimated_cost(
+    entry: ModelEntry,
+    gpu_total_bytes: int,
+    *,
+    gpu_name: str = "",
+    resolve: ResolveFn | None = None,
+    estimate_fn: EstimateFn | None = None,
+) -> ModelCost:
+    if resolve is None:
+        from ..models import resolve_model as resolve
+    if estimate_fn is None:
+        try:
+            from ..estimate import estimate as estimate_fn
+        except ImportError as exc:
+            raise DeployError(
+                f"{entry.name}: the memory estimator is not available in this build",
+                "give the model a memory: block (weights, overhead, kv_bytes_per_token)",
+            ) from exc
+    try:
+        spec = resolve(entry.model)
+    except TunerError as exc:
+        raise DeployError(
+            f"{entry.name}: {exc.problem}",
+            exc.fix or "give the model a memory: block (weights, kv_bytes_per_token)",
+        ) from exc
+    max_context = int(getattr(spec, "derived_max_model_len", 0) or 0) or None
+    probe_cost = ModelCost(0, 0, 1, max_context)
+    context = min(min_context_of(entry, probe_cost), max_context or DEFAULT_MIN_CONTEXT * 1024)
+    config = ServeConfig(
+        model=str(getattr(spec, "serve_name", "") or entry.model),
+        tensor_parallel_size=entry.tensor_parallel_size,
+        pipeline_parallel_size=entry.pipeline_parallel_size,
+        max_model_len=context,
+        max_num_seqs=entry.min_seqs,
+        kv_cache_dtype=entry.kv_cache_dtype,
+        enforce_eager="--enforce-eager" in entry.flags,
+    )
+    est = estimate_fn(spec, gpu_total_bytes, config, gpu_name=gpu_name)
+    overhead = int(est.non_torch_bytes) + int(est.activation_bytes) + int(est.cudagraph_bytes)
+    return ModelCost(
+        weights_bytes=int(est.weights_bytes),
+        overhead_bytes=overhead,
+        kv_bytes_per_token=max(1, int(est.kv_bytes_per_token)),
+        max_context=max_context,
+        source="estimate",
+        kv_dtype_bytes=int(getattr(spec, "dtype_bytes", 2) or 2),
+        serve_name=str(getattr(spec, "serve_name", "") or "") or None,
+    )
+
+
+def plan_gpus(
+    spec: GpuSpec,
+    *,
+    nvml_opener: Callable[[], object] | None = None,
+    profile_lookup: Callable[[str], tuple[str, int]] | None = None,
+) -> tuple[list[GpuInfo], bool]:
+    """The deployment's GPUs and whether they are planned offline (a profile or a size, no NVML)."""
+    ids = list(spec.ids) if spec.ids is not None else list(range(spec.n))
+    if spec.memory_bytes is not None:
+        return [
+            GpuInfo(i, f"GPU ({spec.memory_bytes / (1 << 30):.1f} GiB)", spec.memory_bytes) for i in ids
+        ], True
+    if spec.profile is not None:
+        name, total = (profile_lookup or gpu_profile)(spec.profile)
+        return [GpuInfo(i, name, total) for i in ids], True
+    if nvml_opener is None:
+        from ..nvml import open_nvml as nvml_opener
+    nvml = nvml_opener()
+    try:
+        count = nvml.device_count()
+        missing = [i for i in ids if i >= count]
+        if missing:
+            raise DeployError(
+                f"the deployment wants GPU {missing[0]} but this machine has {count} GPU(s)",
+                "lower gpus.count / gpus.ids, or plan offline with gpus.profile",
+            )
+        out = []
+        for i in ids:
+            device, memory = nvml.device(i), nvml.memory(i)
+            out.append(GpuInfo(i, device.name, device.total, memory.used))
+        return out, False
+    finally:
+        close = getattr(nvml, "close", None)
+        if close:
+            close()
+
+
+def gpu_profile(name: str) -> tuple[str, int]:
+    """Name and total bytes of a GPU profile, through :mod:`vllm_tuner.gpus`."""
+    try:
+        from ..gpus import resolve_gpus
+    except ImportError as exc:
+        raise DeployError(
+            f"GPU profile {name!r} cannot be read: the GPU profiles are not in this build",
+            "write gpus.memory (e.g. 96GiB) instead of gpus.profile",
+        ) from exc
+    try:
+        target = resolve_gpus(gpus=1, gpu_ids=None, gpu_name=name, gpu_memory=None)
+    except TunerError as exc:
+        raise DeployError(
+            f"unknown GPU profile {name!r}: {exc.problem}", exc.fix or "write gpus.memory instead"
+        ) from exc
+    return str(target.name), int(target.total_bytes)
+
+
+def plan_deployment(
+    deployment: Deployment,
+    *,
+    nvml_opener: Callable[[], object] | None = None,
+    resolve: ResolveFn | None = None,
+    estimate_fn: EstimateFn | None = None,
+):
+    """The plan for ``deployment`` on its GPUs (NVML, or offline from gpus.profile / gpus.memory)."""
+    from .plan import make_plan
+
+    gpus, offline = plan_gpus(deployment.gpus, nvml_opener=nvml_opener)
+    smallest = min(gpus, key=lambda g: g.total_bytes)
+    costs = model_costs(
+        deployment, smallest.total_bytes, gpu_name=smallest.name, resolve=resolve, estimate_fn=estimate_fn
+    )
+    return make_plan(deployment, gpus, costs, offline=offline)

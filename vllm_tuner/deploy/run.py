@@ -1,0 +1,572 @@
+"""``up``, ``status``, ``down`` and phase switches for a planned deployment.
+
+The instances must outlive the CLI, so each is spawned detached in its own session (``setsid``),
+logging to a file, and recorded in the state file. ``up`` starts them one after another: each only once
+the previous answers ``/health`` and its GPU memory has settled, and only if the memory free at that
+moment passes vLLM's startup check for the planned utilization. Every collaborator comes in as an
+argument: ``spawn`` (argv, env, log) -> pid, ``nvml`` (:class:`vllm_tuner.nvml.Nvml`), ``http`` (an
+``httpx.Client``), ``clock``/``sleep``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DeployError
+from ..paths import data_dir
+from .plan import CUDA_CONTEXT_BYTES, GIB, Instance, Plan, passes_startup_check
+from .state import (
+    DeploymentState,
+    InstanceState,
+    is_alive,
+    is_ours,
+    proc_start_time,
+    remove_state,
+    save_state,
+    session_pids,
+)
+
+MIB = 1 << 20
+ALERT_LEVELS = ((0.95, "critical"), (0.90, "major"), (0.80, "warning"))
+SETTLE_TOLERANCE_BYTES = 64 * MIB
+RELEASE_TOLERANCE_BYTES = 256 * MIB
+
+Spawn = Callable[[list[str], dict[str, str], Path], int]
+
+
+def spawn_detached(argv: list[str], env: dict[str, str], log_path: Path) -> int:
+    """Start ``argv`` in its own session, stdout+stderr to ``log_path``; returns the pid (= pgid)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    try:
+        return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True)
+    except OSError as exc:
+        raise DeployError(
+            f"cannot start {argv[0]!r}: {exc.strerror}",
+            "check --vllm-cmd (e.g. --vllm-cmd /opt/venv/bin/vllm)",
+        ) from exc
+
+
+@dataclass
+class Settings:
+    vllm_cmd: str = "vllm"
+    env: dict[str, str] = field(default_factory=dict)  # added to every instance (simulator, HF_HOME, ...)
+    ready_timeout_s: float = 1800.0
+    settle_timeout_s: float = 120.0
+    poll_s: float = 1.0
+    release_timeout_s: float = 120.0
+    stop_grace_s: float = 30.0
+    verify: bool = True
+    log_dir: Path | None = None
+
+
+@dataclass
+class UpReport:
+    state: DeploymentState
+    started: list[str]
+    verified: dict[str, str]  # name -> "" ok, or what failed under simultaneous load
+    switch_s: float | None = None
+
+
+class Runner:
+    """Starts, watches and stops one deployment's instances."""
+
+    def __init__(
+        self,
+        *,
+        nvml,
+        http,
+        spawn: Spawn = spawn_detached,
+        settings: Settings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        note: Callable[[str], None] = lambda _t: None,
+    ) -> None:
+        self.nvml = nvml
+        self.http = http
+        self.spawn = spawn
+        self.settings = settings or Settings()
+        self.clock, self.wall_clock, self.sleep, self.note = clock, wall_clock, sleep, note
+
+    # -------------------------------------------------------------------------------------------- up
+
+    def up(self, plan: Plan, *, phase: str | None = None) -> UpReport:
+        if not plan.fits:
+            raise DeployError(
+                f"deployment {plan.deployment.name!r} does not fit: {plan.problems[0]}",
+                "run 'vllm-tune plan FILE' to see what would fit",
+            )
+        dep = plan.deployment
+        if phase is not None and phase not in dep.phases:
+            raise DeployError(
+                f"{dep.name} has no phase {phase!r}", f"use one of {', '.join(dep.phases) or '(none)'}"
+            )
+        gpu_ids = sorted({g for i in plan.instances for g in i.gpu_ids})
+        state = DeploymentState(
+            dep.name,
+            dep.source,
+            self.wall_clock(),
+            {str(g): self.nvml.memory(g).used for g in gpu_ids},
+            phase=phase or (dep.phases[0] if dep.phases else None),
+            cooldown_s=dep.cooldown_s,
+            headroom_bytes=dep.headroom_bytes,
+        )
+        order = plan.start_order(state.phase)
+        started: list[str] = []
+        try:
+            for inst in order:
+                state.instances.append(self._start_one(plan, inst))
+                save_state(state)
+                started.append(inst.name)
+            verified = self.verify(plan, state) if self.settings.verify else {}
+        except BaseException:
+            self.note("stopping what this 'up' started")
+            self.stop_all(state)
+            remove_state(dep.name)
+            raise
+        return UpReport(state, started, verified)
+
+    def _start_one(self, plan: Plan, inst: Instance) -> InstanceState:
+        util = self._checked_utilization(plan, inst)
+        argv = [*shlex.split(self.settings.vllm_cmd), *inst.serve_args()]
+        util_at = argv.index("--gpu-memory-utilization") + 1
+        argv[util_at] = f"{util:.2f}"
+        env = {
+            **os.environ,
+            **self.settings.env,
+            **dict(inst.entry.env),
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, inst.gpu_ids)),
+        }
+        log_dir = self.settings.log_dir or data_dir() / "deployments" / plan.deployment.name
+        log_path = log_dir / f"{inst.name}.log"
+        self.note(f"starting {inst.name} on GPU {','.join(map(str, inst.gpu_ids))} port {inst.port}")
+        started = self.clock()
+        pid = self.spawn(argv, env, log_path)
+        record = InstanceState(
+            name=inst.name,
+            pid=pid,
+            pgid=pid,
+            port=inst.port,
+            gpu_ids=list(inst.gpu_ids),
+            argv=argv,
+            env={k: env[k] for k in ("CUDA_VISIBLE_DEVICES", *self.settings.env, *dict(inst.entry.env))},
+            log_path=str(log_path),
+            proc_start=proc_start_time(pid) or "",
+            started_at=self.wall_clock(),
+            phase=inst.phase,
+            model=inst.entry.public_name,
+            kv_bytes=inst.kv_bytes,
+            footprint_bytes=inst.footprint_bytes,
+            gpu_memory_utilization=util,
+        )
+        try:
+            self._wait_healthy(record)
+            self._wait_settled(record)
+        except BaseException:
+            self._stop_instance(record)
+            raise
+        record.ready_s = round(self.clock() - started, 3)
+        self.note(f"{inst.name} is healthy after {record.ready_s:.1f}s")
+        return record
+
+    def _checked_utilization(self, plan: Plan, inst: Instance) -> float:
+        """The planned utilization if the memory free right now passes vLLM's check, else a lower one
+        that still covers the instance's own share, else a refusal with the numbers."""
+        util = inst.gpu_memory_utilization
+        own = inst.footprint_bytes - CUDA_CONTEXT_BYTES
+        for g in inst.gpu_ids:
+            mem = self.nvml.memory(g)
+            free_at_check = mem.free - CUDA_CONTEXT_BYTES
+            if passes_startup_check(util, mem.total, free_at_check):
+                continue
+            lower = math.floor(free_at_check / mem.total * 100) / 100
+            if lower * mem.total < own:
+                raise DeployError(
+                    f"GPU {g} has {mem.free / GIB:.1f} GiB free before starting {inst.name}, which needs "
+                    f"{inst.footprint_bytes / GIB:.1f} GiB (the plan expected "
+                    f"{inst.free_at_start_bytes / GIB + CUDA_CONTEXT_BYTES / GIB:.1f} GiB free)",
+                    "free the GPU (nvidia-smi shows who holds it) or lower this model's needs",
+                )
+            util = min(util, lower)
+        return util
+
+    def _wait_healthy(self, inst: InstanceState) -> None:
+        deadline = self.clock() + self.settings.ready_timeout_s
+        url = f"http://127.0.0.1:{inst.port}/health"
+        while True:
+            if not is_alive(inst):
+                raise DeployError(
+                    f"{inst.name} exited while starting: {_log_cause(inst.log_path)}",
+                    f"see {inst.log_path}; 'vllm-tune diagnose {inst.log_path}' explains it",
+                )
+            if _get_status(self.http, url) == 200:
+                return
+            if self.clock() > deadline:
+                raise DeployError(
+                    f"{inst.name} did not answer /health within {self.settings.ready_timeout_s:.0f}s",
+                    f"see {inst.log_path}; raise --ready-timeout for a slow first compile",
+                )
+            self.sleep(self.settings.poll_s)
+
+    def _wait_settled(self, inst: InstanceState) -> None:
+        """Until two readings of its GPUs' used memory in a row agree (the next instance then measures
+        a stable free value, and this one's profiler never sees a neighbour's memory move)."""
+        deadline = self.clock() + self.settings.settle_timeout_s
+        last = None
+        while self.clock() <= deadline:
+            now = [self.nvml.memory(g).used for g in inst.gpu_ids]
+            if last is not None and all(
+                abs(a - b) <= SETTLE_TOLERANCE_BYTES for a, b in zip(now, last, strict=True)
+            ):
+                return
+            last = now
+            self.sleep(self.settings.poll_s)
+        self.note(
+            f"{inst.name}: GPU memory still moving after {self.settings.settle_timeout_s:.0f}s; going on"
+        )
+
+    # ------------------------------------------------------------------------------------------ verify
+
+    def verify(
+        self, plan: Plan, state: DeploymentState, *, requests_each: int = 2, max_tokens: int = 16
+    ) -> dict[str, str]:
+        """Load every instance at once (short completions in parallel); all must answer and stay up."""
+        results: dict[str, str] = {}
+        lock = threading.Lock()
+
+        def hit(inst: InstanceState, pooling: bool) -> None:
+            failure = ""
+            for _ in range(requests_each):
+                if pooling:
+                    code = _get_status(self.http, f"http://127.0.0.1:{inst.port}/health")
+                else:
+                    code = _post_status(
+                        self.http,
+                        f"http://127.0.0.1:{inst.port}/v1/completions",
+                        {"model": inst.model, "prompt": "Say hello.", "max_tokens": max_tokens},
+                    )
+                if code != 200:
+                    failure = f"HTTP {code}" if code else "no answer"
+            with lock:
+                results[inst.name] = failure
+
+        threads = []
+        for inst in state.instances:
+            pooling = "pooling" in plan.instance(inst.name).entry.flags
+            threads += [threading.Thread(target=hit, args=(inst, pooling), daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=self.settings.ready_timeout_s)
+        for inst in state.instances:
+            if not is_alive(inst):
+                results[inst.name] = "died under simultaneous load"
+        bad = {k: v for k, v in results.items() if v}
+        if bad:
+            name, why = next(iter(bad.items()))
+            raise DeployError(
+                f"{name} failed under simultaneous load: {why}",
+                "run 'vllm-tune plan' with more headroom, or lower that model's needs",
+            )
+        return results
+
+    # ------------------------------------------------------------------------------------------- phases
+
+    def switch_phase(self, plan: Plan, state: DeploymentState, phase: str) -> UpReport:
+        """Unload the current phase, wait for its memory, cool down, load ``phase``; time the switch."""
+        if phase not in plan.deployment.phases:
+            raise DeployError(
+                f"{plan.deployment.name} has no phase {phase!r}",
+                f"use one of {', '.join(plan.deployment.phases) or '(none)'}",
+            )
+        began = self.clock()
+        leaving = [i for i in state.instances if i.phase is not None and i.phase != phase]
+        expected = self._after_stopping(leaving)
+        for inst in reversed(leaving):
+            self._stop_instance(inst)
+        self._wait_released(expected)
+        state.instances = [i for i in state.instances if i not in leaving]
+        save_state(state)
+        if state.cooldown_s:
+            self.sleep(state.cooldown_s)
+        present = {i.name for i in state.instances}
+        started = []
+        for inst in plan.resident(phase):
+            if inst.name not in present:
+                state.instances.append(self._start_one(plan, inst))
+                started.append(inst.name)
+                save_state(state)
+        state.phase = phase
+        save_state(state)
+        return UpReport(state, started, {}, switch_s=round(self.clock() - began, 3))
+
+    # --------------------------------------------------------------------------------------------- down
+
+    def stop_all(self, state: DeploymentState) -> dict[str, str]:
+        """Stop every instance ``up`` recorded (never a process whose identity changed); wait for release."""
+        outcome: dict[str, str] = {}
+        for inst in reversed(state.instances):
+            outcome[inst.name] = self._stop_instance(inst)
+        gpus = {g for i in state.instances for g in i.gpu_ids}
+        outcome["_released"] = self._wait_released({g: state.baseline_used.get(str(g), 0) for g in gpus})
+        return outcome
+
+    def _after_stopping(self, leaving: Sequence[InstanceState]) -> dict[int, int]:
+        """Per GPU, the used memory expected once ``leaving`` is gone: now minus what NVML says their
+        processes hold (their planned footprint when NVML does not report per-process usage)."""
+        expected: dict[int, int] = {}
+        for g in sorted({g for i in leaving for g in i.gpu_ids}):
+            held = {p.pid: p.used for p in self.nvml.processes(g)}
+            freed = 0
+            for inst in leaving:
+                if g in inst.gpu_ids:
+                    measured = sum(held.get(pid, 0) for pid in session_pids(inst.pgid))
+                    freed += measured or inst.footprint_bytes
+            expected[g] = self.nvml.memory(g).used - freed
+        return expected
+
+    def _stop_instance(self, inst: InstanceState) -> str:
+        if not is_ours(inst):
+            _reap(inst.pid)
+            return "already gone"
+        _signal_group(inst.pgid, signal.SIGTERM)
+        deadline = self.clock() + self.settings.stop_grace_s
+        while self.clock() < deadline and session_pids(inst.pgid):
+            _reap(inst.pid)
+            self.sleep(min(self.settings.poll_s, 0.2))
+        if session_pids(inst.pgid):
+            _signal_group(inst.pgid, signal.SIGKILL)
+            for _ in range(50):
+                _reap(inst.pid)
+                if not session_pids(inst.pgid):
+                    break
+                self.sleep(0.1)
+            _reap(inst.pid)
+            return "killed"
+        _reap(inst.pid)
+        return "stopped"
+
+    def _wait_released(self, expected: dict[int, int]) -> str:
+        """Until each GPU's used memory is back down to ``expected`` (bytes, per GPU id)."""
+        deadline = self.clock() + self.settings.release_timeout_s
+        while True:
+            high = {g: self.nvml.memory(g).used - want for g, want in expected.items()}
+            high = {g: extra for g, extra in high.items() if extra > RELEASE_TOLERANCE_BYTES}
+            if not high:
+                return "released"
+            if self.clock() > deadline:
+                g, extra = next(iter(high.items()))
+                return f"GPU {g} still holds {extra / GIB:.2f} GiB more than before"
+            self.sleep(self.settings.poll_s)
+
+    # ------------------------------------------------------------------------------------------- status
+
+    def status(self, state: DeploymentState) -> StatusReport:
+        rows = []
+        per_pid: dict[int, dict[int, int]] = {}
+        gpus = sorted({g for i in state.instances for g in i.gpu_ids})
+        for g in gpus:
+            per_pid[g] = {p.pid: p.used for p in self.nvml.processes(g)}
+        for inst in state.instances:
+            alive = is_alive(inst)
+            health = _get_status(self.http, f"http://127.0.0.1:{inst.port}/health") if alive else None
+            pids = set(session_pids(inst.pgid)) if alive else set()
+            used = {g: sum(v for pid, v in per_pid[g].items() if pid in pids) for g in inst.gpu_ids}
+            kv = _kv_usage(self.http, inst.port) if health == 200 else None
+            rows.append(
+                InstanceStatus(
+                    inst.name,
+                    inst.port,
+                    inst.gpu_ids,
+                    alive,
+                    health,
+                    used,
+                    kv,
+                    inst.footprint_bytes,
+                    inst.phase,
+                )
+            )
+        cards = []
+        for g in gpus:
+            mem = self.nvml.memory(g)
+            cards.append(GpuStatus(g, mem.total, mem.used, alert_level(mem.used / mem.total)))
+        return StatusReport(state.name, state.phase, rows, cards)
+
+
+@dataclass
+class InstanceStatus:
+    name: str
+    port: int
+    gpu_ids: list[int]
+    alive: bool
+    health: int | None  # HTTP status of /health, None if unreachable or the process is gone
+    used_bytes: dict[int, int]  # NVML per-process usage of its session, per GPU
+    kv_usage: float | None  # vllm:kv_cache_usage_perc (0..1)
+    planned_bytes: int
+    phase: str | None = None
+
+    @property
+    def state(self) -> str:
+        if not self.alive:
+            return "dead"
+        return "healthy" if self.health == 200 else f"unhealthy ({self.health or 'no answer'})"
+
+
+@dataclass
+class GpuStatus:
+    id: int
+    total_bytes: int
+    used_bytes: int
+    alert: str  # "" | warning | major | critical
+
+    @property
+    def fraction(self) -> float:
+        return self.used_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+@dataclass
+class StatusReport:
+    name: str
+    phase: str | None
+    instances: list[InstanceStatus]
+    gpus: list[GpuStatus]
+
+    @property
+    def healthy(self) -> bool:
+        return all(i.state == "healthy" for i in self.instances)
+
+    def as_dict(self) -> dict:
+        return {
+            "deployment": self.name,
+            "phase": self.phase,
+            "healthy": self.healthy,
+            "instances": [
+                {
+                    "name": i.name,
+                    "state": i.state,
+                    "port": i.port,
+                    "gpu_ids": i.gpu_ids,
+                    "used_bytes": {str(k): v for k, v in i.used_bytes.items()},
+                    "planned_bytes": i.planned_bytes,
+                    "kv_usage": i.kv_usage,
+                    "phase": i.phase,
+                }
+                for i in self.instances
+            ],
+            "gpus": [
+                {
+                    "id": g.id,
+                    "total_bytes": g.total_bytes,
+                    "used_bytes": g.used_bytes,
+                    "fraction": round(g.fraction, 4),
+                    "alert": g.alert,
+                }
+                for g in self.gpus
+            ],
+        }
+
+    def render(self) -> str:
+        phase = f"  phase {self.phase}" if self.phase else ""
+        lines = [
+            f"Deployment {self.name}{phase}: {'healthy' if self.healthy else 'NOT healthy'}",
+            "",
+            f"  {'instance':<16}{'state':<20}{'port':>6}  {'GPU':<5}{'used GiB':>9}{'planned':>9}{'KV use':>8}",
+        ]
+        for i in self.instances:
+            used = sum(i.used_bytes.values()) / GIB
+            kv = f"{i.kv_usage * 100:.0f}%" if i.kv_usage is not None else "-"
+            lines.append(
+                f"  {i.name:<16}{i.state:<20}{i.port:>6}  {','.join(map(str, i.gpu_ids)):<5}"
+                f"{used:>9.1f}{i.planned_bytes / GIB:>9.1f}{kv:>8}"
+            )
+        lines.append("")
+        for g in self.gpus:
+            alert = f"  ALERT {g.alert}" if g.alert else ""
+            lines.append(
+                f"  GPU {g.id}: {g.used_bytes / GIB:.1f} / {g.total_bytes / GIB:.1f} GiB "
+                f"({g.fraction * 100:.0f}%){alert}"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def alert_level(fraction: float) -> str:
+    """``critical`` at 95% of the card, ``major`` at 90%, ``warning`` at 80%, else ""."""
+    for threshold, level in ALERT_LEVELS:
+        if fraction >= threshold:
+            return level
+    return ""
+
+
+_KV_USAGE = re.compile(r"^vllm:kv_cache_usage_perc(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+
+
+def kv_usage_from_metrics(text: str) -> float | None:
+    values = [float(v) for v in _KV_USAGE.findall(text)]
+    return max(values) if values else None
+
+
+def _kv_usage(http, port: int) -> float | None:
+    try:
+        response = http.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
+    except Exception:
+        return None
+    return kv_usage_from_metrics(response.text) if response.status_code == 200 else None
+
+
+def _get_status(http, url: str) -> int | None:
+    try:
+        return http.get(url, timeout=5.0).status_code
+    except Exception:  # connection refused while booting, timeouts: "no answer"
+        return None
+
+
+def _post_status(http, url: str, body: dict) -> int | None:
+    try:
+        return http.post(url, json=body, timeout=120.0).status_code
+    except Exception:
+        return None
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap(pid: int) -> None:
+    """Collect our own child's exit status (when ``up`` and ``down`` run in one process, e.g. tests)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _log_cause(log_path: str) -> str:
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except OSError:
+        return "no log"
+    try:
+        from ..logparse import classify
+
+        diag = classify(text)
+        evidence = getattr(diag, "evidence", "") or ""
+        return f"{diag.category}" + (f" ({evidence.strip()[:200]})" if evidence else "")
+    except Exception:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return lines[-1][:200] if lines else "empty log"

@@ -1,0 +1,150 @@
+"""The state of a running deployment (``data_dir()/deployments/<name>.json``) and process identity.
+
+``down`` signals only a process whose pid, kernel start time and command line all still match what
+``up`` recorded, so a recycled pid is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import DeployError
+from ..paths import data_dir
+
+
+@dataclass
+class InstanceState:
+    name: str
+    pid: int
+    pgid: int
+    port: int
+    gpu_ids: list[int]
+    argv: list[str]
+    env: dict[str, str]
+    log_path: str
+    proc_start: str  # /proc/<pid>/stat field 22: start time in clock ticks since boot
+    started_at: float
+    phase: str | None = None
+    model: str = ""
+    kv_bytes: int = 0
+    footprint_bytes: int = 0
+    gpu_memory_utilization: float = 0.0
+    ready_s: float = 0.0
+
+
+@dataclass
+class DeploymentState:
+    name: str
+    source: str
+    started_at: float
+    baseline_used: dict[str, int]  # NVML used bytes per GPU id (as str, for JSON) before up started anything
+    instances: list[InstanceState] = field(default_factory=list)
+    phase: str | None = None
+    cooldown_s: float = 0.0
+    headroom_bytes: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeploymentState:
+        raw = json.loads(text)
+        raw["instances"] = [InstanceState(**i) for i in raw.get("instances", [])]
+        return cls(**raw)
+
+
+def state_dir() -> Path:
+    return data_dir() / "deployments"
+
+
+def state_path(name: str) -> Path:
+    return state_dir() / f"{name}.json"
+
+
+def save_state(state: DeploymentState) -> Path:
+    path = state_path(state.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(state.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(name: str) -> DeploymentState:
+    path = state_path(name)
+    try:
+        return DeploymentState.from_json(path.read_text())
+    except FileNotFoundError as exc:
+        known = sorted(p.stem for p in state_dir().glob("*.json")) if state_dir().is_dir() else []
+        hint = f"running deployments: {', '.join(known)}" if known else "start it with 'vllm-tune up FILE'"
+        raise DeployError(f"no running deployment named {name!r} (no {path})", hint) from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DeployError(
+            f"the state file {path} is damaged: {exc}", f"remove {path} after checking nvidia-smi"
+        ) from exc
+
+
+def remove_state(name: str) -> None:
+    try:
+        state_path(name).unlink()
+    except FileNotFoundError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------ process identity
+
+
+def proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def proc_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [w.decode(errors="replace") for w in raw.split(b"\0") if w]
+
+
+def is_ours(inst: InstanceState) -> bool:
+    """Still the very process ``up`` started: same pid, same start time, same port on its command line."""
+    if proc_start_time(inst.pid) != inst.proc_start:
+        return False
+    cmdline = proc_cmdline(inst.pid)
+    return str(inst.port) in cmdline and inst.argv[-1] in cmdline
+
+
+def is_alive(inst: InstanceState) -> bool:
+    return is_ours(inst) and proc_state(inst.pid) not in (None, "Z", "X")
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process in session ``sid`` (the API server, engine core and workers of one instance)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            out.append(int(entry.name))
+    return out
