@@ -259,7 +259,7 @@ def emit_systemd(plan: Plan, *, vllm_cmd: str = "/usr/local/bin/vllm", user: str
         )
         wait = (
             f"/bin/bash -c 'for i in $(seq {HEALTH_TIMEOUT_S // 2}); do curl -fsS "
-            f"http://127.0.0.1:{inst.port}/health >/dev/null && exit 0; sleep 2; done; exit 1'"
+            f"http://127.0.0.1:{inst.port}/health >/dev/null && sleep {SETTLE_S} && exit 0; sleep 2; done; exit 1'"
         )
         lines = [
             memory_comment(plan).rstrip(),
@@ -281,7 +281,6 @@ def emit_systemd(plan: Plan, *, vllm_cmd: str = "/usr/local/bin/vllm", user: str
             f"Environment={env}",
             "ExecStart=" + shell_command(inst.serve_args(), vllm_cmd=vllm_cmd),
             f"ExecStartPost={wait}",
-            f"ExecStartPost=/bin/sleep {SETTLE_S}",
             f"TimeoutStartSec={HEALTH_TIMEOUT_S + 60}",
             "KillMode=control-group",
             "TimeoutStopSec=60",
@@ -517,7 +516,9 @@ def emit_router(plan: Plan, *, host: str = "127.0.0.1", port: int = 8000) -> dic
         "#!/usr/bin/env bash\n"
         + memory_comment(plan)
         + "set -euo pipefail\nexec "
-        + " \\\n  ".join(shlex.quote(a) for a in argv)
+        + " \\\n  ".join(
+            [shlex.quote(argv[0])] + [f"{argv[i]} {shlex.quote(argv[i + 1])}" for i in range(1, len(argv), 2)]
+        )
         + "\n"
     )
     return {f"{plan.deployment.name}-router.sh": text}

@@ -1,0 +1,141 @@
+"""Emitters are checked by parsing what they write (YAML, compose keys, systemd sections, bash -n)."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from vllm_tuner.deploy.costs import model_costs, plan_gpus
+from vllm_tuner.deploy.emit import FORMATS, emit
+from vllm_tuner.deploy.plan import GIB, make_plan
+from vllm_tuner.deploy.spec import GpuSpec, load_deployment
+from vllm_tuner.paths import profiles_dir
+
+
+def plan_of(name):
+    d = load_deployment(profiles_dir() / "deployments" / f"{name}.yaml")
+    gpus, offline = plan_gpus(d.gpus)
+    return make_plan(d, gpus, model_costs(d, gpus[0].total_bytes), offline=offline)
+
+
+@pytest.fixture(scope="module")
+def phased():
+    return plan_of("rag-16gb-phased")
+
+
+@pytest.fixture(scope="module")
+def flat(phased):
+    from dataclasses import replace
+
+    dep = phased.deployment
+    models = tuple(replace(m, phase=None) for m in dep.models if m.name != "embedder")
+    d = replace(dep, name="pair", models=models, phases=(), gpus=GpuSpec(count=1, memory_bytes=24 * GIB))
+    gpus, _ = plan_gpus(d.gpus)
+    plan = make_plan(d, gpus, model_costs(d, gpus[0].total_bytes))
+    assert plan.fits, plan.problems
+    return plan
+
+
+def only(files):
+    (text,) = files.values()
+    return text
+
+
+@pytest.mark.parametrize("fixture", ["flat", "phased"])
+def test_shell_script_is_valid_bash_and_starts_in_plan_order(fixture, request):
+    plan = request.getfixturevalue(fixture)
+    text = only(emit(plan, "shell"))
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+    first = plan.start_order()[0]
+    assert f"--kv-cache-memory-bytes {first.kv_bytes}" in text
+    assert "wait_healthy" in text and "/health" in text
+    assert "# GPU 0" in text  # the memory table rides along as comments
+    if plan.deployment.phases:
+        assert "phase_rerank()" in text and "sleep 5" in text
+
+
+def test_compose_services_start_after_the_previous_is_healthy(flat):
+    doc = yaml.safe_load(only(emit(flat, "compose")))
+    names = [i.name for i in flat.start_order()]
+    assert list(doc["services"]) == names
+    second = doc["services"][names[1]]
+    assert second["depends_on"] == {names[0]: {"condition": "service_healthy"}}
+    device = second["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["device_ids"] == ["0"] and device["capabilities"] == ["gpu"]
+    assert "--kv-cache-memory-bytes" in second["command"]
+    assert "/health" in " ".join(second["healthcheck"]["test"])
+
+
+def test_compose_phases_are_profiles(phased):
+    doc = yaml.safe_load(only(emit(phased, "compose")))
+    assert doc["services"]["reranker"]["profiles"] == ["rerank"]
+
+
+def test_systemd_units_parse_and_chain(flat):
+    files = emit(flat, "systemd")
+    first, second = (f"vllm-pair-{i.name}.service" for i in flat.start_order())
+    for name, text in files.items():
+        parser = configparser.ConfigParser(strict=True, interpolation=None)
+        parser.read_string(text)
+        if name.endswith(".service"):
+            assert {"Unit", "Service", "Install"} <= set(parser.sections())
+            assert parser["Service"]["ExecStart"].startswith("/usr/local/bin/vllm serve ")
+            assert "CUDA_VISIBLE_DEVICES=0" in parser["Service"]["Environment"]
+    unit = configparser.ConfigParser(interpolation=None)
+    unit.read_string(files[second])
+    assert first in unit["Unit"]["After"] and unit["Unit"]["Requires"] == first
+    assert "pair.target" in files
+
+
+def test_kubernetes_deployment_has_health_probes_and_gpu_limits(flat):
+    docs = list(yaml.safe_load_all(only(emit(flat, "kubernetes"))))
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["Deployment", "Service"] * 2
+    dep = docs[2]
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert dep["spec"]["template"]["spec"]["initContainers"][0]["name"] == "wait-for-previous"
+    assert docs[3]["spec"]["ports"][0]["port"] == flat.start_order()[1].port
+
+
+def test_helm_values_for_the_production_stack(flat):
+    values = yaml.safe_load(only(emit(flat, "helm", image="vllm/vllm-openai:v0.33.0")))
+    specs = values["servingEngineSpec"]["modelSpec"]
+    assert [s["name"] for s in specs] == [i.name for i in flat.start_order()]
+    first = flat.start_order()[0]
+    assert specs[0]["repository"] == "vllm/vllm-openai" and specs[0]["tag"] == "v0.33.0"
+    assert specs[0]["vllmConfig"]["maxModelLen"] == first.max_model_len
+    assert specs[0]["vllmConfig"]["gpuMemoryUtilization"] == first.gpu_memory_utilization
+    assert str(first.kv_bytes) in specs[0]["vllmConfig"]["extraArgs"]
+
+
+def test_routers_route_by_model_name(flat):
+    config = yaml.safe_load(only(emit(flat, "litellm")))
+    entries = {e["model_name"]: e["litellm_params"] for e in config["model_list"]}
+    inst = flat.start_order()[0]
+    assert entries[inst.name]["api_base"] == f"http://127.0.0.1:{inst.port}/v1"
+    assert entries[inst.name]["model"] == f"hosted_vllm/{inst.entry.model}"
+    script = only(emit(flat, "router"))
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    assert "--service-discovery static" in script and f"http://127.0.0.1:{inst.port}" in script
+
+
+def test_ray_variant_uses_the_ray_executor(flat):
+    text = only(emit(flat, "ray"))
+    assert "--distributed-executor-backend ray" in text and "ray start --head" in text
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_every_format_carries_the_memory_numbers(flat):
+    for fmt in FORMATS:
+        text = "".join(emit(flat, fmt).values())
+        assert "headroom" in text, fmt
