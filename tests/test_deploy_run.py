@@ -1,0 +1,263 @@
+"""up / status / down against tiny real child processes standing in for vLLM, and a fake NVML that
+counts what those processes claim. Every process started here is stopped before the test ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from vllm_tuner.deploy.plan import GIB, GpuInfo, ModelCost, make_plan
+from vllm_tuner.deploy.run import Runner, Settings, alert_level, kv_usage_from_metrics, spawn_detached
+from vllm_tuner.deploy.spec import parse_deployment
+from vllm_tuner.deploy.state import load_state, state_path
+from vllm_tuner.errors import DeployError
+from vllm_tuner.nvml import GpuMemory, GpuProcess
+
+FAKE_VLLM = r"""
+import http.server, os, signal, sys, time
+argv = sys.argv[1:]
+port = int(argv[argv.index("--port") + 1])
+kv = int(argv[argv.index("--kv-cache-memory-bytes") + 1])
+gpu = os.environ["CUDA_VISIBLE_DEVICES"].split(",")[0]
+claim = os.path.join(os.environ["FAKE_GPU_DIR"], str(os.getpid()))
+print("started", time.time(), flush=True)
+if str(port) in os.environ.get("FAKE_DIE_ON", "").split(","):
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
+    sys.exit(1)
+with open(claim, "w") as f:
+    f.write(f"{gpu} {kv + 2 * 2**30}")
+ready_at = time.time() + float(os.environ.get("FAKE_BOOT_S", "0.3"))
+def bye(*_):
+    os.unlink(claim)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def _send(self, code, body=b""):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        if self.path == "/health":
+            ready = time.time() >= ready_at
+            if ready and not getattr(H, "said", False):
+                H.said = True
+                print("ready", time.time(), flush=True)
+            self._send(200 if ready else 503)
+        elif self.path == "/metrics":
+            self._send(200, b'vllm:kv_cache_usage_perc{model_name="m",engine="0"} 0.25\n')
+        else:
+            self._send(404)
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(200, b'{"choices": [{"text": "hello"}]}')
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+TOTAL = 24 * GIB
+
+
+class FakeNvml:
+    """Used memory = baseline + what every live fake vLLM wrote into ``claims``."""
+
+    def __init__(self, claims: Path, baseline: int = GIB) -> None:
+        self.claims, self.baseline = claims, baseline
+
+    def _claims(self) -> list[tuple[int, int, int]]:
+        out = []
+        for f in self.claims.iterdir():
+            pid = int(f.name)
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+                gpu, used = f.read_text().split()
+            except (OSError, ValueError):
+                continue
+            if state not in ("Z", "X"):
+                out.append((pid, int(gpu), int(used)))
+        return out
+
+    def memory(self, index: int) -> GpuMemory:
+        used = self.baseline + sum(u for _p, g, u in self._claims() if g == index)
+        return GpuMemory(index, TOTAL, used, TOTAL - used)
+
+    def processes(self, index: int) -> list[GpuProcess]:
+        return [GpuProcess(p, u) for p, g, u in self._claims() if g == index]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_TUNE_HOME", str(tmp_path / "home"))
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_VLLM)
+    spawned: list[int] = []
+
+    def spawn(argv, env_, log_path):
+        pid = spawn_detached(argv, env_, log_path)
+        spawned.append(pid)
+        return pid
+
+    extra = {"FAKE_GPU_DIR": str(claims)}
+    settings = Settings(
+        vllm_cmd=f"{sys.executable} {script}",
+        env=extra,
+        ready_timeout_s=15,
+        poll_s=0.05,
+        settle_timeout_s=5,
+        release_timeout_s=5,
+        stop_grace_s=5,
+    )
+    nvml = FakeNvml(claims)
+    with httpx.Client() as http:
+        runner = Runner(nvml=nvml, http=http, spawn=spawn, settings=settings)
+        yield runner, nvml, extra
+    for pid in spawned:  # never leave a process behind, whatever the test did
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plan_for(names, *, total=TOTAL, phases=None, cooldown=0):
+    models = [
+        {
+            "name": n,
+            "model": f"org/{n}",
+            "port": free_port(),
+            "phase": (phases or {}).get(n),
+            "needs": {"min_context": 4096, "min_seqs": 2, "objective": "fixed"},
+        }
+        for n in names
+    ]
+    d = parse_deployment({"name": "pair", "gpus": {"count": 1}, "cooldown": cooldown, "models": models})
+    cost = ModelCost(
+        int(1.5 * GIB), 0, 131072, 32768
+    )  # footprint = 0.5 context + 1.5 + KV = what the fake claims
+    return make_plan(d, [GpuInfo(0, "fake", total, used_bytes=GIB)], dict.fromkeys(names, cost))
+
+
+def log_times(path: str) -> dict[str, float]:
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        word, _, value = line.partition(" ")
+        if word in ("started", "ready"):
+            out[word] = float(value)
+    return out
+
+
+@pytest.mark.parametrize("names", [["coder", "general"], ["embed", "rerank", "gen"]])
+def test_up_starts_in_order_status_is_healthy_and_down_restores_the_gpu(env, names):
+    runner, nvml, _ = env
+    plan = plan_for(names)
+    assert plan.fits
+    report = runner.up(plan)
+    assert report.started == [i.name for i in plan.start_order()]
+    assert set(report.verified) == set(names)
+    state = load_state("pair")
+    assert [i.name for i in state.instances] == report.started
+    times = [log_times(i.log_path) for i in state.instances]
+    for before, after in zip(times, times[1:], strict=False):
+        assert after["started"] >= before["ready"]  # each starts only once the one before is healthy
+
+    status = runner.status(state)
+    assert status.healthy
+    assert all(i.kv_usage == 0.25 for i in status.instances)
+    planned = {i.name: i.footprint_bytes for i in plan.instances}
+    for inst in status.instances:  # NVML per-process usage of each instance's own session
+        assert inst.used_bytes[0] == planned[inst.name]
+    assert "healthy" in status.render()
+
+    outcome = runner.stop_all(state)
+    assert outcome["_released"] == "released"
+    assert nvml.memory(0).used == nvml.baseline  # back to what it was before up
+
+
+def test_an_instance_that_dies_is_reported_by_status(env):
+    runner, _, _ = env
+    runner.settings.verify = False
+    report = runner.up(plan_for(["coder", "general"]))
+    victim = report.state.instances[1]
+    os.killpg(victim.pgid, signal.SIGKILL)
+    os.waitpid(victim.pid, 0)
+    status = runner.status(report.state)
+    assert not status.healthy
+    assert {i.name: i.state for i in status.instances} == {"coder": "healthy", "general": "dead"}
+    assert runner.stop_all(report.state)["general"] == "already gone"
+
+
+def test_down_never_signals_a_process_whose_identity_changed(env):
+    runner, _, _ = env
+    runner.settings.verify = False
+    report = runner.up(plan_for(["coder"]))
+    inst = report.state.instances[0]
+    real_start = inst.proc_start
+    inst.proc_start = "1"  # as if the pid had been recycled by another program
+    assert runner.stop_all(report.state)["coder"] == "already gone"
+    assert Path(f"/proc/{inst.pid}").exists()
+    inst.proc_start = real_start
+    assert runner.stop_all(report.state)["coder"] == "stopped"
+
+
+def test_a_failing_start_is_diagnosed_and_rolls_back(env, monkeypatch):
+    runner, nvml, extra = env
+    plan = plan_for(["coder", "general"])
+    extra["FAKE_DIE_ON"] = str(plan.instance("general").port)
+    with pytest.raises(DeployError, match="general exited while starting"):
+        runner.up(plan)
+    assert not state_path("pair").exists()
+    deadline = time.monotonic() + 5
+    while nvml.memory(0).used != nvml.baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert nvml.memory(0).used == nvml.baseline  # the healthy first one was stopped too
+
+
+def test_up_refuses_when_the_card_is_busier_than_planned(env):
+    runner, nvml, _ = env
+    plan = plan_for(["coder", "general"])
+    nvml.baseline = 22 * GIB  # someone else took the card after planning
+    with pytest.raises(DeployError, match="GiB free before starting coder"):
+        runner.up(plan)
+    assert not state_path("pair").exists()
+
+
+def test_phases_switch_with_cooldown_and_report_the_switch_time(env):
+    runner, nvml, _ = env
+    runner.settings.verify = False
+    plan = plan_for(["embed", "gen"], phases={"embed": "embed", "gen": "generate"}, cooldown=0.1)
+    report = runner.up(plan)
+    assert [i.name for i in report.state.instances] == ["embed"]
+    switched = runner.switch_phase(plan, report.state, "generate")
+    assert switched.started == ["gen"] and switched.switch_s >= 0.1
+    assert [i.name for i in switched.state.instances] == ["gen"]
+    assert [p.pid for p in nvml.processes(0)] == [switched.state.instances[0].pid]
+    runner.stop_all(switched.state)
+
+
+def test_alert_levels_and_metrics_parsing():
+    assert [alert_level(x) for x in (0.5, 0.8, 0.91, 0.97)] == ["", "warning", "major", "critical"]
+    assert kv_usage_from_metrics('vllm:kv_cache_usage_perc{engine="0"} 0.5\nother 1\n') == 0.5
+    assert kv_usage_from_metrics("nothing here") is None
