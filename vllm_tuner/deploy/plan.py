@@ -285,7 +285,7 @@ def _pack(
     label: str,
 ) -> dict[int, int]:
     ordered = sorted(members, key=lambda m: (m.gpus is None, -_need(m, costs[m.name]) * m.world_size, m.name))
-    for entry in ordered:
+    for position, entry in enumerate(ordered):
         cost = costs[entry.name]
         context = min_context_of(entry, cost)
         if cost.max_context and context > cost.max_context:
@@ -299,7 +299,10 @@ def _pack(
         need = _need(entry, cost)
         group = _first_fit(entry, need, gpus, load, capacity)
         if group is None:
-            _refuse(entry, cost, need, gpus, load, capacity, packing, deployment, label)
+            # on a single GPU group, the models still to be placed share the same room
+            single = len(gpus) == entry.world_size
+            later = sum(_need(m, costs[m.name]) for m in ordered[position + 1 :]) if single else 0
+            _refuse(entry, cost, need, gpus, load, capacity, packing, deployment, label, later)
             continue
         for g in group:
             load[g] += need
@@ -349,6 +352,7 @@ def _refuse(
     packing: _Packing,
     deployment: Deployment,
     label: str,
+    later: int = 0,
 ) -> None:
     context = min_context_of(entry, cost)
     room, group = _best_room(entry, gpus, load, capacity)
@@ -361,7 +365,7 @@ def _refuse(
         f"tokens) but {where} has only {_gib(max(room, 0))} GiB left after the models placed before it and "
         f"{_gib(deployment.headroom_bytes)} GiB headroom"
     )
-    packing.suggestions += _what_would_fit(entry, cost, context, room)
+    packing.suggestions += _what_would_fit(entry, cost, context, room - later)
 
 
 def _what_would_fit(entry: ModelEntry, cost: ModelCost, context: int, room: int) -> list[str]:
