@@ -121,7 +121,7 @@ def test_routers_route_by_model_name(flat):
     entries = {e["model_name"]: e["litellm_params"] for e in config["model_list"]}
     inst = flat.start_order()[0]
     assert entries[inst.name]["api_base"] == f"http://127.0.0.1:{inst.port}/v1"
-    assert entries[inst.name]["model"] == f"hosted_vllm/{inst.entry.model}"
+    assert entries[inst.name]["model"] == f"hosted_vllm/{inst.public_name}"
     script = only(emit(flat, "router"))
     if shutil.which("bash"):
         subprocess.run(["bash", "-n"], input=script, text=True, check=True)

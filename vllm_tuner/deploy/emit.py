@@ -472,7 +472,7 @@ def emit_litellm(plan: Plan, *, host: str = "127.0.0.1") -> dict[str, str]:
         {
             "model_name": inst.name,
             "litellm_params": {
-                "model": f"hosted_vllm/{inst.entry.public_name}",
+                "model": f"hosted_vllm/{inst.public_name}",
                 "api_base": f"http://{host}:{inst.port}/v1",
             },
             "model_info": {"max_input_tokens": inst.max_model_len},
@@ -506,7 +506,7 @@ def emit_router(plan: Plan, *, host: str = "127.0.0.1", port: int = 8000) -> dic
         "--static-backends",
         ",".join(f"http://{host}:{i.port}" for i in insts),
         "--static-models",
-        ",".join(i.entry.public_name for i in insts),
+        ",".join(i.public_name for i in insts),
         "--static-model-types",
         ",".join(_model_type(i) for i in insts),
         "--routing-logic",

@@ -87,6 +87,11 @@ class Instance:
         return self.entry.port
 
     @property
+    def public_name(self) -> str:
+        """The name clients send as ``"model"``: ``served_model_name``, else what vLLM serves."""
+        return self.entry.served_model_name or self.cost.serve_name or self.entry.model
+
+    @property
     def footprint_bytes(self) -> int:
         """Bytes this instance holds on each of its GPUs once ready."""
         return self.cost.fixed_bytes + self.kv_bytes

@@ -168,7 +168,7 @@ class Runner:
             proc_start=proc_start_time(pid) or "",
             started_at=self.wall_clock(),
             phase=inst.phase,
-            model=inst.entry.public_name,
+            model=inst.public_name,
             kv_bytes=inst.kv_bytes,
             footprint_bytes=inst.footprint_bytes,
             gpu_memory_utilization=util,
