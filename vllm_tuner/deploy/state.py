@@ -128,7 +128,9 @@ def is_ours(inst: InstanceState) -> bool:
     if proc_start_time(inst.pid) != inst.proc_start:
         return False
     cmdline = proc_cmdline(inst.pid)
-    return str(inst.port) in cmdline and inst.argv[-1] in cmdline
+    # pid + kernel start time already identify one process; the command line (empty for an instant
+    # while the kernel is still exec-ing it) guards against a state file edited by hand
+    return not cmdline or str(inst.port) in cmdline
 
 
 def is_alive(inst: InstanceState) -> bool:
