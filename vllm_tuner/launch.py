@@ -1,0 +1,511 @@
+"""Launching vLLM: launchers (local command, docker), what the installed vLLM accepts, and
+:class:`ServerProcess`, one server in its own process group with its log captured and parsed live.
+
+Every server runs under ``vllm_tuner._reaper`` so it dies with the tuner, even if the tuner is killed.
+The tuner only ever signals process groups it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from .errors import GpuError, LaunchError, VllmError
+from .paths import data_dir
+from .serveconfig import ServeConfig
+
+GIB = 1 << 30
+HOST = "127.0.0.1"
+RELEASE_TOLERANCE_BYTES = 256 << 20
+
+
+# -- launchers ----------------------------------------------------------------------------------
+class Launcher(Protocol):
+    def command(
+        self, serve_args: Sequence[str], *, port: int, gpu_ids: Sequence[int], name: str
+    ) -> list[str]: ...
+
+    def env(self, gpu_ids: Sequence[int]) -> dict[str, str]: ...
+
+    def tool_argv(self, args: Sequence[str]) -> list[str]: ...
+
+    def check(self) -> None: ...
+
+    def cleanup(self, name: str) -> None: ...
+
+    @property
+    def key(self) -> str: ...
+
+
+class LocalLauncher:
+    """Runs the vLLM CLI on this machine (``vllm``, ``uv run vllm``, ``/opt/venv/bin/vllm``)."""
+
+    def __init__(self, vllm_cmd: str = "vllm") -> None:
+        self.words = shlex.split(vllm_cmd)
+        if not self.words:
+            raise VllmError("--vllm-cmd is empty", "pass the vLLM command, e.g. --vllm-cmd vllm")
+
+    @property
+    def key(self) -> str:
+        return shlex.join(self.words)
+
+    def check(self) -> None:
+        if shutil.which(self.words[0]) is None:
+            raise VllmError(
+                f"vLLM command {self.words[0]!r} not found",
+                "install vllm (pip install 'vllm-tune[vllm]'), pass --vllm-cmd, or try --simulate rtx-5090",
+            )
+
+    def command(self, serve_args, *, port, gpu_ids, name):
+        return [*self.words, *serve_args, "--host", HOST, "--port", str(port)]
+
+    def env(self, gpu_ids):
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids)}
+
+    def tool_argv(self, args):
+        return [*self.words, *args]
+
+    def cleanup(self, name: str) -> None:
+        pass
+
+
+class DockerLauncher:
+    """Runs the vllm/vllm-openai image: GPUs by id, --ipc=host, the HF cache mounted, port on loopback."""
+
+    def __init__(
+        self, image: str, *, hf_cache: Path | None = None, extra_docker_args: Sequence[str] = ()
+    ) -> None:
+        self.image = image
+        self.hf_cache = hf_cache
+        self.extra = list(extra_docker_args)
+
+    @property
+    def key(self) -> str:
+        return f"docker:{self.image}"
+
+    def check(self) -> None:
+        if shutil.which("docker") is None:
+            raise VllmError("docker not found", "install docker, or run vLLM locally with --vllm-cmd")
+
+    def command(self, serve_args, *, port, gpu_ids, name):
+        devices = ",".join(str(i) for i in gpu_ids)
+        argv = [
+            "docker",
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--gpus",
+            f'"device={devices}"',
+            "--ipc=host",
+            "-p",
+            f"{HOST}:{port}:{port}",
+            "-e",
+            "PYTORCH_CUDA_ALLOC_CONF",
+        ]
+        if self.hf_cache:
+            argv += ["-v", f"{self.hf_cache}:/root/.cache/huggingface/hub"]
+        # the image's entrypoint is `vllm serve`: pass the model and flags after it
+        argv += [*self.extra, self.image, *serve_args[1:], "--host", "0.0.0.0", "--port", str(port)]
+        return argv
+
+    def env(self, gpu_ids):
+        return {}
+
+    def tool_argv(self, args):
+        return ["docker", "run", "--rm", "--entrypoint", "vllm", self.image, *args]
+
+    def cleanup(self, name: str) -> None:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+
+
+# -- what the installed vLLM accepts ---------------------------------------------------------------
+@dataclass(frozen=True)
+class VllmInfo:
+    version: str
+    flags: frozenset[str]
+
+    def accepts(self, flag: str) -> bool:
+        return flag.split("=", 1)[0] in self.flags
+
+    def filter_args(self, serve_args: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Drop flags this vLLM does not accept (with their value); returns (kept, dropped)."""
+        kept, dropped = [], []
+        args = list(serve_args)
+        i = 0
+        while i < len(args):
+            word = args[i]
+            if word.startswith("--") and not self.accepts(word):
+                dropped.append(word)
+                if "=" not in word and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                    dropped.append(args[i + 1])
+                    i += 1
+            else:
+                kept.append(word)
+            i += 1
+        return kept, dropped
+
+
+_FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
+_VERSION = re.compile(r"(\d+\.\d+(?:\.\d+)?(?:[.+\w-]*)?)")
+
+
+def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s: float = 120.0) -> VllmInfo:
+    """``vllm --version`` and the flags of ``vllm serve --help``, cached per command and executable."""
+    launcher.check()
+    cache = (cache_dir or data_dir()) / "vllm-info.json"
+    key = f"{launcher.key}|{_executable_stamp(launcher)}"
+    cached = _read_json(cache).get(key)
+    if cached:
+        return VllmInfo(cached["version"], frozenset(cached["flags"]))
+    version_out = _run_tool(launcher, ["--version"], timeout_s)
+    match = _VERSION.search(version_out)
+    if not match:
+        raise VllmError(
+            f"could not read a version from `{launcher.key} --version`: {version_out.strip()[:120]!r}",
+            "check that --vllm-cmd runs vLLM",
+        )
+    help_out = _run_tool(launcher, ["serve", "--help=all"], timeout_s, ok_codes=(0, 1, 2))
+    if "--max-model-len" not in help_out:
+        help_out += _run_tool(launcher, ["serve", "--help"], timeout_s)
+    info = VllmInfo(match.group(1), frozenset(_FLAG.findall(help_out)))
+    data = _read_json(cache)
+    data[key] = {"version": info.version, "flags": sorted(info.flags)}
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(data))
+    return info
+
+
+def _executable_stamp(launcher: Launcher) -> str:
+    words = getattr(launcher, "words", None)
+    if not words:
+        return ""
+    path = shutil.which(words[0])
+    try:
+        return f"{path}:{os.stat(path).st_mtime_ns}" if path else ""
+    except OSError:
+        return ""
+
+
+def _run_tool(launcher: Launcher, args: list[str], timeout_s: float, ok_codes=(0,)) -> str:
+    argv = launcher.tool_argv(args)
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+        )
+    except FileNotFoundError as exc:
+        raise VllmError(f"vLLM command {argv[0]!r} not found", "install vllm or pass --vllm-cmd") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise VllmError(
+            f"`{shlex.join(argv)}` did not answer in {timeout_s:.0f}s", "check the vLLM install"
+        ) from exc
+    if done.returncode not in ok_codes:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+        raise VllmError(
+            f"`{shlex.join(argv)}` failed (exit {done.returncode}): {tail[0][:160]}",
+            "check that --vllm-cmd runs a working vLLM",
+        )
+    return done.stdout + done.stderr
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# -- ports --------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError as exc:
+            raise LaunchError(
+                f"port {port} on {HOST} is already in use", "choose another --port or stop what holds it"
+            ) from exc
+
+
+# -- one server ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    elapsed_s: float
+    diagnosis: object | None = None  # logparse.Diagnosis when not ready
+
+
+ProgressFn = Callable[[str, float, "dict[int, int] | None"], None]
+
+
+class ServerProcess:
+    """One ``vllm serve`` in its own process group. Use as a context manager: leaving it always stops
+    the server and waits until NVML shows the GPUs back at their pre-launch usage."""
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        config: ServeConfig,
+        *,
+        gpu_ids: Sequence[int],
+        log_path: Path,
+        watcher,
+        nvml=None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        grace_s: float = 10.0,
+        release_timeout_s: float = 120.0,
+    ) -> None:
+        self.launcher = launcher
+        self.config = config
+        self.gpu_ids = list(gpu_ids)
+        self.log_path = Path(log_path)
+        self.watcher = watcher
+        self.nvml = nvml
+        self.port = port
+        self.extra_env = dict(env or {})
+        self.clock = clock
+        self.grace_s = grace_s
+        self.release_timeout_s = release_timeout_s
+        self.name = f"vllm-tune-{os.getpid()}-{config.key()[:8]}"
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._changed = threading.Event()
+        self._lock = threading.Lock()
+        self._last_line_at = 0.0
+        self._baseline: dict[int, int] = {}
+        self._stopped = False
+
+    # properties the callers read
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def pgid(self) -> int | None:
+        return self._proc.pid if self._proc else None  # the reaper leads its own session and group
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    @property
+    def served_model_name(self) -> str:
+        args = list(self.config.extra_args)
+        if "--served-model-name" in args:
+            i = args.index("--served-model-name")
+            if i + 1 < len(args):
+                return args[i + 1]
+        return self.config.model
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("ServerProcess already started")
+        self.launcher.check()
+        if self.port is None:
+            self.port = free_port()
+        else:
+            check_port_free(self.port)
+        self._baseline = self._used_memory() or {}
+        env = dict(os.environ)
+        env.update(self.launcher.env(self.gpu_ids))
+        if not _uses_kv_connector(self.config):
+            env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        env.update(self.extra_env)
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm_tuner._reaper",
+            str(os.getpid()),
+            "--",
+            *self.launcher.command(
+                self.config.serve_args(), port=self.port, gpu_ids=self.gpu_ids, name=self.name
+            ),
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("w", encoding="utf-8")
+        log.write(f"# {shlex.join(argv[5:])}\n")
+        log.flush()
+        self._last_line_at = self.clock()
+        self._proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
+        self._reader = threading.Thread(target=self._read, args=(log,), name="vllm-log", daemon=True)
+        self._reader.start()
+
+    def _read(self, log) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        try:
+            for line in self._proc.stdout:
+                log.write(line)
+                log.flush()
+                with self._lock:
+                    self._last_line_at = self.clock()
+                    events = self.watcher.feed(line.rstrip("\n"))
+                if any(e.kind in ("fatal", "ready") for e in events):
+                    self._changed.set()
+        finally:
+            log.close()
+            self._changed.set()
+
+    def wait_ready(
+        self, *, timeout_s: float, stall_s: float, on_progress: ProgressFn | None = None, poll_s: float = 0.5
+    ) -> Readiness:
+        """Until ``/health`` answers 200 (ready), a fatal log line or exit (failed), a stall or the timeout."""
+        assert self._proc is not None, "start() first"
+        start = self.clock()
+        next_health = next_progress = start
+        with httpx.Client(timeout=httpx.Timeout(2.0)) as client:
+            while True:
+                now = self.clock()
+                elapsed = now - start
+                if self.watcher.fatal_category is not None:
+                    return self._failed(start, self._settle_after_fatal())
+                code = self._proc.poll()
+                if code is not None:
+                    self._join_reader(2.0)
+                    return self._failed(start, code)
+                if (self.watcher.ready or now >= next_health) and _healthy(client, self.base_url):
+                    return Readiness(True, self.clock() - start)
+                if now >= next_health:
+                    next_health = now + poll_s
+                with self._lock:
+                    silent = now - self._last_line_at
+                if silent > stall_s or elapsed > timeout_s:
+                    self.stop(wait_release=False)
+                    diag = self.watcher.finalize(exit_code=None, timed_out=True)
+                    return Readiness(False, self.clock() - start, diag)
+                if on_progress and now >= next_progress:
+                    on_progress(self.watcher.progress_phase, elapsed, self._used_memory())
+                    next_progress = now + 1.0
+                self._changed.wait(0.1)
+                self._changed.clear()
+
+    def _settle_after_fatal(self) -> int | None:
+        """After the first fatal line, give vLLM a moment to print the root cause and exit."""
+        deadline = self.clock() + 2.0
+        while self.clock() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                self._join_reader(1.0)
+                return code
+            with self._lock:
+                if self.clock() - self._last_line_at > 0.3:
+                    break
+            time.sleep(0.02)
+        return self._proc.poll()
+
+    def _failed(self, start: float, exit_code: int | None) -> Readiness:
+        with self._lock:
+            diag = self.watcher.finalize(exit_code=exit_code, timed_out=False)
+        return Readiness(False, self.clock() - start, diag)
+
+    def _join_reader(self, timeout: float) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+    def stop(self, *, wait_release: bool = True) -> None:
+        """SIGTERM to the group, a grace period, SIGKILL, reap; then wait for the GPU memory to return."""
+        proc = self._proc
+        if proc is None:
+            return
+        if not self._stopped:
+            self._stopped = True
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.grace_s)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            _signal_group(proc.pid, signal.SIGKILL)  # stragglers that left the reaper behind
+            self.launcher.cleanup(self.name)
+            self._join_reader(5.0)
+        if wait_release:
+            self.wait_released()
+
+    def wait_released(self) -> None:
+        if self.nvml is None or not self._baseline:
+            return
+        deadline = self.clock() + self.release_timeout_s
+        while True:
+            used = self._used_memory() or {}
+            held = {i: b - self._baseline.get(i, 0) for i, b in used.items()}
+            if all(extra <= RELEASE_TOLERANCE_BYTES for extra in held.values()):
+                return
+            if self.clock() > deadline:
+                worst = max(held, key=held.get)
+                raise GpuError(
+                    f"GPU {worst} still holds {held[worst] / GIB:.2f} GiB more than before the trial "
+                    f"{self.release_timeout_s:.0f}s after vLLM stopped",
+                    "check nvidia-smi for a process that is not vllm-tune's and stop it",
+                )
+            time.sleep(0.1)
+
+    def _used_memory(self) -> dict[int, int] | None:
+        if self.nvml is None:
+            return None
+        try:
+            return {i: self.nvml.memory(i).used for i in self.gpu_ids}
+        except GpuError:
+            return None
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _healthy(client: httpx.Client, base_url: str) -> bool:
+    try:
+        return client.get(f"{base_url}/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _uses_kv_connector(config: ServeConfig) -> bool:
+    return bool(config.kv_offloading_size) or any(
+        a.startswith("--kv-transfer-config") for a in config.extra_args
+    )

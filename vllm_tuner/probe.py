@@ -1,0 +1,231 @@
+"""HTTP probes of a running vLLM: ``/metrics`` parsing and the worst-case load probe.
+
+The load probe sends ``concurrency`` streamed ``/v1/completions`` whose prompts are token-id lists (no
+tokenizer needed) long enough to fill ``max_model_len``, while sampling NVML per GPU and ``/metrics``.
+It is bounded in requests and time and stops as soon as the server dies.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from .errors import GpuError
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → ``{name: value}`` summed over label sets (histogram buckets skipped);
+    ``num_gpu_blocks`` is read from ``vllm:cache_config_info``'s labels."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
+        if name.endswith("_bucket"):
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if name == "vllm:cache_config_info":
+            for key, val in _LABEL.findall(labels):
+                if key == "num_gpu_blocks" and val.isdigit():
+                    out["num_gpu_blocks"] = float(val)
+            continue
+        out[name] = out.get(name, 0.0) + number
+    return out
+
+
+@dataclass
+class LoadReport:
+    ok: bool = False
+    requests: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    server_died: bool = False
+    peak_used_bytes: dict[int, int] = field(default_factory=dict)
+    headroom_bytes: dict[int, int] = field(default_factory=dict)
+    max_kv_usage: float = 0.0
+    preemptions: int = 0
+    max_waiting: int = 0
+    latency_p50_s: float | None = None
+    latency_p99_s: float | None = None
+    ttft_p50_s: float | None = None
+    duration_s: float = 0.0
+    first_error: str = ""
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.first_error = ""
+        self.requests = 0
+
+    def error(self, kind: str, detail: str) -> None:
+        with self.lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+            self.first_error = self.first_error or detail[:300]
+
+
+def run_load_probe(
+    base_url: str,
+    *,
+    model: str,
+    concurrency: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    duration_s: float | None,
+    nvml,
+    gpu_ids: Sequence[int],
+    is_alive: Callable[[], bool],
+    client: httpx.Client | None = None,
+    api_key: str | None = None,
+    sample_interval_s: float = 0.25,
+    clock: Callable[[], float] = time.monotonic,
+    vocab_size: int = 32000,
+    request_timeout_s: float = 600.0,
+    seed: int = 0,
+) -> LoadReport:
+    """Drive the worst case the config promises and report memory, errors and latency."""
+    own_client = client is None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = client or httpx.Client(
+        timeout=httpx.Timeout(request_timeout_s, connect=5.0),
+        limits=httpx.Limits(max_connections=concurrency + 4),
+    )
+    tally = _Tally()
+    stop = threading.Event()
+    start = clock()
+    deadline = start + duration_s if duration_s else None
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randrange(100, max(101, vocab_size - 100)) for _ in range(prompt_tokens)]
+        for _ in range(min(concurrency, 4))
+    ]
+    report = LoadReport()
+
+    def worker(index: int) -> None:
+        first = True
+        while not stop.is_set() and (first or (deadline is not None and clock() < deadline)):
+            first = False
+            body = {
+                "model": model,
+                "prompt": prompts[index % len(prompts)],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "temperature": 0.0,
+                "ignore_eos": True,
+            }
+            _one_request(client, f"{base_url}/v1/completions", body, headers, tally, clock)
+            if not is_alive():
+                stop.set()
+
+    def sampler() -> None:
+        while not stop.is_set():
+            _sample(report, nvml, gpu_ids, client, base_url)
+            if not is_alive():
+                report.server_died = True
+                stop.set()
+                return
+            stop.wait(sample_interval_s)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    watch = threading.Thread(target=sampler, daemon=True)
+    try:
+        watch.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+                if not is_alive():
+                    report.server_died = True
+                    stop.set()
+        _sample(report, nvml, gpu_ids, client, base_url)
+    finally:
+        stop.set()
+        watch.join(5.0)
+        if own_client:
+            client.close()
+    if not is_alive():
+        report.server_died = True
+    report.requests = tally.requests
+    report.errors = dict(tally.errors)
+    report.first_error = tally.first_error
+    if tally.latencies:
+        report.latency_p50_s = statistics.median(tally.latencies)
+        report.latency_p99_s = _percentile(tally.latencies, 0.99)
+    if tally.ttfts:
+        report.ttft_p50_s = statistics.median(tally.ttfts)
+    report.duration_s = clock() - start
+    report.ok = not report.server_died and not report.errors
+    return report
+
+
+def _one_request(client: httpx.Client, url: str, body: dict, headers: dict, tally: _Tally, clock) -> None:
+    began = clock()
+    first_token: float | None = None
+    try:
+        with client.stream("POST", url, json=body, headers=headers) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                kind = "http_5xx" if resp.status_code >= 500 else "http_4xx"
+                tally.error(kind, f"{resp.status_code}: {resp.text[:200]}")
+                return
+            for line in resp.iter_lines():
+                if line.startswith("data:") and first_token is None and "[DONE]" not in line:
+                    first_token = clock()
+    except httpx.TimeoutException as exc:
+        tally.error("timeout", repr(exc))
+        return
+    except httpx.HTTPError as exc:
+        tally.error("connection", repr(exc))
+        return
+    with tally.lock:
+        tally.requests += 1
+        tally.latencies.append(clock() - began)
+        if first_token is not None:
+            tally.ttfts.append(first_token - began)
+
+
+def _sample(report: LoadReport, nvml, gpu_ids: Sequence[int], client: httpx.Client, base_url: str) -> None:
+    if nvml is not None:
+        for i in gpu_ids:
+            try:
+                mem = nvml.memory(i)
+            except GpuError:
+                continue
+            if mem.used > report.peak_used_bytes.get(i, -1):
+                report.peak_used_bytes[i] = mem.used
+                report.headroom_bytes[i] = mem.total - mem.used
+    try:
+        resp = client.get(f"{base_url}/metrics", timeout=2.0)
+    except httpx.HTTPError:
+        return
+    if resp.status_code != 200:
+        return
+    metrics = parse_metrics(resp.text)
+    report.max_kv_usage = max(report.max_kv_usage, metrics.get("vllm:kv_cache_usage_perc", 0.0))
+    report.preemptions = max(report.preemptions, int(metrics.get("vllm:num_preemptions_total", 0)))
+    report.max_waiting = max(report.max_waiting, int(metrics.get("vllm:num_requests_waiting", 0)))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    return ordered[k]
