@@ -423,7 +423,7 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
         util_words = f"{cfg.gpu_memory_utilization:.2f}"
         failed = sorted(
             {
-                (t.config.gpu_memory_utilization or 0, t.category)
+                (t.config.gpu_memory_utilization or 0, t.probe_failure or t.category.replace("_", " "))
                 for t in result.trials
                 if t.verdict in ("failed", "unstable")
                 and (t.config.gpu_memory_utilization or 0) > (cfg.gpu_memory_utilization or 0)
@@ -437,7 +437,7 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
         )
         if failed:
             u, cat = failed[-1]
-            lines.append(f"{u:.2f} failed ({cat.replace('_', ' ')}), {util_words} stable{head}")
+            lines.append(f"{u:.2f} failed ({cat}), {util_words} stable{head}")
         else:
             lines.append(f"--gpu-memory-utilization {util_words} stable{head}")
         lossy = [

@@ -104,7 +104,7 @@ def build_runtime(
     if simulate:
         if docker_image:
             raise UsageError("--simulate and --docker-image cannot be combined", "drop one of them")
-        from ..sim.activate import create
+        from ..simlite.activate import create
 
         simulated = create(simulate, state_dir=data_dir() / "sim" / simulate, time_scale=sim_time_scale)
         simulated.apply()

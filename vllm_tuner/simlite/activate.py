@@ -1,0 +1,113 @@
+"""Turn a scenario into a simulated machine: a state folder, the vLLM command, the environment.
+
+Used by ``--simulate SCENARIO`` and by the tests' ``sim`` fixture; nothing else in the tuner knows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import UsageError
+from ..paths import profiles_dir
+from .state import SCALE_ENV, STATE_ENV
+
+GIB = 1 << 30
+SHIM_DIR = Path(__file__).resolve().parent / "nvml_shim"
+
+
+@dataclass
+class SimEnvironment:
+    state_dir: Path
+    vllm_cmd: str
+    env: dict[str, str]
+    scenario: dict = field(default_factory=dict)
+
+    def apply(self) -> None:
+        """Make this process see the simulated machine: environment, ``pynvml`` from the shim."""
+        os.environ.update(self.env)
+        shim = str(SHIM_DIR)
+        if shim not in sys.path:
+            sys.path.insert(0, shim)
+        module = sys.modules.get("pynvml")
+        if module is not None and not str(getattr(module, "__file__", "")).startswith(shim):
+            del sys.modules["pynvml"]
+
+
+def scenario_names() -> list[str]:
+    return sorted(p.stem for p in (profiles_dir() / "sim").glob("*.yaml"))
+
+
+def load_scenario_file(scenario: str | Path) -> dict:
+    path = Path(scenario)
+    if not path.suffix:
+        path = profiles_dir() / "sim" / f"{scenario}.yaml"
+    if not path.is_file():
+        raise UsageError(
+            f"unknown simulation scenario {str(scenario)!r}", f"choose one of: {', '.join(scenario_names())}"
+        )
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def resolve(raw: dict) -> dict:
+    """GiB in the YAML → bytes; per-GPU lists expanded."""
+    out = copy.deepcopy(raw)
+    gpus = []
+    for i, g in enumerate(raw.get("gpus", [])):
+        count = int(g.get("count", 1))
+        for _ in range(count):
+            gpus.append(
+                {
+                    "name": g["name"],
+                    "total_bytes": int(float(g["total_gib"]) * GIB),
+                    "uuid": g.get("uuid")
+                    or f"GPU-5{i:03d}{len(gpus):04d}-sim0-4e00-a000-00000000{len(gpus):04d}",
+                }
+            )
+    out["gpus"] = gpus
+    out["foreign"] = [
+        {"gpu": int(f["gpu"]), "bytes": int(float(f["gib"]) * GIB), "pid": int(f.get("pid", 4242))}
+        for f in raw.get("foreign", [])
+    ]
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def create(
+    scenario: str | Path,
+    *,
+    state_dir: Path | None = None,
+    time_scale: float = 1.0,
+    overrides: dict | None = None,
+) -> SimEnvironment:
+    raw = _merge(load_scenario_file(scenario), copy.deepcopy(overrides or {}))
+    resolved = resolve(raw)
+    folder = (
+        Path(state_dir)
+        if state_dir
+        else Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-tune-sim-{os.getpid()}"
+    )
+    if (folder / "procs").is_dir():
+        shutil.rmtree(folder / "procs", ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scenario.json").write_text(json.dumps(resolved, indent=1))
+    pythonpath = os.pathsep.join(p for p in (str(SHIM_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    env = {STATE_ENV: str(folder), SCALE_ENV: str(time_scale), "PYTHONPATH": pythonpath}
+    cmd = f"{shlex.quote(sys.executable)} -m vllm_tuner.simlite"
+    return SimEnvironment(state_dir=folder, vllm_cmd=cmd, env=env, scenario=resolved)

@@ -1,0 +1,297 @@
+"""Ground truth of the simulated vLLM: what a launch does on the scenario's GPUs. Pure, no I/O.
+
+This deliberately does NOT use vllm_tuner.estimate or vllm_tuner.models: it reads the model config
+with its own small reader and applies the scenario's hidden overheads (weights overhead, activation
+factor, CUDA-graph under-estimate, runtime spike), so the tuner's estimate can be wrong the way it is
+on real hardware. The benchmark uses :func:`truth` as an oracle of the true best stable config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+GIB = 1 << 30
+MIB = 1 << 20
+REDUNDANCY = 150 * MIB
+
+DEFAULT_TRUTH = {
+    "context_gib": 0.45,  # CUDA context + cuBLAS per worker, held before the free-memory check
+    "non_torch_gib": 0.12,
+    "nccl_gib": 0.30,  # extra non-torch memory per worker when TP > 1
+    "weights_factor": 1.0,  # × the checkpoint's bytes
+    "activation_factor": 1.0,  # × the simulator's own activation formula
+    "graph_base_gib": 0.25,
+    "graph_per_layer_mib": 6.0,
+    "graph_estimate_ratio": 0.75,  # vLLM's estimate / the real graph pool (it under-estimates)
+    "runtime_spike_gib": 0.0,  # extra memory at full KV usage under load (fragmentation, sampler, ...)
+    "noise_mib": 24,  # deterministic per-config jitter of the activation peak
+}
+
+DEFAULT_TIMING = {
+    "load_s": 20.0,
+    "compile_s": 45.0,
+    "compile_cached_s": 6.0,
+    "profile_s": 4.0,
+    "capture_s": 12.0,
+    "server_s": 2.0,
+    "decode_step_s": 0.03,
+    "prefill_tokens_per_s": 25000.0,
+}
+
+
+@dataclass(frozen=True)
+class ModelTruth:
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_bytes_per_token_tp1: int  # bf16 KV bytes per token, summed over layers, at TP 1
+    mla: bool
+    kv_heads: int
+    weights_bytes: int
+    derived_max_len: int
+    dtype_bytes: int = 2
+
+    def kv_bytes_per_token(self, tp: int, kv_dtype: str) -> int:
+        scale = 0.5 if kv_dtype.startswith("fp8") else 1.0
+        if self.mla:
+            return int(self.kv_bytes_per_token_tp1 * scale)
+        heads_per_rank = max(1, self.kv_heads // tp)
+        return int(self.kv_bytes_per_token_tp1 * heads_per_rank / self.kv_heads * scale)
+
+
+def model_truth(name: str, config: dict, weights_bytes: int | None) -> ModelTruth:
+    """Read what matters from an HF config (nested ``text_config`` too)."""
+    text = config.get("text_config") or config
+    layers = int(text.get("num_hidden_layers") or text.get("n_layer") or 32)
+    hidden = int(text.get("hidden_size") or 4096)
+    heads = int(text.get("num_attention_heads") or 32)
+    kv_heads = int(text.get("num_key_value_heads") or text.get("num_kv_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    inter = int(text.get("intermediate_size") or 4 * hidden)
+    vocab = int(text.get("vocab_size") or 32000)
+    mla = bool(text.get("kv_lora_rank"))
+    if mla:
+        per_token = layers * (int(text["kv_lora_rank"]) + int(text.get("qk_rope_head_dim") or 64)) * 2
+    else:
+        per_token = layers * 2 * kv_heads * head_dim * 2
+    max_len = int(text.get("max_position_embeddings") or 4096)
+    if not weights_bytes:
+        params = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
+        weights_bytes = params * 2
+    return ModelTruth(
+        name, layers, hidden, inter, vocab, per_token, mla, kv_heads, int(weights_bytes), max_len
+    )
+
+
+@dataclass(frozen=True)
+class LaunchArgs:
+    """The flags the simulated engine acts on (already validated)."""
+
+    tp: int = 1
+    pp: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float = 0.92
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_dtype: str = "auto"
+    enforce_eager: bool = False
+    cpu_offload_gb: float = 0.0
+    block_size: int | None = None
+
+
+@dataclass
+class Boot:
+    """The outcome of a launch, with every number the log prints."""
+
+    category: str  # success or a failure category (same names as the tuner's taxonomy)
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    total_bytes: int
+    free_at_start: int
+    requested_bytes: int
+    context_bytes: int
+    weights_bytes: int
+    non_torch_bytes: int
+    activation_bytes: int
+    graph_actual_bytes: int
+    graph_estimate_bytes: int
+    pool_bytes: int = 0
+    num_blocks: int = 0
+    block_size: int = 16
+    kv_tokens: int = 0
+    max_concurrency: float = 0.0
+    kv_bytes_per_token: int = 0
+    estimated_max_len: int = 0
+    idle_used_bytes: int = 0  # this process's memory per GPU once serving
+    spike_bytes: int = 0
+    capacity_bytes: int = 0  # physical memory this process may use (total − others)
+    fail_detail: dict = field(default_factory=dict)
+
+    def used_under_load(self, kv_usage: float) -> int:
+        return self.idle_used_bytes + int(self.spike_bytes * max(0.0, min(1.0, kv_usage)))
+
+    def dies_at_usage(self) -> float | None:
+        """The KV usage at which the runtime spike pushes this process past the card, if any."""
+        room = self.capacity_bytes - self.idle_used_bytes
+        if self.spike_bytes <= 0 or room >= self.spike_bytes:
+            return None
+        return max(0.0, room / self.spike_bytes)
+
+
+def batch_defaults(total_bytes: int, gpu_name: str) -> tuple[int, int]:
+    if total_bytes >= 160 * GIB:
+        return 1024, 16384
+    if total_bytes >= 70 * GIB and "A100" not in gpu_name:
+        return 1024, 8192
+    return 256, 2048
+
+
+def capture_sizes(max_seqs: int) -> int:
+    top = min(max_seqs * 2, 512)
+    sizes = [s for s in [1, 2, 4, *range(8, 256, 8), *range(256, top + 1, 16)] if s <= top]
+    return len(sizes)
+
+
+def _jitter(key: str, mib: float) -> int:
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return int((h * 2 - 1) * mib * MIB)
+
+
+def boot(
+    model: ModelTruth, args: LaunchArgs, *, total_bytes: int, others_bytes: int, gpu_name: str, truth: dict
+) -> Boot:
+    """What happens when this model starts with ``args`` on a GPU of ``total_bytes`` of which
+    ``others_bytes`` are held by other processes (per GPU; the busiest GPU of the group decides)."""
+    t = {**DEFAULT_TRUTH, **truth}
+    seqs_default, batched_default = batch_defaults(total_bytes, gpu_name)
+    max_len = args.max_model_len or model.derived_max_len
+    seqs = args.max_num_seqs or seqs_default
+    batched = args.max_num_batched_tokens or batched_default
+    batched = min(batched, seqs * max_len)
+    seqs = min(seqs, batched)
+    tp, pp = args.tp, args.pp
+    ctx = int(t["context_gib"] * GIB)
+    weights = int(model.weights_bytes * t["weights_factor"] / (tp * pp)) - int(args.cpu_offload_gb * GIB)
+    weights = max(weights, 0)
+    non_torch = int((t["non_torch_gib"] + (t["nccl_gib"] if tp > 1 else 0)) * GIB)
+    act_per_token = 2 * (4 * model.hidden + 3 * model.intermediate // tp)
+    activation = int((batched * act_per_token + seqs * model.vocab * 4 + 64 * MIB) * t["activation_factor"])
+    activation += _jitter(f"{model.name}|{args}", t["noise_mib"])
+    if args.enforce_eager:
+        graph_actual = graph_est = 0
+    else:
+        graph_actual = int(
+            (t["graph_base_gib"] * GIB + t["graph_per_layer_mib"] * MIB * model.layers / pp)
+            * capture_sizes(seqs)
+            / 67
+        )
+        graph_est = int(graph_actual * t["graph_estimate_ratio"])
+    capacity = total_bytes - others_bytes
+    free_at_start = capacity - ctx
+    requested = math.ceil(total_bytes * args.gpu_memory_utilization)
+    per_token = model.kv_bytes_per_token(tp, args.kv_cache_dtype)
+    block = args.block_size or (64 if model.mla else 16)
+    b = Boot(
+        "success",
+        max_len,
+        seqs,
+        batched,
+        total_bytes,
+        free_at_start,
+        requested,
+        ctx,
+        weights,
+        non_torch,
+        activation,
+        graph_actual,
+        graph_est,
+        block_size=block,
+        kv_bytes_per_token=per_token,
+        capacity_bytes=capacity,
+        spike_bytes=int(t["runtime_spike_gib"] * GIB),
+    )
+    if free_at_start < requested:
+        b.category = "startup_free_memory_below_utilization"
+        return b
+    if ctx + weights > capacity:
+        b.category = "oom_weights_load"
+        b.fail_detail = {
+            "tried": min(weights, 896 * MIB),
+            "free": max(capacity - ctx - weights + 896 * MIB, 0),
+        }
+        return b
+    if ctx + weights + non_torch + activation > capacity:
+        b.category = "oom_during_profiling"
+        b.fail_detail = {"tried": activation // 2, "free": max(capacity - ctx - weights - non_torch, 0) // 3}
+        return b
+    if args.kv_cache_memory_bytes is not None:
+        pool = args.kv_cache_memory_bytes
+    else:
+        pool = requested - (weights + non_torch + activation) - graph_est
+    b.pool_bytes = pool
+    page = block * per_token
+    blocks = max(0, pool // page) if page else 0
+    b.num_blocks = blocks
+    if pool <= 0 or blocks <= 1:
+        b.category = "no_kv_cache_memory"
+        return b
+    per_request = math.ceil(max_len / block)
+    usable = blocks - 1
+    if usable < per_request:
+        b.category = "kv_cache_insufficient_for_max_len"
+        b.estimated_max_len = usable * block
+        return b
+    b.max_concurrency = usable / per_request
+    b.kv_tokens = int(b.max_concurrency * max_len)
+    b.estimated_max_len = usable * block
+    b.idle_used_bytes = ctx + weights + non_torch + activation + pool + graph_actual
+    if b.idle_used_bytes > capacity:
+        b.category = "oom_cudagraph_capture"
+        b.fail_detail = {"tried": 20 * MIB, "free": 11 * MIB}
+        return b
+    return b
+
+
+@dataclass(frozen=True)
+class Truth:
+    boots: bool
+    category: str
+    kv_cache_tokens: int
+    max_concurrency: float
+    peak_under_load_bytes: int  # this process + others, per GPU, at full KV usage
+    survives_load: bool
+    headroom_under_load_bytes: int
+
+
+def truth(
+    model: ModelTruth,
+    args: LaunchArgs,
+    *,
+    total_bytes: int,
+    others_bytes: int,
+    gpu_name: str,
+    truth_overrides: dict,
+    concurrency_needed: int | None = None,
+) -> Truth:
+    """The oracle: does this config boot, and does it survive its worst-case load?"""
+    b = boot(
+        model,
+        args,
+        total_bytes=total_bytes,
+        others_bytes=others_bytes,
+        gpu_name=gpu_name,
+        truth=truth_overrides,
+    )
+    if b.category != "success":
+        return Truth(False, b.category, 0, 0.0, 0, False, 0)
+    seqs = concurrency_needed or b.max_num_seqs
+    usage = min(1.0, seqs * math.ceil(b.max_model_len / b.block_size) / max(1, b.num_blocks - 1))
+    peak = b.used_under_load(usage) + others_bytes
+    survives = b.dies_at_usage() is None or usage < (b.dies_at_usage() or 0)
+    return Truth(True, "success", b.kv_tokens, b.max_concurrency, peak, survives, total_bytes - peak)
