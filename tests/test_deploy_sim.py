@@ -34,7 +34,7 @@ def deployment_file(tmp_path, count):
 def test_models_start_in_order_on_one_simulated_card_and_down_restores_it(
     tmp_path, monkeypatch, capsys, count
 ):
-    pytest.importorskip("vllm_tuner.sim.activate", reason="simulator not available yet")
+    pytest.importorskip("vllm_tuner.simlite.activate", reason="simulator not available yet")
     monkeypatch.setenv("VLLM_TUNE_HOME", str(tmp_path / "home"))
     path = deployment_file(tmp_path, count)
     sim = ["--simulate", SCENARIO, "--sim-time-scale", "200"]

@@ -158,6 +158,7 @@ def up_command(file, phase, no_verify, ready_timeout, tune, vllm_cmd, json_, sim
             report = runner.up(plan, phase=phase)
     finally:
         nvml.close()
+        runner.http.close()
     _print_up(report, json_)
 
 
@@ -233,7 +234,7 @@ def _runner(
 
     env: dict[str, str] = {}
     if simulate:
-        from ..sim.activate import create
+        from ..simlite.activate import create
 
         sim = create(simulate, state_dir=data_dir() / "sim" / simulate, time_scale=sim_time_scale)
         sim.apply()
@@ -274,6 +275,7 @@ def status_command(target, json_, simulate, sim_time_scale):
         report = runner.status(state)
     finally:
         nvml.close()
+        runner.http.close()
     if json_:
         emit_json(report.as_dict())
     else:
@@ -305,6 +307,7 @@ def down_command(target, json_, simulate, sim_time_scale):
         outcome = runner.stop_all(state)
     finally:
         nvml.close()
+        runner.http.close()
     remove_state(state.name)
     if json_:
         emit_json(
