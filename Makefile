@@ -14,7 +14,7 @@ $(BIN)/vllm-tune: pyproject.toml
 install: $(BIN)/vllm-tune
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check vllm_tuner tests scripts
