@@ -255,9 +255,10 @@ class Finder:
                 continue
             launches += 1
             outcome = self._launch(decision, history, len(outcomes) + 1)
-            self._record(run_id, env_fp, outcome)
+            self._record(run_id, env_fp, outcome)  # recorded before anything else can interrupt
             outcomes.append(outcome)
             history.append(self._observation(outcome))
+            self.progress.done(outcome.verdict, _outcome_words(outcome))
 
     def _launch(self, decision: Launch, history: list[Observation], number: int) -> TrialOutcome:
         cfg = decision.config
@@ -285,7 +286,6 @@ class Finder:
             vocab_size=getattr(self.spec, "vocab_size", 32000) or 32000,
         )
         outcome.facts = self._with_totals(outcome.facts)
-        self.progress.done(outcome.verdict, _outcome_words(outcome))
         return outcome
 
     def _with_totals(self, facts: dict) -> dict:

@@ -27,6 +27,7 @@ GIB = 1 << 30
 UTIL_STEP = 0.01
 LOSSY_ORDER = ("eager", "fp8-kv", "offload")
 OBJECTIVES = ("context", "concurrency", "targets")
+MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far under what vLLM reported
 
 # Categories that no flag change within the search can fix.
 HOPELESS = {
@@ -231,7 +232,7 @@ class Policy:
         need = self.request.headroom_bytes
         seen = obs.probe.min_headroom_bytes if obs.probe else None
         if total_bytes and seen is not None and not (obs.probe and obs.probe.server_died):
-            deficit = max(need - seen, 0) + 0.25 * GIB
+            deficit = max(need - seen, 0) + 0.1 * GIB
             return round(used - max(UTIL_STEP, math.ceil(deficit / total_bytes * 100) / 100), 2)
         if total_bytes:
             return round(used - max(2 * UTIL_STEP, math.ceil(need / total_bytes * 100) / 100), 2)
@@ -296,7 +297,9 @@ class Policy:
     ) -> tuple[int, int] | None:
         """The (max_model_len, max_num_seqs) the objective wants at these caps, or None if nothing fits."""
         req = self.request
-        probe_cfg = self._config(caps, lossy, req.floor_context(), req.floor_seqs())
+        # size memory at a realistic length: vLLM's batched tokens (activation) shrink with tiny contexts
+        sizing_len = req.native_max_len if req.objective == "context" else req.floor_context()
+        probe_cfg = self._config(caps, lossy, sizing_len, req.floor_seqs())
         probe_cfg = self._with_offload(probe_cfg, lossy, history, caps)
         est = self._estimate(probe_cfg, self._calibration(history, probe_cfg))
         seq_cap = min(req.max_seqs_cap, caps.seqs or req.max_seqs_cap)
@@ -309,7 +312,8 @@ class Policy:
                 return None
         else:
             seqs = min(seq_cap, req.floor_seqs())
-            context = min(req.native_max_len, est.max_context(seqs))
+            measured = self._measured_context(history, probe_cfg.replace(max_num_seqs=seqs), seqs)
+            context = min(req.native_max_len, measured if measured is not None else est.max_context(seqs))
             if context >= req.native_max_len:
                 context = req.native_max_len
                 seqs = max(seqs, min(seq_cap, est.max_seqs(context)))
@@ -317,6 +321,35 @@ class Policy:
         if context < req.block_size or seqs < 1:
             return None
         return context, seqs
+
+    def _measured_context(self, history: Sequence[Observation], cfg: ServeConfig, seqs: int) -> int | None:
+        """The longest context for ``seqs`` sequences as vLLM itself reported it at exactly these memory
+        settings ("estimated maximum model length is N", or the tokens of a boot), less a small margin
+        for launch-to-launch noise. None when no launch measured these settings."""
+        same = (
+            "tensor_parallel_size",
+            "kv_cache_dtype",
+            "enforce_eager",
+            "cpu_offload_gb",
+            "gpu_memory_utilization",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "kv_cache_memory_bytes",
+        )
+        bs = self.request.block_size
+        for obs in reversed(history):
+            if any(getattr(obs.config, f) != getattr(cfg, f) for f in same):
+                continue
+            facts = obs.facts
+            if obs.category == "kv_cache_insufficient_for_max_len" and facts.get("estimated_max_model_len"):
+                usable = int(facts["estimated_max_model_len"])
+            elif obs.booted and facts.get("kv_cache_tokens") and obs.config.max_model_len:
+                length = obs.config.max_model_len
+                usable = int(facts["kv_cache_tokens"]) * math.ceil(length / bs) * bs // length
+            else:
+                continue
+            return int(usable * (1 - MEASURED_MARGIN)) // seqs // bs * bs
+        return None
 
     def _round_len(self, context: int) -> int:
         bs = self.request.block_size
@@ -358,7 +391,11 @@ class Policy:
             if cfg is None or not self._meets_floor(cfg.max_model_len or 0, cfg.max_num_seqs or 0):
                 return self._finish(history, best, "every config that meets the floor has failed")
         if best and not self._better(cfg, best.config):
-            return self._finish(history, best, "no untried config beats the proven one")
+            return self._finish(
+                history,
+                best,
+                f"no untried config beats the proven one by more than {self.request.near_optimum:.0%}",
+            )
         return Launch(cfg, self._reason(history, caps, cfg))
 
     def probe_after_boot(self, history: Sequence[Observation], config: ServeConfig, facts: dict) -> bool:
@@ -370,7 +407,9 @@ class Policy:
             return True
         context, seqs = target
         have_ctx, have_seqs = config.max_model_len or 0, config.max_num_seqs or 0
-        fits = context >= have_ctx and seqs >= have_seqs
+        # it booted, so it fits if vLLM says the pool holds max_num_seqs full-length sequences
+        holds = float(facts.get("max_concurrency") or 0) >= have_seqs
+        fits = holds or (context >= have_ctx and seqs >= have_seqs)
         tol = self.request.near_optimum
         near = have_ctx >= context * (1 - tol) and have_seqs >= math.floor(seqs * (1 - tol))
         return fits and near
@@ -388,8 +427,12 @@ class Policy:
         return (ctx, seqs, lossless, cfg.gpu_memory_utilization or 0)
 
     def _better(self, cfg: ServeConfig, than: ServeConfig) -> bool:
+        """Worth a launch: beats ``than`` on the objective by more than ``near_optimum``."""
         a, b = self._objective_key(cfg), self._objective_key(than)
-        return a[:2] > b[:2] if self.request.objective != "targets" else a > b
+        if self.request.objective == "targets":
+            return a > b
+        slack = 1 + self.request.near_optimum
+        return a[0] > b[0] * slack or (a[0] >= b[0] and a[1] > b[1] * slack)
 
     def best(self, history: Sequence[Observation]) -> Observation | None:
         stable = [o for o in history if o.stable]
