@@ -388,6 +388,7 @@ class ServerProcess:
                     self._changed.set()
         finally:
             log.close()
+            self._proc.stdout.close()
             self._changed.set()
 
     def wait_ready(

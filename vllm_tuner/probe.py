@@ -95,7 +95,7 @@ def run_load_probe(
     is_alive: Callable[[], bool],
     client: httpx.Client | None = None,
     api_key: str | None = None,
-    sample_interval_s: float = 0.25,
+    sample_interval_s: float = 0.05,
     clock: Callable[[], float] = time.monotonic,
     vocab_size: int = 32000,
     request_timeout_s: float = 600.0,
