@@ -36,6 +36,12 @@ MARGIN = 1.25  # "fits with margin": at least 25% more KV blocks than the row ne
 @click.option("--kv-cache-dtype", default="auto", show_default=True)
 @click.option("--enforce-eager", is_flag=True)
 @click.option("--json", "json_", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--simulate",
+    metavar="SCENARIO",
+    default=None,
+    help="Read the GPUs of a simulated machine (profiles/sim/SCENARIO.yaml) instead of NVML.",
+)
 def command(
     models,
     models_file,
@@ -50,6 +56,7 @@ def command(
     kv_cache_dtype,
     enforce_eager,
     json_,
+    simulate,
 ) -> None:
     """Estimate per-GPU memory and what context x concurrency fits."""
     from ..gpus import resolve_gpus
@@ -60,6 +67,11 @@ def command(
     for flag, value in (("--tensor-parallel-size", tp), ("--max-num-seqs", max_num_seqs)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}", f"pass e.g. {flag} 1")
+    if simulate:
+        from ..paths import data_dir
+        from ..simlite.activate import create
+
+        create(simulate, state_dir=data_dir() / "sim" / simulate).apply()
     entries = _entries(models, models_file)
     ids = _parse_ids(gpu_ids)
     tp_size = tp or (len(ids) if ids else gpus) or 1
