@@ -232,6 +232,10 @@ class Finder:
         while True:
             decision = self.policy.next(history)
             if isinstance(decision, Finish):
+                if self._needs_real_weights(decision, outcomes):
+                    launches += 1
+                    self._prove_on_real_weights(decision, run_id, env_fp, history, outcomes)
+                    continue
                 return self._finish(run_id, decision, outcomes, launches)
             if launches >= self.request.max_launches:
                 return self._finish(
@@ -259,6 +263,40 @@ class Finder:
             outcomes.append(outcome)
             history.append(self._observation(outcome))
             self.progress.done(outcome.verdict, _outcome_words(outcome))
+
+    def _needs_real_weights(self, decision: Finish, outcomes: list[TrialOutcome]) -> bool:
+        """With --dummy-trials the winner is proved once more on the real weights before it is returned."""
+        if decision.winner is None or decision.winner.config.load_format != "dummy":
+            return False
+        real = decision.winner.config.replace(load_format=None).key()
+        return not any(t.config.key() == real for t in outcomes)
+
+    def _prove_on_real_weights(self, decision: Finish, run_id: int, env_fp: str, history, outcomes) -> None:
+        cfg = decision.winner.config.replace(load_format=None)
+        self.progress.step(
+            f"trial {len(outcomes) + 1}: {_flags_words(cfg)}", "the winner on the real weights"
+        )
+        log_path = self.log_dir / f"trial-{len(outcomes) + 1:02d}-{cfg.key()}.log"
+        plan = ProbePlan.worst_case(
+            cfg, headroom_bytes=self.request.headroom_bytes, duration_s=self.request.probe_duration_s
+        )
+        outcome = run_trial(
+            cfg,
+            launcher=self.launcher,
+            nvml=self.nvml,
+            gpu_ids=list(self.request.gpu_ids),
+            log_path=log_path,
+            progress=self.progress,
+            timeouts=self.request.timeouts,
+            decide_probe=lambda _facts: plan,
+            vocab_size=getattr(self.spec, "vocab_size", 32000) or 32000,
+        )
+        outcome.facts = self._with_totals(outcome.facts)
+        self._record(run_id, env_fp, outcome)
+        outcomes.append(outcome)
+        if outcome.verdict != "stable":  # the policy sees it fail and backs off from there
+            history.append(self._observation(outcome))
+        self.progress.done(outcome.verdict, _outcome_words(outcome))
 
     def _launch(self, decision: Launch, history: list[Observation], number: int) -> TrialOutcome:
         cfg = decision.config
@@ -383,8 +421,9 @@ class Finder:
     ) -> FindResult:
         winner = None
         if decision.winner is not None:
-            key = decision.winner.config.key()
-            winner = next(t for t in reversed(outcomes) if t.config.key() == key and t.verdict == "stable")
+            keys = {decision.winner.config.key(), decision.winner.config.replace(load_format=None).key()}
+            stable = [t for t in outcomes if t.config.key() in keys and t.verdict == "stable"]
+            winner = next((t for t in stable if t.config.load_format is None), stable[-1])
         env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         if winner is not None and (
             winner.config.kv_offloading_size or "--kv-transfer-config" in winner.config.extra_args
