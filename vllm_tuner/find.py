@@ -525,6 +525,8 @@ def _outcome_words(t: TrialOutcome) -> str:
             bits.append(t.probe_failure)
         return ", ".join(bits)
     words = t.category.replace("_", " ")
+    if t.evidence and t.category in ("unsupported_flag_or_arg_error", "engine_core_died_other", "unknown"):
+        words += f" ({t.evidence.strip()[:200]})"
     if "estimated_max_model_len" in f:
         words += f" (vLLM: estimated maximum model length is {int(f['estimated_max_model_len'])})"
     return words

@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", "-q", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--skip-tokenizer-init", action="store_true")
     p.add_argument("--optimization-level", type=int, default=2)
     p.add_argument("--max-cudagraph-capture-size", type=int, default=None)
     p.add_argument("--compilation-config", "-cc", default=None)
