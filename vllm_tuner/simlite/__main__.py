@@ -367,7 +367,7 @@ def walk(
     eng = Engine(b, timing, gpus, folder, model.name, launch.gpu_memory_utilization)
     handler = make_handler(eng, served, b.max_model_len, args.api_key)
     try:
-        httpd = ThreadingHTTPServer(
+        httpd = _Server(
             ("127.0.0.1" if args.host in ("0.0.0.0", "127.0.0.1") else args.host, args.port), handler
         )
     except OSError as exc:
@@ -389,6 +389,11 @@ def walk(
     finally:
         state.remove_proc(folder, PID)
     return 0
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 2048  # uvicorn's backlog under vLLM; the stdlib default of 5 resets bursts
+    daemon_threads = True
 
 
 def math_ceil_div(a: int, b: int) -> int:
