@@ -273,25 +273,8 @@ class Finder:
 
     def _prove_on_real_weights(self, decision: Finish, run_id: int, env_fp: str, history, outcomes) -> None:
         cfg = decision.winner.config.replace(load_format=None)
-        self.progress.step(
-            f"trial {len(outcomes) + 1}: {_flags_words(cfg)}", "the winner on the real weights"
-        )
-        log_path = self.log_dir / f"trial-{len(outcomes) + 1:02d}-{cfg.key()}.log"
-        plan = ProbePlan.worst_case(
-            cfg, headroom_bytes=self.request.headroom_bytes, duration_s=self.request.probe_duration_s
-        )
-        outcome = run_trial(
-            cfg,
-            launcher=self.launcher,
-            nvml=self.nvml,
-            gpu_ids=list(self.request.gpu_ids),
-            log_path=log_path,
-            progress=self.progress,
-            timeouts=self.request.timeouts,
-            decide_probe=lambda _facts: plan,
-            vocab_size=getattr(self.spec, "vocab_size", 32000) or 32000,
-        )
-        outcome.facts = self._with_totals(outcome.facts)
+        plan = self._probe_plan(cfg)
+        outcome = self._run(cfg, len(outcomes) + 1, "the winner on the real weights", lambda _facts: plan)
         self._record(run_id, env_fp, outcome)
         outcomes.append(outcome)
         if outcome.verdict != "stable":  # the policy sees it fail and backs off from there
@@ -300,18 +283,23 @@ class Finder:
 
     def _launch(self, decision: Launch, history: list[Observation], number: int) -> TrialOutcome:
         cfg = decision.config
-        self.progress.step(f"trial {number}: {_flags_words(cfg)}", decision.reason)
-        log_path = self.log_dir / f"trial-{number:02d}-{cfg.key()}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
 
         def decide_probe(facts: dict) -> ProbePlan | None:
-            facts = self._with_totals(facts)
-            if not self.policy.probe_after_boot(history, cfg, facts):
+            if not self.policy.probe_after_boot(history, cfg, self._with_totals(facts)):
                 return None
-            return ProbePlan.worst_case(
-                cfg, headroom_bytes=self.request.headroom_bytes, duration_s=self.request.probe_duration_s
-            )
+            return self._probe_plan(cfg)
 
+        return self._run(cfg, number, decision.reason, decide_probe)
+
+    def _probe_plan(self, cfg: ServeConfig) -> ProbePlan:
+        return ProbePlan.worst_case(
+            cfg, headroom_bytes=self.request.headroom_bytes, duration_s=self.request.probe_duration_s
+        )
+
+    def _run(self, cfg: ServeConfig, number: int, why: str, decide_probe) -> TrialOutcome:
+        self.progress.step(f"trial {number}: {_flags_words(cfg)}", why)
+        log_path = self.log_dir / f"trial-{number:02d}-{cfg.key()}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         outcome = run_trial(
             cfg,
             launcher=self.launcher,
