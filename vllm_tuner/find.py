@@ -15,13 +15,21 @@ from pathlib import Path
 
 import yaml
 
-from .errors import GpuError, UsageError
+from .errors import GpuError, UsageError, VllmError
 from .progress import Progress
 from .search import GIB, Finish, Launch, Observation, Policy, ProbeSummary, Request
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, run_trial
 
-CONTEXT_OVERHEAD_BYTES = GIB // 2  # CUDA context + cuBLAS a vLLM worker holds before its free-memory check
+CONTEXT_OVERHEAD_BYTES = GIB // 2
+REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
+# The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "swap/offload"
+# rung is weight offload through --cpu-offload-gb (KV offload to CPU does not shrink the GPU pool).
+LOSSY_FLAGS = {
+    "eager": "--enforce-eager",
+    "fp8-kv": "--kv-cache-dtype",
+    "offload": "--cpu-offload-gb",
+}  # CUDA context + cuBLAS a vLLM worker holds before its free-memory check
 
 
 @dataclass(frozen=True)
@@ -187,21 +195,29 @@ class Finder:
 
     def _policy_request(self) -> Request:
         r = self.request
-        offload = None
-        for flag in ("--cpu-offload-gb",):
-            if self.vllm_info is None or self.vllm_info.accepts(flag):
-                offload = flag
+        allow = set(r.allow)
+        info = self.vllm_info
+        if info is not None:
+            missing = [f for f in REQUIRED_FLAGS if not info.accepts(f)]
+            if missing:
+                raise VllmError(
+                    f"vLLM {info.version} does not accept {', '.join(missing)}",
+                    "upgrade vLLM (vllm-tune supports 0.18 and newer) or point --vllm-cmd at a newer install",
+                )
+            # a lossy rung this vLLM cannot express is dropped from the ladder, never passed
+            allow -= {knob for knob, flag in LOSSY_FLAGS.items() if not info.accepts(flag)}
         return Request(
             objective=r.objective,
             min_seqs=r.min_seqs,
             min_context=r.min_context,
             target_context=r.target_context,
             target_seqs=r.target_seqs,
-            allow=r.allow if offload else r.allow - {"offload"},
+            allow=frozenset(allow),
             util_ceiling=r.util_ceiling,
             headroom_bytes=r.headroom_bytes,
             native_max_len=self.spec.derived_max_model_len,
-            offload_flag=offload,
+            offload_flag=LOSSY_FLAGS["offload"] if "offload" in allow else None,
+            block_size=64 if getattr(self.spec, "is_mla", False) else 16,
         )
 
     def _free_memory_util_cap(self) -> float | None:

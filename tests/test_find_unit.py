@@ -1,0 +1,44 @@
+"""Finder's pure wiring: what the installed vLLM accepts shapes the ladder (no processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_tuner.errors import VllmError
+from vllm_tuner.estimate import Calibration, estimate
+from vllm_tuner.find import Finder, FindRequest
+from vllm_tuner.gpus import GpuTarget
+from vllm_tuner.launch import VllmInfo
+from vllm_tuner.models import resolve_model
+from vllm_tuner.progress import QuietProgress
+
+GIB = 1 << 30
+ALL = frozenset({"--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size",
+                 "--enforce-eager", "--kv-cache-dtype", "--cpu-offload-gb"})
+
+
+def finder(flags: frozenset[str], allow=frozenset({"eager", "fp8-kv", "offload"}), free=None) -> Finder:
+    gpu = GpuTarget(ids=(0,), name="NVIDIA GeForce RTX 4090", total_bytes=int(23.53 * GIB), free_bytes=free)
+    req = FindRequest(model="qwen2.5-7b", gpu_ids=(0,), tensor_parallel_size=1, allow=allow)
+    return Finder(req, spec=resolve_model("qwen2.5-7b"), gpu=gpu, estimate_fn=estimate,
+                  calibrate_fn=Calibration.from_facts, vllm_info=VllmInfo("0.33.0", flags), launcher=None,
+                  nvml=None, store=None, progress=QuietProgress(), log_dir=Path("."))
+
+
+def test_a_vllm_without_the_core_flags_is_refused_with_the_fix():
+    with pytest.raises(VllmError, match="does not accept --max-model-len"):
+        finder(ALL - {"--max-model-len"})
+
+
+def test_lossy_rungs_the_installed_vllm_cannot_express_are_dropped():
+    assert finder(ALL).policy.request.allow == {"eager", "fp8-kv", "offload"}
+    trimmed = finder(ALL - {"--cpu-offload-gb", "--enforce-eager"}).policy.request
+    assert trimmed.allow == {"fp8-kv"} and trimmed.offload_flag is None
+
+
+def test_memory_held_by_others_caps_the_first_utilization():
+    busy = finder(ALL, free=(int(20 * GIB),))
+    first = busy.policy.next([])
+    assert first.config.gpu_memory_utilization <= (20 - 0.5) / 23.53
