@@ -201,3 +201,11 @@ def test_dummy_trials_are_proved_again_on_the_real_weights(sim, capsys):
     last = result["trials"][-1]
     assert "--load-format" not in last["flags"] and last["verdict"] == "stable"
     assert "--load-format" not in result["command"]
+
+
+def test_weights_that_cannot_fit_are_refused_before_any_launch_with_what_would(sim, capsys):
+    env = sim("rtx-5090")
+    code = main(["find", "--model", "llama-3.1-70b", "--gpus", "1", "--vllm-cmd", env.vllm_cmd])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "weights alone" in err and "--tensor-parallel-size" in err and "quantized" in err
+    assert not (env.state_dir / "procs").exists() or not list((env.state_dir / "procs").iterdir())

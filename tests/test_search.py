@@ -227,3 +227,17 @@ def test_decisions_are_deterministic_for_resume():
     _, history = drive(policy, world)
     again = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
     assert again.next(history[:1]) == policy.next(history[:1])
+
+
+def test_knob_order_decides_which_lossy_knob_is_tried_first():
+    # each of eager and fp8 alone would reach this target; the user's order picks which one is used
+    estimate, calibrate = toy_model(20 * GIB)
+    world = World(true_fixed=20 * GIB)
+    base = dict(objective="targets", target_context=40960, target_seqs=2, native_max_len=131072,
+                allow=frozenset({"eager", "fp8-kv"}))
+    fp8_first = Request(**base, knob_order=("kv-cache-dtype", "enforce-eager"))
+    finish, _ = drive(Policy(fp8_first, BASE, estimate=estimate, calibrate=calibrate), world)
+    assert finish.winner.config.kv_cache_dtype == "fp8" and not finish.winner.config.enforce_eager
+    eager_first = Request(**base)
+    finish, _ = drive(Policy(eager_first, BASE, estimate=estimate, calibrate=calibrate), world)
+    assert finish.winner.config.enforce_eager and finish.winner.config.kv_cache_dtype == "auto"

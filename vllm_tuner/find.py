@@ -38,6 +38,7 @@ class FindRequest:
     gpu_ids: tuple[int, ...]
     tensor_parallel_size: int
     objective: str = "context"
+    knob_order: tuple[str, ...] = ()
     min_seqs: int = 1
     min_context: int | None = None
     target_context: int | None = None
@@ -216,6 +217,7 @@ class Finder:
             util_ceiling=r.util_ceiling,
             headroom_bytes=r.headroom_bytes,
             native_max_len=self.spec.derived_max_model_len,
+            **({"knob_order": r.knob_order} if r.knob_order else {}),
             offload_flag=LOSSY_FLAGS["offload"] if "offload" in allow else None,
             block_size=64 if getattr(self.spec, "is_mla", False) else 16,
         )
@@ -571,6 +573,20 @@ def _observation_from_record(cfg: ServeConfig, rec) -> Observation:
             detail=p.get("failure") or "",
         )
     return Observation(cfg, rec.category, dict(rec.facts or {}), probe)
+
+
+def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int) -> None:
+    """Refuse before any launch when the weights alone cannot fit, and say what would."""
+    usable = total_bytes * 0.95 - CONTEXT_OVERHEAD_BYTES - GIB  # room for non-torch, activation, a little KV
+    if spec.weights_per_gpu(tp) <= usable:
+        return
+    fits = [t for t in (1, 2, 4, 8, 16) if t >= tp and spec.weights_per_gpu(t) <= usable]
+    more = f"--tensor-parallel-size {fits[0]} (--gpus {fits[0]})" if fits else "more or larger GPUs"
+    raise GpuError(
+        f"the weights alone need {spec.weights_per_gpu(tp) / GIB:.1f} GiB per GPU at TP {tp}, "
+        f"more than a {total_bytes / GIB:.1f} GiB GPU can give after vLLM's overheads",
+        f"use {more}, a quantized checkpoint (AWQ/GPTQ/FP8), or --allow offload",
+    )
 
 
 def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids) -> None:

@@ -241,7 +241,7 @@ class Policy:
     def _lossy_needed(self, history: Sequence[Observation], caps: _Caps) -> tuple[str, ...]:
         """The cheapest allowed set of lossy knobs that reaches the goal: fewest knobs first, then
         the earliest in the knob order. If none reaches it, every allowed knob (the most they buy)."""
-        allowed = [k for k in LOSSY_ORDER if k in self.request.allow]
+        allowed = [k for k in self.lossy_order() if k in self.request.allow]
         subsets = [()]
         for size in range(1, len(allowed) + 1):
             subsets += list(itertools.combinations(allowed, size))
@@ -250,6 +250,13 @@ class Policy:
             if target is not None and self._reaches_goal(*target):
                 return subset
         return tuple(allowed)
+
+    def lossy_order(self) -> list[str]:
+        """The lossy knobs in the user's --knob-order (names as in the guides or as in --allow)."""
+        alias = {"enforce-eager": "eager", "kv-cache-dtype": "fp8-kv", "fp8": "fp8-kv", "swap": "offload"}
+        named = [alias.get(k, k) for k in self.request.knob_order]
+        ordered = [k for k in named if k in LOSSY_ORDER]
+        return list(dict.fromkeys(ordered + list(LOSSY_ORDER)))
 
     # -- the goal -------------------------------------------------------------------------------
     def _reaches_goal(self, context: int, seqs: int) -> bool:
@@ -460,7 +467,7 @@ class Policy:
         caps = self.caps(history)
         out: list[str] = []
         base_target = self._target(history, caps, caps.lossy)
-        for knob in LOSSY_ORDER:
+        for knob in self.lossy_order():
             if knob in caps.lossy:
                 continue
             t = self._target(history, caps, (*caps.lossy, knob))

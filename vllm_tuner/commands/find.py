@@ -156,6 +156,7 @@ def command(
         dummy_trials=dummy_trials,
         extra_args=tuple(extra),
         vllm_cmd="vllm" if simulate else (vllm_cmd if not docker_image else "vllm"),
+        knob_order=tuple(k.strip() for k in knob_order.split(",") if k.strip()),
     )
     _check_knob_order(knob_order)
     validate_request(req)
@@ -166,8 +167,10 @@ def command(
             "raise --gpus or lower --tensor-parallel-size",
         )
     from ..estimate import Calibration, estimate
-    from ..find import check_gpus_free
+    from ..find import check_gpus_free, check_weights_fit
 
+    if "offload" not in req.allow:
+        check_weights_fit(spec, gpu.total_bytes, req.tensor_parallel_size, len(ids))
     check_gpus_free(gpu, int(spec.weights_bytes) // req.tensor_parallel_size, gpu_ids=ids)
 
     vllm_info = None
