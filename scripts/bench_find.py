@@ -252,7 +252,7 @@ def oracle(m: Machine) -> Best | None:
     util = UTIL_CEILING
     while util >= UTIL_FLOOR - 1e-9:
         u = round(util, 2)
-        blocks = _largest(lambda k: _fits(m, k * m.block, 1, u), 1, m.native // m.block, 64)
+        blocks = _largest(lambda k, u=u: _fits(m, k * m.block, 1, u), 1, m.native // m.block, 64)
         length = (
             m.native
             if blocks * m.block >= m.native or (blocks and _fits(m, m.native, 1, u))
@@ -261,7 +261,7 @@ def oracle(m: Machine) -> Best | None:
         if length:
             seqs = 1
             if length == m.native:
-                seqs = _largest(lambda s: _fits(m, m.native, s, u), 1, MAX_SEQS, 8)
+                seqs = _largest(lambda s, u=u: _fits(m, m.native, s, u), 1, MAX_SEQS, 8)
             if best is None or (length, seqs) > (best.max_model_len, best.seqs):
                 best = Best(length, seqs, u)
         util -= 0.01
@@ -575,7 +575,7 @@ def fmt_table(rows: list[Row]) -> str:
         for r in rows
     ]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head, *body]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip() for x in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
