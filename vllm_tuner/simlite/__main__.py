@@ -87,10 +87,14 @@ def serve(args) -> int:
         return config_error("ValueError: No model specified: pass it as `vllm serve MODEL` or with --model.")
     util = args.gpu_memory_utilization
     if not 0 < util <= 1:
-        bound = "greater than 0" if util <= 0 else "less than or equal to 1"
+        bound, kind = (
+            ("greater than 0", "greater_than")
+            if util <= 0
+            else ("less than or equal to 1", "less_than_equal")
+        )
         return config_error(
             f"pydantic_core._pydantic_core.ValidationError: 1 validation error for CacheConfig\n"
-            f"gpu_memory_utilization\n  Input should be {bound} [type=less_than_equal, input_value={util}, "
+            f"gpu_memory_utilization\n  Input should be {bound} [type={kind}, input_value={util}, "
             "input_type=float]"
         )
     folder = state.state_dir()

@@ -1,0 +1,215 @@
+"""The simulated vLLM's CLI: real flags, real messages, real exit codes, classified like real logs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_tuner.logparse import classify
+
+MODEL = "qwen2.5-7b"
+
+
+def run_cli(env, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env.env}
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_tuner.simlite", *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_version(sim):
+    done = run_cli(sim("rtx-4090"), "--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == "0.33.0"
+
+
+def test_serve_help_lists_the_real_flags(sim):
+    done = run_cli(sim("rtx-4090"), "serve", "--help")
+    assert done.returncode == 0
+    for flag in (
+        "--max-model-len",
+        "--gpu-memory-utilization",
+        "--kv-cache-memory-bytes",
+        "--cpu-offload-gb",
+    ):
+        assert flag in done.stdout
+    assert "--swap-space" not in done.stdout
+
+
+@pytest.mark.parametrize("flag", [["--swap-space", "4"], ["--calculate-kv-scales"]])
+def test_removed_flags_fail_like_argparse(sim, flag):
+    done = run_cli(sim("rtx-4090"), "serve", MODEL, *flag)
+    assert done.returncode == 2
+    assert f"vllm serve: error: unrecognized arguments: {' '.join(flag)}" in done.stderr
+    assert classify(done.stdout + done.stderr).category == "unsupported_flag_or_arg_error"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1.5", "Input should be less than or equal to 1 [type=less_than_equal, input_value=1.5"),
+        ("0", "Input should be greater than 0 [type=greater_than, input_value=0.0"),
+    ],
+)
+def test_utilization_out_of_range_is_a_validation_error(sim, value, expected):
+    done = run_cli(sim("rtx-4090"), "serve", MODEL, "--gpu-memory-utilization", value)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "pydantic_core._pydantic_core.ValidationError: 1 validation error for CacheConfig" in out
+    assert expected in out
+    assert classify(out).category == "unsupported_flag_or_arg_error"
+
+
+def test_max_model_len_above_derived_is_the_real_value_error(sim):
+    done = run_cli(sim("rtx-4090"), "serve", MODEL, "--max-model-len", "1000000")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert (
+        "ValueError: User-specified max_model_len (1000000) is greater than the derived max_model_len "
+        "(max_position_embeddings=32768" in out
+    )
+    diagnosis = classify(out)
+    assert diagnosis.category == "unsupported_flag_or_arg_error"
+    assert diagnosis.facts.get("derived_max_model_len") == 32768
+
+
+FAILURES = [
+    pytest.param(
+        "rtx-4090",
+        {},
+        ["qwen2.5-14b"],
+        "oom_weights_load",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate",
+        id="weights-oom",
+    ),
+    pytest.param(
+        "rtx-4090",
+        {"foreign": [{"gpu": 0, "gib": 6}]},
+        [MODEL, "--gpu-memory-utilization", "0.9"],
+        "startup_free_memory_below_utilization",
+        "on startup is less than desired GPU memory utilization (0.9,",
+        id="free-below-utilization",
+    ),
+    pytest.param(
+        "rtx-4090",
+        {},
+        [MODEL, "--gpu-memory-utilization", "0.5"],
+        "no_kv_cache_memory",
+        "ValueError: No available memory for the cache blocks.",
+        id="no-kv-memory",
+    ),
+    pytest.param(
+        "rtx-4090",
+        {},
+        [MODEL, "--gpu-memory-utilization", "0.68", "--max-model-len", "32768"],
+        "kv_cache_insufficient_for_max_len",
+        "Based on the available memory, the estimated maximum model length is",
+        id="kv-too-small",
+    ),
+    pytest.param(
+        "rtx-4090",
+        {},
+        [MODEL, "--gpu-memory-utilization", "0.98", "--max-model-len", "8192"],
+        "oom_cudagraph_capture",
+        "in capture_model",
+        id="graph-capture-edge",
+    ),
+    pytest.param(
+        "rtx-4090",
+        {},
+        [MODEL, "--max-num-batched-tokens", "2000000"],
+        "oom_during_profiling",
+        "in profile_run",
+        id="profiling-oom",
+    ),
+]
+
+
+@pytest.mark.parametrize(("scenario", "overrides", "args", "category", "message"), FAILURES)
+def test_startup_failures_print_the_real_message_and_exit_non_zero(
+    sim, scenario, overrides, args, category, message
+):
+    env = sim(scenario, **overrides)
+    done = run_cli(env, "serve", *args)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-2000:]
+    assert message in out
+    assert "RuntimeError: Engine core initialization failed. See root cause above." in out
+    diagnosis = classify(out)
+    assert diagnosis.category == category
+    if category == "kv_cache_insufficient_for_max_len":
+        assert 0 < diagnosis.facts["estimated_max_model_len"] < 32768
+    if category == "oom_weights_load":
+        assert "Model loading took" not in out
+
+
+def test_graph_capture_edge_097_boots(sim):
+    """rtx-4090's scenario: 0.98 fails in CUDA-graph capture (above), 0.97 serves."""
+    env = sim("rtx-4090")
+    full = {**os.environ, **env.env}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm_tuner.simlite",
+            "serve",
+            MODEL,
+            "--gpu-memory-utilization",
+            "0.97",
+            "--max-model-len",
+            "8192",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full,
+        stdin=subprocess.DEVNULL,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Application startup complete." in line or "Error" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+    text = "".join(lines)
+    assert "Application startup complete." in text
+    assert "Graph capturing finished" in text
+    assert "--kv-cache-memory=" in text
+
+
+def test_hang_never_becomes_ready(sim):
+    env = sim("hang")
+    with pytest.raises(subprocess.TimeoutExpired) as caught:
+        run_cli(env, "serve", MODEL, timeout=2.0)
+    out = (caught.value.stdout or b"").decode()
+    assert "Model loading took" in out
+    assert "Application startup complete." not in out
+
+
+def test_no_simulated_state_fails_like_a_machine_without_a_driver(sim):
+    env = sim("rtx-4090")
+    bare = {k: v for k, v in env.env.items() if k != "VLLM_TUNE_SIM_STATE"}
+    full = {k: v for k, v in os.environ.items() if k != "VLLM_TUNE_SIM_STATE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "vllm_tuner.simlite", "serve", MODEL],
+        capture_output=True,
+        text=True,
+        env={**full, **bare},
+        timeout=20,
+    )
+    assert done.returncode != 0
+    assert "Failed to infer device type" in done.stdout + done.stderr
