@@ -25,6 +25,7 @@ from .server import (
     make_handler,
     nap,
     normalise_argv,
+    scenario_model_entry,
 )
 
 TRACE = "/usr/local/lib/python3.12/dist-packages/vllm"
@@ -166,11 +167,9 @@ def walk(
     args, scenario: dict, folder, model: engine.ModelTruth, gpus: list[int], served: str, max_len: int
 ) -> int:
     timing = {**engine.DEFAULT_TIMING, **scenario.get("timing", {})}
-    truth = {**scenario.get("truth", {}), **scenario.get("models", {}).get(model.name, {})}
-    faults = {
-        **scenario.get("faults", {}),
-        **scenario.get("models", {}).get(model.name, {}).get("faults", {}),
-    }
+    entry = scenario_model_entry(scenario, model.name)
+    truth = {**scenario.get("truth", {}), **{k: v for k, v in entry.items() if k != "faults"}}
+    faults = {**scenario.get("faults", {}), **entry.get("faults", {})}
     gpu = scenario["gpus"][gpus[0]]
     others = max(state.others_bytes(folder, scenario, g, exclude_pid=PID) for g in gpus)
     launch = LaunchArgs(

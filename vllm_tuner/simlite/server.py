@@ -185,6 +185,30 @@ def find_model(name: str) -> tuple[dict, int | None] | None:
     return None
 
 
+def model_names(name: str) -> set[str]:
+    """Every name a model goes by (short name, HF id, aliases), lower-case, from the bundled profiles."""
+    names = {name.lower()}
+    for path in sorted((profiles_dir() / "models").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {str(data.get("name", "")).lower(), str(data.get("hf_id", "")).lower()}
+        known |= {str(a).lower() for a in data.get("aliases", []) or []}
+        if name.lower() in known:
+            return names | (known - {""})
+    return names
+
+
+def scenario_model_entry(scenario: dict, name: str) -> dict:
+    """The scenario's ``models:`` entry for this model, whichever of its names either side uses."""
+    entries = scenario.get("models", {}) or {}
+    if name in entries:
+        return entries[name]
+    names = model_names(name)
+    for key, value in entries.items():
+        if key.lower() in names:
+            return value
+    return {}
+
+
 # -- the server's state -------------------------------------------------------------------------
 @dataclass
 class Request:
@@ -218,6 +242,7 @@ class Engine:
         self.preemptions = 0
         self.dead = False
         self.kv_usage = 0.0
+        self.peak_usage = 0.0  # PyTorch's caching allocator keeps what it reserved: NVML sees the peak
         self.finished = 0
         self.die_at = boot.dies_at_usage()
 
@@ -240,6 +265,7 @@ class Engine:
                 self._decode()
                 total = max(1, self.boot.num_blocks - 1)
                 self.kv_usage = 1 - self.free_blocks / total
+                self.peak_usage = max(self.peak_usage, self.kv_usage)
             if time.monotonic() - last_mem > 0.05:
                 self._write_memory()
                 last_mem = time.monotonic()
@@ -298,7 +324,7 @@ class Engine:
         req.generated = 0 if req.blocks == 0 and req.generated == 0 else req.generated
 
     def _write_memory(self) -> None:
-        used = self.boot.used_under_load(self.kv_usage)
+        used = self.boot.used_under_load(self.peak_usage)
         state.write_proc(self.folder, PID, {g: used for g in self.gpus}, "vllm serve")
 
     def _die(self) -> None:

@@ -1,0 +1,195 @@
+"""The simulated vLLM once serving: HTTP API, simulated NVML, death under load."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from vllm_tuner.launch import LocalLauncher, ServerProcess
+from vllm_tuner.logparse import LogWatcher, classify
+from vllm_tuner.nvml import open_nvml
+from vllm_tuner.probe import parse_metrics
+from vllm_tuner.serveconfig import ServeConfig
+from vllm_tuner.simlite.activate import SHIM_DIR
+
+MODEL = "qwen2.5-7b"
+GIB = 1 << 30
+
+
+def boot(env, tmp_path: Path, *extra: str, model: str = MODEL, max_model_len: int = 4096, nvml=None):
+    config = ServeConfig(model, max_model_len=max_model_len, extra_args=tuple(extra))
+    server = ServerProcess(
+        LocalLauncher(env.vllm_cmd),
+        config,
+        gpu_ids=[0],
+        log_path=tmp_path / "server.log",
+        watcher=LogWatcher(),
+        nvml=nvml,
+        grace_s=3.0,
+        release_timeout_s=5.0,
+    )
+    server.start()
+    ready = server.wait_ready(timeout_s=30, stall_s=10)
+    if not ready.ready:
+        server.stop(wait_release=False)
+        pytest.fail(f"simulated server did not boot: {ready.diagnosis}")
+    return server
+
+
+def test_endpoints_answer_like_vllm(sim, tmp_path):
+    env = sim("rtx-5090")
+    server = boot(env, tmp_path, "--served-model-name", "chat")
+    try:
+        url = server.base_url
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/ping").status_code == 200
+        assert httpx.get(f"{url}/version").json() == {"version": "0.33.0"}
+        models = httpx.get(f"{url}/v1/models").json()["data"]
+        assert models[0]["id"] == "chat" and models[0]["max_model_len"] == 4096
+        metrics = parse_metrics(httpx.get(f"{url}/metrics").text)
+        for key in (
+            "vllm:kv_cache_usage_perc",
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+            "vllm:num_preemptions_total",
+            "num_gpu_blocks",
+        ):
+            assert key in metrics
+        assert metrics["num_gpu_blocks"] > 0
+
+        done = httpx.post(f"{url}/v1/completions", json={"model": "chat", "prompt": "hello", "max_tokens": 5})
+        assert done.status_code == 200
+        assert done.json()["usage"]["completion_tokens"] == 5
+        ids = httpx.post(
+            f"{url}/v1/completions", json={"model": "chat", "prompt": list(range(100, 400)), "max_tokens": 3}
+        ).json()
+        assert ids["usage"]["prompt_tokens"] == 300
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        ).json()
+        assert chat["object"] == "chat.completion"
+        assert chat["choices"][0]["message"]["role"] == "assistant"
+
+        for path, body in (
+            ("/v1/completions", {"prompt": "x", "max_tokens": 4, "stream": True}),
+            (
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": True},
+            ),
+        ):
+            with httpx.stream("POST", f"{url}{path}", json={"model": "chat", **body}) as resp:
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                events = [line for line in resp.iter_lines() if line.startswith("data:")]
+            assert events[-1] == "data: [DONE]"
+            assert len(events) == 5
+            json.loads(events[0][5:])
+
+        too_long = httpx.post(
+            f"{url}/v1/completions", json={"model": "chat", "prompt": [7] * 5000, "max_tokens": 4}
+        )
+        assert too_long.status_code == 400
+        err = too_long.json()["error"]
+        assert err["type"] == "BadRequestError" and err["code"] == 400
+        assert "maximum context length is 4096 tokens" in err["message"]
+        assert "5000 input tokens" in err["message"]
+    finally:
+        server.stop()
+
+
+def test_api_key_is_required_on_v1(sim, tmp_path):
+    env = sim("rtx-5090")
+    server = boot(env, tmp_path, "--api-key", "s3cret")
+    try:
+        url = server.base_url
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+        ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200  # health stays open, as in vLLM
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_nvml_sees_memory_appear_and_disappear(sim, tmp_path, sig):
+    env = sim("rtx-5090")
+    with open_nvml() as nvml:
+        before = nvml.memory(0).used
+        assert nvml.device_count() == 2
+        assert nvml.device(0).name == "NVIDIA GeForce RTX 5090"
+        server = boot(env, tmp_path, nvml=nvml)
+        try:
+            serving = nvml.memory(0).used
+            assert serving - before > 10 * GIB  # weights + KV pool
+            assert nvml.memory(1).used == before  # CUDA_VISIBLE_DEVICES=0 only
+            pids = [p.pid for p in nvml.processes(0)]
+            assert len(pids) == 1
+            os.kill(pids[0], sig)  # the vLLM process itself, not the reaper
+            deadline = time.monotonic() + 5
+            while nvml.memory(0).used != before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert nvml.memory(0).used == before
+            assert nvml.processes(0) == []
+        finally:
+            server.stop()
+
+
+def test_foreign_memory_is_visible(sim):
+    sim("rtx-5090", foreign=[{"gpu": 1, "gib": 3, "pid": 777}])
+    with open_nvml() as nvml:
+        assert nvml.memory(1).used == 3 * GIB
+        assert [(p.pid, p.used) for p in nvml.processes(1)] == [(777, 3 * GIB)]
+        assert nvml.memory(0).used == 0
+
+
+def test_shim_without_state_is_a_machine_without_a_driver(monkeypatch):
+    monkeypatch.delenv("VLLM_TUNE_SIM_STATE", raising=False)
+    spec = importlib.util.spec_from_file_location("sim_pynvml", SHIM_DIR / "pynvml.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(module.NVMLError) as caught:
+        module.nvmlInit()
+    assert "NVML Shared Library Not Found" in str(caught.value)
+    with pytest.raises(module.NVMLError):
+        module.nvmlDeviceGetCount()
+
+
+def test_runtime_spike_kills_the_server_under_load(sim, tmp_path):
+    env = sim("rtx-5090", models={"Qwen/Qwen2.5-7B-Instruct": {"runtime_spike_gib": 400}})
+    server = boot(env, tmp_path, "--max-num-seqs", "8", "--gpu-memory-utilization", "0.9")
+    try:
+        url = server.base_url
+        body = {"model": MODEL, "prompt": [5] * 3000, "max_tokens": 1000}
+        with httpx.Client(timeout=10) as client:
+            try:
+                client.post(f"{url}/v1/completions", json=body)
+            except httpx.HTTPError:
+                pass
+            deadline = time.monotonic() + 5
+            health = 200
+            while time.monotonic() < deadline and health == 200:
+                try:
+                    health = client.get(f"{url}/health").status_code
+                except httpx.HTTPError:
+                    health = -1  # connection refused: the process already exited
+                time.sleep(0.02)
+        assert health in (503, -1)
+        deadline = time.monotonic() + 5
+        while server.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.returncode not in (None, 0)
+    finally:
+        server.stop(wait_release=False)
+    text = (tmp_path / "server.log").read_text()
+    assert "in execute_model" in text
+    assert "EngineDeadError" in text
+    assert classify(text).category == "oom_at_runtime"
