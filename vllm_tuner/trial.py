@@ -16,6 +16,9 @@ from .serveconfig import ServeConfig
 
 GIB = 1 << 30
 
+# (base_url, served_model_name, is_alive) -> probe.LoadReport
+LoadRunner = Callable[[str, str, Callable[[], bool]], object]
+
 
 @dataclass(frozen=True)
 class ProbePlan:
@@ -86,8 +89,13 @@ def run_trial(
     decide_probe: Callable[[dict], ProbePlan | None],
     vocab_size: int = 32000,
     wall_clock: Callable[[], float] = time.time,
+    load_runner: LoadRunner | None = None,
 ) -> TrialOutcome:
-    """Launch, observe, maybe probe, stop. ``decide_probe(facts)`` sees vLLM's numbers after boot."""
+    """Launch, observe, maybe probe, stop. ``decide_probe(facts)`` sees vLLM's numbers after boot.
+
+    ``load_runner(base_url, served_model_name, is_alive)`` replaces the worst-case probe with another
+    load (``ramp``'s soak); the plan's thresholds still judge its report.
+    """
     from .launch import ServerProcess
     from .logparse import LogWatcher
 
@@ -125,7 +133,10 @@ def run_trial(
         progress.phase(
             "probing", 0.0, None, f"{plan.concurrency} × {plan.prompt_tokens + plan.max_tokens} tokens"
         )
-        report = _probe(server, watcher, plan, nvml=nvml, gpu_ids=gpu_ids, vocab_size=vocab_size)
+        if load_runner is not None:
+            report = load_runner(server.base_url, server.served_model_name, _alive_check(server, watcher))
+        else:
+            report = _probe(server, watcher, plan, nvml=nvml, gpu_ids=gpu_ids, vocab_size=vocab_size)
         facts = dict(watcher.facts)
         if watcher.fatal_category:
             category = watcher.fatal_category
@@ -148,12 +159,17 @@ def run_trial(
         )
 
 
-def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int):
-    from .probe import run_load_probe
-
+def _alive_check(server, watcher) -> Callable[[], bool]:
     def alive() -> bool:
         return server.returncode is None and watcher.fatal_category is None
 
+    return alive
+
+
+def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int):
+    from .probe import run_load_probe
+
+    alive = _alive_check(server, watcher)
     return run_load_probe(
         server.base_url,
         model=server.served_model_name,
