@@ -1,0 +1,255 @@
+"""The runner against the simulated vLLM: readiness, failures, stalls, ports, orphans, release."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_tuner.errors import LaunchError, VllmError
+from vllm_tuner.launch import DockerLauncher, LocalLauncher, ServerProcess, VllmInfo, detect_vllm
+from vllm_tuner.logparse import LogWatcher
+from vllm_tuner.nvml import open_nvml
+from vllm_tuner.serveconfig import ServeConfig
+
+MODEL = "qwen2.5-7b"
+
+
+class TimedWatcher(LogWatcher):
+    """A LogWatcher that notes when the first fatal line was fed (the reader thread's clock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fatal_seen_at: float | None = None
+
+    def feed(self, line: str):
+        events = super().feed(line)
+        if self.fatal_seen_at is None and any(e.kind == "fatal" for e in events):
+            self.fatal_seen_at = time.monotonic()
+        return events
+
+
+def server(env, tmp_path: Path, config: ServeConfig, *, nvml=None, port=None, watcher=None) -> ServerProcess:
+    return ServerProcess(
+        LocalLauncher(env.vllm_cmd),
+        config,
+        gpu_ids=[0],
+        log_path=tmp_path / "trial.log",
+        watcher=watcher or LogWatcher(),
+        nvml=nvml,
+        port=port,
+        grace_s=3.0,
+        release_timeout_s=5.0,
+    )
+
+
+def test_boots_and_reports_ready_then_releases_memory(sim, tmp_path):
+    env = sim("rtx-5090")
+    with open_nvml() as nvml:
+        before = nvml.memory(0).used
+        with server(env, tmp_path, ServeConfig(MODEL, max_model_len=4096), nvml=nvml) as proc:
+            ready = proc.wait_ready(timeout_s=30, stall_s=10)
+            assert ready.ready, ready.diagnosis
+            assert proc.watcher.ready
+            assert nvml.memory(0).used > before
+            assert proc.served_model_name == MODEL
+        assert proc.returncode is not None
+        assert nvml.memory(0).used == before
+    log = (tmp_path / "trial.log").read_text()
+    assert log.startswith("# ")
+    assert "Application startup complete." in log
+
+
+@pytest.mark.parametrize(
+    ("config", "category"),
+    [
+        (ServeConfig("qwen2.5-14b"), "oom_weights_load"),
+        (ServeConfig(MODEL, gpu_memory_utilization=0.5), "no_kv_cache_memory"),
+        (
+            ServeConfig(MODEL, max_model_len=32768, gpu_memory_utilization=0.68),
+            "kv_cache_insufficient_for_max_len",
+        ),
+    ],
+)
+def test_failure_is_noticed_within_a_second_of_the_fatal_line(sim, tmp_path, config, category):
+    env = sim("rtx-4090")
+    watcher = TimedWatcher()
+    with server(env, tmp_path, config, watcher=watcher) as proc:
+        ready = proc.wait_ready(timeout_s=30, stall_s=10)
+        returned_at = time.monotonic()
+    assert not ready.ready
+    assert ready.diagnosis.category == category
+    assert watcher.fatal_seen_at is not None
+    assert returned_at - watcher.fatal_seen_at < 1.0
+
+
+def test_hung_server_is_caught_by_the_stall_timer(sim, tmp_path):
+    env = sim("hang")
+    with server(env, tmp_path, ServeConfig(MODEL)) as proc:
+        started = time.monotonic()
+        ready = proc.wait_ready(timeout_s=60, stall_s=1.0)
+        took = time.monotonic() - started
+        assert proc.returncode is not None  # stopped by wait_ready itself
+    assert not ready.ready
+    assert ready.diagnosis.category == "startup_timeout"
+    assert took < 5
+
+
+def test_user_port_in_use_is_a_launch_error(sim, tmp_path):
+    env = sim("rtx-5090")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = server(env, tmp_path, ServeConfig(MODEL), port=port)
+        with pytest.raises(LaunchError, match=f"port {port} on 127.0.0.1 is already in use"):
+            proc.start()
+        assert proc.pid is None
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from vllm_tuner.launch import LocalLauncher, ServerProcess
+    from vllm_tuner.logparse import LogWatcher
+    from vllm_tuner.serveconfig import ServeConfig
+    with ServerProcess(LocalLauncher(sys.argv[1]), ServeConfig("qwen2.5-7b", max_model_len=4096), gpu_ids=[0],
+                       log_path=Path(sys.argv[2]), watcher=LogWatcher(), grace_s=3.0) as proc:
+        ready = proc.wait_ready(timeout_s=30, stall_s=10)
+        print(proc.pgid if ready.ready else "not-ready", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def _group_gone(pgid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_no_orphan_when_the_tuner_is_interrupted_or_killed(sim, tmp_path, sig):
+    env = sim("rtx-5090")
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, env.vllm_cmd, str(tmp_path / "driver.log")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **env.env},
+    )
+    try:
+        first = driver.stdout.readline().strip()
+        assert first.isdigit(), first
+        pgid = int(first)
+        os.killpg(pgid, 0)  # the server's group is alive
+        driver.send_signal(sig)
+        assert _group_gone(pgid, 8.0), f"process group {pgid} survived {sig.name} of the tuner"
+    finally:
+        driver.kill()
+        driver.wait(10)
+        driver.stdout.close()
+
+
+def test_detect_vllm_reads_version_and_flags_and_caches_them(sim, tmp_path):
+    env = sim("rtx-5090")
+    launcher = LocalLauncher(env.vllm_cmd)
+    info = detect_vllm(launcher, cache_dir=tmp_path)
+    assert info.version == "0.33.0"
+    assert info.accepts("--max-model-len")
+    assert info.accepts("--gpu-memory-utilization=0.9")
+    assert not info.accepts("--swap-space")
+    assert (tmp_path / "vllm-info.json").is_file()
+    started = time.monotonic()
+    assert detect_vllm(launcher, cache_dir=tmp_path) == info
+    assert time.monotonic() - started < 0.2  # no subprocess the second time
+
+
+def test_filter_args_drops_unknown_flags_with_their_values():
+    info = VllmInfo("0.33.0", frozenset({"--max-model-len", "--enforce-eager", "--cpu-offload-gb"}))
+    kept, dropped = info.filter_args(
+        [
+            "m",
+            "--swap-space",
+            "4",
+            "--max-model-len",
+            "8192",
+            "--enforce-eager",
+            "--kv-x=1",
+            "--cpu-offload-gb",
+            "2",
+        ]
+    )
+    assert kept == ["m", "--max-model-len", "8192", "--enforce-eager", "--cpu-offload-gb", "2"]
+    assert dropped == ["--swap-space", "4", "--kv-x=1"]
+
+
+def test_docker_launcher_argv():
+    launcher = DockerLauncher("vllm/vllm-openai:v0.33.0", hf_cache=Path("/data/hf"))
+    argv = launcher.command(
+        ["serve", "Qwen/Qwen2.5-7B", "--max-model-len", "8192"], port=8123, gpu_ids=[0, 2], name="t1"
+    )
+    assert argv[:5] == ["docker", "run", "--rm", "--name", "t1"]
+    assert argv[argv.index("--gpus") + 1] == '"device=0,2"'
+    assert "--ipc=host" in argv
+    assert argv[argv.index("-p") + 1] == "127.0.0.1:8123:8123"
+    assert argv[argv.index("-v") + 1] == "/data/hf:/root/.cache/huggingface/hub"
+    image = argv.index("vllm/vllm-openai:v0.33.0")
+    assert argv[image + 1 :] == [
+        "Qwen/Qwen2.5-7B",
+        "--max-model-len",
+        "8192",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8123",
+    ]
+    assert launcher.tool_argv(["--version"]) == [
+        "docker",
+        "run",
+        "--rm",
+        "--entrypoint",
+        "vllm",
+        "vllm/vllm-openai:v0.33.0",
+        "--version",
+    ]
+    assert launcher.env([0, 2]) == {}
+
+
+def test_local_launcher_argv_and_env():
+    launcher = LocalLauncher("uv run vllm")
+    assert launcher.command(["serve", "m", "--enforce-eager"], port=9000, gpu_ids=[1, 3], name="x") == [
+        "uv",
+        "run",
+        "vllm",
+        "serve",
+        "m",
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9000",
+    ]
+    assert launcher.env([1, 3]) == {"CUDA_VISIBLE_DEVICES": "1,3"}
+
+
+def test_missing_vllm_command_is_one_line(tmp_path):
+    with pytest.raises(VllmError) as caught:
+        detect_vllm(LocalLauncher("/nonexistent/vllm-xyz"), cache_dir=tmp_path)
+    message = str(caught.value)
+    assert "not found" in message and "\n" not in message
+    with pytest.raises(VllmError):
+        LocalLauncher("   ")
