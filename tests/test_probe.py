@@ -1,0 +1,116 @@
+"""Metrics parsing and the worst-case load probe against the simulated vLLM."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vllm_tuner.launch import LocalLauncher, ServerProcess
+from vllm_tuner.logparse import LogWatcher
+from vllm_tuner.nvml import open_nvml
+from vllm_tuner.probe import parse_metrics, run_load_probe
+from vllm_tuner.serveconfig import ServeConfig
+
+SAMPLE = """\
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+vllm:num_requests_waiting{engine="0",model_name="m"} 3
+vllm:num_preemptions_total{engine="0",model_name="m"} 7.0
+vllm:e2e_request_latency_seconds_bucket{le="1.0"} 4
+vllm:e2e_request_latency_seconds_sum 12.5
+vllm:cache_config_info{block_size="16",gpu_memory_utilization="0.9",num_gpu_blocks="2278"} 1.0
+garbage line
+vllm:weird{a="b"} NaN
+"""
+
+
+def test_parse_metrics():
+    metrics = parse_metrics(SAMPLE)
+    assert metrics["vllm:kv_cache_usage_perc"] == pytest.approx(0.75)  # summed over engines
+    assert metrics["vllm:num_requests_waiting"] == 3
+    assert metrics["vllm:num_preemptions_total"] == 7
+    assert metrics["vllm:e2e_request_latency_seconds_sum"] == 12.5
+    assert "vllm:e2e_request_latency_seconds_bucket" not in metrics
+    assert metrics["num_gpu_blocks"] == 2278
+    assert "vllm:cache_config_info" not in metrics
+
+
+def _serve(env, tmp_path, nvml, *extra: str) -> ServerProcess:
+    proc = ServerProcess(
+        LocalLauncher(env.vllm_cmd),
+        ServeConfig("qwen2.5-7b", max_model_len=2048, max_num_seqs=4, extra_args=tuple(extra)),
+        gpu_ids=[0],
+        log_path=tmp_path / "probe.log",
+        watcher=LogWatcher(),
+        nvml=nvml,
+        grace_s=3.0,
+        release_timeout_s=5.0,
+    )
+    proc.start()
+    ready = proc.wait_ready(timeout_s=30, stall_s=10)
+    if not ready.ready:
+        proc.stop(wait_release=False)
+        pytest.fail(f"did not boot: {ready.diagnosis}")
+    return proc
+
+
+def test_load_probe_reports_requests_memory_and_kv(sim, tmp_path):
+    env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 0.0}})
+    with open_nvml() as nvml:
+        idle = nvml.memory(0).used
+        proc = _serve(env, tmp_path, nvml)
+        try:
+            report = run_load_probe(
+                proc.base_url,
+                model=proc.served_model_name,
+                concurrency=4,
+                prompt_tokens=2000,
+                max_tokens=40,
+                duration_s=None,
+                nvml=nvml,
+                gpu_ids=[0],
+                is_alive=lambda: proc.returncode is None,
+                vocab_size=1000,
+            )
+        finally:
+            proc.stop()
+    assert report.ok, report
+    assert report.requests == 4
+    assert report.errors == {}
+    assert not report.server_died
+    assert report.peak_used_bytes[0] > idle
+    total = 31.36 * (1 << 30)
+    assert report.headroom_bytes[0] == pytest.approx(total - report.peak_used_bytes[0], abs=1)
+    assert report.max_kv_usage > 0
+    assert report.latency_p50_s is not None and report.latency_p99_s >= report.latency_p50_s
+    assert report.ttft_p50_s is not None
+
+
+def test_load_probe_reports_a_server_dying_mid_probe(sim, tmp_path):
+    env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 400}})
+    with open_nvml() as nvml:
+        proc = _serve(env, tmp_path, nvml)
+        try:
+            started = time.monotonic()
+            report = run_load_probe(
+                proc.base_url,
+                model=proc.served_model_name,
+                concurrency=4,
+                prompt_tokens=2000,
+                max_tokens=40,
+                duration_s=30,
+                nvml=nvml,
+                gpu_ids=[0],
+                is_alive=lambda: proc.returncode is None,
+                vocab_size=1000,
+            )
+            took = time.monotonic() - started
+        finally:
+            proc.stop()
+    assert report.server_died
+    assert not report.ok
+    assert took < 5  # noticed at once, not at the end of the 30 s probe
+    assert proc.watcher.finalize(exit_code=1).category == "oom_at_runtime"
