@@ -21,7 +21,9 @@ from .search import GIB, Finish, Launch, Observation, Policy, ProbeSummary, Requ
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, run_trial
 
-CONTEXT_OVERHEAD_BYTES = GIB // 2
+CONTEXT_OVERHEAD_BYTES = (
+    GIB // 4
+)  # optimistic on purpose: a wrong guess fails in seconds and prints the exact free memory
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
 # The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "swap/offload"
 # rung is weight offload through --cpu-offload-gb (KV offload to CPU does not shrink the GPU pool).

@@ -192,7 +192,7 @@ class Policy:
             used_util = cfg.gpu_memory_utilization or 0.92
             if cat == "startup_free_memory_below_utilization":
                 free, total = facts.get("free_gib"), facts.get("total_gib")
-                cap = free / total - UTIL_STEP if free and total else used_util - 0.05
+                cap = free / total if free and total else used_util - 0.05  # floored to 0.01 below
                 caps.util = min(caps.util, _round_util(cap))
                 caps.notes.append(f"only {free} GiB of {total} GiB was free at startup")
             elif cat == "oom_cudagraph_capture":

@@ -106,7 +106,9 @@ def build_runtime(
             raise UsageError("--simulate and --docker-image cannot be combined", "drop one of them")
         from ..simlite.activate import create
 
-        simulated = create(simulate, state_dir=data_dir() / "sim" / simulate, time_scale=sim_time_scale)
+        simulated = create(
+            simulate, state_dir=data_dir() / "sim" / Path(simulate).stem, time_scale=sim_time_scale
+        )
         simulated.apply()
         launcher = LocalLauncher(simulated.vllm_cmd)
     elif docker_image:

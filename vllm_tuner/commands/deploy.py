@@ -236,7 +236,7 @@ def _runner(
     if simulate:
         from ..simlite.activate import create
 
-        sim = create(simulate, state_dir=data_dir() / "sim" / simulate, time_scale=sim_time_scale)
+        sim = create(simulate, state_dir=data_dir() / "sim" / Path(simulate).stem, time_scale=sim_time_scale)
         sim.apply()
         vllm_cmd, env = sim.vllm_cmd, dict(sim.env)
     settings = Settings(vllm_cmd=vllm_cmd, env=env, ready_timeout_s=ready_timeout_s, verify=verify)

@@ -71,7 +71,7 @@ def command(
         from ..paths import data_dir
         from ..simlite.activate import create
 
-        create(simulate, state_dir=data_dir() / "sim" / simulate).apply()
+        create(simulate, state_dir=data_dir() / "sim" / Path(simulate).stem).apply()
     entries = _entries(models, models_file)
     ids = _parse_ids(gpu_ids)
     tp_size = tp or (len(ids) if ids else gpus) or 1

@@ -80,8 +80,17 @@ def model_truth(name: str, config: dict, weights_bytes: int | None) -> ModelTrut
         per_token = layers * 2 * kv_heads * head_dim * 2
     max_len = int(text.get("max_position_embeddings") or 4096)
     if not weights_bytes:
-        params = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
-        weights_bytes = params * 2
+        body = layers * (4 * hidden * hidden + 3 * hidden * inter)
+        quant = config.get("quantization_config") or {}
+        bits = (
+            quant.get("bits")
+            or quant.get("w_bit")
+            or (8 if "fp8" in str(quant.get("quant_method", "")) else None)
+        )
+        if str(quant.get("quant_method", "")).lower() in ("nvfp4", "modelopt_fp4"):
+            bits = 4
+        per_param = (float(bits) / 8 * 1.06) if bits else 2.0  # + group scales and zeros
+        weights_bytes = int(body * per_param) + 2 * vocab * hidden * 2
     return ModelTruth(
         name, layers, hidden, inter, vocab, per_token, mla, kv_heads, int(weights_bytes), max_len
     )
