@@ -211,3 +211,15 @@ def test_weights_that_cannot_fit_are_refused_before_any_launch_with_what_would(s
     err = capsys.readouterr().err.strip()
     assert code == 2 and "weights alone" in err and "--tensor-parallel-size" in err and "quantized" in err
     assert not (env.state_dir / "procs").exists() or not list((env.state_dir / "procs").iterdir())
+
+
+def test_two_tuners_never_launch_on_the_same_gpu(sim, capsys):
+    from vllm_tuner.gpulock import GpuLock, gpu_lock_keys
+
+    env = sim("rtx-5090")
+    nvml = open_nvml()
+    keys = gpu_lock_keys([(0, nvml.device(0).uuid)])
+    with GpuLock(keys):  # another tuner holds GPU 0
+        code = main(["find", "--model", "qwen2.5-7b", "--gpus", "2", "--vllm-cmd", env.vllm_cmd])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "GPU" in err and len(err.splitlines()) == 1

@@ -169,8 +169,10 @@ class Finder:
         progress: Progress,
         log_dir: Path,
         clock: Callable[[], float] = time.monotonic,
+        machine_id: str = "",
     ) -> None:
         self.request = request
+        self.machine_id = machine_id
         self.spec = spec
         self.gpu = gpu
         self.vllm_info = vllm_info
@@ -356,8 +358,7 @@ class Finder:
             "model": self.spec.serve_name,
             "weights": getattr(self.spec, "weights_bytes", None),
             "gpus": [getattr(self.gpu, "name", ""), self.gpu.total_bytes, list(self.request.gpu_ids)],
-            "uuids": list(getattr(self.gpu, "uuids", []) or []),
-            "driver": getattr(self.gpu, "driver", ""),
+            "machine": self.machine_id,
             "vllm": getattr(self.vllm_info, "version", ""),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

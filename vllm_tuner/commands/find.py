@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
+from ..gpulock import GpuLock, gpu_lock_keys
 from ..search import GIB, LOSSY_ORDER
 from ..trial import Timeouts
 from ..units import format_duration, parse_duration
@@ -192,11 +193,13 @@ def command(
             store=store,
             progress=runtime.progress,
             log_dir=run_dir,
+            machine_id=_machine_id(nvml, ids),
         )
         if dry_run:
             return _print_dry_run(finder, json_)
         try:
-            result = finder.run()
+            with GpuLock(gpu_lock_keys(_uuids(nvml, ids))):
+                result = finder.run()
         finally:
             if nvml is not None:
                 nvml.close()
@@ -211,6 +214,17 @@ def command(
         _print_result(result)
     if result.winner is None:
         raise click.exceptions.Exit(1)
+
+
+def _uuids(nvml, ids) -> list[tuple[int, str | None]]:
+    return [(i, nvml.device(i).uuid if nvml is not None else None) for i in ids]
+
+
+def _machine_id(nvml, ids) -> str:
+    """The driver and GPU UUIDs: part of the fingerprint that decides whether a past failure applies."""
+    if nvml is None:
+        return ""
+    return nvml.driver_version() + "|" + ",".join(uuid or "" for _i, uuid in _uuids(nvml, ids))
 
 
 def _gpu_ids(gpus: int | None, gpu_ids: str | None) -> list[int] | None:
