@@ -1,0 +1,293 @@
+"""``vllm-tune ramp``: build the collaborators, run the ramp, print the table, the chart and the command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..trial import Timeouts
+from ..units import format_duration, parse_duration
+from ._common import build_runtime, emit_json, runtime_options
+from .find import _gpu_ids, _model_and_gpus
+
+GIB = 1 << 30
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option("--model", "-m", default=None, help="HF id, local model dir, or bundled profile name.")
+@click.option("--gpus", type=int, default=None, help="Use the first N GPUs.")
+@click.option("--gpu-ids", default=None, help="Use these GPUs, e.g. 0,2.")
+@click.option("--tensor-parallel-size", "-tp", "tp", type=int, default=None, help="[default: the GPU count]")
+@click.option("--max-model-len", type=int, default=None, help="Context length to serve (else after --).")
+@click.option("--max-num-seqs", type=int, default=None, help="Concurrent sequences to serve (else after --).")
+@click.option(
+    "--from-find",
+    "from_find",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Take the model, flags and GPUs from a 'vllm-tune find --json' output file.",
+)
+@click.option("--start", type=float, default=0.85, show_default=True, help="First utilization.")
+@click.option("--step", type=float, default=0.01, show_default=True, help="Raise by this much per step.")
+@click.option("--ceiling", type=float, default=0.92, show_default=True, help="Highest utilization (≤ 0.98).")
+@click.option("--soak", default="1h", show_default=True, help="How long each step stays under load.")
+@click.option(
+    "--warmup",
+    default=None,
+    help="The worst case climbs to full concurrency over this part of the soak [default: a quarter].",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["linear", "bisect"]),
+    default="linear",
+    show_default=True,
+    help="linear: the guides' one step at a time; bisect: find the startup edge first, soak below it.",
+)
+@click.option(
+    "--margin", type=float, default=0.0, show_default=True, help="Serve this far below the last stable step."
+)
+@click.option(
+    "--headroom", type=float, default=1.0, show_default=True, help="GiB that must stay free under load."
+)
+@click.option(
+    "--max-preemptions",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Preemptions a step may show under load.",
+)
+@click.option(
+    "--workload-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Replay these request lengths (one 'PROMPT[,OUTPUT]' a line) instead of the default mix.",
+)
+@click.option("--no-short", is_flag=True, help="Soak with the worst case only, without the short requests.")
+@click.option(
+    "--max-launches", type=int, default=None, help="Stop after this many launches; rerun to resume."
+)
+@click.option(
+    "--trial-timeout", default="30m", show_default=True, help="Longest one vLLM may take to become ready."
+)
+@click.option("--stall-timeout", default="10m", show_default=True, help="No log progress this long = hung.")
+@click.option(
+    "--chart",
+    "chart_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the HTML chart [default: next to the step logs].",
+)
+@runtime_options
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
+def command(
+    model,
+    gpus,
+    gpu_ids,
+    tp,
+    max_model_len,
+    max_num_seqs,
+    from_find,
+    start,
+    step,
+    ceiling,
+    soak,
+    warmup,
+    strategy,
+    margin,
+    headroom,
+    max_preemptions,
+    workload_file,
+    no_short,
+    max_launches,
+    trial_timeout,
+    stall_timeout,
+    chart_path,
+    vllm_cmd,
+    docker_image,
+    db,
+    json_,
+    simulate,
+    sim_time_scale,
+    extra,
+):
+    """Raise --gpu-memory-utilization one step at a time, soaking every step under load.
+
+    \b
+    Each step restarts vLLM with the next utilization and the other flags unchanged, waits until it
+    is ready and keeps it under load for the soak. The first step that dies, fails requests, preempts
+    or leaves less than --headroom free on a GPU ends the ramp; the last stable step is the answer.
+
+    \b
+    Examples:
+      vllm-tune ramp --model qwen2.5-7b --gpus 2 --max-model-len 32768 --max-num-seqs 4 --simulate rtx-5090
+      vllm-tune find --model M --gpus 1 --json > found.json && vllm-tune ramp --from-find found.json --soak 2h
+      vllm-tune ramp --model M --gpus 1 --strategy bisect --ceiling 0.95 -- --max-model-len 16384 --trust-remote-code
+    """
+    from ..ramp import RampPlan, RampRequest, config_from_args, read_find_result
+
+    plan = RampPlan(
+        start=start,
+        step=step,
+        ceiling=ceiling,
+        strategy=strategy,
+        margin=margin,
+        soak_s=parse_duration(soak, option="--soak"),
+        headroom_bytes=int(headroom * GIB),
+        max_preemptions=max_preemptions,
+    )
+    plan.validate()
+    if max_launches is not None and max_launches < 1:
+        raise UsageError(
+            f"--max-launches must be at least 1, got {max_launches}", "use e.g. --max-launches 3"
+        )
+    found = read_find_result(from_find) if from_find else None
+    if found is None and not model:
+        raise UsageError("ramp needs a model", "pass --model M, or --from-find RESULT.json")
+    args = list(found.args) if found else []
+    model = model or found.model
+    if found and gpus is None and not gpu_ids and found.gpu_ids:
+        gpu_ids = ",".join(str(i) for i in found.gpu_ids)
+    warmup_s = parse_duration(warmup, option="--warmup") if warmup else plan.soak_s / 4
+    replay = ()
+    if workload_file:
+        from ..workload import read_prompt_lengths
+
+        replay = tuple(read_prompt_lengths(workload_file))
+
+    runtime = build_runtime(
+        vllm_cmd=vllm_cmd,
+        docker_image=docker_image,
+        db=db,
+        json_=json_,
+        simulate=simulate,
+        sim_time_scale=sim_time_scale,
+    )
+    if runtime.simulated is not None:  # simulated hours pass as fast as the simulated vLLM's
+        plan = RampPlan(**{**plan.__dict__, "soak_s": plan.soak_s / sim_time_scale})
+        warmup_s /= sim_time_scale
+    ids = _gpu_ids(gpus, gpu_ids)
+    spec, gpu, nvml = _model_and_gpus(runtime, model, gpus, ids)
+    ids = tuple(gpu.ids)
+    config = config_from_args(
+        spec.serve_name,
+        [*args, *extra],
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        tensor_parallel_size=tp,
+    )
+    if (
+        config.tensor_parallel_size == 1
+        and tp is None
+        and len(ids) > 1
+        and "--tensor-parallel-size" not in args
+    ):
+        config = config.replace(tensor_parallel_size=len(ids))
+    if config.tensor_parallel_size * config.pipeline_parallel_size > len(ids):
+        raise UsageError(
+            f"--tensor-parallel-size {config.tensor_parallel_size} needs that many GPUs, but only {len(ids)} were given",
+            "raise --gpus or lower --tensor-parallel-size",
+        )
+    request = RampRequest(
+        model=spec.serve_name,
+        gpu_ids=ids,
+        config=config,
+        plan=plan,
+        warmup_s=warmup_s,
+        short_requests=not no_short,
+        replay=replay,
+        timeouts=Timeouts(
+            ready_s=parse_duration(trial_timeout, option="--trial-timeout"),
+            stall_s=parse_duration(stall_timeout, option="--stall-timeout"),
+        ),
+        max_launches=max_launches,
+        vllm_cmd="vllm" if simulate or docker_image else vllm_cmd,
+    )
+    result = _run(runtime, request, spec, gpu, nvml)
+    run_dir = runtime.log_root / f"ramp-{request.key()}"
+    result.chart_path = _write_chart(result, chart_path or run_dir / "ramp-chart.html", gpu.total_bytes)
+    if json_:
+        emit_json(result.as_json())
+    else:
+        _print_result(result)
+    if result.last_stable is None and result.complete:
+        raise click.exceptions.Exit(1)
+
+
+def _run(runtime, request, spec, gpu, nvml):
+    from ..launch import detect_vllm
+    from ..ramp import Ramp, ramp_env_fingerprint
+
+    vllm_info = detect_vllm(runtime.launcher)
+    try:
+        with runtime.open_store() as store:
+            ramp = Ramp(
+                request,
+                env_fingerprint=ramp_env_fingerprint(spec, gpu, request.gpu_ids, vllm_info),
+                launcher=runtime.launcher,
+                nvml=nvml,
+                store=store,
+                progress=runtime.progress,
+                log_dir=runtime.log_root / f"ramp-{request.key()}",
+                vocab_size=getattr(spec, "vocab_size", 32000) or 32000,
+            )
+            return ramp.run()
+    finally:
+        if nvml is not None:
+            nvml.close()
+
+
+def _write_chart(result, path: Path, total_bytes: int) -> Path | None:
+    from ..chart import ChartPoint, ramp_chart_html
+
+    points = [
+        ChartPoint(
+            s.utilization,
+            s.kv_cache_tokens,
+            max(s.peak_used_bytes.values()) / GIB if s.peak_used_bytes else None,
+            s.passed,
+            s.failure,
+        )
+        for s in result.steps
+        if s.phase == "soak"
+    ]
+    if not points:
+        return None
+    title = f"vllm-tune ramp: {result.request.model} on GPU(s) {','.join(map(str, result.request.gpu_ids))}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(ramp_chart_html(points, title=title, capacity_gib=total_bytes / GIB))
+    return path
+
+
+def _print_result(result) -> None:
+    from ..ramp import summary_table
+
+    if result.steps:
+        click.echo("")
+        for line in summary_table(result.steps):
+            click.echo("  " + line)
+        click.echo("")
+    elapsed = sum(s.duration_s for s in result.steps)
+    last = result.last_stable
+    if last is None:
+        words = "Ramp cut short" if not result.complete else "No stable step"
+        click.echo(f"✘ {words}: {result.reason} ({result.launches} launch(es), {format_duration(elapsed)})")
+        if not result.complete:
+            click.echo("  Run the same command again to resume.")
+        return
+    status = (
+        "Last stable step" if result.complete else "Last stable step so far (ramp cut short; rerun to resume)"
+    )
+    margin = (
+        f", served at {result.utilization:.2f} (margin {result.request.plan.margin:.2f})"
+        if result.request.plan.margin
+        else ""
+    )
+    click.echo(f"✔ {status}: --gpu-memory-utilization {last.utilization:.2f}{margin}")
+    click.echo(
+        f"  {result.reason} ({result.launches} launch(es) this run, {format_duration(elapsed)} in all)"
+    )
+    if result.chart_path:
+        click.echo(f"\nChart: {result.chart_path}")
+    click.echo("\nServe command:\n  " + result.command())
