@@ -183,8 +183,10 @@ def test_from_find_takes_the_flags_and_gpus(sim, capsys, tmp_path):
         ["ramp", "--from-find", str(found), "--vllm-cmd", env.vllm_cmd, "--json", "--start", "0.88"]
         + ["--ceiling", "0.89", "--soak", "1s"]
     )
-    result = json.loads(capsys.readouterr().out)
-    assert code == 0 and result["last_stable"] == 0.89
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["last_stable"] == 0.89
     assert "--max-model-len 16384 --max-num-seqs 4 --gpu-memory-utilization 0.89" in result["command"]
 
 

@@ -412,7 +412,24 @@ def read_find_result(path: Path) -> FindFlags:
     command = data.get("command") if isinstance(data, dict) else None
     if not command:
         raise UsageError(f"{path} holds no stable config (no 'command')", "run find until it returns one")
-    return parse_serve_command(command)
+    found = parse_serve_command(command)
+    return FindFlags(found.model, _without_utilization(found.args), found.gpu_ids, found.vllm_cmd)
+
+
+def _without_utilization(args: Sequence[str]) -> tuple[str, ...]:
+    """The flags less ``--gpu-memory-utilization`` (find's value; the ramp sets its own)."""
+    out: list[str] = []
+    skip = False
+    for word in args:
+        if skip:
+            skip = False
+            continue
+        if word == "--gpu-memory-utilization":
+            skip = True
+            continue
+        if not word.startswith("--gpu-memory-utilization="):
+            out.append(word)
+    return tuple(out)
 
 
 def parse_serve_command(command: str) -> FindFlags:
