@@ -7,6 +7,7 @@ import json
 import pytest
 
 from vllm_tuner.cli import main
+from vllm_tuner.launch import free_port
 from vllm_tuner.paths import profiles_dir
 
 SCENARIO = "rtx-pro-6000"
@@ -19,8 +20,13 @@ needs_sim = pytest.mark.skipif(
 
 def deployment_file(tmp_path, count):
     names = ["coder", "general", "helper"][:count]
+    ports = []
+    while len(ports) < count:  # distinct free ports: concurrent test runs must not collide
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
     models = "\n".join(
-        f"  - {{name: {n}, model: qwen2.5-7b, served_model_name: {n}, port: {18100 + i}, "
+        f"  - {{name: {n}, model: qwen2.5-7b, served_model_name: {n}, port: {ports[i]}, "
         f"needs: {{min_context: 8192, min_seqs: 4}}}}"
         for i, n in enumerate(names)
     )
