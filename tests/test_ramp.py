@@ -1,0 +1,237 @@
+"""The ramp's pure parts: the grid, the next step (linear, bisect), verdicts, flags, the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_tuner.errors import UsageError
+from vllm_tuner.probe import LoadReport
+from vllm_tuner.ramp import (
+    HEADROOM,
+    PREEMPTIONS,
+    REQUEST_ERRORS,
+    NextStep,
+    RampPlan,
+    StepResult,
+    Stop,
+    config_from_args,
+    judge_step,
+    parse_serve_command,
+    summary_table,
+)
+from vllm_tuner.serveconfig import ServeConfig
+from vllm_tuner.trial import TrialOutcome
+
+GIB = 1 << 30
+
+
+def soak(u: float, ok: bool = True, category: str = "success") -> StepResult:
+    return StepResult(u, "soak", "pass" if ok else "fail", category if not ok else "success")
+
+
+def edge(u: float, ok: bool = True) -> StepResult:
+    return StepResult(u, "edge", "boots" if ok else "fail", "success" if ok else "oom_cudagraph_capture")
+
+
+def walk(plan: RampPlan, passes_below: float, boots_below: float | None = None) -> list[StepResult]:
+    """Run the plan against a machine whose soaks hold below ``passes_below`` and which boots below
+    ``boots_below``; return the steps it took."""
+    steps: list[StepResult] = []
+    for _ in range(40):
+        decision = plan.next(steps)
+        if isinstance(decision, Stop):
+            return steps
+        u = decision.utilization
+        boots = boots_below is None or u < boots_below
+        if decision.phase == "edge":
+            steps.append(edge(u, boots))
+        else:
+            steps.append(soak(u, boots and u < passes_below))
+    raise AssertionError("the plan never stopped")
+
+
+def test_grid_is_rounded_and_ends_at_the_ceiling():
+    assert RampPlan().grid() == (0.85, 0.86, 0.87, 0.88, 0.89, 0.9, 0.91, 0.92)
+    assert RampPlan(start=0.9, step=0.03, ceiling=0.98).grid() == (0.9, 0.93, 0.96)
+
+
+def test_linear_goes_up_one_step_per_pass_and_stops_at_the_first_failure():
+    plan = RampPlan()
+    steps = walk(plan, passes_below=0.895)
+    assert [(s.utilization, s.passed) for s in steps][-3:] == [(0.88, True), (0.89, True), (0.9, False)]
+    assert plan.last_stable(steps).utilization == 0.89
+    decision = plan.next(steps)
+    assert isinstance(decision, Stop) and "0.90 failed" in decision.reason and "0.89" in decision.reason
+
+
+def test_linear_to_the_ceiling_and_a_failing_start():
+    plan = RampPlan()
+    steps = walk(plan, passes_below=1.0)
+    assert len(steps) == 8 and plan.last_stable(steps).utilization == 0.92
+    assert "ceiling" in plan.next(steps).reason
+    steps = walk(plan, passes_below=0.5)
+    assert len(steps) == 1 and plan.last_stable(steps) is None and plan.recommended(steps) is None
+
+
+def test_margin_is_taken_off_the_last_stable_step():
+    plan = RampPlan(margin=0.02)
+    steps = walk(plan, passes_below=0.9)
+    assert plan.recommended(steps) == 0.87
+
+
+def test_bisect_finds_the_edge_in_log2_launches_then_soaks_just_below_it():
+    plan = RampPlan(strategy="bisect")
+    steps = walk(plan, passes_below=1.0, boots_below=0.905)
+    edges = [s for s in steps if s.phase == "edge"]
+    soaks = [s for s in steps if s.phase == "soak"]
+    assert len(edges) <= 4
+    assert [s.utilization for s in soaks] == [0.89, 0.9]  # just below the edge 0.90, then the edge
+    assert plan.last_stable(steps).utilization == 0.9
+
+
+def test_bisect_steps_down_when_the_soak_below_the_edge_fails():
+    plan = RampPlan(strategy="bisect")
+    steps = walk(plan, passes_below=0.875, boots_below=0.905)
+    soaks = [(s.utilization, s.passed) for s in steps if s.phase == "soak"]
+    assert soaks == [(0.89, False), (0.88, False), (0.87, True)]
+    assert plan.last_stable(steps).utilization == 0.87
+
+
+def test_bisect_when_nothing_boots_and_when_everything_boots():
+    plan = RampPlan(strategy="bisect")
+    steps = walk(plan, passes_below=1.0, boots_below=0.5)
+    assert not any(s.phase == "soak" for s in steps)
+    assert "not even --start 0.85 boots" in plan.next(steps).reason
+    steps = walk(plan, passes_below=1.0)
+    assert [s.utilization for s in steps if s.phase == "soak"] == [0.91, 0.92]
+
+
+def test_the_first_decision_of_each_strategy():
+    assert RampPlan().next([]) == NextStep(0.85, "soak", "the safe starting point")
+    first = RampPlan(strategy="bisect").next([])
+    assert first.phase == "edge" and 0.85 < first.utilization < 0.92
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"ceiling": 0.99}, "--ceiling must be in (0, 0.98]"),
+        ({"start": 0.92}, "--start must be above 0 and below --ceiling"),
+        ({"step": 0.0}, "--step must be above 0"),
+        ({"step": 0.2}, "--step must be above 0 and at most"),
+        ({"strategy": "random"}, "unknown --strategy"),
+        ({"margin": -0.01}, "--margin must be at least 0"),
+        ({"max_preemptions": -1}, "--max-preemptions cannot be negative"),
+    ],
+)
+def test_validation_is_one_usage_error(changes, words):
+    with pytest.raises(UsageError) as info:
+        RampPlan(**changes).validate()
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def outcome(
+    verdict: str, category: str = "success", report: LoadReport | None = None, **facts
+) -> TrialOutcome:
+    cfg = ServeConfig("m", gpu_memory_utilization=0.9)
+    return TrialOutcome(cfg, category, verdict, dict(facts), report, duration_s=12.0, evidence="")
+
+
+def report(**changes) -> LoadReport:
+    base = LoadReport(
+        ok=True,
+        requests=40,
+        peak_used_bytes={0: 21 * GIB, 1: 22 * GIB},
+        headroom_bytes={0: 3 * GIB, 1: 2 * GIB},
+        max_kv_usage=0.6,
+        latency_p50_s=0.5,
+        latency_p99_s=1.5,
+        duration_s=30.0,
+    )
+    for key, value in changes.items():
+        setattr(base, key, value)
+    return base
+
+
+def test_a_healthy_soak_passes_with_its_numbers():
+    step = judge_step(
+        outcome("stable", report=report(), kv_cache_tokens=500000), RampPlan(), "soak", soak_s=30
+    )
+    assert step.verdict == "pass" and step.category == "success" and step.failure == ""
+    assert step.kv_cache_tokens == 500000 and step.min_headroom_bytes == 2 * GIB
+    data = step.as_json()
+    assert data["peak_memory_gib"] == {"0": 21.0, "1": 22.0} and data["failure_category"] is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "category", "words"),
+    [
+        ({"headroom_bytes": {0: 3 * GIB, 1: GIB // 2}}, HEADROOM, "GPU 1 had 0.50 GiB free"),
+        ({"preemptions": 3}, PREEMPTIONS, "3 preemption(s) under load (limit 0)"),
+        ({"errors": {"http_5xx": 2}}, REQUEST_ERRORS, "2 request(s) failed under load (2 http_5xx)"),
+        ({"server_died": True, "duration_s": 14.0}, "server_died_under_load", "died under load after 14.0s"),
+    ],
+)
+def test_each_soak_failure_has_its_category_and_numbers(changes, category, words):
+    step = judge_step(outcome("unstable", report=report(**changes)), RampPlan(), "soak", soak_s=30)
+    assert step.verdict == "fail" and step.category == category and words in step.failure
+
+
+def test_a_log_category_wins_and_a_startup_failure_has_no_soak():
+    died = judge_step(
+        outcome("unstable", "oom_at_runtime", report(server_died=True)), RampPlan(), "soak", soak_s=60
+    )
+    assert died.category == "oom_at_runtime" and "of the 60.0s soak" in died.failure
+    failed = judge_step(outcome("failed", "oom_cudagraph_capture"), RampPlan(), "soak", soak_s=60)
+    assert failed.verdict == "fail" and failed.soak_elapsed_s is None and "did not start" in failed.failure
+    booted = judge_step(outcome("boots"), RampPlan(), "edge")
+    assert booted.passed and booted.verdict == "boots"
+
+
+def test_step_records_round_trip():
+    step = judge_step(outcome("stable", report=report()), RampPlan(), "soak", soak_s=30)
+    again = StepResult.from_record(step.to_record())
+    assert again == step
+
+
+def test_flags_after_dashes_become_fields_and_the_rest_passes_through():
+    cfg = config_from_args(
+        "m",
+        [
+            "--max-model-len",
+            "8192",
+            "--enforce-eager",
+            "--trust-remote-code",
+            "-tp=2",
+            "--kv-cache-dtype",
+            "fp8",
+        ],
+    )
+    assert cfg.max_model_len == 8192 and cfg.enforce_eager and cfg.tensor_parallel_size == 2
+    assert cfg.kv_cache_dtype == "fp8" and cfg.extra_args == ("--trust-remote-code",)
+    assert config_from_args("m", ["--max-num-seqs", "4"], max_num_seqs=8).max_num_seqs == 8
+    with pytest.raises(UsageError):
+        config_from_args("m", ["--gpu-memory-utilization", "0.9"])
+    with pytest.raises(UsageError):
+        config_from_args("m", ["--max-model-len", "long"])
+
+
+def test_a_find_command_is_read_back():
+    found = parse_serve_command(
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0,1 uv run vllm serve "
+        "Qwen/Qwen2.5-7B-Instruct --tensor-parallel-size 2 --max-model-len 32768 --trust-remote-code"
+    )
+    assert found.model == "Qwen/Qwen2.5-7B-Instruct" and found.gpu_ids == (0, 1)
+    assert found.vllm_cmd == "uv run vllm"
+    assert found.args == ("--tensor-parallel-size", "2", "--max-model-len", "32768", "--trust-remote-code")
+
+
+def test_the_table_has_a_row_per_step():
+    steps = [
+        judge_step(outcome("stable", report=report(), kv_cache_tokens=500000), RampPlan(), "soak", soak_s=30),
+        judge_step(outcome("failed", "oom_cudagraph_capture"), RampPlan(), "soak", soak_s=30),
+    ]
+    lines = summary_table(steps)
+    assert lines[0].split()[:3] == ["util", "phase", "KV"]
+    assert "500,000" in lines[1] and "22.00" in lines[1] and "0.50/1.50" in lines[1] and "pass" in lines[1]
+    assert "fail: oom cudagraph capture" in lines[2]
