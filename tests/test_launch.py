@@ -253,3 +253,12 @@ def test_missing_vllm_command_is_one_line(tmp_path):
     assert "not found" in message and "\n" not in message
     with pytest.raises(VllmError):
         LocalLauncher("   ")
+
+
+def test_slow_start_that_keeps_logging_is_not_a_stall(sim, tmp_path):
+    # 400 s of extra load time at scale 400 is ~1 s of silence-free loading; stall_s=0.6 must not fire
+    env = sim("rtx-5090", faults={"slow_start_s": 400})
+    with server(env, tmp_path, ServeConfig(MODEL, max_model_len=4096)) as proc:
+        ready = proc.wait_ready(timeout_s=30, stall_s=0.6)
+    assert ready.ready, ready.diagnosis
+    assert "Loading safetensors checkpoint shards: 100% Completed" in (tmp_path / "trial.log").read_text()

@@ -58,7 +58,8 @@ def _serve(env, tmp_path, nvml, *extra: str) -> ServerProcess:
 
 
 def test_load_probe_reports_requests_memory_and_kv(sim, tmp_path):
-    env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 0.0}})
+    # 1 ms decode steps at this scale: each request lasts ~100 ms, so /metrics is sampled mid-flight
+    env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 0.0}}, timing={"decode_step_s": 0.4})
     with open_nvml() as nvml:
         idle = nvml.memory(0).used
         proc = _serve(env, tmp_path, nvml)
@@ -68,7 +69,7 @@ def test_load_probe_reports_requests_memory_and_kv(sim, tmp_path):
                 model=proc.served_model_name,
                 concurrency=4,
                 prompt_tokens=2000,
-                max_tokens=40,
+                max_tokens=100,
                 duration_s=None,
                 nvml=nvml,
                 gpu_ids=[0],

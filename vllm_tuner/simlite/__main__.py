@@ -220,7 +220,15 @@ def walk(
     load_s = 2.0 if args.load_format == "dummy" else timing["load_s"]
     if faults.get("slow_start_s"):
         load_s += float(faults["slow_start_s"])
-    nap(load_s)
+    shards = 4
+    for done in range(1, shards + 1):  # vLLM's tqdm bar: the log keeps moving during a slow load
+        nap(load_s / shards)
+        pct = done * 100 // shards
+        print(
+            f"(EngineCore pid={PID}) Loading safetensors checkpoint shards: {pct:3d}% Completed | "
+            f"{done}/{shards} [00:{int(load_s * done / shards) % 60:02d}<00:00, 1.00s/it]",
+            flush=True,
+        )
     if b.category == "oom_weights_load":
         d = b.fail_detail
         return fail(
