@@ -232,7 +232,7 @@ class Policy:
         need = self.request.headroom_bytes
         seen = obs.probe.min_headroom_bytes if obs.probe else None
         if total_bytes and seen is not None and not (obs.probe and obs.probe.server_died):
-            deficit = max(need - seen, 0) + 0.1 * GIB
+            deficit = max(need - seen, 0) + 0.03 * GIB  # headroom moves ~1:1 with util x total
             return round(used - max(UTIL_STEP, math.ceil(deficit / total_bytes * 100) / 100), 2)
         if total_bytes:
             return round(used - max(2 * UTIL_STEP, math.ceil(need / total_bytes * 100) / 100), 2)

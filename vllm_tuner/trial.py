@@ -38,10 +38,15 @@ class ProbePlan:
         *,
         headroom_bytes: int,
         duration_s: float | None = None,
-        max_tokens: int = 64,
+        max_tokens: int | None = None,
     ) -> ProbePlan:
+        """``max_num_seqs`` requests that together fill ``max_model_len`` each. The decode is long enough
+        (an eighth of the context, 64..4096 tokens) that the first request is still generating when the
+        last prefill lands, so every sequence holds its full KV at once — the promise being tested."""
         context = config.max_model_len or 2048
-        max_tokens = max(1, min(max_tokens, context // 4))
+        if max_tokens is None:
+            max_tokens = min(4096, max(64, context // 8))
+        max_tokens = max(1, min(max_tokens, context // 2))
         return cls(
             concurrency=config.max_num_seqs or 1,
             prompt_tokens=max(1, context - max_tokens),
