@@ -42,6 +42,19 @@ def _end_group(child: subprocess.Popen) -> None:
     os.killpg(pgid, signal.SIGKILL)  # ends the reaper too
 
 
+def _kill_stragglers() -> None:
+    """vLLM exited on its own: end whatever it left in this group (workers), but not the reaper."""
+    me, group = os.getpid(), os.getpgid(0)
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if os.getpgid(int(entry)) == group:
+                os.kill(int(entry), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m vllm_tuner._reaper PARENT_PID -- COMMAND...", file=sys.stderr)
@@ -64,6 +77,7 @@ def main(argv: list[str]) -> int:
     while True:
         try:
             code = child.wait(timeout=0.5)
+            _kill_stragglers()
             return code if code >= 0 else 128 - code
         except subprocess.TimeoutExpired:
             if os.getppid() != parent:

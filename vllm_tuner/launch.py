@@ -454,14 +454,15 @@ class ServerProcess:
             return
         if not self._stopped:
             self._stopped = True
-            if proc.poll() is None:
+            if proc.returncode is None:
+                # The reaper's pid is the group id. Until it is reaped (a zombie keeps the pid), the id
+                # cannot be reused, so every signal below reaches only the group this tuner started.
                 _signal_group(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=self.grace_s)
-                except subprocess.TimeoutExpired:
+                if not _exited_unreaped(proc.pid, self.grace_s):
                     _signal_group(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            _signal_group(proc.pid, signal.SIGKILL)  # stragglers that left the reaper behind
+                    _exited_unreaped(proc.pid, 30.0)
+                _signal_group(proc.pid, signal.SIGKILL)  # stragglers that outlived the reaper
+                proc.wait()
             self.launcher.cleanup(self.name)
             self._join_reader(5.0)
         if wait_release:
@@ -492,6 +493,20 @@ class ServerProcess:
             return {i: self.nvml.memory(i).used for i in self.gpu_ids}
         except GpuError:
             return None
+
+
+def _exited_unreaped(pid: int, timeout_s: float) -> bool:
+    """Wait until child ``pid`` has exited, without reaping it (its pid stays reserved)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return True  # already reaped elsewhere
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
