@@ -28,12 +28,12 @@ def test_the_default_mix_climbs_to_the_worst_case_and_adds_short_requests():
     assert all(s.prompt_tokens + s.max_tokens == 32768 for s in worst)
     (short,) = [s for s in work.streams if s.name == "short"]
     assert short == Stream("short", 2, 512, 128)
-    assert work.describe() == "8 × 32704+64 tokens (worst case) + 2 × 512+128 tokens (short)"
+    assert work.describe() == "8 × 28672+4096 tokens (worst case) + 2 × 512+128 tokens (short)"
 
 
 def test_without_warmup_the_worst_case_starts_at_once_and_short_requests_are_optional():
     work = default_workload(concurrency=3, context=1024, duration_s=10, short_requests=False)
-    assert work.streams == (Stream("worst case", 3, 960, 64, 0.0),)
+    assert work.streams == (Stream("worst case", 3, 896, 128, 0.0),)
 
 
 def test_replay_shares_concurrency_by_bucket_and_caps_at_the_context():
@@ -118,7 +118,7 @@ def test_run_workload_drives_every_stream_at_its_time_and_ticks():
         tick_s=0.05,
         probe=fake_probe,
     )
-    assert sorted(c[:2] for c in calls) == [(1, 512), (1, 1984), (1, 1984)]
+    assert sorted(c[:2] for c in calls) == [(1, 512), (1, 1792), (1, 1792)]
     assert sorted(c[2] for c in calls)[0] < 0.6  # the second worst-case stream joined later
     assert report.requests == 3 and report.ok and ticks and ticks[0].remaining_s <= 0.6
 

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from .errors import UsageError
 from .probe import LoadReport, parse_metrics, run_load_probe
+from .serveconfig import ServeConfig
+from .trial import ProbePlan
 
 GIB = 1 << 30
 SHORT_PROMPT_TOKENS = 512
 SHORT_MAX_TOKENS = 128
-WORST_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,10 @@ def default_workload(
 ) -> Workload:
     """The worst case the config promises, climbing in ``stages`` over ``warmup_s``, plus short requests."""
     concurrency = max(1, concurrency)
-    max_tokens = max(1, min(WORST_MAX_TOKENS, context // 4))
-    prompt = max(1, context - max_tokens)
+    worst = ProbePlan.worst_case(
+        ServeConfig("", max_model_len=context, max_num_seqs=concurrency), headroom_bytes=0
+    )
+    prompt, max_tokens = worst.prompt_tokens, worst.max_tokens  # find's worst case, decode included
     stages = max(1, min(stages, concurrency)) if warmup_s > 0 else 1
     streams = []
     for i, share in enumerate(_split(concurrency, stages)):
