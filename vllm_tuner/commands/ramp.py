@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
+from ..gpulock import GpuLock, gpu_lock_keys
 from ..trial import Timeouts
 from ..units import format_duration, parse_duration
 from ._common import build_runtime, emit_json, runtime_options
-from .find import _gpu_ids, _model_and_gpus
+from .find import _gpu_ids, _model_and_gpus, _uuids
 
 GIB = 1 << 30
 
@@ -232,7 +233,8 @@ def _run(runtime, request, spec, gpu, nvml):
                 log_dir=runtime.log_root / f"ramp-{request.key()}",
                 vocab_size=getattr(spec, "vocab_size", 32000) or 32000,
             )
-            return ramp.run()
+            with GpuLock(gpu_lock_keys(_uuids(nvml, request.gpu_ids))):  # one tuner per GPU at a time
+                return ramp.run()
     finally:
         if nvml is not None:
             nvml.close()
