@@ -172,7 +172,10 @@ def machine_for(case: dict) -> Machine:
     model = engine.model_truth(name, config, weights)
     gpus = list(range(case["gpus"]))
     others = max(sum(f["bytes"] for f in scenario["foreign"] if f["gpu"] == g) for g in gpus)
-    truth = {**scenario.get("truth", {}), **scenario.get("models", {}).get(name, {})}
+    entry = server.scenario_model_entry(
+        scenario, name
+    )  # the simulator's own lookup: any of the model's names
+    truth = {**scenario.get("truth", {}), **{k: v for k, v in entry.items() if k != "faults"}}
     timing = {**engine.DEFAULT_TIMING, **scenario.get("timing", {})}
     gpu = scenario["gpus"][0]
     return Machine(model, case["gpus"], gpu["total_bytes"], others, gpu["name"], truth, timing)
@@ -312,7 +315,8 @@ def launch_seconds(
 
 
 def probe_seconds(m: Machine, length: int, seqs: int) -> float:
-    return seqs * length / m.timing["prefill_tokens_per_s"] + 64 * m.timing["decode_step_s"]
+    decode = min(4096, max(64, length // 8))  # what ProbePlan.worst_case asks for
+    return seqs * length / m.timing["prefill_tokens_per_s"] + decode * m.timing["decode_step_s"]
 
 
 # -- baselines -------------------------------------------------------------------------------------
