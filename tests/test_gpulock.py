@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -85,3 +87,20 @@ def test_released_after_the_block():
     with GpuLock(["gpu5"]):
         pass
     assert (lock_dir() / "gpu5.lock").read_text() == ""
+
+
+def test_waiting_takes_the_lock_once_the_holder_finishes(holder):
+    other = holder("gpu6")
+    threading.Timer(0.4, lambda: (other.stdin.write("done\n"), other.stdin.flush())).start()
+    started = time.monotonic()
+    with GpuLock(["gpu6"], wait_s=10):
+        waited = time.monotonic() - started
+    assert 0.3 < waited < 5
+
+
+def test_waiting_gives_up_after_the_timeout(holder):
+    other = holder("gpu7")
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match=f"pid {other.pid}\\) after waiting 0.5s"):
+        GpuLock(["gpu7"], wait_s=0.5).acquire()
+    assert time.monotonic() - started < 2

@@ -13,11 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from vllm_tuner.errors import LaunchError, VllmError
-from vllm_tuner.launch import DockerLauncher, LocalLauncher, ServerProcess, VllmInfo, detect_vllm
+from vllm_tuner.errors import GpuError, LaunchError, VllmError
+from vllm_tuner.launch import (
+    DockerLauncher,
+    LocalLauncher,
+    ServerProcess,
+    VllmInfo,
+    detect_vllm,
+    trial_env,
+)
 from vllm_tuner.logparse import LogWatcher
-from vllm_tuner.nvml import open_nvml
+from vllm_tuner.nvml import GIB, open_nvml
 from vllm_tuner.serveconfig import ServeConfig
+from vllm_tuner.simlite.state import write_proc
 
 MODEL = "qwen2.5-7b"
 
@@ -36,7 +44,9 @@ class TimedWatcher(LogWatcher):
         return events
 
 
-def server(env, tmp_path: Path, config: ServeConfig, *, nvml=None, port=None, watcher=None) -> ServerProcess:
+def server(
+    env, tmp_path: Path, config: ServeConfig, *, nvml=None, port=None, watcher=None, release_timeout_s=5.0
+) -> ServerProcess:
     return ServerProcess(
         LocalLauncher(env.vllm_cmd),
         config,
@@ -46,7 +56,7 @@ def server(env, tmp_path: Path, config: ServeConfig, *, nvml=None, port=None, wa
         nvml=nvml,
         port=port,
         grace_s=3.0,
-        release_timeout_s=5.0,
+        release_timeout_s=release_timeout_s,
     )
 
 
@@ -256,9 +266,61 @@ def test_missing_vllm_command_is_one_line(tmp_path):
 
 
 def test_slow_start_that_keeps_logging_is_not_a_stall(sim, tmp_path):
-    # 400 s of extra load time at scale 400 is ~1 s of silence-free loading; stall_s=0.6 must not fire
-    env = sim("rtx-5090", faults={"slow_start_s": 400})
+    # 1200 s of extra load time at scale 400: 3 s of loading, a progress line every ~0.75 s; the stall
+    # timer (1.5 s, which also covers two interpreters starting on a busy machine) must not fire
+    env = sim("rtx-5090", faults={"slow_start_s": 1200})
     with server(env, tmp_path, ServeConfig(MODEL, max_model_len=4096)) as proc:
-        ready = proc.wait_ready(timeout_s=30, stall_s=0.6)
+        ready = proc.wait_ready(timeout_s=30, stall_s=1.5)
     assert ready.ready, ready.diagnosis
     assert "Loading safetensors checkpoint shards: 100% Completed" in (tmp_path / "trial.log").read_text()
+
+
+def test_memory_still_held_after_stop_names_the_gpu_and_the_holder(sim, tmp_path):
+    env = sim("rtx-5090")
+    squatter = subprocess.Popen(["sleep", "60"])  # a co-tenant that arrives during the trial
+    try:
+        with open_nvml() as nvml:
+            proc = server(
+                env, tmp_path, ServeConfig(MODEL, max_model_len=4096), nvml=nvml, release_timeout_s=0.5
+            )
+            with pytest.raises(GpuError) as caught, proc:
+                assert proc.wait_ready(timeout_s=30, stall_s=10).ready
+                write_proc(env.state_dir, squatter.pid, {0: 3 * GIB}, "python")
+            assert proc.returncode is not None  # the server itself is gone
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+    message = str(caught.value)
+    assert message.startswith("GPU 0 still holds 3.00 GiB more than before the trial 0.5s after")
+    assert f"pid {squatter.pid} uses 3.00 GiB" in message
+    assert "\n" not in message
+
+
+def test_server_env_sets_gpus_and_allocator_unless_a_kv_connector_is_configured():
+    plain = trial_env({"PATH": "/bin"}, {"CUDA_VISIBLE_DEVICES": "1,3"}, ServeConfig(MODEL), {"X": "1"})
+    assert plain == {
+        "PATH": "/bin",
+        "CUDA_VISIBLE_DEVICES": "1,3",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "X": "1",
+    }
+    user = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    assert trial_env(user, {}, ServeConfig(MODEL), {})["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    inherited = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    offload = ServeConfig(MODEL, kv_offloading_size=8.0)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in trial_env(inherited, {}, offload, {})
+    connector = ServeConfig(MODEL, extra_args=("--kv-transfer-config", '{"kv_connector":"X"}'))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in trial_env({}, {}, connector, {})
+
+
+def test_stop_is_idempotent_and_a_stopped_group_is_gone(sim, tmp_path):
+    env = sim("rtx-5090")
+    proc = server(env, tmp_path, ServeConfig(MODEL, max_model_len=4096))
+    proc.stop()  # never started: nothing to do
+    with proc:
+        assert proc.wait_ready(timeout_s=30, stall_s=10).ready
+        pgid = proc.pgid
+        proc.stop()
+        proc.stop()
+    assert _group_gone(pgid, 2.0)
+    assert proc.returncode is not None

@@ -4,8 +4,9 @@
         ...  # trials on these GPUs
 
 Locks are ``fcntl.flock`` on ``data_dir()/locks/<key>.lock``; the kernel drops them when the holder
-exits, however it exits, so a crashed tuner never leaves a stale lock. Taking a lock never blocks:
-if another process holds one, :class:`LaunchError` names the GPU and the holder's pid.
+exits, however it exits, so a crashed tuner never leaves a stale lock. By default taking a lock never
+blocks: if another process holds one, :class:`LaunchError` names the GPU and the holder's pid. With
+``wait_s`` it retries until the GPU is free or the time is up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import fcntl
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
@@ -39,9 +41,10 @@ def _file_name(key: str) -> str:
 class GpuLock:
     """Holds the locks of ``keys`` for the ``with`` block; all or none."""
 
-    def __init__(self, keys: Sequence[str], *, folder: Path | None = None) -> None:
+    def __init__(self, keys: Sequence[str], *, folder: Path | None = None, wait_s: float = 0.0) -> None:
         self.keys = list(dict.fromkeys(keys))
         self.folder = folder
+        self.wait_s = wait_s
         self._held: list[IO[str]] = []
 
     def __enter__(self) -> GpuLock:
@@ -54,14 +57,37 @@ class GpuLock:
     def acquire(self) -> None:
         folder = self.folder or lock_dir()
         folder.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            busy = self._try_all(folder)
+            if busy is None:
+                return
+            if time.monotonic() >= deadline:
+                key, holder = busy
+                waited = f" after waiting {self.wait_s:g}s" if self.wait_s else ""
+                raise LaunchError(
+                    f"GPU {key} is in use by another vllm-tune (pid {holder}){waited}",
+                    "wait for it to finish, or choose other GPUs with --gpu-ids",
+                )
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _try_all(self, folder: Path) -> tuple[str, str] | None:
+        """Take every lock, or none: returns ``(key, holder pid)`` of the first busy GPU."""
         try:
             for key in sorted(self.keys):
-                self._held.append(self._take(folder / _file_name(key), key))
+                handle = self._take(folder / _file_name(key))
+                if isinstance(handle, str):
+                    self.release()
+                    return key, handle
+                self._held.append(handle)
         except BaseException:
             self.release()
             raise
+        return None
 
-    def _take(self, path: Path, key: str) -> IO[str]:
+    @staticmethod
+    def _take(path: Path) -> IO[str] | str:
+        """The locked file, or the holder's pid (as written in the file) when another process holds it."""
         handle = path.open("a+", encoding="utf-8")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -69,10 +95,7 @@ class GpuLock:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise LaunchError(
-                f"GPU {key} is in use by another vllm-tune (pid {holder})",
-                "wait for it to finish, or choose other GPUs with --gpu-ids",
-            ) from None
+            return holder
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

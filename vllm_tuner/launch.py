@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -341,11 +341,7 @@ class ServerProcess:
         else:
             check_port_free(self.port)
         self._baseline = self._used_memory() or {}
-        env = dict(os.environ)
-        env.update(self.launcher.env(self.gpu_ids))
-        if not _uses_kv_connector(self.config):
-            env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        env.update(self.extra_env)
+        env = trial_env(os.environ, self.launcher.env(self.gpu_ids), self.config, self.extra_env)
         argv = [
             sys.executable,
             "-m",
@@ -453,10 +449,11 @@ class ServerProcess:
         if proc is None:
             return
         if not self._stopped:
-            self._stopped = True
             if proc.returncode is None:
                 # The reaper's pid is the group id. Until it is reaped (a zombie keeps the pid), the id
                 # cannot be reused, so every signal below reaches only the group this tuner started.
+                # A second Ctrl-C during the grace period leaves proc unreaped: calling stop() again
+                # (as __exit__ does) signals the same group safely.
                 _signal_group(proc.pid, signal.SIGTERM)
                 if not _exited_unreaped(proc.pid, self.grace_s):
                     _signal_group(proc.pid, signal.SIGKILL)
@@ -465,6 +462,7 @@ class ServerProcess:
                 proc.wait()
             self.launcher.cleanup(self.name)
             self._join_reader(5.0)
+            self._stopped = True
         if wait_release:
             self.wait_released()
 
@@ -481,10 +479,21 @@ class ServerProcess:
                 worst = max(held, key=held.get)
                 raise GpuError(
                     f"GPU {worst} still holds {held[worst] / GIB:.2f} GiB more than before the trial "
-                    f"{self.release_timeout_s:.0f}s after vLLM stopped",
-                    "check nvidia-smi for a process that is not vllm-tune's and stop it",
+                    f"{self.release_timeout_s:g}s after vLLM stopped ({self._holders(worst)})",
+                    "stop that process (see nvidia-smi) or choose other GPUs with --gpu-ids",
                 )
             time.sleep(0.1)
+
+    def _holders(self, index: int) -> str:
+        """Who holds memory on GPU ``index``, as NVML sees it: "pid 4242 uses 3.10 GiB, ..."."""
+        try:
+            procs = self.nvml.processes(index)
+        except GpuError:
+            return "NVML cannot list its processes"
+        if not procs:
+            return "NVML lists no process on it"
+        procs = sorted(procs, key=lambda p: p.used, reverse=True)
+        return ", ".join(f"pid {p.pid} uses {p.used / GIB:.2f} GiB" for p in procs[:3])
 
     def _used_memory(self) -> dict[int, int] | None:
         if self.nvml is None:
@@ -519,6 +528,23 @@ def _healthy(client: httpx.Client, base_url: str) -> bool:
         return client.get(f"{base_url}/health").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def trial_env(
+    base: Mapping[str, str], launcher_env: Mapping[str, str], config: ServeConfig, extra: Mapping[str, str]
+) -> dict[str, str]:
+    """The server's environment: ``base`` (the tuner's), the launcher's (``CUDA_VISIBLE_DEVICES``),
+    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless a KV connector is configured (vLLM
+    refuses the two together; an inherited value is dropped then), and ``extra`` last."""
+    env = dict(base)
+    env.update(launcher_env)
+    if _uses_kv_connector(config):
+        if "expandable_segments" in env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+            del env["PYTORCH_CUDA_ALLOC_CONF"]
+    else:
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env.update(extra)
+    return env
 
 
 def _uses_kv_connector(config: ServeConfig) -> bool:
