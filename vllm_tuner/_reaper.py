@@ -3,9 +3,13 @@
     python -m vllm_tuner._reaper PARENT_PID -- vllm serve MODEL ...
 
 The tuner starts this in a new session, so the reaper leads the process group that vLLM and all its
-workers inherit. If the tuner disappears (even by SIGKILL), the kernel sends the reaper SIGTERM
+workers inherit. If the tuner disappears (even by SIGKILL), the kernel sends the reaper SIGUSR1
 (PR_SET_PDEATHSIG, Linux) or the reaper notices its parent changed; either way it ends the whole group:
 SIGTERM, a grace period, then SIGKILL. It never touches any other group.
+
+The death signal fires when the *thread* that started the reaper exits, not only the process, so on
+SIGUSR1 the reaper checks that its parent really changed before ending anything: a tuner that starts a
+server from a worker thread keeps its server.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the parent poll below still catches it
 
@@ -60,28 +64,39 @@ def main(argv: list[str]) -> int:
         print("usage: python -m vllm_tuner._reaper PARENT_PID -- COMMAND...", file=sys.stderr)
         return 2
     parent = int(argv[0])
+    running: list[subprocess.Popen] = []  # the child, once started
+
+    def end(_sig: int = 0, _frame: object = None) -> None:
+        if running:
+            _end_group(running[0])
+        os._exit(1)  # nothing started yet
+
+    def on_parent_death(_sig: int, _frame: object) -> None:
+        if os.getppid() != parent:  # the process, not just the thread that started us, is gone
+            end()
+
+    # Python-level handlers reset to the default in the child at exec, so vLLM sees plain signals.
+    signal.signal(signal.SIGTERM, end)
+    signal.signal(signal.SIGINT, end)
+    signal.signal(signal.SIGUSR1, on_parent_death)
     _die_with_parent()
     if os.getppid() != parent:  # the tuner died before we got here
         return 1
     try:
-        child = subprocess.Popen(argv[2:])
+        running.append(subprocess.Popen(argv[2:]))
     except FileNotFoundError:
         print(f"vllm-tune: command not found: {argv[2]}", file=sys.stderr, flush=True)
         return 127
-
-    def on_term(_sig: int, _frame: object) -> None:
-        _end_group(child)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    child = running[0]
     while True:
         try:
             code = child.wait(timeout=0.5)
-            _kill_stragglers()
-            return code if code >= 0 else 128 - code
         except subprocess.TimeoutExpired:
             if os.getppid() != parent:
-                _end_group(child)
+                end()
+            continue
+        _kill_stragglers()
+        return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""Process control against tiny fake servers: SIGKILL escalation, workers left by a crash, a server
+started from a worker thread. (``tests/fakes/server.py``; the simulator covers everything else.)"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vllm_tuner.launch import LocalLauncher, ServerProcess
+from vllm_tuner.logparse import LogWatcher
+from vllm_tuner.serveconfig import ServeConfig
+
+FAKE = Path(__file__).parent / "fakes" / "server.py"
+
+
+def fake(tmp_path: Path, mode: str, *, grace_s: float = 3.0) -> ServerProcess:
+    return ServerProcess(
+        LocalLauncher(f"{sys.executable} {FAKE}"),
+        ServeConfig(mode),
+        gpu_ids=[0],
+        log_path=tmp_path / f"{mode}.log",
+        watcher=LogWatcher(),
+        grace_s=grace_s,
+    )
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def worker_pid(log: Path, within_s: float = 10.0) -> int:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        found = re.search(r"worker pid (\d+)", log.read_text() if log.exists() else "")
+        if found:
+            return int(found.group(1))
+        time.sleep(0.05)
+    raise AssertionError(f"no worker pid in {log}")
+
+
+def test_stop_escalates_to_sigkill_when_the_server_ignores_sigterm(tmp_path):
+    with fake(tmp_path, "stubborn", grace_s=0.5) as proc:
+        worker = worker_pid(proc.log_path)
+        leader = proc.pid
+        started = time.monotonic()
+        proc.stop()
+        took = time.monotonic() - started
+    assert took < 3
+    assert gone_within(worker, 2.0), "the worker that ignored SIGTERM survived"
+    assert not alive(leader)
+
+
+def test_a_crashed_server_leaves_no_worker_behind(tmp_path):
+    with fake(tmp_path, "crash-leaves-worker") as proc:
+        ready = proc.wait_ready(timeout_s=10, stall_s=5)
+        worker = worker_pid(proc.log_path)
+        assert not ready.ready
+        assert ready.diagnosis.category == "engine_core_died_other"
+        # the reaper ends vLLM's stragglers as soon as vLLM exits, before the tuner calls stop()
+        assert gone_within(worker, 3.0)
+
+
+def test_a_server_started_from_a_worker_thread_outlives_the_thread(tmp_path):
+    # The kernel's parent-death signal follows the thread that forked, so that thread must outlive
+    # the reaper's prctl() for this test to mean anything: it waits for the server's first line.
+    proc = fake(tmp_path, "idle")
+
+    def start_and_leave() -> None:
+        proc.start()
+        deadline = time.monotonic() + 10
+        while "fake vLLM serving" not in proc.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    starter = threading.Thread(target=start_and_leave)
+    starter.start()
+    starter.join()
+    try:
+        time.sleep(0.7)  # more than the reaper's parent poll
+        assert proc.returncode is None, "the reaper ended the server when the starting thread exited"
+        os.killpg(proc.pgid, 0)
+    finally:
+        proc.stop()
+    assert proc.returncode is not None
