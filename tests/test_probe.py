@@ -9,7 +9,7 @@ import pytest
 from vllm_tuner.launch import LocalLauncher, ServerProcess
 from vllm_tuner.logparse import LogWatcher
 from vllm_tuner.nvml import open_nvml
-from vllm_tuner.probe import parse_metrics, run_load_probe
+from vllm_tuner.probe import parse_metrics, probe_prompt, run_load_probe, unique_prompt
 from vllm_tuner.serveconfig import ServeConfig
 
 SAMPLE = """\
@@ -36,6 +36,16 @@ def test_parse_metrics():
     assert "vllm:e2e_request_latency_seconds_bucket" not in metrics
     assert metrics["num_gpu_blocks"] == 2278
     assert "vllm:cache_config_info" not in metrics
+
+
+def test_every_request_has_its_own_first_block_so_prefix_caching_cannot_share_kv():
+    base = probe_prompt(4000, seed=0, vocab_size=32000)
+    assert len(base) == 4000 and all(100 <= t < 31900 for t in base)
+    prompts = [unique_prompt(base, n, seed=0, vocab_size=32000) for n in range(200)]
+    assert all(len(p) == 4000 and p[16:] == base[16:] for p in prompts)
+    assert len({tuple(p[:4]) for p in prompts}) == 200  # distinct from the very first tokens
+    assert unique_prompt(base, 7, seed=0, vocab_size=32000) == prompts[7]  # reproducible
+    assert unique_prompt([5, 6], 1, seed=0, vocab_size=10) != unique_prompt([5, 6], 2, seed=0, vocab_size=10)
 
 
 def _serve(env, tmp_path, nvml, *extra: str) -> ServerProcess:

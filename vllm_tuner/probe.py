@@ -3,10 +3,15 @@
 The load probe sends ``concurrency`` streamed ``/v1/completions`` whose prompts are token-id lists (no
 tokenizer needed) long enough to fill ``max_model_len``, while sampling NVML per GPU and ``/metrics``.
 It is bounded in requests and time and stops as soon as the server dies.
+
+Every request's prompt starts with tokens of its own: vLLM's prefix cache (on by default) would
+otherwise share KV blocks between identical prompts and the probe would hold far less KV than the
+worst case it claims to test.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import statistics
@@ -112,20 +117,17 @@ def run_load_probe(
     stop = threading.Event()
     start = clock()
     deadline = start + duration_s if duration_s else None
-    rng = random.Random(seed)
-    prompts = [
-        [rng.randrange(100, max(101, vocab_size - 100)) for _ in range(prompt_tokens)]
-        for _ in range(min(concurrency, 4))
-    ]
+    base = probe_prompt(prompt_tokens, seed=seed, vocab_size=vocab_size)
+    numbers = itertools.count()
     report = LoadReport()
 
-    def worker(index: int) -> None:
+    def worker() -> None:
         first = True
         while not stop.is_set() and (first or (deadline is not None and clock() < deadline)):
             first = False
             body = {
                 "model": model,
-                "prompt": prompts[index % len(prompts)],
+                "prompt": unique_prompt(base, next(numbers), seed=seed, vocab_size=vocab_size),
                 "max_tokens": max_tokens,
                 "stream": True,
                 "temperature": 0.0,
@@ -144,7 +146,7 @@ def run_load_probe(
                 return
             stop.wait(sample_interval_s)
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     watch = threading.Thread(target=sampler, daemon=True)
     try:
         watch.start()
@@ -175,6 +177,31 @@ def run_load_probe(
     report.duration_s = clock() - start
     report.ok = not report.server_died and not report.errors
     return report
+
+
+UNIQUE_HEAD_TOKENS = 16
+
+
+def _token_range(vocab_size: int) -> tuple[int, int]:
+    """Ordinary token ids: clear of the special ids at both ends of the vocabulary."""
+    low = min(100, vocab_size // 4)
+    return low, max(low + 1, vocab_size - low)
+
+
+def probe_prompt(length: int, *, seed: int, vocab_size: int) -> list[int]:
+    """A random token-id prompt of ``length`` tokens."""
+    rng = random.Random(seed)
+    low, high = _token_range(vocab_size)
+    return [rng.randrange(low, high) for _ in range(length)]
+
+
+def unique_prompt(base: Sequence[int], number: int, *, seed: int, vocab_size: int) -> list[int]:
+    """``base`` with its first tokens drawn for request ``number`` alone. The first KV block then
+    differs between requests, and with it every block hash chained after it: no prefix-cache hits."""
+    rng = random.Random(f"{seed}:{number}")
+    low, high = _token_range(vocab_size)
+    head = min(UNIQUE_HEAD_TOKENS, len(base))
+    return [rng.randrange(low, high) for _ in range(head)] + list(base[head:])
 
 
 def _one_request(client: httpx.Client, url: str, body: dict, headers: dict, tally: _Tally, clock) -> None:
