@@ -111,6 +111,29 @@ class LaunchArgs:
     enforce_eager: bool = False
     cpu_offload_gb: float = 0.0
     block_size: int | None = None
+    # fields added later stay out of the noise key, so the numbers of older configs do not move
+    cudagraphs: bool = True  # False with -O0 or -cc '{"cudagraph_mode": "NONE"}'
+    max_cudagraph_capture_size: int | None = None
+    num_gpu_blocks_override: int | None = None
+    performance_mode: str = "balanced"
+
+    def noise_key(self) -> str:
+        return (
+            f"LaunchArgs(tp={self.tp}, pp={self.pp}, max_model_len={self.max_model_len}, "
+            f"max_num_seqs={self.max_num_seqs}, max_num_batched_tokens={self.max_num_batched_tokens}, "
+            f"gpu_memory_utilization={self.gpu_memory_utilization}, "
+            f"kv_cache_memory_bytes={self.kv_cache_memory_bytes}, kv_cache_dtype={self.kv_cache_dtype!r}, "
+            f"enforce_eager={self.enforce_eager}, cpu_offload_gb={self.cpu_offload_gb}, "
+            f"block_size={self.block_size})"
+        )
+
+    @property
+    def auto_max_model_len(self) -> bool:
+        return self.max_model_len == -1
+
+    @property
+    def captures_graphs(self) -> bool:
+        return self.cudagraphs and not self.enforce_eager
 
 
 @dataclass
@@ -140,6 +163,10 @@ class Boot:
     idle_used_bytes: int = 0  # this process's memory per GPU once serving
     spike_bytes: int = 0
     capacity_bytes: int = 0  # physical memory this process may use (total − others)
+    sampler_bytes: int = 0  # part of activation_bytes: the dummy sampler run (max_num_seqs logits)
+    derived_max_len: int = 0
+    auto_fit: str = ""  # "", "full" or "reduced" when --max-model-len auto/-1
+    blocks_before_override: int = 0
     fail_detail: dict = field(default_factory=dict)
 
     def used_under_load(self, kv_usage: float) -> int:
@@ -161,8 +188,8 @@ def batch_defaults(total_bytes: int, gpu_name: str) -> tuple[int, int]:
     return 256, 2048
 
 
-def capture_sizes(max_seqs: int) -> int:
-    top = min(max_seqs * 2, 512)
+def capture_sizes(max_seqs: int, top: int | None = None) -> int:
+    top = top if top is not None else min(max_seqs * 2, 512)
     sizes = [s for s in [1, 2, 4, *range(8, 256, 8), *range(256, top + 1, 16)] if s <= top]
     return len(sizes)
 
@@ -179,7 +206,10 @@ def boot(
     ``others_bytes`` are held by other processes (per GPU; the busiest GPU of the group decides)."""
     t = {**DEFAULT_TRUTH, **truth}
     seqs_default, batched_default = batch_defaults(total_bytes, gpu_name)
-    max_len = args.max_model_len or model.derived_max_len
+    if args.performance_mode == "throughput":
+        seqs_default, batched_default = seqs_default * 2, batched_default * 2
+    derived = model.derived_max_len
+    max_len = derived if args.auto_max_model_len else (args.max_model_len or derived)
     seqs = args.max_num_seqs or seqs_default
     batched = args.max_num_batched_tokens or batched_default
     batched = min(batched, seqs * max_len)
@@ -190,14 +220,15 @@ def boot(
     weights = max(weights, 0)
     non_torch = int((t["non_torch_gib"] + (t["nccl_gib"] if tp > 1 else 0)) * GIB)
     act_per_token = 2 * (4 * model.hidden + 3 * model.intermediate // tp)
+    sampler = int(seqs * model.vocab * 4 * t["activation_factor"])
     activation = int((batched * act_per_token + seqs * model.vocab * 4 + 64 * MIB) * t["activation_factor"])
-    activation += _jitter(f"{model.name}|{args}", t["noise_mib"])
-    if args.enforce_eager:
+    activation += _jitter(f"{model.name}|{args.noise_key()}", t["noise_mib"])
+    if not args.captures_graphs:
         graph_actual = graph_est = 0
     else:
         graph_actual = int(
             (t["graph_base_gib"] * GIB + t["graph_per_layer_mib"] * MIB * model.layers / pp)
-            * capture_sizes(seqs)
+            * capture_sizes(seqs, args.max_cudagraph_capture_size)
             / 67
         )
         graph_est = int(graph_actual * t["graph_estimate_ratio"])
@@ -224,6 +255,8 @@ def boot(
         kv_bytes_per_token=per_token,
         capacity_bytes=capacity,
         spike_bytes=int(t["runtime_spike_gib"] * GIB),
+        sampler_bytes=sampler,
+        derived_max_len=derived,
     )
     if free_at_start < requested:
         b.category = "startup_free_memory_below_utilization"
@@ -237,7 +270,13 @@ def boot(
         return b
     if ctx + weights + non_torch + activation > capacity:
         b.category = "oom_during_profiling"
-        b.fail_detail = {"tried": activation // 2, "free": max(capacity - ctx - weights - non_torch, 0) // 3}
+        room = max(capacity - ctx - weights - non_torch, 0)
+        forward = activation - sampler
+        b.fail_detail = {
+            "stage": "forward" if forward > room else "sampler",
+            "tried": (forward // 2) if forward > room else sampler,
+            "free": (room // 3) if forward > room else max(room - forward, 0) // 2,
+        }
         return b
     if args.kv_cache_memory_bytes is not None:
         pool = args.kv_cache_memory_bytes
@@ -246,12 +285,20 @@ def boot(
     b.pool_bytes = pool
     page = block * per_token
     blocks = max(0, pool // page) if page else 0
+    b.blocks_before_override = blocks
+    if args.num_gpu_blocks_override:
+        blocks = args.num_gpu_blocks_override
+        b.pool_bytes = pool = blocks * page
     b.num_blocks = blocks
     if pool <= 0 or blocks <= 1:
         b.category = "no_kv_cache_memory"
         return b
-    per_request = math.ceil(max_len / block)
     usable = blocks - 1
+    if args.auto_max_model_len:
+        fitted = min(derived, usable * block)
+        b.auto_fit = "full" if fitted >= derived else "reduced"
+        b.max_model_len = max_len = fitted
+    per_request = math.ceil(max_len / block)
     if usable < per_request:
         b.category = "kv_cache_insufficient_for_max_len"
         b.estimated_max_len = usable * block
@@ -260,9 +307,18 @@ def boot(
     b.kv_tokens = int(b.max_concurrency * max_len)
     b.estimated_max_len = usable * block
     b.idle_used_bytes = ctx + weights + non_torch + activation + pool + graph_actual
+    before_graphs = b.idle_used_bytes - graph_actual
+    if before_graphs > capacity:  # an explicit --kv-cache-memory-bytes / block override too large
+        b.category = "oom_during_profiling"
+        b.fail_detail = {
+            "stage": "kv_alloc",
+            "tried": pool,
+            "free": max(0, capacity - (before_graphs - pool)),
+        }
+        return b
     if b.idle_used_bytes > capacity:
         b.category = "oom_cudagraph_capture"
-        b.fail_detail = {"tried": 20 * MIB, "free": 11 * MIB}
+        b.fail_detail = {"tried": 20 * MIB, "free": max(0, capacity - before_graphs) % (32 * MIB)}
         return b
     return b
 

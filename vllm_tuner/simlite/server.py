@@ -7,6 +7,7 @@ slept divided by ``$VLLM_TUNE_SIM_TIME_SCALE`` but logged at their realistic val
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,31 @@ from . import engine, state
 from .engine import GIB, MIB
 
 VERSION = "0.33.0"
-KV_DTYPES = ["auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla", "nvfp4"]
+TRACE = "/usr/local/lib/python3.12/dist-packages/vllm"
+KV_DTYPES = [
+    "auto",
+    "float16",
+    "bfloat16",
+    "fp8",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "fp8_inc",
+    "fp8_ds_mla",
+    "nvfp4_ds_mla",
+    "turboquant_k8v4",
+    "turboquant_4bit_nc",
+    "turboquant_k3v4_nc",
+    "turboquant_3bit_nc",
+    "octave_k3v4",
+    "octave_k3v3",
+    "octave_k3v3_compact",
+    "ultraquant_4bit",
+    "int4_per_token_head",
+    "int8_per_token_head",
+    "fp8_per_token_head",
+    "nvfp4",
+    "nvfp4_4over6",
+]
 PID = os.getpid()
 
 
@@ -54,6 +79,28 @@ def nap(seconds: float) -> None:
     time.sleep(max(0.0, seconds) / scale())
 
 
+def size_text(nbytes: int) -> str:
+    """PyTorch's format_size: B, KiB, MiB or GiB with two decimals."""
+    for unit, scale_ in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if nbytes >= scale_:
+            return f"{nbytes / scale_:.2f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def torch_oom(tried: int, total: int, free: int, in_use: int, allocated: int) -> str:
+    """The text of PyTorch's ``torch.OutOfMemoryError`` as vLLM's logs show it."""
+    reserved = max(0, in_use - allocated) % (256 * MIB)
+    return (
+        f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {size_text(tried)}. GPU 0 has a total "
+        f"capacity of {total / GIB:.2f} GiB of which {size_text(free)} is free. Including non-PyTorch memory, this "
+        f"process has {in_use / GIB:.2f} GiB memory in use. Of the allocated memory {allocated / GIB:.2f} GiB is "
+        f"allocated by PyTorch, and {size_text(reserved)} is reserved by PyTorch but unallocated. If reserved but "
+        "unallocated memory is large try setting PYTORCH_ALLOC_CONF=expandable_segments:True to avoid "
+        "fragmentation.  See documentation for Memory Management  "
+        "(https://pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-alloc-conf)"
+    )
+
+
 # -- arguments ----------------------------------------------------------------------------------
 def human_int(text: str) -> int:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT]?)", text.strip())
@@ -78,11 +125,32 @@ def len_or_auto(text: str) -> int:
     return -1 if text in ("auto", "-1") else human_int(text)
 
 
+class EnableDisable(argparse.Action):
+    """vLLM's EnableDisableAction: ``--X`` / ``--no-X``, and ``--disable-Y`` for every ``--enable-Y``."""
+
+    def __init__(self, option_strings, dest, default=None, **kwargs) -> None:
+        names = list(option_strings)
+        for name in option_strings:
+            if name.startswith("--"):
+                names.append("--no-" + name[2:])
+                if name.startswith("--enable-"):
+                    names.append("--disable-" + name[len("--enable-") :])
+        super().__init__(names, dest, nargs=0, default=default, **kwargs)
+        self.on = option_strings[0]
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, option_string == self.on)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm serve", description="Start the vLLM OpenAI compatible API server.")
-    p.add_argument("model_tag", nargs="?", default=None)
+
+    def flag(name: str, default: bool | None = False, help: str | None = None) -> None:
+        p.add_argument(name, action=EnableDisable, default=default, help=help)
+
+    p.add_argument("model_tag", nargs="?", default=None, help="The model tag to serve.")
     p.add_argument("--model", default=None)
-    p.add_argument("--config", default=None)
+    p.add_argument("--config", default=None, help="Read CLI options from a config file (YAML).")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None)
@@ -90,41 +158,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
-    p.add_argument("--max-model-len", type=len_or_auto, default=None)
+    p.add_argument("--device-ids", default=None, help="Comma-separated physical GPU device IDs or UUIDs.")
+    p.add_argument(
+        "--max-model-len", type=len_or_auto, default=None, help="Model context length; -1/auto fits it."
+    )
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=human_int, default=None)
+    p.add_argument("--max-num-active-seqs", type=int, default=None)
+    p.add_argument("--max-num-queued-reqs", type=int, default=None)
+    p.add_argument("--max-num-queued-tokens", type=human_int, default=None)
     p.add_argument("--gpu-memory-utilization", "--device-memory-utilization", type=float, default=0.92)
     p.add_argument("--kv-cache-memory-bytes", type=human_int, default=None)
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto")
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--kv-cache-dtype", default="auto", help=f"Data type for kv cache storage: {KV_DTYPES}")
+    flag("--enforce-eager")
     p.add_argument("--cpu-offload-gb", type=float, default=0.0)
+    p.add_argument("--cpu-offload-params", nargs="+", default=None)
+    p.add_argument("--offload-backend", choices=["auto", "uva", "prefetch"], default="auto")
     p.add_argument("--kv-offloading-size", type=float, default=None)
     p.add_argument("--kv-offloading-backend", choices=["native", "lmcache"], default="native")
     p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--disable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    flag("--enable-prefix-caching", None)
+    p.add_argument("--prefix-caching-hash-algo", default="sha256")
+    flag("--enable-chunked-prefill", None)
+    flag("--disable-hybrid-kv-cache-manager", None)
+    p.add_argument("--mamba-cache-dtype", default="auto")
+    p.add_argument("--mamba-ssm-cache-dtype", default="auto")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", "-q", default=None)
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--skip-tokenizer-init", action="store_true")
-    p.add_argument("--optimization-level", type=int, default=2)
+    flag("--trust-remote-code")
+    flag("--skip-tokenizer-init")
+    p.add_argument("--optimization-level", "-O", type=int, default=2)
     p.add_argument("--max-cudagraph-capture-size", type=int, default=None)
+    p.add_argument("--cudagraph-capture-sizes", type=int, nargs="+", default=None)
     p.add_argument("--compilation-config", "-cc", default=None)
-    p.add_argument("--disable-log-stats", action="store_true")
-    p.add_argument("--enable-log-requests", action="store_true")
+    flag("--disable-log-stats")
+    flag("--enable-log-requests")
+    flag("--enable-sleep-mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--download-dir", default=None)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--revision", default=None)
     p.add_argument("--chat-template", default=None)
     p.add_argument("--tool-call-parser", default=None)
-    p.add_argument("--enable-auto-tool-choice", action="store_true")
+    flag("--enable-auto-tool-choice")
     p.add_argument("--reasoning-parser", default=None)
-    p.add_argument("--generation-config", default=None)
-    p.add_argument("--device-ids", default=None)
+    p.add_argument("--generation-config", default="auto")
     p.add_argument("--kv-transfer-config", default=None)
+    p.add_argument("--profiler-config", default=None)
     p.add_argument(
         "--performance-mode", choices=["balanced", "interactivity", "throughput"], default="balanced"
     )
@@ -132,15 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
+    """``--a_b`` → ``--a-b``; ``-cc.key=value`` / ``--compilation-config.key=value`` merged into one
+    ``--compilation-config`` JSON, as vLLM's FlexibleArgumentParser does."""
     out: list[str] = []
+    dotted: dict[str, object] = {}
     for word in argv:
+        m = re.fullmatch(r"(?:-cc|--compilation[-_]config)\.([\w.]+)=(.*)", word)
+        if m:
+            value: object = m.group(2)
+            with contextlib.suppress(ValueError):
+                value = json.loads(m.group(2))
+            dotted[m.group(1)] = value
+            continue
         if word.startswith("--"):
             name, eq, value = word.partition("=")
             word = name.replace("_", "-") + eq + value
-        elif re.fullmatch(r"-O\d", word):
-            out += ["--optimization-level", word[2:]]
-            continue
         out.append(word)
+    if dotted:
+        out += ["--compilation-config", json.dumps(dotted)]
     return out
 
 
@@ -221,15 +312,34 @@ class Request:
     blocks: int = 0
     ready_at: float = 0.0
     failed: str = ""
+    created: float = field(default_factory=time.monotonic)
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
 
 
 class Engine:
     """A tiny continuous-batching scheduler over the booted KV pool."""
 
     def __init__(
-        self, boot: engine.Boot, timing: dict, gpus: list[int], folder: Path, model_name: str, util: float
+        self,
+        boot: engine.Boot,
+        timing: dict,
+        gpus: list[int],
+        folder: Path,
+        model_name: str,
+        util: float,
+        *,
+        kv_cache_dtype: str = "auto",
+        log_stats: bool = True,
+        rank: str = "",
     ) -> None:
         self.boot = boot
+        self.kv_cache_dtype = kv_cache_dtype
+        self.log_stats = log_stats
+        self.rank = rank  # "" (one GPU: the worker is the EngineCore) or "Worker_TP0"
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.latency = {name: Histogram(bounds) for name, bounds in HISTOGRAMS.items()}
         self.timing = timing
         self.gpus = gpus
         self.folder = folder
@@ -284,6 +394,7 @@ class Engine:
             self.waiting.pop(0)
             req.blocks = need
             self.free_blocks -= need
+            req.admitted_at = req.admitted_at or now
             req.ready_at = now + req.prompt_len / self.timing["prefill_tokens_per_s"] / scale()
             self.running.append(req)
 
@@ -307,6 +418,7 @@ class Engine:
                 self.free_blocks -= need - req.blocks
                 req.blocks = need
             req.generated += 1
+            req.first_token_at = req.first_token_at or now
             with req.cond:
                 req.tokens.append(" tok")
                 req.cond.notify_all()
@@ -314,6 +426,7 @@ class Engine:
                 self._release(req)
                 self.running.remove(req)
                 self.finished += 1
+                self.record(req)
                 req.done.set()
                 with req.cond:
                     req.cond.notify_all()
@@ -328,22 +441,40 @@ class Engine:
         state.write_proc(self.folder, PID, {g: used for g in self.gpus}, "vllm serve")
 
     def _die(self) -> None:
+        """The runtime spike passed the card: vLLM's fatal-error chain, /health 503, then exit 1."""
         with self.lock:
             self.dead = True
         b = self.boot
-        tried = 896 * MIB
-        free = max(0, b.capacity_bytes - b.idle_used_bytes) // 2
-        where = "core.py:1010"
-        for text in (
-            "EngineCore encountered a fatal error.",
+        in_use = b.capacity_bytes - 150 * MIB
+        state.write_proc(self.folder, PID, {g: in_use for g in self.gpus}, "vllm serve")
+        oom = torch_oom(
+            896 * MIB, b.total_bytes, 150 * MIB, in_use, in_use - b.non_torch_bytes - b.context_bytes
+        )
+        trace = [
             "Traceback (most recent call last):",
-            '  File "/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", line 950, in run_busy_loop',
-            '  File "/usr/local/lib/python3.12/dist-packages/vllm/v1/worker/gpu/model_runner.py", line 1911, in execute_model',
-            f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {tried / MIB:.2f} MiB. GPU 0 has a total "
-            f"capacity of {b.total_bytes / GIB:.2f} GiB of which {free / MIB:.2f} MiB is free. Including non-PyTorch "
-            f"memory, this process has {b.idle_used_bytes / GIB:.2f} GiB memory in use.",
-        ):
-            core(text, where, "ERROR")
+            f'  File "{TRACE}/v1/worker/gpu/model_runner.py", line 1911, in execute_model',
+            f'  File "{TRACE}/v1/worker/gpu/model_runner.py", line 1762, in _model_forward',
+            oom,
+        ]
+        where = "core.py:1010"
+        if self.rank:
+            for line in ["WorkerProc hit an exception.", *trace]:
+                log(self.rank, "ERROR", "multiproc_executor.py:949", line)
+            core("EngineCore encountered a fatal error.", where, "ERROR")
+            core("Traceback (most recent call last):", where, "ERROR")
+            core(f'  File "{TRACE}/v1/engine/core.py", line 950, in run_busy_loop', where, "ERROR")
+            core(
+                f"RuntimeError: Worker failed with error '{oom.split(': ', 1)[1]}', please check the stack trace "
+                "above for the root cause",
+                where,
+                "ERROR",
+            )
+        else:
+            core("EngineCore encountered a fatal error.", where, "ERROR")
+            core(trace[0], where, "ERROR")
+            core(f'  File "{TRACE}/v1/engine/core.py", line 950, in run_busy_loop', where, "ERROR")
+            for line in trace[1:]:
+                core(line, where, "ERROR")
         log("APIServer", "ERROR", "async_llm.py:480", "AsyncLLM output_handler failed.")
         print(
             f"(APIServer pid={PID}) vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. "
@@ -356,6 +487,56 @@ class Engine:
             with req.cond:
                 req.cond.notify_all()
         threading.Timer(0.5 / max(1.0, scale() / 20), lambda: os._exit(1)).start()
+
+    def record(self, req: Request) -> None:
+        """Latency histograms in realistic seconds (wall time × the time scale)."""
+        k = scale()
+        end = time.monotonic()
+        first = req.first_token_at or end
+        with self.lock:
+            self.prompt_tokens += req.prompt_len
+            self.generation_tokens += req.generated
+            self.latency["vllm:e2e_request_latency_seconds"].observe((end - req.created) * k)
+            self.latency["vllm:time_to_first_token_seconds"].observe((first - req.created) * k)
+            self.latency["vllm:request_queue_time_seconds"].observe(
+                max(0.0, req.admitted_at - req.created) * k
+            )
+            if req.generated > 1:
+                self.latency["vllm:inter_token_latency_seconds"].observe(
+                    (end - first) * k / (req.generated - 1)
+                )
+
+
+HISTOGRAMS = {
+    "vllm:time_to_first_token_seconds": (0.01, 0.04, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0),
+    "vllm:inter_token_latency_seconds": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5),
+    "vllm:e2e_request_latency_seconds": (0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0),
+    "vllm:request_queue_time_seconds": (0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0),
+}
+
+
+class Histogram:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out = [f"# TYPE {name} histogram"]
+        out += [
+            f'{name}_bucket{{{labels},le="{b}"}} {c}' for b, c in zip(self.bounds, self.counts, strict=True)
+        ]
+        out += [f'{name}_bucket{{{labels},le="+Inf"}} {self.total}']
+        out += [f"{name}_count{{{labels}}} {self.total}", f"{name}_sum{{{labels}}} {self.sum:.6f}"]
+        return out
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -439,7 +620,17 @@ def make_handler(eng: Engine, served: str, max_len: int, api_key: str | None):
                 return
             chat = path.endswith("chat/completions")
             prompt_len = prompt_tokens(body, chat)
-            if prompt_len >= max_len:
+            if prompt_len == max_len:
+                self._send(
+                    400,
+                    error(
+                        f"The decoder prompt (length {prompt_len}) plus the number of requested output tokens "
+                        f"(at least 1) is longer than the maximum model length of {max_len}.",
+                        "input_tokens",
+                    ),
+                )
+                return
+            if prompt_len > max_len:
                 self._send(
                     400,
                     error(
@@ -555,24 +746,47 @@ def prompt_tokens(body: dict, chat: bool) -> int:
 
 
 def metrics(eng: Engine, served: str) -> str:
+    """Prometheus text as vLLM's /metrics serves it; the engine metrics vanish with --disable-log-stats."""
     lab = f'engine="0",model_name="{served}"'
     b = eng.boot
-    return "\n".join(
-        [
+    out = [
+        "# HELP python_info Python platform information",
+        "# TYPE python_info gauge",
+        'python_info{implementation="CPython",major="3",minor="12",patchlevel="3",version="3.12.3"} 1.0',
+    ]
+    if not eng.log_stats:
+        return "\n".join(out) + "\n"
+    with eng.lock:
+        out += [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{lab}}} {float(len(eng.running))}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{lab}}} {float(len(eng.waiting))}",
             "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
             "# TYPE vllm:kv_cache_usage_perc gauge",
-            f"vllm:kv_cache_usage_perc{{{lab}}} {eng.kv_usage:.6f}",
-            "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{lab}}} {len(eng.running)}",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{lab}}} {len(eng.waiting)}",
+            f"vllm:kv_cache_usage_perc{{{lab}}} {eng.kv_usage}",
+            "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.",
             "# TYPE vllm:num_preemptions_total counter",
-            f"vllm:num_preemptions_total{{{lab}}} {eng.preemptions}",
+            f"vllm:num_preemptions_total{{{lab}}} {float(eng.preemptions)}",
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{lab}}} {float(eng.prompt_tokens)}",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{lab}}} {float(eng.generation_tokens)}",
+            "# HELP vllm:request_success_total Count of successfully processed requests.",
             "# TYPE vllm:request_success_total counter",
-            f'vllm:request_success_total{{{lab},finished_reason="length"}} {eng.finished}',
-            "# TYPE vllm:cache_config_info gauge",
-            f'vllm:cache_config_info{{block_size="{b.block_size}",cache_dtype="auto",'
-            f'gpu_memory_utilization="{eng.util}",num_gpu_blocks="{b.num_blocks}"}} 1.0',
-            "",
+            f'vllm:request_success_total{{{lab},finished_reason="length"}} {float(eng.finished)}',
         ]
-    )
+        for name, hist in eng.latency.items():
+            out += hist.lines(name, lab)
+    out += [
+        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+        "# TYPE vllm:cache_config_info gauge",
+        f'vllm:cache_config_info{{block_size="{b.block_size}",cache_dtype="{eng.kv_cache_dtype}",'
+        f'enable_prefix_caching="True",engine="0",gpu_memory_utilization="{eng.util}",'
+        f'num_gpu_blocks="{b.num_blocks}",num_gpu_blocks_override="None"}} 1.0',
+    ]
+    return "\n".join(out) + "\n"

@@ -3,6 +3,7 @@
     scenario.json       the resolved scenario (GPUs, foreign memory, hidden truths, timing, faults)
     procs/<pid>.json    per live simulated server: {"gpus": {"0": bytes, ...}, "name": ...}
     compile/<key>       marker: torch.compile cache of a (model, max_model_len, seqs, batched) exists
+    foreign.json        the foreign processes now, once a scripted co-tenant has released memory
 
 Memory of a process whose pid is gone is released, so SIGKILL frees it like a real driver would.
 """
@@ -75,8 +76,35 @@ def live_procs(folder: Path) -> dict[int, dict[int, int]]:
     return out
 
 
+def foreign(folder: Path, scenario: dict) -> list[dict]:
+    """The foreign (non-simulated) processes holding memory: the scenario's, as changed by faults."""
+    path = folder / "foreign.json"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
+    return list(scenario.get("foreign", []))
+
+
+def released(folder: Path) -> bool:
+    """Whether the scripted co-tenant release (``faults: {profiling_release: ...}``) already happened."""
+    return (folder / "foreign.json").is_file()
+
+
+def release_foreign(folder: Path, scenario: dict, gpu: int, nbytes: int) -> None:
+    """A foreign process on ``gpu`` frees up to ``nbytes`` (for good)."""
+    procs = [dict(p) for p in foreign(folder, scenario)]
+    for proc in procs:
+        if int(proc["gpu"]) == gpu and nbytes > 0:
+            freed = min(int(proc["bytes"]), nbytes)
+            proc["bytes"] = int(proc["bytes"]) - freed
+            nbytes -= freed
+    tmp = folder / ".foreign.tmp"
+    tmp.write_text(json.dumps([p for p in procs if int(p["bytes"]) > 0]))
+    tmp.replace(folder / "foreign.json")
+
+
 def others_bytes(folder: Path, scenario: dict, gpu: int, *, exclude_pid: int | None = None) -> int:
     """Memory on ``gpu`` held by foreign processes and by other live simulated servers."""
-    foreign = sum(int(p["bytes"]) for p in scenario.get("foreign", []) if int(p["gpu"]) == gpu)
+    foreign_ = sum(int(p["bytes"]) for p in foreign(folder, scenario) if int(p["gpu"]) == gpu)
     sims = sum(g.get(gpu, 0) for pid, g in live_procs(folder).items() if pid != exclude_pid)
-    return foreign + sims
+    return foreign_ + sims

@@ -70,10 +70,16 @@ def _scenario() -> dict:
 
 
 def _live() -> dict[int, dict[int, int]]:
-    # the simulator's state module, imported lazily by path so this file stays standalone
+    # the simulator's state module, imported lazily so this file stays importable on its own
     from vllm_tuner.simlite.state import live_procs
 
     return live_procs(_folder())
+
+
+def _foreign(scenario: dict) -> list[dict]:
+    from vllm_tuner.simlite.state import foreign
+
+    return foreign(_folder(), scenario)
 
 
 def nvmlInit() -> None:
@@ -121,7 +127,7 @@ def nvmlDeviceGetUUID(handle: int) -> str:
 def nvmlDeviceGetMemoryInfo(handle: int):
     scenario = _scenario()
     total = int(scenario["gpus"][handle]["total_bytes"])
-    used = sum(int(p["bytes"]) for p in scenario.get("foreign", []) if int(p["gpu"]) == handle)
+    used = sum(int(p["bytes"]) for p in _foreign(scenario) if int(p["gpu"]) == handle)
     used += sum(g.get(handle, 0) for g in _live().values())
     used = min(used, total)
     return c_nvmlMemory_t(total=total, free=total - used, used=used)
@@ -131,7 +137,7 @@ def nvmlDeviceGetComputeRunningProcesses(handle: int):
     scenario = _scenario()
     out = [
         c_nvmlProcessInfo_t(int(p.get("pid", 1)), int(p["bytes"]))
-        for p in scenario.get("foreign", [])
+        for p in _foreign(scenario)
         if int(p["gpu"]) == handle
     ]
     out += [c_nvmlProcessInfo_t(pid, g[handle]) for pid, g in _live().items() if g.get(handle)]
