@@ -237,6 +237,7 @@ def test_docker_launcher_argv():
         "--version",
     ]
     assert launcher.env([0, 2]) == {}
+    assert launcher.cleanup_argv("t1") == ["docker", "rm", "-f", "t1"]
 
 
 def test_local_launcher_argv_and_env():
@@ -254,6 +255,7 @@ def test_local_launcher_argv_and_env():
         "9000",
     ]
     assert launcher.env([1, 3]) == {"CUDA_VISIBLE_DEVICES": "1,3"}
+    assert launcher.cleanup_argv("x") == []
 
 
 def test_missing_vllm_command_is_one_line(tmp_path):

@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
 
-from vllm_tuner.launch import LocalLauncher, ServerProcess
+from vllm_tuner.launch import LocalLauncher, ServerProcess, reaper_argv
 from vllm_tuner.logparse import LogWatcher
 from vllm_tuner.serveconfig import ServeConfig
 
@@ -102,3 +105,66 @@ def test_a_server_started_from_a_worker_thread_outlives_the_thread(tmp_path):
     finally:
         proc.stop()
     assert proc.returncode is not None
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from vllm_tuner.launch import LocalLauncher, ServerProcess
+    from vllm_tuner.logparse import LogWatcher
+    from vllm_tuner.serveconfig import ServeConfig
+
+    class ContainerLikeLauncher(LocalLauncher):  # like docker: something to clean up besides the group
+        def cleanup_argv(self, name):
+            return ["touch", sys.argv[2]]
+
+    launcher = ContainerLikeLauncher(f"{sys.executable} {sys.argv[1]}")
+    with ServerProcess(launcher, ServeConfig("idle"), gpu_ids=[0], log_path=Path(sys.argv[3]),
+                       watcher=LogWatcher()) as proc:
+        print(proc.pgid, flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_a_killed_tuner_still_gets_its_launchers_cleanup_run(tmp_path):
+    marker = tmp_path / "cleaned-up"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(FAKE), str(marker), str(tmp_path / "driver.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pgid = int(driver.stdout.readline())
+        log = tmp_path / "driver.log"
+        deadline = time.monotonic() + 10
+        while "fake vLLM serving" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server runs (a reaper whose tuner died first starts nothing)
+        os.killpg(pgid, 0)
+        driver.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the reaper did not run the launcher's cleanup when the tuner died"
+        assert gone_within(pgid, 5.0)
+    finally:
+        driver.kill()
+        driver.wait(10)
+        driver.stdout.close()
+
+
+def test_reaper_argv():
+    assert reaper_argv(42, ["vllm", "serve", "m"], ["docker", "rm", "-f", "n 1"]) == [
+        sys.executable,
+        "-m",
+        "vllm_tuner._reaper",
+        "42",
+        "--cleanup",
+        "docker rm -f 'n 1'",
+        "--",
+        "vllm",
+        "serve",
+        "m",
+    ]
+    assert reaper_argv(42, ["vllm"])[3:] == ["42", "--", "vllm"]

@@ -1,11 +1,12 @@
 """Watchdog that runs one vLLM server and guarantees it dies with the tuner.
 
-    python -m vllm_tuner._reaper PARENT_PID -- vllm serve MODEL ...
+    python -m vllm_tuner._reaper PARENT_PID [--cleanup 'docker rm -f NAME'] -- vllm serve MODEL ...
 
 The tuner starts this in a new session, so the reaper leads the process group that vLLM and all its
 workers inherit. If the tuner disappears (even by SIGKILL), the kernel sends the reaper SIGUSR1
 (PR_SET_PDEATHSIG, Linux) or the reaper notices its parent changed; either way it ends the whole group:
-SIGTERM, a grace period, then SIGKILL. It never touches any other group.
+SIGTERM, a grace period, the ``--cleanup`` command if one was given (a docker container outlives its
+killed ``docker run`` client), then SIGKILL. It never touches any other group.
 
 The death signal fires when the *thread* that started the reaper exits, not only the process, so on
 SIGUSR1 the reaper checks that its parent really changed before ending anything: a tuner that starts a
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
 GRACE_S = 5.0
+CLEANUP_S = 30.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -33,17 +36,24 @@ def _die_with_parent() -> None:
         pass  # not Linux: the parent poll below still catches it
 
 
-def _end_group(child: subprocess.Popen) -> None:
+def _end_group(child: subprocess.Popen, cleanup: list[str]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     pgid = os.getpgid(0)
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_S
     while time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.05)
+    _run_cleanup(cleanup)
     os.killpg(pgid, signal.SIGKILL)  # ends the reaper too
+
+
+def _run_cleanup(cleanup: list[str]) -> None:
+    if not cleanup:
+        return
+    try:
+        subprocess.run(cleanup, stdin=subprocess.DEVNULL, capture_output=True, timeout=CLEANUP_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 def _kill_stragglers() -> None:
@@ -59,17 +69,32 @@ def _kill_stragglers() -> None:
             continue
 
 
+def _parse(argv: list[str]) -> tuple[int, list[str], list[str]] | None:
+    """``PARENT_PID [--cleanup CMD] -- COMMAND...`` -> (parent, cleanup argv, command argv)."""
+    if not argv or not argv[0].isdigit() or "--" not in argv:
+        return None
+    split = argv.index("--")
+    options, command = argv[1:split], argv[split + 1 :]
+    cleanup: list[str] = []
+    if options[:1] == ["--cleanup"] and len(options) == 2:
+        cleanup = shlex.split(options[1])
+    elif options:
+        return None
+    return (int(argv[0]), cleanup, command) if command else None
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m vllm_tuner._reaper PARENT_PID -- COMMAND...", file=sys.stderr)
+    parsed = _parse(argv)
+    if parsed is None:
+        print("usage: python -m vllm_tuner._reaper PARENT_PID [--cleanup CMD] -- COMMAND...", file=sys.stderr)
         return 2
-    parent = int(argv[0])
+    parent, cleanup, command = parsed
     running: list[subprocess.Popen] = []  # the child, once started
 
     def end(_sig: int = 0, _frame: object = None) -> None:
         if running:
-            _end_group(running[0])
-        os._exit(1)  # nothing started yet
+            _end_group(running[0], cleanup)
+        os.killpg(os.getpgid(0), signal.SIGKILL)  # a child caught half-started by Popen, and us
 
     def on_parent_death(_sig: int, _frame: object) -> None:
         if os.getppid() != parent:  # the process, not just the thread that started us, is gone
@@ -83,9 +108,9 @@ def main(argv: list[str]) -> int:
     if os.getppid() != parent:  # the tuner died before we got here
         return 1
     try:
-        running.append(subprocess.Popen(argv[2:]))
+        running.append(subprocess.Popen(command))
     except FileNotFoundError:
-        print(f"vllm-tune: command not found: {argv[2]}", file=sys.stderr, flush=True)
+        print(f"vllm-tune: command not found: {command[0]}", file=sys.stderr, flush=True)
         return 127
     child = running[0]
     while True:

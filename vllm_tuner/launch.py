@@ -47,7 +47,7 @@ class Launcher(Protocol):
 
     def check(self) -> None: ...
 
-    def cleanup(self, name: str) -> None: ...
+    def cleanup_argv(self, name: str) -> list[str]: ...
 
     @property
     def key(self) -> str: ...
@@ -81,8 +81,8 @@ class LocalLauncher:
     def tool_argv(self, args):
         return [*self.words, *args]
 
-    def cleanup(self, name: str) -> None:
-        pass
+    def cleanup_argv(self, name: str) -> list[str]:
+        return []  # the process group is all there is
 
 
 class DockerLauncher:
@@ -131,8 +131,8 @@ class DockerLauncher:
     def tool_argv(self, args):
         return ["docker", "run", "--rm", "--entrypoint", "vllm", self.image, *args]
 
-    def cleanup(self, name: str) -> None:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+    def cleanup_argv(self, name: str) -> list[str]:
+        return ["docker", "rm", "-f", name]  # the container outlives a killed `docker run` client
 
 
 # -- what the installed vLLM accepts ---------------------------------------------------------------
@@ -342,19 +342,13 @@ class ServerProcess:
             check_port_free(self.port)
         self._baseline = self._used_memory() or {}
         env = trial_env(os.environ, self.launcher.env(self.gpu_ids), self.config, self.extra_env)
-        argv = [
-            sys.executable,
-            "-m",
-            "vllm_tuner._reaper",
-            str(os.getpid()),
-            "--",
-            *self.launcher.command(
-                self.config.serve_args(), port=self.port, gpu_ids=self.gpu_ids, name=self.name
-            ),
-        ]
+        command = self.launcher.command(
+            self.config.serve_args(), port=self.port, gpu_ids=self.gpu_ids, name=self.name
+        )
+        argv = reaper_argv(os.getpid(), command, self.launcher.cleanup_argv(self.name))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w", encoding="utf-8")
-        log.write(f"# {shlex.join(argv[5:])}\n")
+        log.write(f"# {shlex.join(command)}\n")
         log.flush()
         self._last_line_at = self.clock()
         self._proc = subprocess.Popen(
@@ -460,7 +454,7 @@ class ServerProcess:
                     _exited_unreaped(proc.pid, 30.0)
                 _signal_group(proc.pid, signal.SIGKILL)  # stragglers that outlived the reaper
                 proc.wait()
-            self.launcher.cleanup(self.name)
+            _run_cleanup(self.launcher.cleanup_argv(self.name))
             self._join_reader(5.0)
             self._stopped = True
         if wait_release:
@@ -502,6 +496,18 @@ class ServerProcess:
             return {i: self.nvml.memory(i).used for i in self.gpu_ids}
         except GpuError:
             return None
+
+
+def reaper_argv(parent_pid: int, command: Sequence[str], cleanup: Sequence[str] = ()) -> list[str]:
+    """``python -m vllm_tuner._reaper PARENT [--cleanup CMD] -- COMMAND...``"""
+    options = ["--cleanup", shlex.join(cleanup)] if cleanup else []
+    return [sys.executable, "-m", "vllm_tuner._reaper", str(parent_pid), *options, "--", *command]
+
+
+def _run_cleanup(argv: list[str]) -> None:
+    if argv:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
 
 
 def _exited_unreaped(pid: int, timeout_s: float) -> bool:
