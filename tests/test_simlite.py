@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -213,3 +214,146 @@ def test_no_simulated_state_fails_like_a_machine_without_a_driver(sim):
     )
     assert done.returncode != 0
     assert "Failed to infer device type" in done.stdout + done.stderr
+
+
+MORE_FAILURES = [
+    pytest.param(
+        "rtx-3090",
+        {},
+        ["qwen2.5-14b", "-tp", "2", "--gpu-memory-utilization", "0.6"],
+        "no_kv_cache_memory",
+        "WorkerProc hit an exception.",
+        id="tp2-no-kv-memory",
+    ),
+    pytest.param(
+        "shared-3090",
+        {},
+        [MODEL, "-tp", "2", "--gpu-memory-utilization", "0.9"],
+        "startup_free_memory_below_utilization",
+        "Exception: WorkerProc initialization failed due to an exception in a background process.",
+        id="tp2-busy-second-gpu",
+    ),
+    pytest.param(
+        "rtx-4090",
+        {},
+        [MODEL, "--kv-cache-memory-bytes", "20G", "--max-model-len", "4096"],
+        "oom_during_profiling",
+        "in initialize_kv_cache",
+        id="kv-bytes-too-large",
+    ),
+    pytest.param(
+        "rtx-4090",
+        {},
+        [MODEL, "--max-model-len", "auto", "--gpu-memory-utilization", "0.55"],
+        "no_kv_cache_memory",
+        "Cannot auto-fit max_model_len: not enough GPU memory available to serve even a single token.",
+        id="auto-fit-nothing",
+    ),
+    pytest.param(
+        "cotenant-release",
+        {},
+        [MODEL, "--max-model-len", "4096", "--gpu-memory-utilization", "0.7"],
+        "profiling_memory_changed",
+        "AssertionError: Error in memory profiling. Initial free memory",
+        id="cotenant-release",
+    ),
+]
+
+
+@pytest.mark.parametrize(("scenario", "overrides", "args", "category", "message"), MORE_FAILURES)
+def test_more_startup_failures(sim, scenario, overrides, args, category, message):
+    env = sim(scenario, **overrides)
+    done = run_cli(env, "serve", *args)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-2000:]
+    assert message in out
+    assert "EngineCore failed to start." in out
+    assert "RuntimeError: Engine core initialization failed. See root cause above." in out
+    assert classify(out).category == category
+    if "-tp" in args:
+        assert "(Worker_TP0 pid=" in out
+
+
+def serve_until_ready(env, *args: str) -> str:
+    """Start the simulated server, read its log until it is ready or dies, stop it; the log text."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_tuner.simlite", "serve", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env.env},
+        stdin=subprocess.DEVNULL,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Application startup complete." in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+    return "".join(lines)
+
+
+def test_cotenant_release_fires_once_then_the_launch_boots(sim):
+    env = sim("cotenant-release")
+    args = [MODEL, "--max-model-len", "4096", "--gpu-memory-utilization", "0.7"]
+    first = run_cli(env, "serve", *args)
+    assert "Error in memory profiling" in first.stdout
+    text = serve_until_ready(env, *args)
+    assert "Application startup complete." in text and "Error in memory profiling" not in text
+
+
+def test_auto_fit_logs_the_fitted_length(sim):
+    text = serve_until_ready(
+        sim("rtx-4090"), MODEL, "--max-model-len", "auto", "--gpu-memory-utilization", "0.68"
+    )
+    assert "Auto-fit max_model_len: reduced from 32768 to " in text
+    diagnosis = classify(text)
+    assert diagnosis.category == "success"
+    assert 0 < diagnosis.facts["max_model_len"] < 32768
+
+
+def test_startup_log_order_and_realistic_times(sim):
+    text = serve_until_ready(sim("slow-start", time_scale=2000), MODEL, "--max-model-len", "8192")
+    order = [
+        "vLLM server version 0.33.0, serving model qwen2.5-7b",
+        "non-default args:",
+        "Using max model len 8192",
+        "Initializing a V1 LLM engine",
+        "Loading safetensors checkpoint shards: 100% Completed",
+        "Model loading took ",
+        "torch.compile took",
+        "Available KV cache memory: ",
+        "CUDA graph memory profiling is enabled",
+        "GPU KV cache size: ",
+        "Graph capturing finished in ",
+        "CUDA graph pool memory: ",
+        "--kv-cache-memory=",
+        "init engine (profile, create kv cache, warmup model) took",
+        "Starting vLLM server on http://0.0.0.0:0",
+        "Application startup complete.",
+    ]
+    positions = [text.index(marker) for marker in order]
+    assert positions == sorted(positions)
+    assert "GiB memory and 300.000000 seconds" in text  # slow start: logged at realistic seconds
+    assert re.search(
+        r"GPU KV cache size: \d{1,3}(,\d{3})+ tokens, Maximum concurrency for 8,192 tokens", text
+    )
+    assert re.search(
+        r"^\(EngineCore pid=\d+\) INFO \d\d-\d\d \d\d:\d\d:\d\d \[gpu_worker\.py:773\] ", text, re.M
+    )
+    second = serve_until_ready(sim("slow-start", time_scale=2000), MODEL, "--max-model-len", "8192")
+    assert "Dynamo bytecode transform time" in second  # a fresh state folder compiles again
+
+
+def test_compile_cache_is_reused_until_a_compile_key_changes(sim):
+    env = sim("rtx-4090")
+    first = serve_until_ready(env, MODEL, "--max-model-len", "8192")
+    again = serve_until_ready(env, MODEL, "--max-model-len", "8192", "--gpu-memory-utilization", "0.9")
+    other = serve_until_ready(env, MODEL, "--max-model-len", "4096")
+    assert "Dynamo bytecode transform time" in first
+    assert "Directly load the compiled graph(s)" in again
+    assert "Dynamo bytecode transform time" in other
