@@ -84,6 +84,17 @@ def test_a_crashed_server_leaves_no_worker_behind(tmp_path):
         assert gone_within(worker, 3.0)
 
 
+def test_a_fatal_line_ends_the_wait_within_a_second_even_if_the_process_lingers(tmp_path):
+    with fake(tmp_path, "fatal-then-linger", grace_s=0.5) as proc:
+        started = time.monotonic()
+        ready = proc.wait_ready(timeout_s=60, stall_s=30)
+        took = time.monotonic() - started
+        assert proc.returncode is None  # still running: the log alone decided
+    assert not ready.ready
+    assert ready.diagnosis.category == "engine_core_died_other"
+    assert took < 1.5  # ~0.3 s of start-up, then the fatal line, then 0.3 s of silence
+
+
 def test_a_server_started_from_a_worker_thread_outlives_the_thread(tmp_path):
     # The kernel's parent-death signal follows the thread that forked, so that thread must outlive
     # the reaper's prctl() for this test to mean anything: it waits for the server's first line.

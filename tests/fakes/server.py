@@ -6,6 +6,7 @@ MODE (the model name) picks the behaviour:
     idle                 print a start line, then sleep (a plain SIGTERM ends it)
     stubborn             ignore SIGTERM, start a worker that ignores it too, then sleep
     crash-leaves-worker  start a worker, print a fatal engine error and exit 1 (the worker stays)
+    fatal-then-linger    print a fatal engine error and a traceback, then keep running (no exit, no /health)
 Every mode prints ``worker pid N`` for a worker it started, so a test can check it is gone.
 """
 
@@ -36,6 +37,13 @@ def main() -> int:
         print("ERROR [core.py:1] EngineCore failed to start.", flush=True)
         print("RuntimeError: Engine core initialization failed. See root cause above.", flush=True)
         return 1
+    elif mode == "fatal-then-linger":
+        time.sleep(0.2)
+        print("ERROR [core.py:1] EngineCore failed to start.", flush=True)
+        print("Traceback (most recent call last):", flush=True)
+        for depth in range(5):
+            print(f'  File "/vllm/v1/engine/core.py", line {100 + depth}, in run', flush=True)
+        print("RuntimeError: Engine core initialization failed. See root cause above.", flush=True)
     time.sleep(120)
     return 0
 
