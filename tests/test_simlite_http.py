@@ -193,3 +193,72 @@ def test_runtime_spike_kills_the_server_under_load(sim, tmp_path):
     assert "in execute_model" in text
     assert "EngineDeadError" in text
     assert classify(text).category == "oom_at_runtime"
+
+
+def test_metrics_histograms_and_prompt_at_the_limit(sim, tmp_path):
+    env = sim("rtx-5090")
+    server = boot(env, tmp_path, max_model_len=1024)
+    try:
+        url = server.base_url
+        ok = httpx.post(
+            f"{url}/v1/completions", json={"model": MODEL, "prompt": [1] * 1000, "max_tokens": 500}
+        )
+        assert ok.status_code == 200
+        assert ok.json()["usage"]["completion_tokens"] == 24  # max_tokens clamped to max_model_len - prompt
+        at_limit = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [1] * 1024})
+        assert at_limit.status_code == 400
+        assert "The decoder prompt (length 1024) plus the number of requested output tokens" in at_limit.text
+        text = httpx.get(f"{url}/metrics").text
+        assert 'vllm:e2e_request_latency_seconds_count{engine="0",model_name="qwen2.5-7b"} 1' in text
+        assert "vllm:time_to_first_token_seconds_bucket{" in text
+        assert 'vllm:generation_tokens_total{engine="0",model_name="qwen2.5-7b"} 24.0' in text
+        assert 'cache_dtype="auto"' in text
+    finally:
+        server.stop()
+
+
+def test_disable_log_stats_removes_the_engine_metrics(sim, tmp_path):
+    env = sim("rtx-5090")
+    server = boot(env, tmp_path, "--disable-log-stats")
+    try:
+        text = httpx.get(f"{server.base_url}/metrics").text
+        assert "vllm:kv_cache_usage_perc" not in text
+        assert "vllm:num_requests_running" not in text
+    finally:
+        server.stop()
+
+
+def test_memory_rises_through_the_startup_phases(sim, tmp_path):
+    """A tuner sampling NVML while vLLM starts sees context, then weights, then the KV pool."""
+    env = sim("rtx-5090", time_scale=40.0)
+    seen: list[int] = []
+    with open_nvml() as nvml:
+        config = ServeConfig(MODEL, max_model_len=4096)
+        server = ServerProcess(
+            LocalLauncher(env.vllm_cmd),
+            config,
+            gpu_ids=[0],
+            log_path=tmp_path / "server.log",
+            watcher=LogWatcher(),
+            nvml=nvml,
+            grace_s=3.0,
+            release_timeout_s=5.0,
+        )
+        server.start()
+        try:
+            deadline = time.monotonic() + 30
+            while (
+                time.monotonic() < deadline
+                and "Application startup complete." not in (tmp_path / "server.log").read_text()
+            ):
+                used = nvml.memory(0).used
+                if not seen or used != seen[-1]:
+                    seen.append(used)
+                time.sleep(0.01)
+            seen.append(nvml.memory(0).used)
+        finally:
+            server.stop()
+    distinct = sorted(set(seen))
+    assert len(distinct) >= 4, distinct  # nothing, context, weight shards..., KV pool
+    assert seen == sorted(seen)  # it only grows while starting
+    assert seen[-1] > 20 * GIB
