@@ -207,6 +207,38 @@ def test_filter_args_drops_unknown_flags_with_their_values():
     assert dropped == ["--swap-space", "4", "--kv-x=1"]
 
 
+def test_filter_args_keeps_negative_numbers_as_values():
+    info = VllmInfo("0.33.0", frozenset({"--max-model-len"}))
+    assert info.filter_args(["--max-model-len", "-1", "--gone", "-1", "-tp", "2"]) == (
+        ["--max-model-len", "-1", "-tp", "2"],
+        ["--gone", "-1"],
+    )
+
+
+def test_served_model_name_follows_the_flag_in_either_form(tmp_path):
+    def name(*extra: str) -> str:
+        config = ServeConfig("org/model", extra_args=extra)
+        return ServerProcess(
+            LocalLauncher("vllm"), config, gpu_ids=[0], log_path=tmp_path / "x.log", watcher=None
+        ).served_model_name
+
+    assert name() == "org/model"
+    assert name("--served-model-name", "chat", "--trust-remote-code") == "chat"
+    assert name("--served-model-name=chat2") == "chat2"
+
+
+def test_local_stamp_changes_when_the_executable_changes(tmp_path):
+    exe = tmp_path / "vllm"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    launcher = LocalLauncher(f"{exe} --flag")
+    first = launcher.stamp()
+    assert first.startswith(f"{exe}:")
+    os.utime(exe, ns=(1, 1))
+    assert launcher.stamp() != first
+    assert LocalLauncher("/nonexistent/vllm").stamp() == ""
+
+
 def test_docker_launcher_argv():
     launcher = DockerLauncher("vllm/vllm-openai:v0.33.0", hf_cache=Path("/data/hf"))
     argv = launcher.command(

@@ -49,6 +49,8 @@ class Launcher(Protocol):
 
     def cleanup_argv(self, name: str) -> list[str]: ...
 
+    def stamp(self) -> str: ...
+
     @property
     def key(self) -> str: ...
 
@@ -83,6 +85,17 @@ class LocalLauncher:
 
     def cleanup_argv(self, name: str) -> list[str]:
         return []  # the process group is all there is
+
+    def stamp(self) -> str:
+        """Changes when what the command runs changes: the path and mtime of every word that names an
+        executable (``uv`` and ``vllm`` in ``uv run vllm``)."""
+        parts = []
+        for word in self.words:
+            path = shutil.which(word)
+            if path:
+                with contextlib.suppress(OSError):
+                    parts.append(f"{path}:{os.stat(path).st_mtime_ns}")
+        return ";".join(parts)
 
 
 class DockerLauncher:
@@ -134,6 +147,20 @@ class DockerLauncher:
     def cleanup_argv(self, name: str) -> list[str]:
         return ["docker", "rm", "-f", name]  # the container outlives a killed `docker run` client
 
+    def stamp(self) -> str:
+        """The local image id (a re-pulled tag is another vLLM), or "" when docker cannot say."""
+        try:
+            done = subprocess.run(
+                ["docker", "image", "inspect", "--format", "{{.Id}}", self.image],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
 
 # -- what the installed vLLM accepts ---------------------------------------------------------------
 @dataclass(frozen=True)
@@ -153,7 +180,7 @@ class VllmInfo:
             word = args[i]
             if word.startswith("--") and not self.accepts(word):
                 dropped.append(word)
-                if "=" not in word and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                if "=" not in word and i + 1 < len(args) and not _is_option(args[i + 1]):
                     dropped.append(args[i + 1])
                     i += 1
             else:
@@ -162,6 +189,12 @@ class VllmInfo:
         return kept, dropped
 
 
+def _is_option(word: str) -> bool:
+    """``--flag`` or ``-f``; ``-1`` and ``-0.5`` are values."""
+    return word.startswith("-") and not _NUMBER.fullmatch(word)
+
+
+_NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?")
 _FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
 _VERSION = re.compile(r"(\d+\.\d+(?:\.\d+)?(?:[.+\w-]*)?)")
 
@@ -170,7 +203,7 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
     """``vllm --version`` and the flags of ``vllm serve --help``, cached per command and executable."""
     launcher.check()
     cache = (cache_dir or data_dir()) / "vllm-info.json"
-    key = f"{launcher.key}|{_executable_stamp(launcher)}"
+    key = f"{launcher.key}|{launcher.stamp()}"
     cached = _read_json(cache).get(key)
     if cached:
         return VllmInfo(cached["version"], frozenset(cached["flags"]))
@@ -191,17 +224,6 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(data))
     return info
-
-
-def _executable_stamp(launcher: Launcher) -> str:
-    words = getattr(launcher, "words", None)
-    if not words:
-        return ""
-    path = shutil.which(words[0])
-    try:
-        return f"{path}:{os.stat(path).st_mtime_ns}" if path else ""
-    except OSError:
-        return ""
 
 
 def _run_tool(launcher: Launcher, args: list[str], timeout_s: float, ok_codes=(0,)) -> str:
@@ -318,10 +340,12 @@ class ServerProcess:
 
     @property
     def served_model_name(self) -> str:
+        """The name requests must use: the first ``--served-model-name``, else the model."""
         args = list(self.config.extra_args)
-        if "--served-model-name" in args:
-            i = args.index("--served-model-name")
-            if i + 1 < len(args):
+        for i, word in enumerate(args):
+            if word.startswith("--served-model-name="):
+                return word.split("=", 1)[1]
+            if word == "--served-model-name" and i + 1 < len(args):
                 return args[i + 1]
         return self.config.model
 
