@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
+import httpx
 import pytest
 
 from vllm_tuner.launch import LocalLauncher, ServerProcess
@@ -41,11 +44,12 @@ def test_parse_metrics():
 def test_every_request_has_its_own_first_block_so_prefix_caching_cannot_share_kv():
     base = probe_prompt(4000, seed=0, vocab_size=32000)
     assert len(base) == 4000 and all(100 <= t < 31900 for t in base)
-    prompts = [unique_prompt(base, n, seed=0, vocab_size=32000) for n in range(200)]
+    prompts = [unique_prompt(base, f"0:1:{n}", vocab_size=32000) for n in range(200)]
     assert all(len(p) == 4000 and p[16:] == base[16:] for p in prompts)
     assert len({tuple(p[:4]) for p in prompts}) == 200  # distinct from the very first tokens
-    assert unique_prompt(base, 7, seed=0, vocab_size=32000) == prompts[7]  # reproducible
-    assert unique_prompt([5, 6], 1, seed=0, vocab_size=10) != unique_prompt([5, 6], 2, seed=0, vocab_size=10)
+    assert unique_prompt(base, "0:1:7", vocab_size=32000) == prompts[7]  # reproducible
+    assert unique_prompt(base, "0:2:7", vocab_size=32000)[:16] != prompts[7][:16]  # another probe run
+    assert unique_prompt([5, 6], "a", vocab_size=10) != unique_prompt([5, 6], "b", vocab_size=10)
 
 
 def _serve(env, tmp_path, nvml, *extra: str) -> ServerProcess:
@@ -125,3 +129,64 @@ def test_load_probe_reports_a_server_dying_mid_probe(sim, tmp_path):
     assert not report.ok
     assert took < 5  # noticed at once, not at the end of the 30 s probe
     assert proc.watcher.finalize(exit_code=1).category == "oom_at_runtime"
+
+
+class FakeVllm:
+    """An in-process ``httpx.MockTransport`` handler: streamed completions, a preemption counter."""
+
+    def __init__(self, *, preemptions_before: int, status_for: dict[int, int] | None = None) -> None:
+        self.preemptions = preemptions_before
+        self.status_for = status_for or {}
+        self.prompts: list[list[int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=f"vllm:num_preemptions_total {self.preemptions}\n")
+        body = json.loads(request.content)
+        with self.lock:
+            number = len(self.prompts)
+            self.prompts.append(body["prompt"])
+            self.preemptions += 1  # every request is preempted once
+        status = self.status_for.get(number, 200)
+        if status != 200:
+            return httpx.Response(status, text="nope")
+        chunks = "".join(f'data: {{"choices":[{{"text":"t{i}"}}]}}\n\n' for i in range(body["max_tokens"]))
+        return httpx.Response(200, text=chunks + "data: [DONE]\n\n")
+
+
+def _probe_fake(fake: FakeVllm, **overrides) -> object:
+    args = dict(
+        model="m",
+        concurrency=3,
+        prompt_tokens=64,
+        max_tokens=4,
+        duration_s=None,
+        nvml=None,
+        gpu_ids=[0],
+        is_alive=lambda: True,
+        client=httpx.Client(transport=httpx.MockTransport(fake)),
+    )
+    args.update(overrides)
+    return run_load_probe("http://127.0.0.1:1", **args)
+
+
+def test_preemptions_count_only_those_during_the_probe_and_prompts_never_repeat():
+    fake = FakeVllm(preemptions_before=40)
+    report = _probe_fake(fake)
+    assert report.ok and report.requests == 3
+    assert report.preemptions == 3  # not the 40 from before the probe
+    again = _probe_fake(fake)  # a second probe on the same server
+    assert again.preemptions == 3
+    heads = {tuple(p[:16]) for p in fake.prompts}
+    assert len(fake.prompts) == 6 and len(heads) == 6
+    assert all(len(p) == 64 for p in fake.prompts)
+
+
+def test_errors_are_counted_by_kind():
+    fake = FakeVllm(preemptions_before=0, status_for={0: 500, 1: 400})
+    report = _probe_fake(fake)
+    assert not report.ok
+    assert report.errors == {"http_5xx": 1, "http_4xx": 1}
+    assert report.requests == 1
+    assert report.first_error.startswith(("500", "400"))

@@ -12,6 +12,7 @@ worst case it claims to test.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import re
 import statistics
@@ -118,8 +119,11 @@ def run_load_probe(
     start = clock()
     deadline = start + duration_s if duration_s else None
     base = probe_prompt(prompt_tokens, seed=seed, vocab_size=vocab_size)
+    # unique across requests, and across probes run side by side or one after another on one server
+    run_tag = f"{seed}:{os.getpid()}:{next(_PROBE_RUNS)}"
     numbers = itertools.count()
     report = LoadReport()
+    preemptions_before = _preemptions(client, base_url)
 
     def worker() -> None:
         first = True
@@ -127,7 +131,7 @@ def run_load_probe(
             first = False
             body = {
                 "model": model,
-                "prompt": unique_prompt(base, next(numbers), seed=seed, vocab_size=vocab_size),
+                "prompt": unique_prompt(base, f"{run_tag}:{next(numbers)}", vocab_size=vocab_size),
                 "max_tokens": max_tokens,
                 "stream": True,
                 "temperature": 0.0,
@@ -139,7 +143,7 @@ def run_load_probe(
 
     def sampler() -> None:
         while not stop.is_set():
-            _sample(report, nvml, gpu_ids, client, base_url)
+            _sample(report, nvml, gpu_ids, client, base_url, preemptions_before)
             if not is_alive():
                 report.server_died = True
                 stop.set()
@@ -158,7 +162,7 @@ def run_load_probe(
                 if not is_alive():
                     report.server_died = True
                     stop.set()
-        _sample(report, nvml, gpu_ids, client, base_url)
+        _sample(report, nvml, gpu_ids, client, base_url, preemptions_before)
     finally:
         stop.set()
         watch.join(5.0)
@@ -180,6 +184,7 @@ def run_load_probe(
 
 
 UNIQUE_HEAD_TOKENS = 16
+_PROBE_RUNS = itertools.count()
 
 
 def _token_range(vocab_size: int) -> tuple[int, int]:
@@ -195,10 +200,10 @@ def probe_prompt(length: int, *, seed: int, vocab_size: int) -> list[int]:
     return [rng.randrange(low, high) for _ in range(length)]
 
 
-def unique_prompt(base: Sequence[int], number: int, *, seed: int, vocab_size: int) -> list[int]:
-    """``base`` with its first tokens drawn for request ``number`` alone. The first KV block then
+def unique_prompt(base: Sequence[int], tag: str, *, vocab_size: int) -> list[int]:
+    """``base`` with its first tokens drawn for ``tag`` (one request) alone. The first KV block then
     differs between requests, and with it every block hash chained after it: no prefix-cache hits."""
-    rng = random.Random(f"{seed}:{number}")
+    rng = random.Random(tag)
     low, high = _token_range(vocab_size)
     head = min(UNIQUE_HEAD_TOKENS, len(base))
     return [rng.randrange(low, high) for _ in range(head)] + list(base[head:])
@@ -230,7 +235,27 @@ def _one_request(client: httpx.Client, url: str, body: dict, headers: dict, tall
             tally.ttfts.append(first_token - began)
 
 
-def _sample(report: LoadReport, nvml, gpu_ids: Sequence[int], client: httpx.Client, base_url: str) -> None:
+def _metrics(client: httpx.Client, base_url: str) -> dict[str, float] | None:
+    try:
+        resp = client.get(f"{base_url}/metrics", timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    return parse_metrics(resp.text) if resp.status_code == 200 else None
+
+
+def _preemptions(client: httpx.Client, base_url: str) -> int:
+    """The server's preemption counter now (it counts since the server started)."""
+    return int((_metrics(client, base_url) or {}).get("vllm:num_preemptions_total", 0))
+
+
+def _sample(
+    report: LoadReport,
+    nvml,
+    gpu_ids: Sequence[int],
+    client: httpx.Client,
+    base_url: str,
+    preemptions_before: int,
+) -> None:
     if nvml is not None:
         for i in gpu_ids:
             try:
@@ -240,15 +265,12 @@ def _sample(report: LoadReport, nvml, gpu_ids: Sequence[int], client: httpx.Clie
             if mem.used > report.peak_used_bytes.get(i, -1):
                 report.peak_used_bytes[i] = mem.used
                 report.headroom_bytes[i] = mem.total - mem.used
-    try:
-        resp = client.get(f"{base_url}/metrics", timeout=2.0)
-    except httpx.HTTPError:
+    metrics = _metrics(client, base_url)
+    if metrics is None:
         return
-    if resp.status_code != 200:
-        return
-    metrics = parse_metrics(resp.text)
     report.max_kv_usage = max(report.max_kv_usage, metrics.get("vllm:kv_cache_usage_perc", 0.0))
-    report.preemptions = max(report.preemptions, int(metrics.get("vllm:num_preemptions_total", 0)))
+    during = int(metrics.get("vllm:num_preemptions_total", 0)) - preemptions_before
+    report.preemptions = max(report.preemptions, during)
     report.max_waiting = max(report.max_waiting, int(metrics.get("vllm:num_requests_waiting", 0)))
 
 
