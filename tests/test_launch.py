@@ -249,6 +249,8 @@ def test_docker_launcher_argv():
     assert "--ipc=host" in argv
     assert argv[argv.index("-p") + 1] == "127.0.0.1:8123:8123"
     assert argv[argv.index("-v") + 1] == "/data/hf:/root/.cache/huggingface/hub"
+    passed_env = [argv[i + 1] for i, word in enumerate(argv) if word == "-e"]
+    assert passed_env == ["PYTORCH_CUDA_ALLOC_CONF", "HF_TOKEN"]  # names only: values from our env
     image = argv.index("vllm/vllm-openai:v0.33.0")
     assert argv[image + 1 :] == [
         "Qwen/Qwen2.5-7B",

@@ -131,6 +131,8 @@ class DockerLauncher:
             f"{HOST}:{port}:{port}",
             "-e",
             "PYTORCH_CUDA_ALLOC_CONF",
+            "-e",
+            "HF_TOKEN",  # passed through when set, for gated models
         ]
         if self.hf_cache:
             argv += ["-v", f"{self.hf_cache}:/root/.cache/huggingface/hub"]
@@ -375,17 +377,21 @@ class ServerProcess:
         log.write(f"# {shlex.join(command)}\n")
         log.flush()
         self._last_line_at = self.clock()
-        self._proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=env,
-            text=True,
-            errors="replace",
-            bufsize=1,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+                text=True,
+                errors="replace",
+                bufsize=1,
+            )
+        except OSError as exc:
+            log.close()
+            raise LaunchError(f"could not start {argv[0]}: {exc}", "check the Python environment") from exc
         self._reader = threading.Thread(target=self._read, args=(log,), name="vllm-log", daemon=True)
         self._reader.start()
 
@@ -408,11 +414,12 @@ class ServerProcess:
     def wait_ready(
         self, *, timeout_s: float, stall_s: float, on_progress: ProgressFn | None = None, poll_s: float = 0.5
     ) -> Readiness:
-        """Until ``/health`` answers 200 (ready), a fatal log line or exit (failed), a stall or the timeout."""
+        """Until ``/health`` answers 200 (ready), a fatal log line or an exit (failed), a stall or the
+        timeout. A health check waits at most 1 s, so it never delays noticing a fatal line by more."""
         assert self._proc is not None, "start() first"
         start = self.clock()
         next_health = next_progress = start
-        with httpx.Client(timeout=httpx.Timeout(2.0)) as client:
+        with httpx.Client(timeout=httpx.Timeout(1.0, connect=0.5)) as client:
             while True:
                 now = self.clock()
                 elapsed = now - start
