@@ -179,3 +179,21 @@ def test_reaper_argv():
         "m",
     ]
     assert reaper_argv(42, ["vllm"])[3:] == ["42", "--", "vllm"]
+    assert reaper_argv(42, ["vllm"], grace_s=2.5)[3:] == ["42", "--grace", "2.5", "--", "vllm"]
+
+
+def test_reaper_reads_its_options():
+    from vllm_tuner._reaper import GRACE_S, Plan, _parse
+
+    assert _parse(
+        ["7", "--grace", "2", "--cleanup", "docker rm -f x", "--", "vllm", "serve", "--", "m"]
+    ) == Plan(7, 2.0, ["docker", "rm", "-f", "x"], ["vllm", "serve", "--", "m"])
+    assert _parse(["7", "--", "vllm"]) == Plan(7, GRACE_S, [], ["vllm"])
+    for bad in (
+        ["x", "--", "vllm"],
+        ["7", "vllm"],
+        ["7", "--"],
+        ["7", "--grace", "--", "v"],
+        ["7", "--who", "1", "--", "v"],
+    ):
+        assert _parse(bad) is None, bad

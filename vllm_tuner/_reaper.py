@@ -1,11 +1,11 @@
 """Watchdog that runs one vLLM server and guarantees it dies with the tuner.
 
-    python -m vllm_tuner._reaper PARENT_PID [--cleanup 'docker rm -f NAME'] -- vllm serve MODEL ...
+    python -m vllm_tuner._reaper PARENT_PID [--grace S] [--cleanup 'docker rm -f NAME'] -- vllm serve ...
 
 The tuner starts this in a new session, so the reaper leads the process group that vLLM and all its
 workers inherit. If the tuner disappears (even by SIGKILL), the kernel sends the reaper SIGUSR1
 (PR_SET_PDEATHSIG, Linux) or the reaper notices its parent changed; either way it ends the whole group:
-SIGTERM, a grace period, the ``--cleanup`` command if one was given (a docker container outlives its
+SIGTERM, a grace period (``--grace``, default 5 s), the ``--cleanup`` command if one was given (a docker container outlives its
 killed ``docker run`` client), then SIGKILL. It never touches any other group.
 
 The death signal fires when the *thread* that started the reaper exits, not only the process, so on
@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 GRACE_S = 5.0
 CLEANUP_S = 30.0
@@ -36,14 +37,22 @@ def _die_with_parent() -> None:
         pass  # not Linux: the parent poll below still catches it
 
 
-def _end_group(child: subprocess.Popen, cleanup: list[str]) -> None:
+@dataclass(frozen=True)
+class Plan:
+    parent: int
+    grace_s: float
+    cleanup: list[str]
+    command: list[str]
+
+
+def _end_group(child: subprocess.Popen, plan: Plan) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     pgid = os.getpgid(0)
     os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
+    deadline = time.monotonic() + plan.grace_s
     while time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.05)
-    _run_cleanup(cleanup)
+    _run_cleanup(plan.cleanup)
     os.killpg(pgid, signal.SIGKILL)  # ends the reaper too
 
 
@@ -69,31 +78,38 @@ def _kill_stragglers() -> None:
             continue
 
 
-def _parse(argv: list[str]) -> tuple[int, list[str], list[str]] | None:
-    """``PARENT_PID [--cleanup CMD] -- COMMAND...`` -> (parent, cleanup argv, command argv)."""
+def _parse(argv: list[str]) -> Plan | None:
+    """``PARENT_PID [--grace S] [--cleanup CMD] -- COMMAND...``, or None when malformed."""
     if not argv or not argv[0].isdigit() or "--" not in argv:
         return None
     split = argv.index("--")
     options, command = argv[1:split], argv[split + 1 :]
-    cleanup: list[str] = []
-    if options[:1] == ["--cleanup"] and len(options) == 2:
-        cleanup = shlex.split(options[1])
-    elif options:
+    if len(options) % 2 or not command:
         return None
-    return (int(argv[0]), cleanup, command) if command else None
+    values = dict(zip(options[::2], options[1::2], strict=True))
+    if not set(values) <= {"--grace", "--cleanup"}:
+        return None
+    try:
+        grace = float(values.get("--grace", GRACE_S))
+    except ValueError:
+        return None
+    return Plan(int(argv[0]), grace, shlex.split(values.get("--cleanup", "")), command)
 
 
 def main(argv: list[str]) -> int:
-    parsed = _parse(argv)
-    if parsed is None:
-        print("usage: python -m vllm_tuner._reaper PARENT_PID [--cleanup CMD] -- COMMAND...", file=sys.stderr)
+    plan = _parse(argv)
+    if plan is None:
+        print(
+            "usage: python -m vllm_tuner._reaper PARENT_PID [--grace S] [--cleanup CMD] -- COMMAND...",
+            file=sys.stderr,
+        )
         return 2
-    parent, cleanup, command = parsed
+    parent, command = plan.parent, plan.command
     running: list[subprocess.Popen] = []  # the child, once started
 
     def end(_sig: int = 0, _frame: object = None) -> None:
         if running:
-            _end_group(running[0], cleanup)
+            _end_group(running[0], plan)
         os.killpg(os.getpgid(0), signal.SIGKILL)  # a child caught half-started by Popen, and us
 
     def on_parent_death(_sig: int, _frame: object) -> None:

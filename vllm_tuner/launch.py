@@ -371,7 +371,7 @@ class ServerProcess:
         command = self.launcher.command(
             self.config.serve_args(), port=self.port, gpu_ids=self.gpu_ids, name=self.name
         )
-        argv = reaper_argv(os.getpid(), command, self.launcher.cleanup_argv(self.name))
+        argv = reaper_argv(os.getpid(), command, self.launcher.cleanup_argv(self.name), grace_s=self.grace_s)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("w", encoding="utf-8")
         log.write(f"# {shlex.join(command)}\n")
@@ -529,9 +529,12 @@ class ServerProcess:
             return None
 
 
-def reaper_argv(parent_pid: int, command: Sequence[str], cleanup: Sequence[str] = ()) -> list[str]:
-    """``python -m vllm_tuner._reaper PARENT [--cleanup CMD] -- COMMAND...``"""
-    options = ["--cleanup", shlex.join(cleanup)] if cleanup else []
+def reaper_argv(
+    parent_pid: int, command: Sequence[str], cleanup: Sequence[str] = (), *, grace_s: float | None = None
+) -> list[str]:
+    """``python -m vllm_tuner._reaper PARENT [--grace S] [--cleanup CMD] -- COMMAND...``"""
+    options = ["--grace", f"{grace_s:g}"] if grace_s is not None else []
+    options += ["--cleanup", shlex.join(cleanup)] if cleanup else []
     return [sys.executable, "-m", "vllm_tuner._reaper", str(parent_pid), *options, "--", *command]
 
 
