@@ -72,7 +72,7 @@ def _serve(env, tmp_path, nvml, *extra: str) -> ServerProcess:
 
 
 def test_load_probe_reports_requests_memory_and_kv(sim, tmp_path):
-    # 1 ms decode steps at this scale: each request lasts ~100 ms, so /metrics is sampled mid-flight
+    # 1 ms decode steps at this scale: 400 tokens last ~400 ms, so /metrics is sampled mid-flight
     env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 0.0}}, timing={"decode_step_s": 0.4})
     with open_nvml() as nvml:
         idle = nvml.memory(0).used
@@ -82,8 +82,8 @@ def test_load_probe_reports_requests_memory_and_kv(sim, tmp_path):
                 proc.base_url,
                 model=proc.served_model_name,
                 concurrency=4,
-                prompt_tokens=2000,
-                max_tokens=100,
+                prompt_tokens=1600,
+                max_tokens=400,
                 duration_s=None,
                 nvml=nvml,
                 gpu_ids=[0],
