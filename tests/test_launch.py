@@ -215,7 +215,7 @@ def test_filter_args_keeps_negative_numbers_as_values():
     )
 
 
-def test_served_model_name_follows_the_flag_in_either_form(tmp_path):
+def test_served_model_name_and_a_unique_server_name(tmp_path):
     def name(*extra: str) -> str:
         config = ServeConfig("org/model", extra_args=extra)
         return ServerProcess(
@@ -223,6 +223,13 @@ def test_served_model_name_follows_the_flag_in_either_form(tmp_path):
         ).served_model_name
 
     assert name() == "org/model"
+    first = ServerProcess(
+        LocalLauncher("vllm"), ServeConfig("m"), gpu_ids=[0], log_path=tmp_path / "a", watcher=None
+    )
+    second = ServerProcess(
+        LocalLauncher("vllm"), ServeConfig("m"), gpu_ids=[0], log_path=tmp_path / "b", watcher=None
+    )
+    assert first.name != second.name and first.name.startswith(f"vllm-tune-{os.getpid()}-")
     assert name("--served-model-name", "chat", "--trust-remote-code") == "chat"
     assert name("--served-model-name=chat2") == "chat2"
 

@@ -8,6 +8,7 @@ The tuner only ever signals process groups it started.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -282,6 +283,7 @@ class Readiness:
 
 
 ProgressFn = Callable[[str, float, "dict[int, int] | None"], None]
+_SERVERS = itertools.count(1)
 
 
 class ServerProcess:
@@ -314,7 +316,8 @@ class ServerProcess:
         self.clock = clock
         self.grace_s = grace_s
         self.release_timeout_s = release_timeout_s
-        self.name = f"vllm-tune-{os.getpid()}-{config.key()[:8]}"
+        # unique per server of this tuner: a docker container name, removed with `docker rm -f` on stop
+        self.name = f"vllm-tune-{os.getpid()}-{next(_SERVERS)}-{config.key()[:8]}"
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._changed = threading.Event()
