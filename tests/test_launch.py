@@ -126,8 +126,11 @@ def test_user_port_in_use_is_a_launch_error(sim, tmp_path):
 
 DRIVER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
+    # a terminal's Ctrl-C: SIGINT raises KeyboardInterrupt even when the test runner was started in
+    # the background (where the shell leaves SIGINT ignored for its children)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from vllm_tuner.launch import LocalLauncher, ServerProcess
     from vllm_tuner.logparse import LogWatcher
     from vllm_tuner.serveconfig import ServeConfig
