@@ -11,7 +11,8 @@ For every scenario of SUITE (a model, a GPU scenario of profiles/sim, a GPU coun
 
 Costs are simulated GPU-seconds from the simulator's timing model (engine.DEFAULT_TIMING): a launch pays
 load + compile (cached when max_model_len / max_num_seqs / max_num_batched_tokens were seen before) +
-profile + capture + server start, cut short where the launch fails; a load probe pays its prefill.
+profile + capture + server start, cut short where the launch fails; a load probe pays its prefill and
+decode (the load find's JSON reports).
 find's trials are costed twice: with the same model ("model", used for the comparison) and as measured
 (wall seconds x --sim-time-scale, which also counts the simulated processes' Python start-up).
 
@@ -314,9 +315,11 @@ def launch_seconds(
     return secs + t["server_s"]
 
 
-def probe_seconds(m: Machine, length: int, seqs: int) -> float:
-    decode = min(4096, max(64, length // 8))  # what ProbePlan.worst_case asks for
-    return seqs * length / m.timing["prefill_tokens_per_s"] + decode * m.timing["decode_step_s"]
+def probe_seconds(m: Machine, concurrency: int, prompt_tokens: int, max_tokens: int) -> float:
+    """The load probe as find ran it (its JSON's ``load``): every prompt prefilled, then the decode, one
+    after the other (in vLLM they overlap, so this errs long)."""
+    prefill = concurrency * prompt_tokens / m.timing["prefill_tokens_per_s"]
+    return prefill + max_tokens * m.timing["decode_step_s"]
 
 
 # -- baselines -------------------------------------------------------------------------------------
@@ -475,16 +478,11 @@ def run_find(case: dict, m: Machine, time_scale: float) -> tuple[Run, dict]:
         args = _args_from_flags(m, t.get("flags", {}))
         cat = t.get("category") or "success"
         run.gpu_seconds += launch_seconds(m, args, cat, compiled)
-        if cat == "success" and t.get("verdict") in ("stable", "unstable"):
-            b = engine.boot(
-                m.model,
-                args,
-                total_bytes=m.total_bytes,
-                others_bytes=m.others_bytes,
-                gpu_name=m.gpu_name,
-                truth=m.truth,
+        load = t.get("load")
+        if load:
+            run.gpu_seconds += probe_seconds(
+                m, load["concurrency"], load["prompt_tokens"], load["max_tokens"]
             )
-            run.gpu_seconds += probe_seconds(m, b.max_model_len, b.max_num_seqs)
         measured += float(t.get("duration_s") or 0) * time_scale
         run.trials.append({"flags": t.get("flags"), "category": cat, "verdict": t.get("verdict")})
     run.gpu_seconds_measured = measured

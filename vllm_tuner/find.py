@@ -146,6 +146,13 @@ def trial_json(t: TrialOutcome) -> dict:
         else None,
         "probe_failure": t.probe_failure or None,
         "preemptions": getattr(probe, "preemptions", None),
+        "load": {
+            "concurrency": t.probe_plan.concurrency,
+            "prompt_tokens": t.probe_plan.prompt_tokens,
+            "max_tokens": t.probe_plan.max_tokens,
+        }
+        if t.probe_plan
+        else None,
         "log": str(t.log_path) if t.log_path else None,
     }
 

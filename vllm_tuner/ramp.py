@@ -617,7 +617,9 @@ class Ramp:
             if not soaking:
                 return None
             runner["load"] = self.soak_runner(cfg, facts, self._tick)
-            probe = ProbePlan.worst_case(cfg, headroom_bytes=plan.headroom_bytes, duration_s=plan.soak_s)
+            probe = ProbePlan.worst_case(
+                cfg, headroom_bytes=plan.headroom_bytes, duration_s=plan.soak_s, sustained=True
+            )
             return ProbePlan(
                 probe.concurrency,
                 probe.prompt_tokens,

@@ -6,6 +6,7 @@ released) before this returns, whatever happened — including Ctrl-C.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,21 +40,51 @@ class ProbePlan:
         headroom_bytes: int,
         duration_s: float | None = None,
         max_tokens: int | None = None,
+        sustained: bool = False,
     ) -> ProbePlan:
-        """``max_num_seqs`` requests that together fill ``max_model_len`` each. The decode is long enough
-        (an eighth of the context, 64..4096 tokens) that the first request is still generating when the
-        last prefill lands, so every sequence holds its full KV at once — the promise being tested."""
+        """``max_num_seqs`` requests that together fill ``max_model_len`` each, decoding just long enough
+        that the first request is still generating when the last prefill lands, so every sequence holds
+        its full KV at once — the promise being tested (see :func:`overlap_decode_tokens`).
+
+        ``sustained`` is for a soak that repeats the requests for a while: each then decodes an eighth
+        of the context (64..4096 tokens), so the full KV is held most of the time, not for an instant."""
         context = config.max_model_len or 2048
-        if max_tokens is None:
-            max_tokens = min(4096, max(64, context // 8))
+        concurrency = config.max_num_seqs or 1
+        if max_tokens is None and sustained:
+            max_tokens = min(MAX_DECODE_TOKENS, max(MIN_DECODE_TOKENS, context // 8))
+        elif max_tokens is None:
+            max_tokens = overlap_decode_tokens(
+                concurrency, context, config.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
+            )
         max_tokens = max(1, min(max_tokens, context // 2))
         return cls(
-            concurrency=config.max_num_seqs or 1,
+            concurrency=concurrency,
             prompt_tokens=max(1, context - max_tokens),
             max_tokens=max_tokens,
             duration_s=duration_s,
             headroom_bytes=headroom_bytes,
         )
+
+
+# vLLM's smallest default --max-num-batched-tokens for `vllm serve` (GPUs under 70 GiB, and A100); H100-class
+# cards default to 8192. The smaller budget means more scheduler steps to prefill, so it errs long.
+DEFAULT_BATCHED_TOKENS = 2048
+OVERLAP_MARGIN = 1.25  # decode this much longer than the prefills take, plus a fixed tail
+OVERLAP_TAIL_TOKENS = 32
+MIN_DECODE_TOKENS, MAX_DECODE_TOKENS = 64, 4096
+
+
+def overlap_decode_tokens(concurrency: int, context: int, batched_tokens: int) -> int:
+    """How many tokens each probe request decodes so that all ``concurrency`` prompts are resident at once.
+
+    vLLM's scheduler (chunked prefill) spends at most ``batched_tokens`` per step on prefill and gives every
+    running request one decode token per step, so the last of ``concurrency`` prompts of ``context`` tokens
+    lands after about ``concurrency × context / batched_tokens`` steps: the first request must still be
+    decoding then. A longer decode proves nothing more about memory and costs a decode step per token.
+    """
+    steps = math.ceil(concurrency * context / max(1, batched_tokens))
+    wanted = math.ceil(steps * OVERLAP_MARGIN) + OVERLAP_TAIL_TOKENS
+    return max(MIN_DECODE_TOKENS, min(MAX_DECODE_TOKENS, wanted))
 
 
 @dataclass(frozen=True)
@@ -74,6 +105,7 @@ class TrialOutcome:
     log_path: Path | None = None
     evidence: str = ""
     probe_failure: str = ""
+    probe_plan: ProbePlan | None = None  # the load it was put under, if any
 
     @property
     def min_headroom_bytes(self) -> int | None:
@@ -156,11 +188,22 @@ def run_trial(
                 log_path,
                 _evidence(watcher),
                 "the server died under load",
+                plan,
             )
         failure = judge_probe(report, plan)
         verdict = "unstable" if failure else "stable"
         return TrialOutcome(
-            config, "success", verdict, facts, report, started, wall_clock() - started, log_path, "", failure
+            config,
+            "success",
+            verdict,
+            facts,
+            report,
+            started,
+            wall_clock() - started,
+            log_path,
+            "",
+            failure,
+            plan,
         )
 
 

@@ -68,9 +68,9 @@ def default_workload(
     """The worst case the config promises, climbing in ``stages`` over ``warmup_s``, plus short requests."""
     concurrency = max(1, concurrency)
     worst = ProbePlan.worst_case(
-        ServeConfig("", max_model_len=context, max_num_seqs=concurrency), headroom_bytes=0
+        ServeConfig("", max_model_len=context, max_num_seqs=concurrency), headroom_bytes=0, sustained=True
     )
-    prompt, max_tokens = worst.prompt_tokens, worst.max_tokens  # find's worst case, decode included
+    prompt, max_tokens = worst.prompt_tokens, worst.max_tokens  # the worst case, with a decode that holds it
     stages = max(1, min(stages, concurrency)) if warmup_s > 0 else 1
     streams = []
     for i, share in enumerate(_split(concurrency, stages)):

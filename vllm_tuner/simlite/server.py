@@ -375,8 +375,10 @@ class Engine:
                 self._decode()
                 total = max(1, self.boot.num_blocks - 1)
                 self.kv_usage = 1 - self.free_blocks / total
+                risen = self.kv_usage > self.peak_usage
                 self.peak_usage = max(self.peak_usage, self.kv_usage)
-            if time.monotonic() - last_mem > 0.05:
+            # NVML sees an allocation at once: a new peak is written now, not at the next refresh
+            if risen or time.monotonic() - last_mem > 0.05:
                 self._write_memory()
                 last_mem = time.monotonic()
             if self.die_at is not None and self.kv_usage >= self.die_at:
