@@ -45,15 +45,27 @@ def toy_model(fixed_bytes: int):
 class World:
     """The 'real GPU' for these tests: the true fixed cost differs from the estimate."""
 
-    def __init__(self, true_fixed: int, *, graph_edge: float = 1.0, runtime_spike: int = 0) -> None:
+    def __init__(
+        self,
+        true_fixed: int,
+        *,
+        graph_edge: float = 1.0,
+        runtime_spike: int = 0,
+        dies_below: int | None = None,
+        token_bytes_factor: float = 1.0,
+    ) -> None:
         self.true_fixed = true_fixed
         self.graph_edge = graph_edge
         self.runtime_spike = runtime_spike
+        self.dies_below = dies_below  # headroom under load below which the server dies (no reading)
+        self.token_bytes_factor = token_bytes_factor  # real KV bytes per token / the estimate's
 
     def run(self, cfg: ServeConfig) -> Observation:
         util = cfg.gpu_memory_utilization
         graphs = 0 if cfg.enforce_eager else GIB // 2
-        per_token = BYTES_PER_TOKEN // (2 if cfg.kv_cache_dtype == "fp8" else 1)
+        per_token = int(BYTES_PER_TOKEN * self.token_bytes_factor) // (
+            2 if cfg.kv_cache_dtype == "fp8" else 1
+        )
         pool = int(TOTAL * util) - self.true_fixed - graphs
         facts = {"available_kv_gib": pool / GIB, "total_gib": TOTAL / GIB, "gpu_memory_utilization": util}
         need = cfg.max_model_len * per_token
@@ -65,6 +77,8 @@ class World:
         facts["kv_cache_tokens"] = pool // per_token
         used = self.true_fixed + graphs + pool + self.runtime_spike
         headroom = TOTAL - used
+        if self.dies_below is not None and headroom < self.dies_below:
+            return Observation(cfg, "success", facts, ProbeSummary(ok=False, server_died=True))
         probe = ProbeSummary(ok=headroom >= GIB, min_headroom_bytes=headroom)
         return Observation(cfg, "success", facts, probe)
 
@@ -141,6 +155,52 @@ def test_unstable_under_load_lowers_utilization_until_headroom_holds():
     winner = finish.winner
     assert winner.stable and winner.probe.min_headroom_bytes >= GIB
     assert winner.config.gpu_memory_utilization < 0.95
+
+
+def test_a_cautious_step_down_climbs_back_while_a_stable_probe_shows_spare_headroom():
+    # at 0.95 the server dies under load (no headroom reading), so the policy steps down blind, by the
+    # headroom asked for (1 GiB of 32 → 0.04); 0.91 holds with 1.68 GiB, which buys two 0.01 steps back
+    estimate, calibrate = toy_model(20 * GIB)
+    world = World(true_fixed=20 * GIB, runtime_spike=int(1.2 * GIB), dies_below=GIB // 2)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    finish, history = drive(policy, world)
+    utils = [o.config.gpu_memory_utilization for o in history if o.probe is not None]
+    assert utils == [0.95, 0.91, 0.93]
+    assert [o.verdict for o in history if o.probe is not None] == ["unstable", "stable", "stable"]
+    # the highest utilization with 1 GiB headroom: 32 GiB × (1 − u) − 1.2 GiB ≥ 1 GiB ⇒ u ≤ 0.931
+    assert finish.winner.config.gpu_memory_utilization == 0.93
+
+
+def test_the_climb_back_never_reaches_a_step_that_failed():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    cfg = BASE.replace(max_model_len=8192, max_num_seqs=1)
+    facts = {"available_kv_gib": 8.0, "total_gib": 32.0, "kv_cache_tokens": 65536}
+    history = [
+        Observation(cfg.replace(gpu_memory_utilization=0.93), "success", facts, ProbeSummary(ok=False)),
+        Observation(
+            cfg.replace(gpu_memory_utilization=0.90),
+            "success",
+            facts,
+            ProbeSummary(ok=True, min_headroom_bytes=3 * GIB),  # would buy six steps
+        ),
+    ]
+    assert policy.caps(history).util == 0.92
+
+
+def test_a_measured_pool_is_carried_to_a_lower_utilization():
+    # the estimate's KV bytes per token are 10% low, so only vLLM's own numbers size the context: after
+    # the failure under load, the next length comes from the measured pool less 0.03 × the card
+    estimate, calibrate = toy_model(20 * GIB)
+    world = World(true_fixed=20 * GIB, runtime_spike=int(1.2 * GIB), token_bytes_factor=1.1)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    finish, history = drive(policy, world)
+    assert [o.category for o in history].count("kv_cache_insufficient_for_max_len") == 1  # the first only
+    assert all(o.probe is not None for o in history if o.booted)  # every boot was worth its probe
+    winner = finish.winner.config
+    per_token = int(BYTES_PER_TOKEN * 1.1)
+    true_best = (int(TOTAL * winner.gpu_memory_utilization) - 20 * GIB - GIB // 2) // per_token
+    assert true_best * 0.98 <= winner.max_model_len <= true_best
 
 
 def test_native_maximum_reached_then_concurrency_grows():
@@ -233,8 +293,13 @@ def test_knob_order_decides_which_lossy_knob_is_tried_first():
     # each of eager and fp8 alone would reach this target; the user's order picks which one is used
     estimate, calibrate = toy_model(20 * GIB)
     world = World(true_fixed=20 * GIB)
-    base = dict(objective="targets", target_context=40960, target_seqs=2, native_max_len=131072,
-                allow=frozenset({"eager", "fp8-kv"}))
+    base = dict(
+        objective="targets",
+        target_context=40960,
+        target_seqs=2,
+        native_max_len=131072,
+        allow=frozenset({"eager", "fp8-kv"}),
+    )
     fp8_first = Request(**base, knob_order=("kv-cache-dtype", "enforce-eager"))
     finish, _ = drive(Policy(fp8_first, BASE, estimate=estimate, calibrate=calibrate), world)
     assert finish.winner.config.kv_cache_dtype == "fp8" and not finish.winner.config.enforce_eager

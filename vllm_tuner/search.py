@@ -28,6 +28,9 @@ UTIL_STEP = 0.01
 LOSSY_ORDER = ("eager", "fp8-kv", "offload")
 OBJECTIVES = ("context", "concurrency", "targets")
 MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far under what vLLM reported
+# vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
+# utilization keeps this much back
+PROFILE_NOISE_GIB = 48 / 1024
 
 # Categories that no flag change within the search can fix.
 HOPELESS = {
@@ -187,6 +190,8 @@ class Policy:
             util = min(util, self._start_util_cap)
         caps = _Caps(util=_round_util(util))
         graph_failures = 0
+        runtime_cap: float | None = None
+        lowest_unstable = 1.0
         for obs in history:
             cat, facts, cfg = obs.category, obs.facts, obs.config
             used_util = cfg.gpu_memory_utilization or 0.92
@@ -200,7 +205,9 @@ class Policy:
                 caps.util = min(caps.util, round(used_util - UTIL_STEP * graph_failures, 2))
                 caps.notes.append(f"{used_util:.2f} failed in CUDA-graph capture")
             elif cat == "oom_at_runtime" or (obs.booted and obs.probe and not obs.probe.ok):
-                caps.util = min(caps.util, self._util_after_runtime_failure(obs))
+                after = self._util_after_runtime_failure(obs)
+                runtime_cap = after if runtime_cap is None else min(runtime_cap, after)
+                lowest_unstable = min(lowest_unstable, used_util)
                 caps.notes.append(f"{used_util:.2f} was not stable under load ({_probe_words(obs)})")
             elif cat == "oom_during_profiling":
                 tokens = cfg.max_num_batched_tokens or facts.get("max_num_batched_tokens") or 8192
@@ -218,6 +225,13 @@ class Policy:
                 caps.stop = HOPELESS[cat]
             elif cat == "profiling_memory_changed" and _count(history, cat) >= 2:
                 caps.stop = "another process changed GPU memory while vLLM was profiling, twice"
+        if runtime_cap is not None:
+            # the step down after a failure under load is conservative; a stable probe's own headroom
+            # may show that a higher step holds the headroom too (never the step that failed)
+            lift = self._util_lift(history)
+            if lift is not None:
+                runtime_cap = max(runtime_cap, min(lift, round(lowest_unstable - UTIL_STEP, 2)))
+            caps.util = min(caps.util, runtime_cap)
         caps.lossy = self._lossy_needed(history, caps)
         if caps.util < self.request.util_floor:
             caps.stop = caps.stop or (
@@ -237,6 +251,21 @@ class Policy:
         if total_bytes:
             return round(used - max(2 * UTIL_STEP, math.ceil(need / total_bytes * 100) / 100), 2)
         return round(used - 0.03, 2)
+
+    def _util_lift(self, history: Sequence[Observation]) -> float | None:
+        """The highest utilization a stable probe's headroom says is still stable: headroom under load
+        falls ~1:1 with utilization × the card, so a surplus over the required headroom buys whole
+        0.01 steps. None if no stable probe had a surplus of at least one step."""
+        best = None
+        for obs in history:
+            if not obs.stable or obs.probe.min_headroom_bytes is None or not obs.facts.get("total_gib"):
+                continue
+            step_bytes = UTIL_STEP * obs.facts["total_gib"] * GIB
+            steps = math.floor((obs.probe.min_headroom_bytes - self.request.headroom_bytes) / step_bytes)
+            if steps >= 1:
+                lifted = round((obs.config.gpu_memory_utilization or 0.92) + steps * UTIL_STEP, 2)
+                best = lifted if best is None else max(best, lifted)
+        return best
 
     def _lossy_needed(self, history: Sequence[Observation], caps: _Caps) -> tuple[str, ...]:
         """The cheapest allowed set of lossy knobs that reaches the goal: fewest knobs first, then
@@ -330,31 +359,36 @@ class Policy:
         return context, seqs
 
     def _measured_context(self, history: Sequence[Observation], cfg: ServeConfig, seqs: int) -> int | None:
-        """The longest context for ``seqs`` sequences as vLLM itself reported it at exactly these memory
-        settings ("estimated maximum model length is N", or the tokens of a boot), less a small margin
-        for launch-to-launch noise. None when no launch measured these settings."""
+        """The longest context for ``seqs`` sequences as vLLM itself reported it ("estimated maximum model
+        length is N", or the tokens of a boot), less a small margin for launch-to-launch noise.
+
+        A launch at exactly these memory settings is used as it is. One that differs only in
+        ``--gpu-memory-utilization`` is scaled: vLLM's KV pool is the requested fraction of the card less
+        what the weights, activations and graphs took, and none of those depends on the fraction, so the
+        pool moves by Δutil × the card and the tokens with it. None when no launch measured either."""
         same = (
             "tensor_parallel_size",
             "kv_cache_dtype",
             "enforce_eager",
             "cpu_offload_gb",
-            "gpu_memory_utilization",
             "max_num_seqs",
             "max_num_batched_tokens",
             "kv_cache_memory_bytes",
         )
         bs = self.request.block_size
-        for obs in reversed(history):
-            if any(getattr(obs.config, f) != getattr(cfg, f) for f in same):
+        matching = [o for o in history if all(getattr(o.config, f) == getattr(cfg, f) for f in same)]
+        exact = [o for o in matching if o.config.gpu_memory_utilization == cfg.gpu_memory_utilization]
+        for obs in [*reversed(exact), *reversed(matching)]:
+            usable = _usable_tokens(obs, bs)
+            if usable is None:
                 continue
-            facts = obs.facts
-            if obs.category == "kv_cache_insufficient_for_max_len" and facts.get("estimated_max_model_len"):
-                usable = int(facts["estimated_max_model_len"])
-            elif obs.booted and facts.get("kv_cache_tokens") and obs.config.max_model_len:
-                length = obs.config.max_model_len
-                usable = int(facts["kv_cache_tokens"]) * math.ceil(length / bs) * bs // length
-            else:
-                continue
+            shift = (cfg.gpu_memory_utilization or 0.92) - (obs.config.gpu_memory_utilization or 0.92)
+            if shift and cfg.kv_cache_memory_bytes is None:
+                pool, total = obs.facts.get("available_kv_gib"), obs.facts.get("total_gib")
+                moved = (pool or 0) + shift * (total or 0) - PROFILE_NOISE_GIB
+                if not pool or not total or moved <= 0:
+                    continue
+                usable = int(usable * moved / pool)
             return int(usable * (1 - MEASURED_MARGIN)) // seqs // bs * bs
         return None
 
@@ -483,6 +517,17 @@ class Policy:
         if caps.notes:
             words.append(caps.notes[-1])
         return "; ".join(words)
+
+
+def _usable_tokens(obs: Observation, block_size: int) -> int | None:
+    """The tokens of context one sequence could use, as one launch of vLLM reported them."""
+    facts = obs.facts
+    if obs.category == "kv_cache_insufficient_for_max_len" and facts.get("estimated_max_model_len"):
+        return int(facts["estimated_max_model_len"])
+    if obs.booted and facts.get("kv_cache_tokens") and obs.config.max_model_len:
+        length = obs.config.max_model_len
+        return int(facts["kv_cache_tokens"]) * math.ceil(length / block_size) * block_size // length
+    return None
 
 
 def _count(history: Sequence[Observation], category: str) -> int:
