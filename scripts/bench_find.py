@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
+from vllm_tuner.serveconfig import ServeConfig  # noqa: E402
 from vllm_tuner.simlite import activate, engine, server  # noqa: E402
+from vllm_tuner.trial import ProbePlan  # noqa: E402
 
 GIB = 1 << 30
 HEADROOM = GIB
@@ -335,10 +337,21 @@ class Run:
 
 
 def _ladder(
-    m: Machine, name: str, start: dict, steps, *, dummy: bool = False, batched: int | None = None
+    m: Machine,
+    name: str,
+    start: dict,
+    steps,
+    *,
+    dummy: bool = False,
+    batched: int | None = None,
+    verify: bool = False,
 ) -> Run:
-    """Launch configs until one boots; ``steps(cfg, failures)`` gives the next config or None."""
-    run, cfg, compiled = Run(name), dict(start), set()
+    """Launch configs until one boots; ``steps(cfg, failures)`` gives the next config or None.
+
+    ``verify``: what the guides ask of a person ("ramp by 0.01 per *stable* step"): a config that boots
+    is also put under find's worst-case load probe (paid for) at the full-length concurrency its pool
+    holds, and the ladder goes on while it fails."""
+    run, cfg, compiled = Run(name + ("+verify" if verify else "")), dict(start), set()
     while run.launches < BASELINE_MAX_LAUNCHES:
         args = engine.LaunchArgs(
             tp=m.tp,
@@ -352,7 +365,14 @@ def _ladder(
         run.launches += 1
         run.gpu_seconds += launch_seconds(m, args, v.category, compiled, dummy)
         run.trials.append({**cfg, "category": v.category})
-        if v.boots:
+        if v.boots and verify:
+            # at the concurrency vLLM's log says the pool holds at full length, not the 256 asked for
+            load = ProbePlan.worst_case(
+                ServeConfig("", max_model_len=v.max_model_len, max_num_seqs=max(1, v.seqs)),
+                headroom_bytes=HEADROOM,
+            )
+            run.gpu_seconds += probe_seconds(m, load.concurrency, load.prompt_tokens, load.max_tokens)
+        if v.boots and (v.stable or not verify):
             run.winner = {
                 "max_model_len": cfg["len"],
                 "max_num_seqs": cfg["seqs"],
@@ -369,7 +389,7 @@ def _ladder(
     return run
 
 
-def manual_ladder(m: Machine) -> Run:
+def manual_ladder(m: Machine, verify: bool = False) -> Run:
     """The guides: native context, 256 seqs, 0.90; on failure halve seqs, then halve the context, then
     +0.01 utilization, in turn. Stops at the first config that boots (no load test)."""
 
@@ -384,10 +404,10 @@ def manual_ladder(m: Machine) -> Run:
             cfg["util"] = round(min(0.98, cfg["util"] + 0.01), 2)
         return cfg
 
-    return _ladder(m, "manual", {"len": m.native, "seqs": 256, "util": 0.90}, step)
+    return _ladder(m, "manual", {"len": m.native, "seqs": 256, "util": 0.90}, step, verify=verify)
 
 
-def auto_tune(m: Machine) -> Run:
+def auto_tune(m: Machine, verify: bool = False) -> Run:
     """vLLM's auto_tune.sh, phase 1: 0.98 down by 0.01 to 0.90 with the largest batch settings
     (256 seqs, 4096 batched tokens) at a fixed max_model_len (the native one), dummy weights.
     First that boots wins; its grid search and profiling launches are not counted."""
@@ -397,11 +417,17 @@ def auto_tune(m: Machine) -> Run:
         return {**cfg, "util": util} if util >= 0.90 - 1e-9 else None
 
     return _ladder(
-        m, "auto_tune", {"len": m.native, "seqs": 256, "util": 0.98}, step, dummy=True, batched=4096
+        m,
+        "auto_tune",
+        {"len": m.native, "seqs": 256, "util": 0.98},
+        step,
+        dummy=True,
+        batched=4096,
+        verify=verify,
     )
 
 
-def vllm_fit(m: Machine) -> Run:
+def vllm_fit(m: Machine, verify: bool = False) -> Run:
     """vllm-fit: context capped at 32768, 256 seqs, 0.90; on failure enable eager first, then in turn
     halve seqs, context -512, utilization -0.05 (floor 0.5). Its later upward binary search is not run."""
 
@@ -420,7 +446,7 @@ def vllm_fit(m: Machine) -> Run:
         return cfg
 
     start = {"len": min(m.native, 32768), "seqs": 256, "util": 0.90, "eager": False}
-    return _ladder(m, "vllm-fit", start, step)
+    return _ladder(m, "vllm-fit", start, step, verify=verify)
 
 
 BASELINES = (manual_ladder, auto_tune, vllm_fit)
@@ -588,19 +614,29 @@ def summarize(rows: list[Row]) -> dict:
         by.setdefault(r.strategy, []).append(r)
     totals = {s: round(sum(r.gpu_minutes for r in rs), 1) for s, rs in by.items()}
     find = by.get("find", [])
-    baselines = {s: t for s, t in totals.items() if s != "find"}
+    baselines = {s: t for s, t in totals.items() if s != "find" and not s.endswith("+verify")}
+    verified = {s: t for s, t in totals.items() if s.endswith("+verify")}
     best_baseline = min(baselines, key=baselines.get) if baselines else None
+    best_verified = min(verified, key=verified.get) if verified else None
     gaps = [r.gap_pct for r in find if r.gap_pct is not None]
+
+    def ratio(pool: dict, name: str | None) -> float | None:
+        return round(totals["find"] / pool[name], 3) if find and name and pool[name] else None
+
     return {
         "scenarios": len(find),
         "find_median_launches": statistics.median(r.launches for r in find) if find else None,
         "find_max_launches": max((r.launches for r in find), default=None),
         "gpu_minutes_total": totals,
         "find_measured_gpu_minutes_total": round(sum(r.gpu_minutes_measured or 0 for r in find), 1),
+        "stable_winners": {s: sum(1 for r in rs if r.stable) for s, rs in by.items()},
+        "within_2pct": {
+            s: sum(1 for r in rs if r.gap_pct is not None and r.gap_pct <= 2.0) for s, rs in by.items()
+        },
         "best_baseline": best_baseline,
-        "find_vs_best_baseline": round(totals["find"] / baselines[best_baseline], 3)
-        if find and best_baseline and baselines[best_baseline]
-        else None,
+        "find_vs_best_baseline": ratio(baselines, best_baseline),
+        "best_verified_baseline": best_verified,
+        "find_vs_best_verified_baseline": ratio(verified, best_verified),
         "find_max_gap_pct": max(gaps) if gaps else None,
         "find_unstable_winners": [r.scenario for r in find if r.stable is False],
         "find_no_winner": [r.scenario for r in find if r.winner == "-"],
@@ -626,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         oracles[case["name"]] = asdict(best) if best else None
         label = f"{best.max_model_len} x {best.seqs} @ {best.util:.2f}" if best else "nothing is stable"
         print(f"{case['name']}: true best {label}", file=sys.stderr, flush=True)
-        runs = [b(m) for b in BASELINES]
+        runs = [b(m) for b in BASELINES] + [b(m, verify=True) for b in BASELINES]
         if not opts.no_find:
             runs.append(run_find(case, m, opts.time_scale)[0])
         rows.extend(score(case, m, best, r) for r in runs)

@@ -67,3 +67,18 @@ def test_compile_cache_makes_a_relaunch_cheaper():
     first = bench.launch_seconds(m, args, "success", compiled)
     again = bench.launch_seconds(m, args, "success", compiled)
     assert first - again == m.timing["compile_s"] - m.timing["compile_cached_s"]
+
+
+def test_a_verified_baseline_pays_for_its_probe_and_never_ends_unstable():
+    # the scenario's runtime spike makes auto_tune's first config that boots fail under load
+    spiky = {"name": "s", "model": "qwen2.5-7b", "scenario": "rtx-5090", "gpus": 2, "overrides": {}}
+    m = bench.machine_for(spiky)
+    best = bench.oracle(m)
+    for strategy in bench.BASELINES:
+        plain, verified = strategy(m), strategy(m, verify=True)
+        assert verified.strategy == plain.strategy + "+verify"
+        assert verified.launches >= plain.launches
+        assert verified.gpu_seconds > plain.gpu_seconds or verified.winner is None
+        row = bench.score(spiky, m, best, verified)
+        assert row.stable is not False
+    assert bench.score(spiky, m, best, bench.auto_tune(m)).stable is False
