@@ -196,8 +196,20 @@ def test_busy_gpus_are_refused_before_launching(sim, capsys):
 
 def test_dummy_trials_are_proved_again_on_the_real_weights(sim, capsys):
     env = sim("rtx-4090", time_scale=40)
-    code, result = run_json(capsys, ["find", "--model", "llama-3.1-8b", "--gpus", "1", "--vllm-cmd", env.vllm_cmd,
-                                     "--dummy-trials", "--json"])
+    code, result = run_json(
+        capsys,
+        [
+            "find",
+            "--model",
+            "llama-3.1-8b",
+            "--gpus",
+            "1",
+            "--vllm-cmd",
+            env.vllm_cmd,
+            "--dummy-trials",
+            "--json",
+        ],
+    )
     assert code == 0 and result["stable"]
     assert all(t["flags"].get("--load-format") == "dummy" for t in result["trials"][:-1])
     last = result["trials"][-1]

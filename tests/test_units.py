@@ -4,8 +4,10 @@ from vllm_tuner.errors import UsageError
 from vllm_tuner.units import format_duration, parse_duration
 
 
-@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600),
-                                          ("1h30m", 5400), ("250ms", 0.25), ("1.5h", 5400)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [("90", 90), ("90s", 90), ("30m", 1800), ("1h", 3600), ("1h30m", 5400), ("250ms", 0.25), ("1.5h", 5400)],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 

@@ -58,7 +58,9 @@ class Nvml:
         try:
             return fn(*args)
         except self._nv.NVMLError as exc:
-            raise GpuError(f"NVML call {fn.__name__} failed: {exc}", "check the NVIDIA driver with nvidia-smi") from exc
+            raise GpuError(
+                f"NVML call {fn.__name__} failed: {exc}", "check the NVIDIA driver with nvidia-smi"
+            ) from exc
 
     def _handle(self, index: int):
         count = self.device_count()

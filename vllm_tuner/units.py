@@ -20,8 +20,10 @@ def parse_duration(text: str, *, option: str = "duration") -> float:
         total += float(match.group(1)) * _SECONDS[(match.group(2) or "").lower() or None]
         pos = match.end()
     if not raw or pos != len(raw) or total <= 0:
-        raise UsageError(f"{option} must be a positive duration like 90s, 30m or 1h, got {text!r}",
-                         f"pass e.g. {option} 30m")
+        raise UsageError(
+            f"{option} must be a positive duration like 90s, 30m or 1h, got {text!r}",
+            f"pass e.g. {option} 30m",
+        )
     return total
 
 
