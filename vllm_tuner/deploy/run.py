@@ -5,7 +5,11 @@ logging to a file, and recorded in the state file. ``up`` starts them one after 
 the previous answers ``/health`` and its GPU memory has settled, and only if the memory free at that
 moment passes vLLM's startup check for the planned utilization. Every collaborator comes in as an
 argument: ``spawn`` (argv, env, log) -> pid, ``nvml`` (:class:`vllm_tuner.nvml.Nvml`), ``http`` (an
-``httpx.Client``), ``clock``/``sleep``.
+``httpx.Client``), ``docker`` (:class:`vllm_tuner.deploy.containers.DockerCli`), ``clock``/``sleep``.
+
+With ``Settings.docker_image`` each instance is a container of that image instead: the detached process
+is its ``docker run`` client (which logs the container's output and exits with it), the container has a
+name unique to that start, and stopping it is ``docker stop`` + ``docker rm -f`` of that name only.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from pathlib import Path
 
 from ..errors import DeployError
 from ..paths import data_dir
+from .containers import DockerCli, container_name, docker_run_argv
 from .plan import CUDA_CONTEXT_BYTES, GIB, Instance, Plan, passes_startup_check
 from .state import (
     DeploymentState,
     InstanceState,
+    descendant_pids,
     is_alive,
     is_ours,
     proc_start_time,
@@ -56,7 +62,9 @@ def spawn_detached(argv: list[str], env: dict[str, str], log_path: Path) -> int:
     except OSError as exc:
         raise DeployError(
             f"cannot start {argv[0]!r}: {exc.strerror}",
-            "check --vllm-cmd (e.g. --vllm-cmd /opt/venv/bin/vllm)",
+            "install docker, or drop --docker-image to run vLLM locally"
+            if argv[0] == "docker"
+            else "check --vllm-cmd (e.g. --vllm-cmd /opt/venv/bin/vllm)",
         ) from exc
 
 
@@ -71,6 +79,8 @@ class Settings:
     stop_grace_s: float = 30.0
     verify: bool = True
     log_dir: Path | None = None
+    docker_image: str | None = None  # start containers of this image instead of local `vllm serve`
+    hf_cache: Path | None = None  # mounted into every container (the host's HF hub cache)
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Runner:
         nvml,
         http,
         spawn: Spawn = spawn_detached,
+        docker: DockerCli | None = None,
         settings: Settings | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -99,12 +110,15 @@ class Runner:
         self.nvml = nvml
         self.http = http
         self.spawn = spawn
+        self.docker = docker or DockerCli()
         self.settings = settings or Settings()
         self.clock, self.wall_clock, self.sleep, self.note = clock, wall_clock, sleep, note
 
     # -------------------------------------------------------------------------------------------- up
 
-    def up(self, plan: Plan, *, phase: str | None = None) -> UpReport:
+    def up(self, plan: Plan, *, phase: str | None = None, tuned: dict[str, dict] | None = None) -> UpReport:
+        """Start the plan's instances (always-on, then ``phase`` or the first one) one after another.
+        ``tuned`` (what ``up --tune`` measured, by instance) is recorded in the state file."""
         if not plan.fits:
             raise DeployError(
                 f"deployment {plan.deployment.name!r} does not fit: {plan.problems[0]}",
@@ -124,6 +138,7 @@ class Runner:
             phase=phase or (dep.phases[0] if dep.phases else None),
             cooldown_s=dep.cooldown_s,
             headroom_bytes=dep.headroom_bytes,
+            tuned=dict(tuned or {}),
         )
         order = plan.start_order(state.phase)
         started: list[str] = []
@@ -142,18 +157,32 @@ class Runner:
 
     def _start_one(self, plan: Plan, inst: Instance) -> InstanceState:
         util = self._checked_utilization(plan, inst)
-        argv = [*shlex.split(self.settings.vllm_cmd), *inst.serve_args()]
-        util_at = argv.index("--gpu-memory-utilization") + 1
-        argv[util_at] = f"{util:.2f}"
-        env = {
-            **os.environ,
-            **self.settings.env,
-            **dict(inst.entry.env),
-            "CUDA_VISIBLE_DEVICES": ",".join(map(str, inst.gpu_ids)),
-        }
+        serve = inst.serve_args()
+        serve[serve.index("--gpu-memory-utilization") + 1] = f"{util:.2f}"
+        env = {**os.environ, **self.settings.env, **dict(inst.entry.env)}
+        recorded = [*self.settings.env, *dict(inst.entry.env)]
+        container = ""
+        if self.settings.docker_image:
+            container = container_name(plan.deployment.name, inst.name)
+            argv = docker_run_argv(
+                serve,
+                image=self.settings.docker_image,
+                name=container,
+                port=inst.port,
+                gpu_ids=inst.gpu_ids,
+                deployment=plan.deployment.name,
+                instance=inst.name,
+                hf_cache=self.settings.hf_cache,
+                env_keys=recorded,
+            )
+        else:
+            argv = [*shlex.split(self.settings.vllm_cmd), *serve]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpu_ids))
+            recorded.insert(0, "CUDA_VISIBLE_DEVICES")
         log_dir = self.settings.log_dir or data_dir() / "deployments" / plan.deployment.name
         log_path = log_dir / f"{inst.name}.log"
-        self.note(f"starting {inst.name} on GPU {','.join(map(str, inst.gpu_ids))} port {inst.port}")
+        where = f" in container {container}" if container else ""
+        self.note(f"starting {inst.name} on GPU {','.join(map(str, inst.gpu_ids))} port {inst.port}{where}")
         started = self.clock()
         pid = self.spawn(argv, env, log_path)
         record = InstanceState(
@@ -163,7 +192,7 @@ class Runner:
             port=inst.port,
             gpu_ids=list(inst.gpu_ids),
             argv=argv,
-            env={k: env[k] for k in ("CUDA_VISIBLE_DEVICES", *self.settings.env, *dict(inst.entry.env))},
+            env={k: env[k] for k in recorded},
             log_path=str(log_path),
             proc_start=proc_start_time(pid) or "",
             started_at=self.wall_clock(),
@@ -172,6 +201,8 @@ class Runner:
             kv_bytes=inst.kv_bytes,
             footprint_bytes=inst.footprint_bytes,
             gpu_memory_utilization=util,
+            container=container,
+            image=self.settings.docker_image or "",
         )
         try:
             self._wait_healthy(record)
@@ -334,12 +365,42 @@ class Runner:
             freed = 0
             for inst in leaving:
                 if g in inst.gpu_ids:
-                    measured = sum(held.get(pid, 0) for pid in session_pids(inst.pgid))
+                    measured = sum(held.get(pid, 0) for pid in self._pids(inst))
                     freed += measured or inst.footprint_bytes
             expected[g] = self.nvml.memory(g).used - freed
         return expected
 
+    def _pids(self, inst: InstanceState) -> set[int]:
+        """The processes of one instance: its session, and for a container the container's processes
+        (which docker starts outside the session of the ``docker run`` client)."""
+        pids = set(session_pids(inst.pgid)) if is_ours(inst) else set()
+        if inst.container:
+            main = self.docker.pid(inst.container)
+            if main is not None:
+                pids.update(descendant_pids(main))
+        return pids
+
+    def _alive(self, inst: InstanceState) -> bool:
+        """A container is alive while docker runs it (its name is unique to this start); a process
+        while its pid, start time and command line still match."""
+        if inst.container:
+            return self.docker.pid(inst.container) is not None
+        return is_alive(inst)
+
     def _stop_instance(self, inst: InstanceState) -> str:
+        if inst.container:
+            return self._stop_container(inst)
+        return self._stop_process(inst)
+
+    def _stop_container(self, inst: InstanceState) -> str:
+        """``docker stop`` (SIGTERM, SIGKILL after the grace period) and ``docker rm -f`` of exactly the
+        name ``up`` recorded; then its ``docker run`` client, which exits with the container."""
+        stopped = self.docker.stop(inst.container, self.settings.stop_grace_s)
+        self.docker.remove(inst.container)
+        client = self._stop_process(inst)
+        return "stopped" if stopped else client
+
+    def _stop_process(self, inst: InstanceState) -> str:
         if not is_ours(inst):
             _reap(inst.pid)
             return "already gone"
@@ -382,9 +443,9 @@ class Runner:
         for g in gpus:
             per_pid[g] = {p.pid: p.used for p in self.nvml.processes(g)}
         for inst in state.instances:
-            alive = is_alive(inst)
+            alive = self._alive(inst)
             health = _get_status(self.http, f"http://127.0.0.1:{inst.port}/health") if alive else None
-            pids = set(session_pids(inst.pgid)) if alive else set()
+            pids = self._pids(inst) if alive else set()
             used = {g: sum(v for pid, v in per_pid[g].items() if pid in pids) for g in inst.gpu_ids}
             kv = _kv_usage(self.http, inst.port) if health == 200 else None
             rows.append(

@@ -33,6 +33,8 @@ class InstanceState:
     footprint_bytes: int = 0
     gpu_memory_utilization: float = 0.0
     ready_s: float = 0.0
+    container: str = ""  # the docker container name when started with --docker-image (pid = its client)
+    image: str = ""
 
 
 @dataclass
@@ -45,6 +47,8 @@ class DeploymentState:
     phase: str | None = None
     cooldown_s: float = 0.0
     headroom_bytes: int = 0
+    # what 'up --tune' measured per instance (every phase's): re-applied when a phase switch starts one
+    tuned: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -139,6 +143,26 @@ def is_alive(inst: InstanceState) -> bool:
 
 def session_pids(sid: int) -> list[int]:
     """Every live process in session ``sid`` (the API server, engine core and workers of one instance)."""
+    return [pid for pid, fields in _live_stats() if int(fields[3]) == sid]
+
+
+def descendant_pids(root: int) -> list[int]:
+    """``root`` and every live process below it (a container's main process and its workers)."""
+    children: dict[int, list[int]] = {}
+    alive = set()
+    for pid, fields in _live_stats():
+        alive.add(pid)
+        children.setdefault(int(fields[1]), []).append(pid)
+    out, todo = [], [root] if root in alive else []
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _live_stats() -> list[tuple[int, list[str]]]:
+    """(pid, the /proc/<pid>/stat fields after the command name) of every live process."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -147,6 +171,6 @@ def session_pids(sid: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
         except OSError:
             continue
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-            out.append(int(entry.name))
+        if len(fields) > 3 and fields[0] not in ("Z", "X"):
+            out.append((int(entry.name), fields))
     return out
