@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from ..errors import DeployError
-from ._common import DEFAULT_SIM_TIME_SCALE, emit_json
+from ..errors import DeployError, UsageError
+from ._common import DEFAULT_SIM_TIME_SCALE, build_runtime, emit_json
 
 FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 
@@ -107,9 +110,28 @@ def emit_command(file, fmt, out, image, vllm_cmd):
 @click.option(
     "--ready-timeout", default="30m", show_default=True, help="Longest one instance may take to be healthy."
 )
-@click.option("--tune", is_flag=True, help="Run 'find' for each instance within its share first (not yet).")
+@click.option("--tune", is_flag=True, help="Run 'find' for each instance within its share first.")
+@click.option(
+    "--max-launches",
+    type=int,
+    default=12,
+    show_default=True,
+    help="With --tune: the most vLLM launches 'find' may use per instance.",
+)
 @click.option(
     "--vllm-cmd", default="vllm", show_default=True, envvar="VLLM_TUNE_VLLM_CMD", help="How to run vLLM."
+)
+@click.option(
+    "--docker-image",
+    default=None,
+    metavar="IMAGE",
+    help="Start each instance as a container of this image (vllm/vllm-openai:TAG).",
+)
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --tune: SQLite file for the trials [default: the user's data directory].",
 )
 @click.option("--json", "json_", is_flag=True, help="Print one JSON object.")
 @click.option(
@@ -119,47 +141,154 @@ def emit_command(file, fmt, out, image, vllm_cmd):
     help="Simulated GPUs and vLLM (profiles/sim/SCENARIO.yaml).",
 )
 @click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, show_default=True)
-def up_command(file, phase, no_verify, ready_timeout, tune, vllm_cmd, json_, simulate, sim_time_scale):
+def up_command(
+    file,
+    phase,
+    no_verify,
+    ready_timeout,
+    tune,
+    max_launches,
+    vllm_cmd,
+    docker_image,
+    db,
+    json_,
+    simulate,
+    sim_time_scale,
+):
     """Start a deployment's models one after another and verify them together.
 
     \b
     Examples:
       vllm-tune up profiles/deployments/coder-general-96gb.yaml
+      vllm-tune up deploy.yaml --tune               (run 'find' per instance within its share first)
+      vllm-tune up deploy.yaml --docker-image vllm/vllm-openai:v0.33.0
       vllm-tune up rag.yaml --phase rerank        (switch a running phased deployment)
     """
     from ..deploy.spec import load_deployment
     from ..deploy.state import load_state, save_state, state_path
+    from ..deploy.tune import apply_tuning, tune_plan
     from ..units import parse_duration
 
-    if tune:
-        raise DeployError("--tune is not available yet", "run 'vllm-tune find' per model, then set its needs")
-    runner, nvml = _runner(
+    ready_timeout_s = parse_duration(ready_timeout, option="--ready-timeout")
+    if max_launches < 1:
+        raise UsageError(
+            f"--max-launches must be at least 1, got {max_launches}", "use e.g. --max-launches 12"
+        )
+    deployment = load_deployment(file)
+    with _session(
         vllm_cmd=vllm_cmd,
+        docker_image=docker_image,
+        db=db,
         simulate=simulate,
         sim_time_scale=sim_time_scale,
-        ready_timeout_s=parse_duration(ready_timeout, option="--ready-timeout"),
+        ready_timeout_s=ready_timeout_s,
         verify=not no_verify,
         quiet=json_,
-    )
-    try:
-        deployment = load_deployment(file)
-        plan = _plan_live(deployment, nvml)
+    ) as session:
+        if docker_image:
+            session.runtime.launcher.check()  # one line when docker is missing, before anything runs
+        plan = _plan_live(deployment, session.nvml)
         if state_path(deployment.name).exists():
             state = load_state(deployment.name)
+            if tune:
+                raise DeployError(
+                    f"--tune needs the GPUs to itself, but deployment {deployment.name!r} is already up",
+                    f"'vllm-tune down {deployment.name}' first, then 'vllm-tune up {file} --tune'",
+                )
             if phase is None:
                 raise DeployError(
                     f"deployment {deployment.name!r} is already up",
                     "use 'vllm-tune status' to watch it, or 'vllm-tune down' first",
                 )
-            report = runner.switch_phase(plan, state, phase)
+            report = session.runner.switch_phase(apply_tuning(plan, state.tuned), state, phase)
             save_state(report.state)
         else:
             _refuse(plan)
-            report = runner.up(plan, phase=phase)
-    finally:
-        nvml.close()
-        runner.http.close()
+            tuned: dict[str, dict] = {}
+            if tune:
+                _check_phase(deployment, phase)
+                find_one = _find_one(
+                    session,
+                    vllm_cmd=vllm_cmd,
+                    ready_timeout_s=ready_timeout_s,
+                    max_launches=max_launches,
+                )
+                tuned = {
+                    name: t.as_dict()
+                    for name, t in tune_plan(
+                        plan, find_one, nvml=session.nvml, note=session.runner.note
+                    ).items()
+                }
+                plan = apply_tuning(plan, tuned)
+            report = session.runner.up(plan, phase=phase, tuned=tuned)
     _print_up(report, json_)
+
+
+def _check_phase(deployment, phase: str | None) -> None:
+    """Before tuning (minutes) rather than after it: the phase must exist."""
+    if phase is not None and phase not in deployment.phases:
+        raise DeployError(
+            f"{deployment.name} has no phase {phase!r}",
+            f"use one of {', '.join(deployment.phases) or '(none)'}",
+        )
+
+
+def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: int):
+    """``target -> FindResult``: one instance's search, built as 'vllm-tune find' builds it (the same
+    launcher, NVML, store, progress, trial log folder, machine fingerprint and GPU lock), so its trials
+    land in the usual store and a failure known from an earlier search is not launched again."""
+    from dataclasses import replace
+
+    from ..errors import TunerError
+    from ..estimate import Calibration, estimate
+    from ..find import Finder
+    from ..gpulock import GpuLock, gpu_lock_keys
+    from ..gpus import resolve_gpus
+    from ..launch import detect_vllm
+    from ..models import resolve_model
+    from ..search import UTIL_STEP
+    from ..trial import Timeouts
+    from .find import _machine_id, _uuids
+
+    runtime, nvml = session.runtime, session.nvml
+    docker = session.runner.settings.docker_image
+    shown_cmd = "vllm" if runtime.simulated or docker else vllm_cmd
+    detected: list = []
+
+    def find_one(target):
+        ids = list(target.gpu_ids)
+        try:
+            spec = resolve_model(target.model)
+        except TunerError as exc:
+            raise DeployError(f"--tune {target.name}: {exc.problem}", exc.fix) from exc
+        gpu = resolve_gpus(gpus=None, gpu_ids=ids, gpu_name=None, gpu_memory=None, nvml_opener=lambda: nvml)
+        if not detected:
+            detected.append(detect_vllm(runtime.launcher))
+        request = target.request(
+            vllm_cmd=shown_cmd, timeouts=Timeouts(ready_s=ready_timeout_s), max_launches=max_launches
+        )
+        with runtime.open_store() as store:
+            finder = Finder(
+                request,
+                spec=spec,
+                gpu=gpu,
+                estimate_fn=estimate,
+                calibrate_fn=Calibration.from_facts,
+                vllm_info=detected[0],
+                launcher=runtime.launcher,
+                nvml=nvml,
+                store=store,
+                progress=runtime.progress,
+                log_dir=runtime.log_root / f"find-{request.key()}",
+                machine_id=_machine_id(nvml, ids),
+            )
+            # find stops once its utilization would fall below 0.50 (one model per card); a share of a
+            # shared card is often smaller, so here only the instance's needs end the search
+            finder.policy.request = replace(finder.policy.request, util_floor=UTIL_STEP)
+            with GpuLock(gpu_lock_keys(_uuids(nvml, ids))):
+                return finder.run()
+
+    return find_one
 
 
 def _plan_live(deployment, nvml):
@@ -182,7 +311,10 @@ class _Borrowed:
 
 
 def _print_up(report, json_: bool) -> None:
+    from ..deploy.tune import Tuned
+
     state = report.state
+    tuned = {name: Tuned.from_dict(t) for name, t in state.tuned.items()}
     if json_:
         emit_json(
             {
@@ -199,15 +331,23 @@ def _print_up(report, json_: bool) -> None:
                         "gpu_ids": i.gpu_ids,
                         "log": i.log_path,
                         "ready_s": i.ready_s,
+                        "container": i.container or None,
+                        "command": i.argv,
+                        "tuned": state.tuned.get(i.name),
                     }
                     for i in state.instances
                 ],
+                "tuned": state.tuned,  # every tuned instance, those of phases not loaded now too
             }
         )
         return
+    if report.switch_s is None:  # a phase switch re-applies the tuning of the first 'up'; not news
+        for name, t in tuned.items():
+            click.echo(t.describe(name))
     for inst in state.instances:
+        where = f"container {inst.container}" if inst.container else f"pid {inst.pid:<8}"
         click.echo(
-            f"{inst.name:<16} pid {inst.pid:<8} http://127.0.0.1:{inst.port}  GPU "
+            f"{inst.name:<16} {where} http://127.0.0.1:{inst.port}  GPU "
             f"{','.join(map(str, inst.gpu_ids))}  ready in {inst.ready_s:.1f}s  log {inst.log_path}"
         )
     if report.switch_s is not None:
@@ -217,32 +357,55 @@ def _print_up(report, json_: bool) -> None:
     click.echo(f"'vllm-tune status {state.name}' to watch, 'vllm-tune down {state.name}' to stop")
 
 
-def _runner(
+@dataclass
+class _Session:
+    runtime: object  # commands._common.Runtime: launcher, store, progress, simulator
+    runner: object  # deploy.run.Runner
+    nvml: object
+
+
+@contextmanager
+def _session(
     *,
-    vllm_cmd: str,
     simulate: str | None,
     sim_time_scale: float,
+    vllm_cmd: str = "vllm",
+    docker_image: str | None = None,
+    db: Path | None = None,
     ready_timeout_s: float = 1800.0,
     verify: bool = True,
-    quiet: bool = False,
-):
+    quiet: bool = True,
+) -> Iterator[_Session]:
+    """The runtime ``find`` uses (launcher, store, progress, ``--simulate``), NVML and a Runner for
+    ``up``, ``status`` and ``down``; NVML and the HTTP client are closed on the way out."""
     import httpx
 
     from ..deploy.run import Runner, Settings
-    from ..nvml import open_nvml
-    from ..paths import data_dir
 
-    env: dict[str, str] = {}
-    if simulate:
-        from ..simlite.activate import create
-
-        sim = create(simulate, state_dir=data_dir() / "sim" / Path(simulate).stem, time_scale=sim_time_scale)
-        sim.apply()
-        vllm_cmd, env = sim.vllm_cmd, dict(sim.env)
-    settings = Settings(vllm_cmd=vllm_cmd, env=env, ready_timeout_s=ready_timeout_s, verify=verify)
+    runtime = build_runtime(
+        vllm_cmd=vllm_cmd,
+        docker_image=docker_image,
+        db=db,
+        json_=quiet,
+        simulate=simulate,
+        sim_time_scale=sim_time_scale,
+    )
+    sim = runtime.simulated
+    settings = Settings(
+        vllm_cmd=sim.vllm_cmd if sim else vllm_cmd,
+        env=dict(sim.env) if sim else {},
+        ready_timeout_s=ready_timeout_s,
+        verify=verify,
+        docker_image=docker_image,
+        hf_cache=getattr(runtime.launcher, "hf_cache", None) if docker_image else None,
+    )
     note = (lambda _t: None) if quiet else (lambda t: click.echo(t, err=True))
-    nvml = open_nvml()
-    return Runner(nvml=nvml, http=httpx.Client(), settings=settings, note=note), nvml
+    nvml = runtime.open_nvml()
+    try:
+        with httpx.Client() as http:
+            yield _Session(runtime, Runner(nvml=nvml, http=http, settings=settings, note=note), nvml)
+    finally:
+        nvml.close()
 
 
 def _state_name(target: str) -> str:
@@ -270,12 +433,8 @@ def status_command(target, json_, simulate, sim_time_scale):
     from ..deploy.state import load_state
 
     state = load_state(_state_name(target))
-    runner, nvml = _runner(vllm_cmd="vllm", simulate=simulate, sim_time_scale=sim_time_scale, quiet=True)
-    try:
-        report = runner.status(state)
-    finally:
-        nvml.close()
-        runner.http.close()
+    with _session(simulate=simulate, sim_time_scale=sim_time_scale) as session:
+        report = session.runner.status(state)
     if json_:
         emit_json(report.as_dict())
     else:
@@ -302,12 +461,8 @@ def down_command(target, json_, simulate, sim_time_scale):
     from ..deploy.state import load_state, remove_state
 
     state = load_state(_state_name(target))
-    runner, nvml = _runner(vllm_cmd="vllm", simulate=simulate, sim_time_scale=sim_time_scale, quiet=True)
-    try:
-        outcome = runner.stop_all(state)
-    finally:
-        nvml.close()
-        runner.http.close()
+    with _session(simulate=simulate, sim_time_scale=sim_time_scale) as session:
+        outcome = session.runner.stop_all(state)
     remove_state(state.name)
     if json_:
         emit_json(
