@@ -65,6 +65,8 @@ if cmd == "run":
         else:
             i += 1
     rest = args[i + 1:]
+    if opts.get("--entrypoint") == ["vllm"]:  # the launcher asking the image's vLLM (--version, --help)
+        os.execvp(sys.executable, [sys.executable, "-m", "vllm_tuner.simlite", *rest])
     name = opts["--name"][0]
     if running(name):
         print(f'docker: Error response from daemon: Conflict. The container name "/{name}" is already in use', file=sys.stderr)
@@ -315,3 +317,28 @@ def test_docker_image_without_docker_is_one_line(sim, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert err == "vllm-tune: error: docker not found; install docker, or run vLLM locally with --vllm-cmd"
     assert not state_path("boxed").exists()
+
+
+def test_tune_with_docker_runs_every_trial_and_instance_as_a_container(sim, docker, tmp_path, capsys):
+    calls, _ = docker
+    sim("rtx-pro-6000", time_scale=1000, gpus=[{"name": "NVIDIA RTX PRO 6000", "total_gib": 22}])
+    path = deployment(tmp_path, names=("solo",))
+    assert main(["up", str(path), "--tune", "--docker-image", IMAGE, "--json", "--no-verify"]) == 0
+    up = json.loads(capsys.readouterr().out)
+    try:
+        (inst,) = up["instances"]
+        runs = [c for c in calls() if c[0] == "run" and "--entrypoint" not in c]
+        trials, started = runs[:-1], runs[-1]
+        assert len(trials) == up["tuned"]["solo"]["launches"] >= 1
+        for argv in trials:  # find's trials: launch.DockerLauncher, port on loopback, removed after
+            name = argv[argv.index("--name") + 1]
+            assert argv[argv.index("-p") + 1].startswith("127.0.0.1:") and IMAGE in argv
+            assert ["rm", "-f", name] in calls()
+        assert started == inst["command"][1:] and inst["container"] in started
+        served = started[started.index(IMAGE) + 1 :]
+        winner = up["tuned"]["solo"]["winner"]
+        assert served[served.index("--max-num-seqs") + 1] == str(winner["max_num_seqs"])
+        assert served[served.index("--kv-cache-memory-bytes") + 1] == str(winner["kv_bytes"])
+    finally:
+        assert main(["down", "boxed", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["instances"] == {"solo": "stopped"}
