@@ -315,3 +315,35 @@ def test_tune_refuses_a_running_deployment(sim, capsys, tmp_path):
 
 def _tmp(env):
     return env.state_dir.parent
+
+
+def test_every_phase_is_tuned_up_front_and_a_phase_switch_starts_with_its_winner(sim, capsys):
+    env = sim("rtx-pro-6000", time_scale=1000, gpus=[{"name": "NVIDIA RTX PRO 6000", "total_gib": 24}])
+    a, b = ports(2)
+    fixed = "needs: {min_context: 4096, min_seqs: 2, objective: fixed}"
+    path = _tmp(env) / "phased.yaml"
+    path.write_text(
+        "name: phased\ngpus: {count: 1}\nphases: [embed, generate]\nmodels:\n"
+        f"  - {{name: first, model: qwen2.5-7b, port: {a}, phase: embed, {fixed}}}\n"
+        f"  - {{name: second, model: qwen2.5-7b, port: {b}, phase: generate, {fixed}}}\n"
+    )
+    assert main(["up", str(path), "--tune", "--no-verify", "--vllm-cmd", env.vllm_cmd]) == 0
+    out = capsys.readouterr().out
+    try:
+        lines = out.splitlines()
+        assert [ln.split(":")[0] for ln in lines if ln.startswith("tuned ")] == [
+            "tuned first",
+            "tuned second",
+        ]
+        assert any(ln.startswith("first ") and f":{a}" in ln for ln in lines)  # only its phase started
+        assert not any(ln.startswith("second ") for ln in lines)
+        assert main(["up", str(path), "--phase", "generate", "--json", "--vllm-cmd", env.vllm_cmd]) == 0
+        switched = json.loads(capsys.readouterr().out)
+        (inst,) = switched["instances"]
+        winner = switched["tuned"]["second"]["winner"]
+        assert inst["name"] == "second" and inst["tuned"]["winner"] == winner
+        argv = inst["command"]
+        assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(winner["kv_bytes"])
+        assert argv[argv.index("--max-num-seqs") + 1] == str(winner["max_num_seqs"])
+    finally:
+        assert main(["down", "phased"]) == 0

@@ -187,7 +187,6 @@ def up_command(
     ) as session:
         if docker_image:
             session.runtime.launcher.check()  # one line when docker is missing, before anything runs
-        plan = _plan_live(deployment, session.nvml)
         if state_path(deployment.name).exists():
             state = load_state(deployment.name)
             if tune:
@@ -200,10 +199,13 @@ def up_command(
                     f"deployment {deployment.name!r} is already up",
                     "use 'vllm-tune status' to watch it, or 'vllm-tune down' first",
                 )
+            # re-planned with the deployment's own running instances left out of the GPUs' used memory
+            own_left_out = session.runner.used_without(state.instances)
+            plan = _refuse_live(_plan_live(deployment, session.nvml, used=own_left_out))
             report = session.runner.switch_phase(apply_tuning(plan, state.tuned), state, phase)
             save_state(report.state)
         else:
-            _refuse(plan)
+            plan = _refuse_live(_plan_live(deployment, session.nvml))
             tuned: dict[str, dict] = {}
             if tune:
                 _check_phase(deployment, phase)
@@ -291,20 +293,42 @@ def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: i
     return find_one
 
 
-def _plan_live(deployment, nvml):
+def _plan_live(deployment, nvml, *, used: dict[int, int] | None = None):
+    """The plan against live NVML; ``used`` (bytes per GPU id) replaces NVML's used memory."""
     from ..deploy.costs import plan_deployment
 
-    return plan_deployment(deployment, nvml_opener=lambda: _Borrowed(nvml))
+    return plan_deployment(deployment, nvml_opener=lambda: _Borrowed(nvml, used))
+
+
+def _refuse_live(plan):
+    """``up`` prints no plan: the first problem goes into the one error line."""
+    if not plan.fits:
+        raise DeployError(
+            f"deployment {plan.deployment.name!r} does not fit: {plan.problems[0]}",
+            "run 'vllm-tune plan FILE' to see what would fit",
+        )
+    return plan
 
 
 class _Borrowed:
-    """An NVML session lent to the planner: closing it is the command's job."""
+    """An NVML session lent to the planner (closing it is the command's job), optionally reporting
+    other used memory per GPU."""
 
-    def __init__(self, nvml) -> None:
+    def __init__(self, nvml, used: dict[int, int] | None = None) -> None:
         self._nvml = nvml
+        self._used = used or {}
 
     def __getattr__(self, name):
         return getattr(self._nvml, name)
+
+    def memory(self, index: int):
+        from dataclasses import replace
+
+        mem = self._nvml.memory(index)
+        if index not in self._used:
+            return mem
+        used = max(0, self._used[index])
+        return replace(mem, used=used, free=mem.total - used)
 
     def close(self) -> None:
         pass

@@ -326,7 +326,7 @@ class Runner:
             )
         began = self.clock()
         leaving = [i for i in state.instances if i.phase is not None and i.phase != phase]
-        expected = self._after_stopping(leaving)
+        expected = self.used_without(leaving)
         for inst in reversed(leaving):
             self._stop_instance(inst)
         self._wait_released(expected)
@@ -356,9 +356,10 @@ class Runner:
         outcome["_released"] = self._wait_released({g: state.baseline_used.get(str(g), 0) for g in gpus})
         return outcome
 
-    def _after_stopping(self, leaving: Sequence[InstanceState]) -> dict[int, int]:
+    def used_without(self, leaving: Sequence[InstanceState]) -> dict[int, int]:
         """Per GPU, the used memory expected once ``leaving`` is gone: now minus what NVML says their
-        processes hold (their planned footprint when NVML does not report per-process usage)."""
+        processes hold (their planned footprint when NVML does not report per-process usage). Also
+        what a running deployment is re-planned against, its own instances left out."""
         expected: dict[int, int] = {}
         for g in sorted({g for i in leaving for g in i.gpu_ids}):
             held = {p.pid: p.used for p in self.nvml.processes(g)}
