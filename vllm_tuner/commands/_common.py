@@ -19,8 +19,67 @@ import click
 from ..errors import UsageError
 from ..paths import data_dir, default_db_path
 from ..progress import Progress, QuietProgress, TerminalProgress
+from ..trial import Timeouts
+from ..units import parse_duration
 
 DEFAULT_SIM_TIME_SCALE = 40.0
+
+
+def _stack(*decorators):
+    """One decorator that applies ``decorators`` as if written top to bottom above a function."""
+
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+def path_option(*param_decls: str, help: str):
+    """A file option (``click.Path``, no directory) that defaults to None."""
+    return click.option(
+        *param_decls, type=click.Path(dir_okay=False, path_type=Path), default=None, help=help
+    )
+
+
+def target_options(**model_settings):
+    """``--model`` (``model_settings``: ``required=True`` or ``default=None``), ``--gpus``, ``--gpu-ids``,
+    ``--tensor-parallel-size`` (as ``tp``)."""
+    return _stack(
+        click.option(
+            "--model", "-m", **model_settings, help="HF id, local model dir, or bundled profile name."
+        ),
+        click.option("--gpus", type=int, default=None, help="Use the first N GPUs."),
+        click.option("--gpu-ids", default=None, help="Use these GPUs, e.g. 0,2."),
+        click.option(
+            "--tensor-parallel-size", "-tp", "tp", type=int, default=None, help="[default: the GPU count]"
+        ),
+    )
+
+
+headroom_option = click.option(
+    "--headroom", type=float, default=1.0, show_default=True, help="GiB that must stay free under load."
+)
+
+timeout_options = _stack(
+    click.option(
+        "--trial-timeout", default="30m", show_default=True, help="Longest one vLLM may take to become ready."
+    ),
+    click.option(
+        "--stall-timeout", default="10m", show_default=True, help="No log progress this long = hung."
+    ),
+)
+
+extra_argument = click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
+
+
+def parse_timeouts(trial_timeout: str, stall_timeout: str) -> Timeouts:
+    """The values of :data:`timeout_options` as :class:`~vllm_tuner.trial.Timeouts`."""
+    return Timeouts(
+        ready_s=parse_duration(trial_timeout, option="--trial-timeout"),
+        stall_s=parse_duration(stall_timeout, option="--stall-timeout"),
+    )
 
 
 def runtime_options(func):
@@ -36,13 +95,7 @@ def runtime_options(func):
     @click.option(
         "--docker-image", default=None, help="Run vLLM in this image instead (vllm/vllm-openai:TAG)."
     )
-    @click.option(
-        "--db",
-        "db",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="SQLite file for trials and runs [default: the user's data directory].",
-    )
+    @path_option("--db", "db", help="SQLite file for trials and runs [default: the user's data directory].")
     @click.option("--json", "json_", is_flag=True, help="Print one JSON object and no progress.")
     @click.option(
         "--simulate",

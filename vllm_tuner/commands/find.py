@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..search import GIB, LOSSY_ORDER
-from ..trial import Timeouts
 from ..units import format_duration, parse_duration
-from ._common import build_runtime, emit_json, runtime_options
+from ._common import (
+    build_runtime,
+    emit_json,
+    extra_argument,
+    headroom_option,
+    parse_timeouts,
+    path_option,
+    runtime_options,
+    target_options,
+    timeout_options,
+)
 
 KNOBS = (
     "max-num-seqs",
@@ -24,10 +31,7 @@ KNOBS = (
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
-@click.option("--model", "-m", required=True, help="HF id, local model dir, or bundled profile name.")
-@click.option("--gpus", type=int, default=None, help="Use the first N GPUs.")
-@click.option("--gpu-ids", default=None, help="Use these GPUs, e.g. 0,2.")
-@click.option("--tensor-parallel-size", "-tp", "tp", type=int, default=None, help="[default: the GPU count]")
+@target_options(required=True)
 @click.option(
     "--objective",
     type=click.Choice(["context", "concurrency"]),
@@ -47,16 +51,11 @@ KNOBS = (
 )
 @click.option("--allow", default="", help="Lossy knobs the search may use: eager,fp8-kv,offload.")
 @click.option("--util-ceiling", type=float, default=0.95, show_default=True, help="Never above 0.98.")
-@click.option(
-    "--headroom", type=float, default=1.0, show_default=True, help="GiB that must stay free under load."
-)
+@headroom_option
 @click.option("--knob-order", default=",".join(KNOBS), show_default=True, help="Back-off order of the knobs.")
 @click.option("--max-launches", type=int, default=12, show_default=True)
 @click.option("--time-budget", default=None, help="Stop after this long, e.g. 2h.")
-@click.option(
-    "--trial-timeout", default="30m", show_default=True, help="Longest one vLLM may take to become ready."
-)
-@click.option("--stall-timeout", default="10m", show_default=True, help="No log progress this long = hung.")
+@timeout_options
 @click.option(
     "--probe-duration", default=None, help="Keep the load probe running this long [default: one wave]."
 )
@@ -65,17 +64,15 @@ KNOBS = (
     is_flag=True,
     help="Trials use --load-format dummy; the winner is re-proved on real weights.",
 )
-@click.option(
+@path_option(
     "--write-config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="Where to write the YAML for 'vllm serve --config' [default: next to the trial logs].",
 )
 @click.option(
     "--dry-run", is_flag=True, help="Print the estimate, first candidate and ladder; launch nothing."
 )
 @runtime_options
-@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
+@extra_argument
 def command(
     model,
     gpus,
@@ -147,10 +144,7 @@ def command(
         headroom_bytes=int(headroom * GIB),
         max_launches=max_launches,
         time_budget_s=parse_duration(time_budget, option="--time-budget") if time_budget else None,
-        timeouts=Timeouts(
-            ready_s=parse_duration(trial_timeout, option="--trial-timeout"),
-            stall_s=parse_duration(stall_timeout, option="--stall-timeout"),
-        ),
+        timeouts=parse_timeouts(trial_timeout, stall_timeout),
         probe_duration_s=parse_duration(probe_duration, option="--probe-duration")
         if probe_duration
         else None,

@@ -8,26 +8,30 @@ import click
 
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
-from ..trial import Timeouts
 from ..units import format_duration, parse_duration
-from ._common import build_runtime, emit_json, runtime_options
+from ._common import (
+    build_runtime,
+    emit_json,
+    extra_argument,
+    headroom_option,
+    parse_timeouts,
+    path_option,
+    runtime_options,
+    target_options,
+    timeout_options,
+)
 from .find import _gpu_ids, _model_and_gpus, _uuids
 
 GIB = 1 << 30
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
-@click.option("--model", "-m", default=None, help="HF id, local model dir, or bundled profile name.")
-@click.option("--gpus", type=int, default=None, help="Use the first N GPUs.")
-@click.option("--gpu-ids", default=None, help="Use these GPUs, e.g. 0,2.")
-@click.option("--tensor-parallel-size", "-tp", "tp", type=int, default=None, help="[default: the GPU count]")
+@target_options(default=None)
 @click.option("--max-model-len", type=int, default=None, help="Context length to serve (else after --).")
 @click.option("--max-num-seqs", type=int, default=None, help="Concurrent sequences to serve (else after --).")
-@click.option(
+@path_option(
     "--from-find",
     "from_find",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="Take the model, flags and GPUs from a 'vllm-tune find --json' output file.",
 )
 @click.option("--start", type=float, default=0.85, show_default=True, help="First utilization.")
@@ -49,9 +53,7 @@ GIB = 1 << 30
 @click.option(
     "--margin", type=float, default=0.0, show_default=True, help="Serve this far below the last stable step."
 )
-@click.option(
-    "--headroom", type=float, default=1.0, show_default=True, help="GiB that must stay free under load."
-)
+@headroom_option
 @click.option(
     "--max-preemptions",
     type=int,
@@ -59,29 +61,18 @@ GIB = 1 << 30
     show_default=True,
     help="Preemptions a step may show under load.",
 )
-@click.option(
+@path_option(
     "--workload-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
     help="Replay these request lengths (one 'PROMPT[,OUTPUT]' a line) instead of the default mix.",
 )
 @click.option("--no-short", is_flag=True, help="Soak with the worst case only, without the short requests.")
 @click.option(
     "--max-launches", type=int, default=None, help="Stop after this many launches; rerun to resume."
 )
-@click.option(
-    "--trial-timeout", default="30m", show_default=True, help="Longest one vLLM may take to become ready."
-)
-@click.option("--stall-timeout", default="10m", show_default=True, help="No log progress this long = hung.")
-@click.option(
-    "--chart",
-    "chart_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Where to write the HTML chart [default: next to the step logs].",
-)
+@timeout_options
+@path_option("--chart", "chart_path", help="Where to write the HTML chart [default: next to the step logs].")
 @runtime_options
-@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
+@extra_argument
 def command(
     model,
     gpus,
@@ -198,10 +189,7 @@ def command(
         warmup_s=warmup_s,
         short_requests=not no_short,
         replay=replay,
-        timeouts=Timeouts(
-            ready_s=parse_duration(trial_timeout, option="--trial-timeout"),
-            stall_s=parse_duration(stall_timeout, option="--stall-timeout"),
-        ),
+        timeouts=parse_timeouts(trial_timeout, stall_timeout),
         max_launches=max_launches,
         vllm_cmd="vllm" if simulate or docker_image else vllm_cmd,
     )
