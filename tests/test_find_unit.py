@@ -15,16 +15,38 @@ from vllm_tuner.models import resolve_model
 from vllm_tuner.progress import QuietProgress
 
 GIB = 1 << 30
-ALL = frozenset({"--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size",
-                 "--enforce-eager", "--kv-cache-dtype", "--cpu-offload-gb"})
+ALL = frozenset(
+    {
+        "--max-model-len",
+        "--max-num-seqs",
+        "--gpu-memory-utilization",
+        "--tensor-parallel-size",
+        "--enforce-eager",
+        "--kv-cache-dtype",
+        "--cpu-offload-gb",
+    }
+)
 
 
-def finder(flags: frozenset[str], allow=frozenset({"eager", "fp8-kv", "offload"}), free=None) -> Finder:
+def finder(
+    flags: frozenset[str], allow=frozenset({"eager", "fp8-kv", "offload"}), free=None, machine_id=""
+) -> Finder:
     gpu = GpuTarget(ids=(0,), name="NVIDIA GeForce RTX 4090", total_bytes=int(23.53 * GIB), free_bytes=free)
     req = FindRequest(model="qwen2.5-7b", gpu_ids=(0,), tensor_parallel_size=1, allow=allow)
-    return Finder(req, spec=resolve_model("qwen2.5-7b"), gpu=gpu, estimate_fn=estimate,
-                  calibrate_fn=Calibration.from_facts, vllm_info=VllmInfo("0.33.0", flags), launcher=None,
-                  nvml=None, store=None, progress=QuietProgress(), log_dir=Path("."))
+    return Finder(
+        req,
+        spec=resolve_model("qwen2.5-7b"),
+        gpu=gpu,
+        estimate_fn=estimate,
+        calibrate_fn=Calibration.from_facts,
+        vllm_info=VllmInfo("0.33.0", flags),
+        launcher=None,
+        nvml=None,
+        store=None,
+        progress=QuietProgress(),
+        log_dir=Path("."),
+        machine_id=machine_id,
+    )
 
 
 def test_a_vllm_without_the_core_flags_is_refused_with_the_fix():
@@ -42,3 +64,9 @@ def test_memory_held_by_others_caps_the_first_utilization():
     busy = finder(ALL, free=(int(20 * GIB),))
     first = busy.policy.next([])
     assert first.config.gpu_memory_utilization <= (20 - 0.25) / 23.53
+
+
+def test_the_environment_fingerprint_is_pinned():
+    """Stored runs resume, and past trials apply, by this exact string: it must not drift."""
+    assert finder(ALL).env_fingerprint() == "dc6e13d814c55afe"
+    assert finder(ALL, machine_id="580.65|GPU-abc").env_fingerprint() == "56218a24ec8c5e6b"

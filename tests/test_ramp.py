@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from vllm_tuner.errors import UsageError
+from vllm_tuner.launch import VllmInfo
 from vllm_tuner.probe import LoadReport
 from vllm_tuner.ramp import (
     HEADROOM,
@@ -17,6 +20,7 @@ from vllm_tuner.ramp import (
     config_from_args,
     judge_step,
     parse_serve_command,
+    ramp_env_fingerprint,
     summary_table,
 )
 from vllm_tuner.serveconfig import ServeConfig
@@ -235,3 +239,15 @@ def test_the_table_has_a_row_per_step():
     assert lines[0].split()[:3] == ["util", "phase", "KV"]
     assert "500,000" in lines[1] and "22.00" in lines[1] and "0.50/1.50" in lines[1] and "pass" in lines[1]
     assert "fail: oom cudagraph capture" in lines[2]
+
+
+def test_the_environment_fingerprint_is_pinned():
+    """An interrupted ramp resumes by this exact string: it must not drift."""
+    spec = SimpleNamespace(serve_name="Qwen/Qwen2.5-7B-Instruct", weights_bytes=15231233024)
+    gpu = SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_bytes=25265000448)
+    vllm = VllmInfo("0.33.0", frozenset())
+    assert ramp_env_fingerprint(spec, gpu, (0, 1), vllm) == "7a818ad597dce9f1"
+    bare = ramp_env_fingerprint(SimpleNamespace(serve_name="m"), SimpleNamespace(total_bytes=1), [0], None)
+    assert bare == "87c09546d1607c68"
+    machine = SimpleNamespace(name="X", total_bytes=10, uuids=("GPU-a", "GPU-b"), driver="580")
+    assert ramp_env_fingerprint(spec, machine, [0, 1], vllm) == "e9276d1737a26a25"
