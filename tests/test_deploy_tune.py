@@ -162,6 +162,8 @@ def test_the_winner_lands_in_the_plan_and_its_command_line():
     assert coder.planned["max_num_seqs"] == plan.instance("coder").max_num_seqs
     assert any(n.startswith("tuning coder (1/2) alone: GPU 0") for n in notes)
     assert Tuned.from_dict(json.loads(json.dumps(coder.as_dict()))) == coder
+    with pytest.raises(DeployError, match="state file is damaged"):
+        Tuned.from_dict({"winner": {"max_model_len": 1}})
 
     after = apply_tuning(plan, tuned)
     inst = after.instance("coder")

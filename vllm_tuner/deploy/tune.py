@@ -144,16 +144,23 @@ class Tuned:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Tuned:
-        winner = data["winner"]
-        return cls(
-            **{k: winner[k] for k in NUMBERS},
-            weights_bytes=winner["weights_bytes"],
-            planned=dict(data.get("planned") or {}),
-            launches=int(data.get("launches") or 0),
-            run_id=data.get("run_id"),
-            complete=bool(data.get("complete", True)),
-            reason=str(data.get("reason") or ""),
-        )
+        """From :meth:`as_dict` (the state file's ``tuned`` entries)."""
+        try:
+            winner = data["winner"]
+            return cls(
+                **{k: winner[k] for k in NUMBERS},
+                weights_bytes=winner["weights_bytes"],
+                planned=dict(data.get("planned") or {}),
+                launches=int(data.get("launches") or 0),
+                run_id=data.get("run_id"),
+                complete=bool(data.get("complete", True)),
+                reason=str(data.get("reason") or ""),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise DeployError(
+                f"a tuned entry in the deployment's state file is damaged ({exc!r})",
+                "'vllm-tune down' then 'vllm-tune up --tune' again",
+            ) from exc
 
     def describe(self, name: str) -> str:
         """One line: what tuning changed for ``name``."""
