@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from .errors import GpuError, UsageError, VllmError
 from .progress import Progress
 from .search import GIB, Finish, Launch, Observation, Policy, ProbeSummary, Request
 from .serveconfig import ServeConfig, shell_command
-from .trial import ProbePlan, Timeouts, TrialOutcome, run_trial
+from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 
 CONTEXT_OVERHEAD_BYTES = (
     GIB // 4
@@ -189,6 +189,14 @@ class Finder:
         self.progress = progress
         self.log_dir = log_dir
         self.clock = clock
+        self.trials = TrialSetup(
+            launcher,
+            nvml,
+            request.gpu_ids,
+            progress,
+            request.timeouts,
+            vocab_size=getattr(spec, "vocab_size", 32000) or 32000,
+        )
         self.base = ServeConfig(
             model=spec.serve_name,
             tensor_parallel_size=request.tensor_parallel_size,
@@ -328,18 +336,7 @@ class Finder:
     def _run(self, cfg: ServeConfig, number: int, why: str, decide_probe) -> TrialOutcome:
         self.progress.step(f"trial {number}: {_flags_words(cfg)}", why)
         log_path = self.log_dir / f"trial-{number:02d}-{cfg.key()}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        outcome = run_trial(
-            cfg,
-            launcher=self.launcher,
-            nvml=self.nvml,
-            gpu_ids=list(self.request.gpu_ids),
-            log_path=log_path,
-            progress=self.progress,
-            timeouts=self.request.timeouts,
-            decide_probe=decide_probe,
-            vocab_size=getattr(self.spec, "vocab_size", 32000) or 32000,
-        )
+        outcome = self.trials.run(cfg, log_path=log_path, decide_probe=decide_probe)
         outcome.facts = self._with_totals(outcome.facts)
         return outcome
 
@@ -362,11 +359,8 @@ class Finder:
     # -- store ----------------------------------------------------------------------------------
     def env_fingerprint(self) -> str:
         parts = {
-            "model": self.spec.serve_name,
-            "weights": getattr(self.spec, "weights_bytes", None),
-            "gpus": [getattr(self.gpu, "name", ""), self.gpu.total_bytes, list(self.request.gpu_ids)],
+            **env_parts(self.spec, self.gpu, self.request.gpu_ids, self.vllm_info),
             "machine": self.machine_id,
-            "vllm": getattr(self.vllm_info, "version", ""),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -461,6 +455,17 @@ class Finder:
         status = "done" if winner is not None else "failed"
         self.store.finish_run(run_id, status, result.as_json())
         return result
+
+
+def env_parts(spec, gpu, gpu_ids: Sequence[int], vllm_info) -> dict:
+    """The environment a trial's outcome depends on besides its flags: the model, its weights, the GPUs
+    and the vLLM version. find and ramp each fingerprint these with their own machine parts."""
+    return {
+        "model": spec.serve_name,
+        "weights": getattr(spec, "weights_bytes", None),
+        "gpus": [getattr(gpu, "name", ""), gpu.total_bytes, list(gpu_ids)],
+        "vllm": getattr(vllm_info, "version", ""),
+    }
 
 
 def explain(result: FindResult, total_bytes: int) -> list[str]:

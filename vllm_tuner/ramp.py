@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .find import _config_from_record, _config_record
+from .find import _config_from_record, _config_record, env_parts
 from .progress import Progress
 from .serveconfig import TUNED_FLAGS, ServeConfig, shell_command
 from .store import stable_key
-from .trial import ProbePlan, Timeouts, TrialOutcome, run_trial
+from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 from .units import format_duration
 
 GIB = 1 << 30
@@ -566,6 +566,7 @@ class Ramp:
         self.progress = progress
         self.log_dir = log_dir
         self.vocab_size = vocab_size
+        self.trials = TrialSetup(launcher, nvml, request.gpu_ids, progress, request.timeouts, vocab_size)
         self.soak_runner = soak_runner or self._workload_runner
         self._run_id = 0
 
@@ -608,7 +609,6 @@ class Ramp:
             f"step {number}: --gpu-memory-utilization {decision.utilization:.2f} ({what})", decision.reason
         )
         log_path = self.log_dir / f"step-{number:02d}-{decision.utilization:.2f}-{decision.phase}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         plan = self.request.plan
         soaking = decision.phase == "soak"
         runner: dict[str, Callable] = {}
@@ -632,18 +632,7 @@ class Ramp:
         def load_runner(base_url: str, model: str, is_alive: Callable[[], bool]):
             return runner["load"](base_url, model, is_alive)
 
-        outcome = run_trial(
-            cfg,
-            launcher=self.launcher,
-            nvml=self.nvml,
-            gpu_ids=list(self.request.gpu_ids),
-            log_path=log_path,
-            progress=self.progress,
-            timeouts=self.request.timeouts,
-            decide_probe=decide_probe,
-            vocab_size=self.vocab_size,
-            load_runner=load_runner,
-        )
+        outcome = self.trials.run(cfg, log_path=log_path, decide_probe=decide_probe, load_runner=load_runner)
         step = judge_step(outcome, plan, decision.phase, soak_s=plan.soak_s if soaking else None)
         self._record(outcome, step)  # recorded before anything else can interrupt
         return step
@@ -791,11 +780,8 @@ def ramp_env_fingerprint(spec, gpu, gpu_ids: Sequence[int], vllm_info) -> str:
     """The same environment parts find fingerprints: model, GPUs, driver, vLLM."""
     return stable_key(
         {
-            "model": spec.serve_name,
-            "weights": getattr(spec, "weights_bytes", None),
-            "gpus": [getattr(gpu, "name", ""), gpu.total_bytes, list(gpu_ids)],
+            **env_parts(spec, gpu, gpu_ids, vllm_info),
             "uuids": list(getattr(gpu, "uuids", []) or []),
             "driver": getattr(gpu, "driver", ""),
-            "vllm": getattr(vllm_info, "version", ""),
         }
     )

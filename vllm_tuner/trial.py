@@ -207,6 +207,41 @@ def run_trial(
         )
 
 
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one search or ramp shares: how vLLM is launched and watched, on which GPUs,
+    within which limits. :meth:`run` makes the log's folder and runs one :func:`run_trial`."""
+
+    launcher: object
+    nvml: object
+    gpu_ids: tuple[int, ...]
+    progress: Progress
+    timeouts: Timeouts
+    vocab_size: int = 32000
+
+    def run(
+        self,
+        config: ServeConfig,
+        *,
+        log_path: Path,
+        decide_probe: Callable[[dict], ProbePlan | None],
+        load_runner: LoadRunner | None = None,
+    ) -> TrialOutcome:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        return run_trial(
+            config,
+            launcher=self.launcher,
+            nvml=self.nvml,
+            gpu_ids=list(self.gpu_ids),
+            log_path=log_path,
+            progress=self.progress,
+            timeouts=self.timeouts,
+            decide_probe=decide_probe,
+            vocab_size=self.vocab_size,
+            load_runner=load_runner,
+        )
+
+
 def _alive_check(server, watcher) -> Callable[[], bool]:
     def alive() -> bool:
         return server.returncode is None and watcher.fatal_category is None
