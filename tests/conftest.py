@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from vllm_tuner.launch import LocalLauncher, ServerProcess
+from vllm_tuner.logparse import LogWatcher
 from vllm_tuner.simlite.activate import SHIM_DIR, create
 from vllm_tuner.simlite.state import live_procs
 
@@ -51,3 +53,32 @@ def sim(tmp_path, monkeypatch):
         except ProcessLookupError:
             pass
     assert not survivors, f"simulated vLLM processes survived the test: {sorted(survivors)}"
+
+
+@pytest.fixture
+def sim_server():
+    """``sim_server(env, config, log_path, *, nvml=None, wait=True) -> ServerProcess``: the simulated vLLM
+    of ``env`` on GPU 0 under the tuner's own :class:`ServerProcess`, started and (with ``wait``) ready;
+    the test fails when it does not boot. Stopping it is the test's job."""
+
+    def start(env, config, log_path, *, nvml=None, wait: bool = True) -> ServerProcess:
+        server = ServerProcess(
+            LocalLauncher(env.vllm_cmd),
+            config,
+            gpu_ids=[0],
+            log_path=log_path,
+            watcher=LogWatcher(),
+            nvml=nvml,
+            grace_s=3.0,
+            release_timeout_s=5.0,
+        )
+        server.start()
+        if not wait:
+            return server
+        ready = server.wait_ready(timeout_s=30, stall_s=10)
+        if not ready.ready:
+            server.stop(wait_release=False)
+            pytest.fail(f"simulated server did not boot: {ready.diagnosis}")
+        return server
+
+    return start

@@ -9,8 +9,6 @@ import time
 import httpx
 import pytest
 
-from vllm_tuner.launch import LocalLauncher, ServerProcess
-from vllm_tuner.logparse import LogWatcher
 from vllm_tuner.nvml import open_nvml
 from vllm_tuner.probe import parse_metrics, probe_prompt, run_load_probe, unique_prompt
 from vllm_tuner.serveconfig import ServeConfig
@@ -52,44 +50,31 @@ def test_every_request_has_its_own_first_block_so_prefix_caching_cannot_share_kv
     assert unique_prompt([5, 6], "a", vocab_size=10) != unique_prompt([5, 6], "b", vocab_size=10)
 
 
-def _serve(env, tmp_path, nvml, *extra: str) -> ServerProcess:
-    proc = ServerProcess(
-        LocalLauncher(env.vllm_cmd),
-        ServeConfig("qwen2.5-7b", max_model_len=2048, max_num_seqs=4, extra_args=tuple(extra)),
-        gpu_ids=[0],
-        log_path=tmp_path / "probe.log",
-        watcher=LogWatcher(),
+SERVED = ServeConfig("qwen2.5-7b", max_model_len=2048, max_num_seqs=4)
+
+
+def _probe_server(proc, nvml, **load) -> object:
+    """The load probe against a served simulated vLLM on GPU 0, with ``load``'s shape."""
+    return run_load_probe(
+        proc.base_url,
+        model=proc.served_model_name,
+        concurrency=4,
         nvml=nvml,
-        grace_s=3.0,
-        release_timeout_s=5.0,
+        gpu_ids=[0],
+        is_alive=lambda: proc.returncode is None,
+        vocab_size=1000,
+        **load,
     )
-    proc.start()
-    ready = proc.wait_ready(timeout_s=30, stall_s=10)
-    if not ready.ready:
-        proc.stop(wait_release=False)
-        pytest.fail(f"did not boot: {ready.diagnosis}")
-    return proc
 
 
-def test_load_probe_reports_requests_memory_and_kv(sim, tmp_path):
+def test_load_probe_reports_requests_memory_and_kv(sim, sim_server, tmp_path):
     # 1 ms decode steps at this scale: 400 tokens last ~400 ms, so /metrics is sampled mid-flight
     env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 0.0}}, timing={"decode_step_s": 0.4})
     with open_nvml() as nvml:
         idle = nvml.memory(0).used
-        proc = _serve(env, tmp_path, nvml)
+        proc = sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml)
         try:
-            report = run_load_probe(
-                proc.base_url,
-                model=proc.served_model_name,
-                concurrency=4,
-                prompt_tokens=1600,
-                max_tokens=400,
-                duration_s=None,
-                nvml=nvml,
-                gpu_ids=[0],
-                is_alive=lambda: proc.returncode is None,
-                vocab_size=1000,
-            )
+            report = _probe_server(proc, nvml, prompt_tokens=1600, max_tokens=400, duration_s=None)
         finally:
             proc.stop()
     assert report.ok, report
@@ -104,24 +89,13 @@ def test_load_probe_reports_requests_memory_and_kv(sim, tmp_path):
     assert report.ttft_p50_s is not None
 
 
-def test_load_probe_reports_a_server_dying_mid_probe(sim, tmp_path):
+def test_load_probe_reports_a_server_dying_mid_probe(sim, sim_server, tmp_path):
     env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 400}})
     with open_nvml() as nvml:
-        proc = _serve(env, tmp_path, nvml)
+        proc = sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml)
         try:
             started = time.monotonic()
-            report = run_load_probe(
-                proc.base_url,
-                model=proc.served_model_name,
-                concurrency=4,
-                prompt_tokens=2000,
-                max_tokens=40,
-                duration_s=30,
-                nvml=nvml,
-                gpu_ids=[0],
-                is_alive=lambda: proc.returncode is None,
-                vocab_size=1000,
-            )
+            report = _probe_server(proc, nvml, prompt_tokens=2000, max_tokens=40, duration_s=30)
             took = time.monotonic() - started
         finally:
             proc.stop()

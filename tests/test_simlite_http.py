@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vllm_tuner.launch import LocalLauncher, ServerProcess
-from vllm_tuner.logparse import LogWatcher, classify
+from vllm_tuner.logparse import classify
 from vllm_tuner.nvml import open_nvml
 from vllm_tuner.probe import parse_metrics
 from vllm_tuner.serveconfig import ServeConfig
@@ -23,29 +22,21 @@ MODEL = "qwen2.5-7b"
 GIB = 1 << 30
 
 
-def boot(env, tmp_path: Path, *extra: str, model: str = MODEL, max_model_len: int = 4096, nvml=None):
-    config = ServeConfig(model, max_model_len=max_model_len, extra_args=tuple(extra))
-    server = ServerProcess(
-        LocalLauncher(env.vllm_cmd),
-        config,
-        gpu_ids=[0],
-        log_path=tmp_path / "server.log",
-        watcher=LogWatcher(),
-        nvml=nvml,
-        grace_s=3.0,
-        release_timeout_s=5.0,
-    )
-    server.start()
-    ready = server.wait_ready(timeout_s=30, stall_s=10)
-    if not ready.ready:
-        server.stop(wait_release=False)
-        pytest.fail(f"simulated server did not boot: {ready.diagnosis}")
-    return server
+@pytest.fixture
+def boot(sim_server, tmp_path: Path):
+    """``boot(env, *extra, max_model_len=4096, nvml=None, wait=True)``: the simulated vLLM serving
+    ``MODEL``, its log at ``tmp_path / "server.log"``."""
+
+    def start(env, *extra: str, max_model_len: int = 4096, nvml=None, wait: bool = True):
+        config = ServeConfig(MODEL, max_model_len=max_model_len, extra_args=tuple(extra))
+        return sim_server(env, config, tmp_path / "server.log", nvml=nvml, wait=wait)
+
+    return start
 
 
-def test_endpoints_answer_like_vllm(sim, tmp_path):
+def test_endpoints_answer_like_vllm(sim, boot):
     env = sim("rtx-5090")
-    server = boot(env, tmp_path, "--served-model-name", "chat")
+    server = boot(env, "--served-model-name", "chat")
     try:
         url = server.base_url
         assert httpx.get(f"{url}/health").status_code == 200
@@ -104,9 +95,9 @@ def test_endpoints_answer_like_vllm(sim, tmp_path):
         server.stop()
 
 
-def test_api_key_is_required_on_v1(sim, tmp_path):
+def test_api_key_is_required_on_v1(sim, boot):
     env = sim("rtx-5090")
-    server = boot(env, tmp_path, "--api-key", "s3cret")
+    server = boot(env, "--api-key", "s3cret")
     try:
         url = server.base_url
         assert httpx.get(f"{url}/v1/models").status_code == 401
@@ -120,13 +111,13 @@ def test_api_key_is_required_on_v1(sim, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_nvml_sees_memory_appear_and_disappear(sim, tmp_path, sig):
+def test_nvml_sees_memory_appear_and_disappear(sim, boot, sig):
     env = sim("rtx-5090")
     with open_nvml() as nvml:
         before = nvml.memory(0).used
         assert nvml.device_count() == 2
         assert nvml.device(0).name == "NVIDIA GeForce RTX 5090"
-        server = boot(env, tmp_path, nvml=nvml)
+        server = boot(env, nvml=nvml)
         try:
             serving = nvml.memory(0).used
             assert serving - before > 10 * GIB  # weights + KV pool
@@ -163,9 +154,9 @@ def test_shim_without_state_is_a_machine_without_a_driver(monkeypatch):
         module.nvmlDeviceGetCount()
 
 
-def test_runtime_spike_kills_the_server_under_load(sim, tmp_path):
+def test_runtime_spike_kills_the_server_under_load(sim, boot, tmp_path):
     env = sim("rtx-5090", models={"Qwen/Qwen2.5-7B-Instruct": {"runtime_spike_gib": 400}})
-    server = boot(env, tmp_path, "--max-num-seqs", "8", "--gpu-memory-utilization", "0.9")
+    server = boot(env, "--max-num-seqs", "8", "--gpu-memory-utilization", "0.9")
     try:
         url = server.base_url
         body = {"model": MODEL, "prompt": [5] * 3000, "max_tokens": 1000}
@@ -195,9 +186,9 @@ def test_runtime_spike_kills_the_server_under_load(sim, tmp_path):
     assert classify(text).category == "oom_at_runtime"
 
 
-def test_metrics_histograms_and_prompt_at_the_limit(sim, tmp_path):
+def test_metrics_histograms_and_prompt_at_the_limit(sim, boot):
     env = sim("rtx-5090")
-    server = boot(env, tmp_path, max_model_len=1024)
+    server = boot(env, max_model_len=1024)
     try:
         url = server.base_url
         ok = httpx.post(
@@ -217,9 +208,9 @@ def test_metrics_histograms_and_prompt_at_the_limit(sim, tmp_path):
         server.stop()
 
 
-def test_disable_log_stats_removes_the_engine_metrics(sim, tmp_path):
+def test_disable_log_stats_removes_the_engine_metrics(sim, boot):
     env = sim("rtx-5090")
-    server = boot(env, tmp_path, "--disable-log-stats")
+    server = boot(env, "--disable-log-stats")
     try:
         text = httpx.get(f"{server.base_url}/metrics").text
         assert "vllm:kv_cache_usage_perc" not in text
@@ -228,23 +219,12 @@ def test_disable_log_stats_removes_the_engine_metrics(sim, tmp_path):
         server.stop()
 
 
-def test_memory_rises_through_the_startup_phases(sim, tmp_path):
+def test_memory_rises_through_the_startup_phases(sim, boot, tmp_path):
     """A tuner sampling NVML while vLLM starts sees context, then weights, then the KV pool."""
     env = sim("rtx-5090", time_scale=40.0)
     seen: list[int] = []
     with open_nvml() as nvml:
-        config = ServeConfig(MODEL, max_model_len=4096)
-        server = ServerProcess(
-            LocalLauncher(env.vllm_cmd),
-            config,
-            gpu_ids=[0],
-            log_path=tmp_path / "server.log",
-            watcher=LogWatcher(),
-            nvml=nvml,
-            grace_s=3.0,
-            release_timeout_s=5.0,
-        )
-        server.start()
+        server = boot(env, nvml=nvml, wait=False)
         try:
             deadline = time.monotonic() + 30
             while (
