@@ -26,6 +26,30 @@ def run_cli(env, *args: str, timeout: float = 20.0) -> subprocess.CompletedProce
     )
 
 
+def serve_until_ready(env, *args: str, stop_at: tuple[str, ...] = ("Application startup complete.",)) -> str:
+    """Start the simulated server, read its log until a line holds one of ``stop_at`` (by default: it is
+    ready) or it dies, stop it; the log text."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_tuner.simlite", "serve", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env.env},
+        stdin=subprocess.DEVNULL,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if any(marker in line for marker in stop_at):
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+    return "".join(lines)
+
+
 def test_version(sim):
     done = run_cli(sim("rtx-4090"), "--version")
     assert done.returncode == 0
@@ -82,70 +106,71 @@ def test_max_model_len_above_derived_is_the_real_value_error(sim):
     assert diagnosis.facts.get("derived_max_model_len") == 32768
 
 
+def fails(name: str, args: list[str], category: str, message: str, scenario: str = "rtx-4090", **overrides):
+    """One startup failure: ``serve ARGS`` on ``scenario`` (with ``overrides``) prints ``message``
+    and is classified as ``category``."""
+    return pytest.param(scenario, overrides, args, category, message, id=name)
+
+
+FAILURE_FIELDS = ("scenario", "overrides", "args", "category", "message")
 FAILURES = [
-    pytest.param(
-        "rtx-4090",
-        {},
+    fails(
+        "weights-oom",
         ["qwen2.5-14b"],
         "oom_weights_load",
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate",
-        id="weights-oom",
     ),
-    pytest.param(
-        "rtx-4090",
-        {"foreign": [{"gpu": 0, "gib": 6}]},
+    fails(
+        "free-below-utilization",
         [MODEL, "--gpu-memory-utilization", "0.9"],
         "startup_free_memory_below_utilization",
         "on startup is less than desired GPU memory utilization (0.9,",
-        id="free-below-utilization",
+        foreign=[{"gpu": 0, "gib": 6}],
     ),
-    pytest.param(
-        "rtx-4090",
-        {},
+    fails(
+        "no-kv-memory",
         [MODEL, "--gpu-memory-utilization", "0.5"],
         "no_kv_cache_memory",
         "ValueError: No available memory for the cache blocks.",
-        id="no-kv-memory",
     ),
-    pytest.param(
-        "rtx-4090",
-        {},
+    fails(
+        "kv-too-small",
         [MODEL, "--gpu-memory-utilization", "0.68", "--max-model-len", "32768"],
         "kv_cache_insufficient_for_max_len",
         "Based on the available memory, the estimated maximum model length is",
-        id="kv-too-small",
     ),
-    pytest.param(
-        "rtx-4090",
-        {},
+    fails(
+        "graph-capture-edge",
         [MODEL, "--gpu-memory-utilization", "0.98", "--max-model-len", "8192"],
         "oom_cudagraph_capture",
         "in capture_model",
-        id="graph-capture-edge",
     ),
-    pytest.param(
-        "rtx-4090",
-        {},
+    fails(
+        "profiling-oom",
         [MODEL, "--max-num-batched-tokens", "2000000"],
         "oom_during_profiling",
         "in profile_run",
-        id="profiling-oom",
     ),
 ]
 
 
-@pytest.mark.parametrize(("scenario", "overrides", "args", "category", "message"), FAILURES)
-def test_startup_failures_print_the_real_message_and_exit_non_zero(
-    sim, scenario, overrides, args, category, message
-):
-    env = sim(scenario, **overrides)
+def failed_start(env, args, category: str, message: str) -> str:
+    """Run ``serve ARGS``, check it failed at startup with ``message`` and ``category``; the output."""
     done = run_cli(env, "serve", *args)
     out = done.stdout + done.stderr
     assert done.returncode == 1, out[-2000:]
     assert message in out
     assert "RuntimeError: Engine core initialization failed. See root cause above." in out
+    assert classify(out).category == category
+    return out
+
+
+@pytest.mark.parametrize(FAILURE_FIELDS, FAILURES)
+def test_startup_failures_print_the_real_message_and_exit_non_zero(
+    sim, scenario, overrides, args, category, message
+):
+    out = failed_start(sim(scenario, **overrides), args, category, message)
     diagnosis = classify(out)
-    assert diagnosis.category == category
     if category == "kv_cache_insufficient_for_max_len":
         assert 0 < diagnosis.facts["estimated_max_model_len"] < 32768
     if category == "oom_weights_load":
@@ -154,39 +179,15 @@ def test_startup_failures_print_the_real_message_and_exit_non_zero(
 
 def test_graph_capture_edge_097_boots(sim):
     """rtx-4090's scenario: 0.98 fails in CUDA-graph capture (above), 0.97 serves."""
-    env = sim("rtx-4090")
-    full = {**os.environ, **env.env}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm_tuner.simlite",
-            "serve",
-            MODEL,
-            "--gpu-memory-utilization",
-            "0.97",
-            "--max-model-len",
-            "8192",
-            "--port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=full,
-        stdin=subprocess.DEVNULL,
+    text = serve_until_ready(
+        sim("rtx-4090"),
+        MODEL,
+        "--gpu-memory-utilization",
+        "0.97",
+        "--max-model-len",
+        "8192",
+        stop_at=("Application startup complete.", "Error"),
     )
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Application startup complete." in line or "Error" in line:
-                break
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()
-    text = "".join(lines)
     assert "Application startup complete." in text
     assert "Graph capturing finished" in text
     assert "--kv-cache-memory=" in text
@@ -217,84 +218,48 @@ def test_no_simulated_state_fails_like_a_machine_without_a_driver(sim):
 
 
 MORE_FAILURES = [
-    pytest.param(
-        "rtx-3090",
-        {},
+    fails(
+        "tp2-no-kv-memory",
         ["qwen2.5-14b", "-tp", "2", "--gpu-memory-utilization", "0.6"],
         "no_kv_cache_memory",
         "WorkerProc hit an exception.",
-        id="tp2-no-kv-memory",
+        scenario="rtx-3090",
     ),
-    pytest.param(
-        "shared-3090",
-        {},
+    fails(
+        "tp2-busy-second-gpu",
         [MODEL, "-tp", "2", "--gpu-memory-utilization", "0.9"],
         "startup_free_memory_below_utilization",
         "Exception: WorkerProc initialization failed due to an exception in a background process.",
-        id="tp2-busy-second-gpu",
+        scenario="shared-3090",
     ),
-    pytest.param(
-        "rtx-4090",
-        {},
+    fails(
+        "kv-bytes-too-large",
         [MODEL, "--kv-cache-memory-bytes", "20G", "--max-model-len", "4096"],
         "oom_during_profiling",
         "in initialize_kv_cache",
-        id="kv-bytes-too-large",
     ),
-    pytest.param(
-        "rtx-4090",
-        {},
+    fails(
+        "auto-fit-nothing",
         [MODEL, "--max-model-len", "auto", "--gpu-memory-utilization", "0.55"],
         "no_kv_cache_memory",
         "Cannot auto-fit max_model_len: not enough GPU memory available to serve even a single token.",
-        id="auto-fit-nothing",
     ),
-    pytest.param(
+    fails(
         "cotenant-release",
-        {},
         [MODEL, "--max-model-len", "4096", "--gpu-memory-utilization", "0.7"],
         "profiling_memory_changed",
         "AssertionError: Error in memory profiling. Initial free memory",
-        id="cotenant-release",
+        scenario="cotenant-release",
     ),
 ]
 
 
-@pytest.mark.parametrize(("scenario", "overrides", "args", "category", "message"), MORE_FAILURES)
+@pytest.mark.parametrize(FAILURE_FIELDS, MORE_FAILURES)
 def test_more_startup_failures(sim, scenario, overrides, args, category, message):
-    env = sim(scenario, **overrides)
-    done = run_cli(env, "serve", *args)
-    out = done.stdout + done.stderr
-    assert done.returncode == 1, out[-2000:]
-    assert message in out
+    out = failed_start(sim(scenario, **overrides), args, category, message)
     assert "EngineCore failed to start." in out
-    assert "RuntimeError: Engine core initialization failed. See root cause above." in out
-    assert classify(out).category == category
     if "-tp" in args:
         assert "(Worker_TP0 pid=" in out
-
-
-def serve_until_ready(env, *args: str) -> str:
-    """Start the simulated server, read its log until it is ready or dies, stop it; the log text."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_tuner.simlite", "serve", *args, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **env.env},
-        stdin=subprocess.DEVNULL,
-    )
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Application startup complete." in line:
-                break
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()
-    return "".join(lines)
 
 
 def test_cotenant_release_fires_once_then_the_launch_boots(sim):
