@@ -82,8 +82,36 @@ def parse_timeouts(trial_timeout: str, stall_timeout: str) -> Timeouts:
     )
 
 
+@dataclass(frozen=True)
+class RuntimeArgs:
+    """The values of :func:`runtime_options`; :meth:`build` turns them into a :class:`Runtime`."""
+
+    vllm_cmd: str
+    docker_image: str | None
+    db: Path | None
+    json_: bool
+    simulate: str | None
+    sim_time_scale: float
+
+    def build(self) -> Runtime:
+        return build_runtime(
+            vllm_cmd=self.vllm_cmd,
+            docker_image=self.docker_image,
+            db=self.db,
+            json_=self.json_,
+            simulate=self.simulate,
+            sim_time_scale=self.sim_time_scale,
+        )
+
+    @property
+    def serve_vllm_cmd(self) -> str:
+        """The vLLM command a printed serve command names: plain ``vllm`` inside an image or a simulation."""
+        return "vllm" if self.simulate or self.docker_image else self.vllm_cmd
+
+
 def runtime_options(func):
-    """``--vllm-cmd``, ``--docker-image``, ``--db``, ``--json``, ``--simulate``, ``--sim-time-scale``."""
+    """``--vllm-cmd``, ``--docker-image``, ``--db``, ``--json``, ``--simulate``, ``--sim-time-scale``,
+    handed to the command as one ``runtime_args`` (:class:`RuntimeArgs`)."""
 
     @click.option(
         "--vllm-cmd",
@@ -113,7 +141,8 @@ def runtime_options(func):
     )
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
+        runtime_args = RuntimeArgs(**{name: kwargs.pop(name) for name in RuntimeArgs.__dataclass_fields__})
+        return func(*args, runtime_args=runtime_args, **kwargs)
 
     return wrapper
 

@@ -9,7 +9,6 @@ from ..gpulock import GpuLock, gpu_lock_keys
 from ..search import GIB, LOSSY_ORDER
 from ..units import format_duration, parse_duration
 from ._common import (
-    build_runtime,
     emit_json,
     extra_argument,
     headroom_option,
@@ -95,13 +94,8 @@ def command(
     dummy_trials,
     write_config,
     dry_run,
-    vllm_cmd,
-    docker_image,
-    db,
-    json_,
-    simulate,
-    sim_time_scale,
     extra,
+    runtime_args,
 ):
     """Launch vLLM with candidate flags and return the largest stable config.
 
@@ -114,14 +108,7 @@ def command(
     """
     from ..find import Finder, FindRequest, validate_request
 
-    runtime = build_runtime(
-        vllm_cmd=vllm_cmd,
-        docker_image=docker_image,
-        db=db,
-        json_=json_,
-        simulate=simulate,
-        sim_time_scale=sim_time_scale,
-    )
+    runtime = runtime_args.build()
     if (target_context is None) != (target_seqs is None):
         raise UsageError(
             "fixed targets need both --context and --seqs", "pass e.g. --context 131072 --seqs 8"
@@ -150,7 +137,7 @@ def command(
         else None,
         dummy_trials=dummy_trials,
         extra_args=tuple(extra),
-        vllm_cmd="vllm" if simulate else (vllm_cmd if not docker_image else "vllm"),
+        vllm_cmd=runtime_args.serve_vllm_cmd,
         knob_order=tuple(k.strip() for k in knob_order.split(",") if k.strip()),
     )
     _check_knob_order(knob_order)
@@ -190,7 +177,7 @@ def command(
             machine_id=_machine_id(nvml, ids),
         )
         if dry_run:
-            return _print_dry_run(finder, json_)
+            return _print_dry_run(finder, runtime.json)
         try:
             with GpuLock(gpu_lock_keys(_uuids(nvml, ids))):
                 result = finder.run()
@@ -202,7 +189,7 @@ def command(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(result.yaml_text())
         result.config_path = path
-    if json_:
+    if runtime.json:
         emit_json(result.as_json())
     else:
         _print_result(result)

@@ -10,7 +10,6 @@ from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..units import format_duration, parse_duration
 from ._common import (
-    build_runtime,
     emit_json,
     extra_argument,
     headroom_option,
@@ -96,13 +95,8 @@ def command(
     trial_timeout,
     stall_timeout,
     chart_path,
-    vllm_cmd,
-    docker_image,
-    db,
-    json_,
-    simulate,
-    sim_time_scale,
     extra,
+    runtime_args,
 ):
     """Raise --gpu-memory-utilization one step at a time, soaking every step under load.
 
@@ -148,17 +142,10 @@ def command(
 
         replay = tuple(read_prompt_lengths(workload_file))
 
-    runtime = build_runtime(
-        vllm_cmd=vllm_cmd,
-        docker_image=docker_image,
-        db=db,
-        json_=json_,
-        simulate=simulate,
-        sim_time_scale=sim_time_scale,
-    )
+    runtime = runtime_args.build()
     if runtime.simulated is not None:  # simulated hours pass as fast as the simulated vLLM's
-        plan = RampPlan(**{**plan.__dict__, "soak_s": plan.soak_s / sim_time_scale})
-        warmup_s /= sim_time_scale
+        plan = RampPlan(**{**plan.__dict__, "soak_s": plan.soak_s / runtime_args.sim_time_scale})
+        warmup_s /= runtime_args.sim_time_scale
     ids = _gpu_ids(gpus, gpu_ids)
     spec, gpu, nvml = _model_and_gpus(runtime, model, gpus, ids)
     ids = tuple(gpu.ids)
@@ -191,12 +178,12 @@ def command(
         replay=replay,
         timeouts=parse_timeouts(trial_timeout, stall_timeout),
         max_launches=max_launches,
-        vllm_cmd="vllm" if simulate or docker_image else vllm_cmd,
+        vllm_cmd=runtime_args.serve_vllm_cmd,
     )
     result = _run(runtime, request, spec, gpu, nvml)
     run_dir = runtime.log_root / f"ramp-{request.key()}"
     result.chart_path = _write_chart(result, chart_path or run_dir / "ramp-chart.html", gpu.total_bytes)
-    if json_:
+    if runtime.json:
         emit_json(result.as_json())
     else:
         _print_result(result)
