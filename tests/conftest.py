@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -57,11 +58,12 @@ def sim(tmp_path, monkeypatch):
 
 @pytest.fixture
 def sim_server():
-    """``sim_server(env, config, log_path, *, nvml=None, wait=True) -> ServerProcess``: the simulated vLLM
-    of ``env`` on GPU 0 under the tuner's own :class:`ServerProcess`, started and (with ``wait``) ready;
-    the test fails when it does not boot. Stopping it is the test's job."""
+    """``with sim_server(env, config, log_path, *, nvml=None, wait=True, wait_release=True) as server``:
+    the simulated vLLM of ``env`` on GPU 0 under the tuner's own :class:`ServerProcess`, started and
+    (with ``wait``) ready, the test failing when it does not boot; stopped when the block ends."""
 
-    def start(env, config, log_path, *, nvml=None, wait: bool = True) -> ServerProcess:
+    @contextlib.contextmanager
+    def serve(env, config, log_path, *, nvml=None, wait: bool = True, wait_release: bool = True):
         server = ServerProcess(
             LocalLauncher(env.vllm_cmd),
             config,
@@ -73,12 +75,14 @@ def sim_server():
             release_timeout_s=5.0,
         )
         server.start()
-        if not wait:
-            return server
-        ready = server.wait_ready(timeout_s=30, stall_s=10)
-        if not ready.ready:
-            server.stop(wait_release=False)
-            pytest.fail(f"simulated server did not boot: {ready.diagnosis}")
-        return server
+        if wait:
+            ready = server.wait_ready(timeout_s=30, stall_s=10)
+            if not ready.ready:
+                server.stop(wait_release=False)
+                pytest.fail(f"simulated server did not boot: {ready.diagnosis}")
+        try:
+            yield server
+        finally:
+            server.stop(wait_release=wait_release)
 
-    return start
+    return serve

@@ -72,11 +72,8 @@ def test_load_probe_reports_requests_memory_and_kv(sim, sim_server, tmp_path):
     env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 0.0}}, timing={"decode_step_s": 0.4})
     with open_nvml() as nvml:
         idle = nvml.memory(0).used
-        proc = sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml)
-        try:
+        with sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml) as proc:
             report = _probe_server(proc, nvml, prompt_tokens=1600, max_tokens=400, duration_s=None)
-        finally:
-            proc.stop()
     assert report.ok, report
     assert report.requests == 4
     assert report.errors == {}
@@ -91,14 +88,10 @@ def test_load_probe_reports_requests_memory_and_kv(sim, sim_server, tmp_path):
 
 def test_load_probe_reports_a_server_dying_mid_probe(sim, sim_server, tmp_path):
     env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 400}})
-    with open_nvml() as nvml:
-        proc = sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml)
-        try:
-            started = time.monotonic()
-            report = _probe_server(proc, nvml, prompt_tokens=2000, max_tokens=40, duration_s=30)
-            took = time.monotonic() - started
-        finally:
-            proc.stop()
+    with open_nvml() as nvml, sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml) as proc:
+        started = time.monotonic()
+        report = _probe_server(proc, nvml, prompt_tokens=2000, max_tokens=40, duration_s=30)
+        took = time.monotonic() - started
     assert report.server_died
     assert not report.ok
     assert took < 5  # noticed at once, not at the end of the 30 s probe

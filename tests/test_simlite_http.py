@@ -23,21 +23,20 @@ GIB = 1 << 30
 
 
 @pytest.fixture
-def boot(sim_server, tmp_path: Path):
-    """``boot(env, *extra, max_model_len=4096, nvml=None, wait=True)``: the simulated vLLM serving
-    ``MODEL``, its log at ``tmp_path / "server.log"``."""
+def booted(sim_server, tmp_path: Path):
+    """``with booted(env, *extra, max_model_len=4096, nvml=None, wait=True, wait_release=True) as server``:
+    :func:`conftest.sim_server` serving ``MODEL``, its log at ``tmp_path / "server.log"``."""
 
-    def start(env, *extra: str, max_model_len: int = 4096, nvml=None, wait: bool = True):
+    def serve(env, *extra: str, max_model_len: int = 4096, **options):
         config = ServeConfig(MODEL, max_model_len=max_model_len, extra_args=tuple(extra))
-        return sim_server(env, config, tmp_path / "server.log", nvml=nvml, wait=wait)
+        return sim_server(env, config, tmp_path / "server.log", **options)
 
-    return start
+    return serve
 
 
-def test_endpoints_answer_like_vllm(sim, boot):
+def test_endpoints_answer_like_vllm(sim, booted):
     env = sim("rtx-5090")
-    server = boot(env, "--served-model-name", "chat")
-    try:
+    with booted(env, "--served-model-name", "chat") as server:
         url = server.base_url
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/ping").status_code == 200
@@ -91,14 +90,11 @@ def test_endpoints_answer_like_vllm(sim, boot):
         assert err["type"] == "BadRequestError" and err["code"] == 400
         assert "maximum context length is 4096 tokens" in err["message"]
         assert "5000 input tokens" in err["message"]
-    finally:
-        server.stop()
 
 
-def test_api_key_is_required_on_v1(sim, boot):
+def test_api_key_is_required_on_v1(sim, booted):
     env = sim("rtx-5090")
-    server = boot(env, "--api-key", "s3cret")
-    try:
+    with booted(env, "--api-key", "s3cret") as server:
         url = server.base_url
         assert httpx.get(f"{url}/v1/models").status_code == 401
         body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
@@ -106,19 +102,16 @@ def test_api_key_is_required_on_v1(sim, boot):
         ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200  # health stays open, as in vLLM
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_nvml_sees_memory_appear_and_disappear(sim, boot, sig):
+def test_nvml_sees_memory_appear_and_disappear(sim, booted, sig):
     env = sim("rtx-5090")
     with open_nvml() as nvml:
         before = nvml.memory(0).used
         assert nvml.device_count() == 2
         assert nvml.device(0).name == "NVIDIA GeForce RTX 5090"
-        server = boot(env, nvml=nvml)
-        try:
+        with booted(env, nvml=nvml):
             serving = nvml.memory(0).used
             assert serving - before > 10 * GIB  # weights + KV pool
             assert nvml.memory(1).used == before  # CUDA_VISIBLE_DEVICES=0 only
@@ -130,8 +123,6 @@ def test_nvml_sees_memory_appear_and_disappear(sim, boot, sig):
                 time.sleep(0.05)
             assert nvml.memory(0).used == before
             assert nvml.processes(0) == []
-        finally:
-            server.stop()
 
 
 def test_foreign_memory_is_visible(sim):
@@ -154,10 +145,9 @@ def test_shim_without_state_is_a_machine_without_a_driver(monkeypatch):
         module.nvmlDeviceGetCount()
 
 
-def test_runtime_spike_kills_the_server_under_load(sim, boot, tmp_path):
+def test_runtime_spike_kills_the_server_under_load(sim, booted, tmp_path):
     env = sim("rtx-5090", models={"Qwen/Qwen2.5-7B-Instruct": {"runtime_spike_gib": 400}})
-    server = boot(env, "--max-num-seqs", "8", "--gpu-memory-utilization", "0.9")
-    try:
+    with booted(env, "--max-num-seqs", "8", "--gpu-memory-utilization", "0.9", wait_release=False) as server:
         url = server.base_url
         body = {"model": MODEL, "prompt": [5] * 3000, "max_tokens": 1000}
         with httpx.Client(timeout=10) as client:
@@ -178,18 +168,15 @@ def test_runtime_spike_kills_the_server_under_load(sim, boot, tmp_path):
         while server.returncode is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.returncode not in (None, 0)
-    finally:
-        server.stop(wait_release=False)
     text = (tmp_path / "server.log").read_text()
     assert "in execute_model" in text
     assert "EngineDeadError" in text
     assert classify(text).category == "oom_at_runtime"
 
 
-def test_metrics_histograms_and_prompt_at_the_limit(sim, boot):
+def test_metrics_histograms_and_prompt_at_the_limit(sim, booted):
     env = sim("rtx-5090")
-    server = boot(env, max_model_len=1024)
-    try:
+    with booted(env, max_model_len=1024) as server:
         url = server.base_url
         ok = httpx.post(
             f"{url}/v1/completions", json={"model": MODEL, "prompt": [1] * 1000, "max_tokens": 500}
@@ -204,40 +191,31 @@ def test_metrics_histograms_and_prompt_at_the_limit(sim, boot):
         assert "vllm:time_to_first_token_seconds_bucket{" in text
         assert 'vllm:generation_tokens_total{engine="0",model_name="qwen2.5-7b"} 24.0' in text
         assert 'cache_dtype="auto"' in text
-    finally:
-        server.stop()
 
 
-def test_disable_log_stats_removes_the_engine_metrics(sim, boot):
+def test_disable_log_stats_removes_the_engine_metrics(sim, booted):
     env = sim("rtx-5090")
-    server = boot(env, "--disable-log-stats")
-    try:
+    with booted(env, "--disable-log-stats") as server:
         text = httpx.get(f"{server.base_url}/metrics").text
         assert "vllm:kv_cache_usage_perc" not in text
         assert "vllm:num_requests_running" not in text
-    finally:
-        server.stop()
 
 
-def test_memory_rises_through_the_startup_phases(sim, boot, tmp_path):
+def test_memory_rises_through_the_startup_phases(sim, booted, tmp_path):
     """A tuner sampling NVML while vLLM starts sees context, then weights, then the KV pool."""
     env = sim("rtx-5090", time_scale=40.0)
     seen: list[int] = []
-    with open_nvml() as nvml:
-        server = boot(env, nvml=nvml, wait=False)
-        try:
-            deadline = time.monotonic() + 30
-            while (
-                time.monotonic() < deadline
-                and "Application startup complete." not in (tmp_path / "server.log").read_text()
-            ):
-                used = nvml.memory(0).used
-                if not seen or used != seen[-1]:
-                    seen.append(used)
-                time.sleep(0.01)
-            seen.append(nvml.memory(0).used)
-        finally:
-            server.stop()
+    with open_nvml() as nvml, booted(env, nvml=nvml, wait=False):
+        deadline = time.monotonic() + 30
+        while (
+            time.monotonic() < deadline
+            and "Application startup complete." not in (tmp_path / "server.log").read_text()
+        ):
+            used = nvml.memory(0).used
+            if not seen or used != seen[-1]:
+                seen.append(used)
+            time.sleep(0.01)
+        seen.append(nvml.memory(0).used)
     distinct = sorted(set(seen))
     assert len(distinct) >= 4, distinct  # nothing, context, weight shards..., KV pool
     assert seen == sorted(seen)  # it only grows while starting
