@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -94,14 +94,7 @@ class RuntimeArgs:
     sim_time_scale: float
 
     def build(self) -> Runtime:
-        return build_runtime(
-            vllm_cmd=self.vllm_cmd,
-            docker_image=self.docker_image,
-            db=self.db,
-            json_=self.json_,
-            simulate=self.simulate,
-            sim_time_scale=self.sim_time_scale,
-        )
+        return build_runtime(**asdict(self))  # the fields are build_runtime's keywords
 
     @property
     def serve_vllm_cmd(self) -> str:
