@@ -70,3 +70,25 @@ def test_the_environment_fingerprint_is_pinned():
     """Stored runs resume, and past trials apply, by this exact string: it must not drift."""
     assert finder(ALL).env_fingerprint() == "dc6e13d814c55afe"
     assert finder(ALL, machine_id="580.65|GPU-abc").env_fingerprint() == "56218a24ec8c5e6b"
+
+
+def test_the_utilization_floor_reaches_the_policy_and_only_a_changed_one_changes_the_key():
+    base = FindRequest(model="m", gpu_ids=(0,), tensor_parallel_size=1)
+    low = FindRequest(model="m", gpu_ids=(0,), tensor_parallel_size=1, util_floor=0.05)
+    assert "util_floor" not in base.as_dict()  # stored runs of before keep resuming by their key
+    assert low.key() != base.key() and low.as_dict()["util_floor"] == 0.05
+    f = finder(ALL)
+    f2 = Finder(
+        FindRequest(model="qwen2.5-7b", gpu_ids=(0,), tensor_parallel_size=1, util_floor=0.05),
+        spec=f.spec,
+        gpu=f.gpu,
+        estimate_fn=estimate,
+        calibrate_fn=Calibration.from_facts,
+        vllm_info=f.vllm_info,
+        launcher=None,
+        nvml=None,
+        store=None,
+        progress=QuietProgress(),
+        log_dir=Path("."),
+    )
+    assert f.policy.request.util_floor == 0.50 and f2.policy.request.util_floor == 0.05

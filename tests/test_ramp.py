@@ -251,3 +251,12 @@ def test_the_environment_fingerprint_is_pinned():
     assert bare == "87c09546d1607c68"
     machine = SimpleNamespace(name="X", total_bytes=10, uuids=("GPU-a", "GPU-b"), driver="580")
     assert ramp_env_fingerprint(spec, machine, [0, 1], vllm) == "e9276d1737a26a25"
+
+
+def test_the_machine_id_from_nvml_tells_two_machines_apart():
+    spec = SimpleNamespace(serve_name="Qwen/Qwen2.5-7B-Instruct", weights_bytes=15231233024)
+    gpu = SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_bytes=25265000448)
+    vllm = VllmInfo("0.33.0", frozenset())
+    here = ramp_env_fingerprint(spec, gpu, (0,), vllm, machine_id="580.1|GPU-a")
+    there = ramp_env_fingerprint(spec, gpu, (0,), vllm, machine_id="580.1|GPU-b")
+    assert len({here, there, ramp_env_fingerprint(spec, gpu, (0,), vllm)}) == 3

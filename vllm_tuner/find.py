@@ -47,6 +47,7 @@ class FindRequest:
     target_seqs: int | None = None
     allow: frozenset[str] = frozenset()
     util_ceiling: float = 0.95
+    util_floor: float = 0.50  # below this the search gives up (a share of a shared card may go lower)
     headroom_bytes: int = GIB
     max_launches: int = 12
     time_budget_s: float | None = None
@@ -61,7 +62,9 @@ class FindRequest:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict:
+        floor = {} if self.util_floor == 0.50 else {"util_floor": self.util_floor}  # keeps old keys
         return {
+            **floor,
             "model": self.model,
             "gpu_ids": list(self.gpu_ids),
             "tp": self.tensor_parallel_size,
@@ -234,6 +237,7 @@ class Finder:
             target_seqs=r.target_seqs,
             allow=frozenset(allow),
             util_ceiling=r.util_ceiling,
+            util_floor=r.util_floor,
             headroom_bytes=r.headroom_bytes,
             native_max_len=self.spec.derived_max_model_len,
             **({"knob_order": r.knob_order} if r.knob_order else {}),

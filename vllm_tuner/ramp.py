@@ -776,12 +776,14 @@ def summary_table(steps: Sequence[StepResult]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-def ramp_env_fingerprint(spec, gpu, gpu_ids: Sequence[int], vllm_info) -> str:
-    """The same environment parts find fingerprints: model, GPUs, driver, vLLM."""
-    return stable_key(
-        {
-            **env_parts(spec, gpu, gpu_ids, vllm_info),
-            "uuids": list(getattr(gpu, "uuids", []) or []),
-            "driver": getattr(gpu, "driver", ""),
-        }
-    )
+def ramp_env_fingerprint(spec, gpu, gpu_ids: Sequence[int], vllm_info, *, machine_id: str = "") -> str:
+    """The same environment parts find fingerprints: model, GPUs, vLLM, and the machine (driver and GPU
+    UUIDs, from NVML) when known, so a past failure only applies on the same machine."""
+    parts = {
+        **env_parts(spec, gpu, gpu_ids, vllm_info),
+        "uuids": list(getattr(gpu, "uuids", []) or []),
+        "driver": getattr(gpu, "driver", ""),
+    }
+    if machine_id:
+        parts["machine"] = machine_id
+    return stable_key(parts)

@@ -211,3 +211,15 @@ def _hf_cache() -> Path:
 def emit_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def gpu_uuids(nvml, ids) -> list[tuple[int, str | None]]:
+    """(index, UUID) per GPU: the keys of the per-GPU lock."""
+    return [(i, nvml.device(i).uuid if nvml is not None else None) for i in ids]
+
+
+def machine_id(nvml, ids) -> str:
+    """The driver and GPU UUIDs: part of the fingerprint that decides whether a past failure applies."""
+    if nvml is None:
+        return ""
+    return nvml.driver_version() + "|" + ",".join(uuid or "" for _i, uuid in gpu_uuids(nvml, ids))

@@ -239,7 +239,6 @@ def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: i
     """``target -> FindResult``: one instance's search, built as 'vllm-tune find' builds it (the same
     launcher, NVML, store, progress, trial log folder, machine fingerprint and GPU lock), so its trials
     land in the usual store and a failure known from an earlier search is not launched again."""
-    from dataclasses import replace
 
     from ..errors import TunerError
     from ..estimate import Calibration, estimate
@@ -248,9 +247,8 @@ def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: i
     from ..gpus import resolve_gpus
     from ..launch import detect_vllm
     from ..models import resolve_model
-    from ..search import UTIL_STEP
     from ..trial import Timeouts
-    from .find import _machine_id, _uuids
+    from ._common import gpu_uuids, machine_id
 
     runtime, nvml = session.runtime, session.nvml
     docker = session.runner.settings.docker_image
@@ -282,12 +280,9 @@ def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: i
                 store=store,
                 progress=runtime.progress,
                 log_dir=runtime.log_root / f"find-{request.key()}",
-                machine_id=_machine_id(nvml, ids),
+                machine_id=machine_id(nvml, ids),
             )
-            # find stops once its utilization would fall below 0.50 (one model per card); a share of a
-            # shared card is often smaller, so here only the instance's needs end the search
-            finder.policy.request = replace(finder.policy.request, util_floor=UTIL_STEP)
-            with GpuLock(gpu_lock_keys(_uuids(nvml, ids))):
+            with GpuLock(gpu_lock_keys(gpu_uuids(nvml, ids))):
                 return finder.run()
 
     return find_one

@@ -11,7 +11,9 @@ from ..units import format_duration, parse_duration
 from ._common import (
     emit_json,
     extra_argument,
+    gpu_uuids,
     headroom_option,
+    machine_id,
     parse_timeouts,
     path_option,
     runtime_options,
@@ -174,12 +176,12 @@ def command(
             store=store,
             progress=runtime.progress,
             log_dir=run_dir,
-            machine_id=_machine_id(nvml, ids),
+            machine_id=machine_id(nvml, ids),
         )
         if dry_run:
             return _print_dry_run(finder, runtime.json)
         try:
-            with GpuLock(gpu_lock_keys(_uuids(nvml, ids))):
+            with GpuLock(gpu_lock_keys(gpu_uuids(nvml, ids))):
                 result = finder.run()
         finally:
             if nvml is not None:
@@ -195,17 +197,6 @@ def command(
         _print_result(result)
     if result.winner is None:
         raise click.exceptions.Exit(1)
-
-
-def _uuids(nvml, ids) -> list[tuple[int, str | None]]:
-    return [(i, nvml.device(i).uuid if nvml is not None else None) for i in ids]
-
-
-def _machine_id(nvml, ids) -> str:
-    """The driver and GPU UUIDs: part of the fingerprint that decides whether a past failure applies."""
-    if nvml is None:
-        return ""
-    return nvml.driver_version() + "|" + ",".join(uuid or "" for _i, uuid in _uuids(nvml, ids))
 
 
 def _gpu_ids(gpus: int | None, gpu_ids: str | None) -> list[int] | None:

@@ -12,14 +12,16 @@ from ..units import format_duration, parse_duration
 from ._common import (
     emit_json,
     extra_argument,
+    gpu_uuids,
     headroom_option,
+    machine_id,
     parse_timeouts,
     path_option,
     runtime_options,
     target_options,
     timeout_options,
 )
-from .find import _gpu_ids, _model_and_gpus, _uuids
+from .find import _gpu_ids, _model_and_gpus
 
 GIB = 1 << 30
 
@@ -200,7 +202,9 @@ def _run(runtime, request, spec, gpu, nvml):
         with runtime.open_store() as store:
             ramp = Ramp(
                 request,
-                env_fingerprint=ramp_env_fingerprint(spec, gpu, request.gpu_ids, vllm_info),
+                env_fingerprint=ramp_env_fingerprint(
+                    spec, gpu, request.gpu_ids, vllm_info, machine_id=machine_id(nvml, request.gpu_ids)
+                ),
                 launcher=runtime.launcher,
                 nvml=nvml,
                 store=store,
@@ -208,7 +212,7 @@ def _run(runtime, request, spec, gpu, nvml):
                 log_dir=runtime.log_root / f"ramp-{request.key()}",
                 vocab_size=getattr(spec, "vocab_size", 32000) or 32000,
             )
-            with GpuLock(gpu_lock_keys(_uuids(nvml, request.gpu_ids))):  # one tuner per GPU at a time
+            with GpuLock(gpu_lock_keys(gpu_uuids(nvml, request.gpu_ids))):  # one tuner per GPU at a time
                 return ramp.run()
     finally:
         if nvml is not None:

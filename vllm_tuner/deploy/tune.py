@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import DeployError
 from .plan import BLOCK_TOKENS, CONTEXT_STEP, CUDA_CONTEXT_BYTES, GIB, MIB, Instance, Plan, min_context_of
 
+UTIL_FLOOR = 0.01
 MAX_FIND_UTIL = 0.98  # find refuses a higher ceiling: vLLM needs some memory outside its budget
 FIND_OBJECTIVE = {"concurrency": "concurrency", "context": "context", "fixed": "targets"}
 NUMBERS = ("max_model_len", "max_num_seqs", "kv_bytes", "gpu_memory_utilization", "footprint_bytes")
@@ -98,6 +99,9 @@ class TuneTarget:
             target_context=self.min_context if fixed else None,
             target_seqs=self.min_seqs if fixed else None,
             util_ceiling=self.util_ceiling,
+            # find alone on a card gives up below 0.50; a share of a shared card is often smaller, so
+            # here only the instance's needs end the search
+            util_floor=UTIL_FLOOR,
             headroom_bytes=self.headroom_bytes,
             max_launches=max_launches,
             timeouts=timeouts or Timeouts(),
