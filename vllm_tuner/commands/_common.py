@@ -223,3 +223,30 @@ def machine_id(nvml, ids) -> str:
     if nvml is None:
         return ""
     return nvml.driver_version() + "|" + ",".join(uuid or "" for _i, uuid in gpu_uuids(nvml, ids))
+
+
+def find_run_dir(runtime, request) -> Path:
+    """Where one find request keeps its trial logs and its ``vllm-serve.yaml``."""
+    return runtime.log_root / f"find-{request.key()}"
+
+
+def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
+    """A :class:`vllm_tuner.find.Finder` wired to a runtime: the real estimator, its launcher and progress,
+    the store, and the machine id of the request's GPUs."""
+    from ..estimate import Calibration, estimate
+    from ..find import Finder
+
+    return Finder(
+        request,
+        spec=spec,
+        gpu=gpu,
+        estimate_fn=estimate,
+        calibrate_fn=Calibration.from_facts,
+        vllm_info=vllm_info,
+        launcher=runtime.launcher,
+        nvml=nvml,
+        store=store,
+        progress=runtime.progress,
+        log_dir=find_run_dir(runtime, request),
+        machine_id=machine_id(nvml, list(request.gpu_ids)),
+    )

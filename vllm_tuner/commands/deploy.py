@@ -241,14 +241,12 @@ def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: i
     land in the usual store and a failure known from an earlier search is not launched again."""
 
     from ..errors import TunerError
-    from ..estimate import Calibration, estimate
-    from ..find import Finder
     from ..gpulock import GpuLock, gpu_lock_keys
     from ..gpus import resolve_gpus
     from ..launch import detect_vllm
     from ..models import resolve_model
     from ..trial import Timeouts
-    from ._common import gpu_uuids, machine_id
+    from ._common import gpu_uuids, runtime_finder
 
     runtime, nvml = session.runtime, session.nvml
     docker = session.runner.settings.docker_image
@@ -268,19 +266,8 @@ def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: i
             vllm_cmd=shown_cmd, timeouts=Timeouts(ready_s=ready_timeout_s), max_launches=max_launches
         )
         with runtime.open_store() as store:
-            finder = Finder(
-                request,
-                spec=spec,
-                gpu=gpu,
-                estimate_fn=estimate,
-                calibrate_fn=Calibration.from_facts,
-                vllm_info=detected[0],
-                launcher=runtime.launcher,
-                nvml=nvml,
-                store=store,
-                progress=runtime.progress,
-                log_dir=runtime.log_root / f"find-{request.key()}",
-                machine_id=machine_id(nvml, ids),
+            finder = runtime_finder(
+                request, spec=spec, gpu=gpu, runtime=runtime, nvml=nvml, store=store, vllm_info=detected[0]
             )
             with GpuLock(gpu_lock_keys(gpu_uuids(nvml, ids))):
                 return finder.run()

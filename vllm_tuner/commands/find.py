@@ -11,11 +11,12 @@ from ..units import format_duration, parse_duration
 from ._common import (
     emit_json,
     extra_argument,
+    find_run_dir,
     gpu_uuids,
     headroom_option,
-    machine_id,
     parse_timeouts,
     path_option,
+    runtime_finder,
     runtime_options,
     target_options,
     timeout_options,
@@ -108,7 +109,7 @@ def command(
       vllm-tune find --model zai-org/GLM-4.7-Flash --gpus 2 --context 131072 --seqs 4 --allow fp8-kv \\
           -- --trust-remote-code --tool-call-parser glm47
     """
-    from ..find import Finder, FindRequest, validate_request
+    from ..find import FindRequest, validate_request
 
     runtime = runtime_args.build()
     if (target_context is None) != (target_seqs is None):
@@ -150,7 +151,6 @@ def command(
             f"but only {len(ids)} were given",
             "raise --gpus or lower --tensor-parallel-size",
         )
-    from ..estimate import Calibration, estimate
     from ..find import check_gpus_free, check_weights_fit
 
     if "offload" not in req.allow:
@@ -162,21 +162,10 @@ def command(
         from ..launch import detect_vllm
 
         vllm_info = detect_vllm(runtime.launcher)
-    run_dir = runtime.log_root / f"find-{req.key()}"
+    run_dir = find_run_dir(runtime, req)
     with runtime.open_store() as store:
-        finder = Finder(
-            req,
-            spec=spec,
-            gpu=gpu,
-            estimate_fn=estimate,
-            calibrate_fn=Calibration.from_facts,
-            vllm_info=vllm_info,
-            launcher=runtime.launcher,
-            nvml=nvml,
-            store=store,
-            progress=runtime.progress,
-            log_dir=run_dir,
-            machine_id=machine_id(nvml, ids),
+        finder = runtime_finder(
+            req, spec=spec, gpu=gpu, runtime=runtime, nvml=nvml, store=store, vllm_info=vllm_info
         )
         if dry_run:
             return _print_dry_run(finder, runtime.json)
