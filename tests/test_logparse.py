@@ -57,6 +57,7 @@ EXPECTED: dict[str, dict[str, object]] = {
     "profiling_memory_changed": {"initial_free_gib": 20.11, "current_free_gib": 22.4},
     "unsupported_flag_or_arg_error": {"unrecognized_arguments": "--swap-space 4"},
     "startup_timeout": {"vllm_version": "0.33.0"},
+    "port_in_use": {"vllm_version": "0.33.0"},
     "engine_core_died_other": {"max_model_len": 32768},
 }
 # The decisive line of each failing log starts with this.
@@ -72,6 +73,7 @@ EVIDENCE = {
     "profiling_memory_changed": "AssertionError: Error in memory profiling",
     "unsupported_flag_or_arg_error": "vllm: error: unrecognized arguments",
     "startup_timeout": "TimeoutError: Timed out waiting",
+    "port_in_use": "OSError: [Errno 98] Address already in use",
     "engine_core_died_other": "RuntimeError: NCCL error",
 }
 

@@ -31,6 +31,7 @@ TITLES: dict[str, str] = {
     "mamba_blocks_below_max_num_seqs": "fewer Mamba cache blocks than --max-num-seqs",
     "profiling_memory_changed": "free GPU memory changed while vLLM was profiling (another process)",
     "unsupported_flag_or_arg_error": "vLLM rejected a flag or its value",
+    "port_in_use": "another process already listens on the server's port",
     "startup_timeout": "the server did not become ready in time",
     "engine_core_died_other": "the engine died for a reason that is not GPU memory",
     "unknown": "no vLLM failure or startup found in the log",
@@ -468,6 +469,16 @@ def _died(k: _Known) -> list[Advice]:
     ]
 
 
+def _port_in_use(k: _Known) -> list[Advice]:
+    return [
+        Advice(
+            "pick a free port with --port N, or stop what holds this one (ss -ltnp shows it); "
+            "not a memory problem",
+            {},
+        )
+    ]
+
+
 def _more_gpus(k: _Known, why: str) -> Advice:
     tp = k.tp()
     return Advice(
@@ -487,5 +498,6 @@ _RULES: dict[str, Callable[[_Known], list[Advice]]] = {
     "profiling_memory_changed": _profiling_changed,
     "unsupported_flag_or_arg_error": _arg_error,
     "startup_timeout": _timeout,
+    "port_in_use": _port_in_use,
     "engine_core_died_other": _died,
 }

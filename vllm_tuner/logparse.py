@@ -37,6 +37,7 @@ CATEGORIES: tuple[str, ...] = (
     "mamba_blocks_below_max_num_seqs",
     "profiling_memory_changed",
     "unsupported_flag_or_arg_error",
+    "port_in_use",
     "startup_timeout",
     "engine_core_died_other",
     "unknown",
@@ -412,6 +413,7 @@ _FATAL_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"Failed to load model - not enough GPU memory"), "oom_weights_load"),
     (re.compile(r"CUDA out of memory occurred when warming up (?:sampler|pooler)"), "oom_during_profiling"),
     (re.compile(r"Timed out waiting for engine core processes to start"), "startup_timeout"),
+    (re.compile(r"\[Errno 98\]|Address already in use"), "port_in_use"),
     (re.compile(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory"), "oom"),
     (
         re.compile(

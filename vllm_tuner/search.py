@@ -36,6 +36,7 @@ PROFILE_NOISE_GIB = 48 / 1024
 HOPELESS = {
     "unsupported_flag_or_arg_error": "vLLM rejected the command line",
     "engine_core_died_other": "vLLM died for a reason that is not memory",
+    "port_in_use": "another process holds the server's port",
     "startup_timeout": "vLLM did not become ready in time",
     "unknown": "vLLM stopped without a recognisable cause",
 }
