@@ -235,3 +235,20 @@ def test_two_tuners_never_launch_on_the_same_gpu(sim, capsys):
         code = main(["find", "--model", "qwen2.5-7b", "--gpus", "2", "--vllm-cmd", env.vllm_cmd])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "GPU" in err and len(err.splitlines()) == 1
+
+
+def test_no_stable_config_exits_1_with_the_numbers(sim, capsys):
+    env = sim("rtx-4090")
+    code = main(
+        ["find", "--model", "qwen2.5-7b", "--gpus", "1", "--vllm-cmd", env.vllm_cmd, "--context", "32768"]
+        + ["--seqs", "40"]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "40 sequence(s) of 32768 tokens" in out and "KV pool holds" in out
+
+
+def test_negative_headroom_is_refused_in_one_line(capsys):
+    assert main(["find", "--model", "qwen2.5-7b", "--headroom", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--headroom must be 0 or more" in err[0]

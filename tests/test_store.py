@@ -189,7 +189,7 @@ def test_stable_key_ignores_key_order() -> None:
 def filled(tmp_path: Path) -> Path:
     path = tmp_path / "h.db"
     with Store.open(path, clock=Clock()) as store:
-        run_id = store.begin_run("find", "req", {"model": "qwen2.5-7b", "gpus": [0, 1]}, "env")
+        run_id = store.begin_run("find", "req", {"model": "qwen2.5-7b", "gpu_ids": [0, 1]}, "env")
         _trial(store, run_id, "cfg-1")
         store.finish_run(run_id, "done", {"command": "vllm serve qwen2.5-7b --max-model-len 32768"})
         store.begin_run("ramp", "req2", {"model": "llama-3.1-8b", "gpus": 1}, "env")

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_terminated)
     try:
-        cli.main(args=argv, prog_name="vllm-tune", standalone_mode=False)
-        return 0
+        # outside standalone mode click hands back a command's ``click.exceptions.Exit`` as its code
+        code = cli.main(args=argv, prog_name="vllm-tune", standalone_mode=False)
+        return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except TunerError as exc:
         click.echo(f"vllm-tune: error: {exc}", err=True)
         return exc.exit_code

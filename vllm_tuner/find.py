@@ -521,7 +521,13 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
 
 
 # Failures that say nothing about the config itself: worth launching again on a later run.
-TRANSIENT = {"startup_timeout", "profiling_memory_changed", "engine_core_died_other", "unknown"}
+TRANSIENT = {
+    "startup_timeout",
+    "profiling_memory_changed",
+    "engine_core_died_other",
+    "port_in_use",
+    "unknown",
+}
 
 
 def _deterministic_failure(rec) -> bool:

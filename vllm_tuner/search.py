@@ -393,6 +393,20 @@ class Policy:
             return int(usable * (1 - MEASURED_MARGIN)) // seqs // bs * bs
         return None
 
+    def _short_of_floor(self, history: Sequence[Observation], caps: _Caps) -> str:
+        """Why nothing meets the floor, with the numbers: what the (measured or estimated) pool holds."""
+        req = self.request
+        ctx, seqs = req.floor_context(), req.floor_seqs()
+        cfg = self._with_offload(self._config(caps, caps.lossy, ctx, seqs), caps.lossy, history, caps)
+        calibration = self._calibration(history, cfg)
+        est = self._estimate(cfg, calibration)
+        source = "measured" if calibration is not None else "estimated"
+        return (
+            f"nothing meets the requested floor of {seqs} sequence(s) of {ctx} tokens: at "
+            f"--gpu-memory-utilization {caps.util:.2f} the {source} KV pool holds {est.max_seqs(ctx)} "
+            f"sequence(s) of {ctx} tokens, or {self._round_len(est.max_context(seqs))} tokens for {seqs}"
+        )
+
     def _round_len(self, context: int) -> int:
         bs = self.request.block_size
         if context >= self.request.native_max_len:
@@ -414,7 +428,7 @@ class Policy:
             return self._finish(history, best, caps.stop)
         target = self._target(history, caps, caps.lossy)
         if target is None or not self._meets_floor(*target):
-            return self._finish(history, best, "nothing meets the requested floor at these settings")
+            return self._finish(history, best, self._short_of_floor(history, caps))
         context, seqs = target
         cfg = self._with_offload(self._config(caps, caps.lossy, context, seqs), caps.lossy, history, caps)
         seen = {o.config.key(): o for o in history}

@@ -58,8 +58,19 @@ def target_options(**model_settings):
     )
 
 
+def _non_negative_headroom(_ctx, _param, value: float) -> float:
+    if value < 0:
+        raise UsageError(f"--headroom must be 0 or more GiB, got {value}", "pass e.g. --headroom 1")
+    return value
+
+
 headroom_option = click.option(
-    "--headroom", type=float, default=1.0, show_default=True, help="GiB that must stay free under load."
+    "--headroom",
+    type=float,
+    default=1.0,
+    show_default=True,
+    callback=_non_negative_headroom,
+    help="GiB that must stay free under load.",
 )
 
 timeout_options = _stack(

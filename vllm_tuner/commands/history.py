@@ -62,7 +62,7 @@ def _when(seconds: float | None) -> str:
 
 
 def _gpus(request: dict) -> str:
-    value = request.get("gpus", request.get("gpu", "-"))
+    value = next((request[k] for k in ("gpu_ids", "gpus", "gpu") if request.get(k) is not None), "-")
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value) or "-"
     return str(value)
