@@ -306,3 +306,15 @@ def test_knob_order_decides_which_lossy_knob_is_tried_first():
     eager_first = Request(**base)
     finish, _ = drive(Policy(eager_first, BASE, estimate=estimate, calibrate=calibrate), world)
     assert finish.winner.config.enforce_eager and finish.winner.config.kv_cache_dtype == "auto"
+
+
+def test_a_stop_that_is_not_about_memory_suggests_no_lossy_knob():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(
+        Request(native_max_len=131072, allow=frozenset()), BASE, estimate=estimate, calibrate=calibrate
+    )
+    first = policy.next([])
+    hung = Observation(first.config, "startup_timeout", {})
+    finish = policy.next([hung])
+    assert isinstance(finish, Finish) and finish.winner is None
+    assert "did not become ready" in finish.reason and finish.missing == ()

@@ -425,7 +425,8 @@ class Policy:
         caps = self.caps(history)
         best = self.best(history)
         if caps.stop:
-            return self._finish(history, best, caps.stop)
+            # a stop that is not about memory (bad flags, a hang, a taken port): lossy knobs buy nothing
+            return self._finish(history, best, caps.stop, suggest=caps.stop not in HOPELESS.values())
         target = self._target(history, caps, caps.lossy)
         if target is None or not self._meets_floor(*target):
             return self._finish(history, best, self._short_of_floor(history, caps))
@@ -494,9 +495,9 @@ class Policy:
         stable = [o for o in history if o.stable]
         return max(stable, key=lambda o: self._objective_key(o.config)) if stable else None
 
-    def _finish(self, history, best: Observation | None, reason: str) -> Finish:
+    def _finish(self, history, best: Observation | None, reason: str, *, suggest: bool = True) -> Finish:
         missing: list[str] = []
-        if best is None:
+        if best is None and suggest:
             missing = self.what_would_help(history)
         return Finish(best, reason, complete=True, missing=tuple(missing))
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..errors import UsageError
 from ..paths import data_dir, default_db_path
@@ -85,6 +86,9 @@ timeout_options = _stack(
 extra_argument = click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_FLAGS...]")
 
 
+SIM_MIN_TIMEOUT_S = 30.0
+
+
 def parse_timeouts(trial_timeout: str, stall_timeout: str) -> Timeouts:
     """The values of :data:`timeout_options` as :class:`~vllm_tuner.trial.Timeouts`."""
     return Timeouts(
@@ -106,6 +110,23 @@ class RuntimeArgs:
 
     def build(self) -> Runtime:
         return build_runtime(**asdict(self))  # the fields are build_runtime's keywords
+
+    def timeouts(self, trial_timeout: str, stall_timeout: str) -> Timeouts:
+        """:func:`parse_timeouts`; under ``--simulate`` the *default* timeouts are simulated time, so they
+        shrink with ``--sim-time-scale`` (never below :data:`SIM_MIN_TIMEOUT_S`): a simulated hang ends in
+        seconds, not in ten minutes. A timeout the user typed is kept as it is."""
+        parsed = parse_timeouts(trial_timeout, stall_timeout)
+        if not self.simulate:
+            return parsed
+        ctx = click.get_current_context(silent=True)
+
+        def scaled(name: str, seconds: float) -> float:
+            typed = ctx is not None and ctx.get_parameter_source(name) != ParameterSource.DEFAULT
+            return seconds if typed else max(SIM_MIN_TIMEOUT_S, seconds / max(1.0, self.sim_time_scale))
+
+        return Timeouts(
+            ready_s=scaled("trial_timeout", parsed.ready_s), stall_s=scaled("stall_timeout", parsed.stall_s)
+        )
 
     @property
     def serve_vllm_cmd(self) -> str:

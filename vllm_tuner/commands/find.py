@@ -14,7 +14,6 @@ from ._common import (
     find_run_dir,
     gpu_uuids,
     headroom_option,
-    parse_timeouts,
     path_option,
     runtime_finder,
     runtime_options,
@@ -134,7 +133,7 @@ def command(
         headroom_bytes=int(headroom * GIB),
         max_launches=max_launches,
         time_budget_s=parse_duration(time_budget, option="--time-budget") if time_budget else None,
-        timeouts=parse_timeouts(trial_timeout, stall_timeout),
+        timeouts=runtime_args.timeouts(trial_timeout, stall_timeout),
         probe_duration_s=parse_duration(probe_duration, option="--probe-duration")
         if probe_duration
         else None,

@@ -15,7 +15,6 @@ from ._common import (
     gpu_uuids,
     headroom_option,
     machine_id,
-    parse_timeouts,
     path_option,
     runtime_options,
     target_options,
@@ -178,7 +177,7 @@ def command(
         warmup_s=warmup_s,
         short_requests=not no_short,
         replay=replay,
-        timeouts=parse_timeouts(trial_timeout, stall_timeout),
+        timeouts=runtime_args.timeouts(trial_timeout, stall_timeout),
         max_launches=max_launches,
         vllm_cmd=runtime_args.serve_vllm_cmd,
     )
