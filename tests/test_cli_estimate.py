@@ -92,3 +92,12 @@ def test_models_file_shares_one_gpu(capsys, tmp_path):
     code, data = run_json(capsys, "--models", str(path), "--gpu", "h100")
     assert code == 0 and data["fits"] and len(data["models"]) == 2
     assert all(m["max_model_len"] >= 8192 and 0 < m["gpu_memory_utilization"] < 1 for m in data["models"])
+
+
+def test_click_usage_errors_are_one_line_with_the_help_to_read(capsys):
+    assert main(["plan", "no-such-deployment.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and "vllm-tune plan --help" in err[0]
+    assert main(["find", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-such-flag" in err[0] and "vllm-tune find --help" in err[0]

@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # click's own usage errors, in the same one-line form
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "vllm-tune"
+        message = exc.format_message().rstrip(".")
+        click.echo(f"vllm-tune: error: {message}; see '{where} --help'", err=True)
         return 2
     except click.Abort:
         click.echo("vllm-tune: aborted", err=True)

@@ -652,7 +652,7 @@ def _from_hub(repo_id: str) -> tuple[ModelSpec | None, str]:
     try:
         from huggingface_hub import hf_hub_download  # optional: not a dependency
     except ImportError:
-        return None, "huggingface_hub not installed"
+        return None, "huggingface_hub not installed: pip install 'vllm-tune[hub]'"
     try:
         config_path = Path(hf_hub_download(repo_id, "config.json"))
     except Exception as exc:  # network, auth, missing repo: all mean "not from the hub"

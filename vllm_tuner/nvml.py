@@ -111,6 +111,7 @@ def open_nvml() -> Nvml:
     except module.NVMLError as exc:
         raise GpuError(
             f"NVML is not available ({exc})",
-            "use --gpu NAME or --gpu-memory SIZE to estimate without a GPU, or --simulate to try the tool",
+            "without an NVIDIA GPU, add --simulate SCENARIO to try the tool (scenarios in profiles/sim/); "
+            "'vllm-tune estimate' also takes --gpu NAME or --gpu-memory SIZE",
         ) from exc
     return Nvml(module)
