@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from vllm_tuner.cli import main
+from vllm_tuner.deploy.state import load_state, state_path
 from vllm_tuner.launch import free_port
 from vllm_tuner.paths import profiles_dir
+from vllm_tuner.simlite.activate import SHIM_DIR
 
 SCENARIO = "rtx-pro-6000"
 
@@ -18,13 +27,18 @@ needs_sim = pytest.mark.skipif(
 )
 
 
-def deployment_file(tmp_path, count):
-    names = ["coder", "general", "helper"][:count]
-    ports = []
+def distinct_ports(count: int) -> list[int]:
+    ports: list[int] = []
     while len(ports) < count:  # distinct free ports: concurrent test runs must not collide
         port = free_port()
         if port not in ports:
             ports.append(port)
+    return ports
+
+
+def deployment_file(tmp_path, count):
+    names = ["coder", "general", "helper"][:count]
+    ports = distinct_ports(count)
     models = "\n".join(
         f"  - {{name: {n}, model: qwen2.5-7b, served_model_name: {n}, port: {ports[i]}, "
         f"needs: {{min_context: 8192, min_seqs: 4}}}}"
@@ -66,3 +80,128 @@ def test_a_plan_that_does_not_fit_is_refused_with_numbers(tmp_path, monkeypatch,
     out = capsys.readouterr()
     assert "Does not fit" in out.out and "GiB per GPU" in out.out and "What would fit" in out.out
     assert "does not fit" in out.err
+
+
+# ------------------------------------------------------------- a simulated deployment, CLI run by CLI run
+
+SIM_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """One ``vllm-tune`` run in a fresh process, as a user types it: nothing of an earlier run's
+    simulation in its environment."""
+    env = {k: v for k, v in os.environ.items() if k not in SIM_KEYS}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(SHIM_DIR)
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_tuner", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def hints(text: str) -> list[list[str]]:
+    """The 'vllm-tune ...' commands a line suggests, as argv after 'vllm-tune'."""
+    return [shlex.split(cmd)[1:] for cmd in re.findall(r"'(vllm-tune [^']*)'", text)]
+
+
+def kill_leftovers(name: str) -> None:
+    if state_path(name).exists():
+        for inst in json.loads(state_path(name).read_text())["instances"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(inst["pgid"], signal.SIGKILL)
+
+
+@needs_sim
+def test_status_down_and_a_phase_switch_follow_the_deployments_own_simulation_as_hinted(tmp_path):
+    a, b = distinct_ports(2)
+    path = tmp_path / "hinted.yaml"
+    path.write_text(
+        "name: hinted\ngpus: {count: 1}\nphases: [first, second]\nmodels:\n"
+        f"  - {{name: one, model: qwen2.5-7b, port: {a}, phase: first, needs: {{min_context: 4096}}}}\n"
+        f"  - {{name: two, model: qwen2.5-7b, port: {b}, phase: second, needs: {{min_context: 4096}}}}\n"
+    )
+    try:
+        up = cli("up", str(path), "--simulate", SCENARIO, "--sim-time-scale", "1000")
+        assert up.returncode == 0, up.stderr
+        status_hint, down_hint = hints(up.stdout.splitlines()[-1])
+        assert status_hint == ["status", "hinted"] and down_hint == ["down", "hinted"]
+
+        again = cli("up", str(path))  # the deployment is up: said so, with hints that work as printed
+        assert again.returncode == 2
+        (error,) = again.stderr.strip().splitlines()
+        assert "deployment 'hinted' is already up" in error
+        assert hints(error) == [status_hint, down_hint]
+
+        status = cli(*status_hint)
+        assert status.returncode == 0, status.stderr
+        assert "Deployment hinted  phase first: healthy" in status.stdout
+        row = status.stdout.splitlines()[3].split()
+        assert row[:2] == ["one", "healthy"] and float(row[4]) > 1  # its memory, read on its simulation
+
+        for wrong in (["status", "hinted"], ["up", str(path), "--phase", "second"]):
+            refused = cli(*wrong, "--simulate", "h100")
+            assert refused.returncode == 2
+            assert refused.stderr.strip() == (
+                "vllm-tune: error: deployment 'hinted' was started with --simulate rtx-pro-6000, not h100; "
+                "drop --simulate: the deployment's own simulation is used"
+            )
+
+        switch = cli("up", str(path), "--phase", "second")
+        assert switch.returncode == 0, switch.stderr
+        assert "switched to phase second" in switch.stdout
+
+        down = cli(*down_hint)
+        assert down.returncode == 0, down.stderr
+        assert down.stdout.splitlines() == ["two: stopped", "GPU memory: released"]
+        assert not state_path("hinted").exists()
+    finally:
+        kill_leftovers("hinted")
+
+
+def test_a_deployment_on_real_gpus_refuses_simulate_and_an_older_state_file_names_its_simulation(capsys):
+    instance = {
+        "name": "a",
+        "pid": 1,
+        "pgid": 1,
+        "port": 8001,
+        "gpu_ids": [0],
+        "argv": ["/venv/bin/python", "-m", "vllm_tuner.simlite", "serve", "Qwen/Qwen2.5-7B-Instruct"],
+        "env": {"CUDA_VISIBLE_DEVICES": "0"},
+        "log_path": "a.log",
+        "proc_start": "1",
+        "started_at": 0,
+    }
+    state_path("real").parent.mkdir(parents=True)
+    state_path("real").write_text(
+        json.dumps(
+            {
+                "name": "real",
+                "source": "r.yaml",
+                "started_at": 0,
+                "baseline_used": {},
+                "instances": [instance],
+            }
+        )
+    )
+    assert main(["status", "real", "--simulate", SCENARIO]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "vllm-tune: error: deployment 'real' runs on real GPUs (it was started without --simulate), "
+        f"not on --simulate {SCENARIO}; drop --simulate"
+    )
+    assert load_state("real").recorded_simulation() == {}
+
+    # written before 'simulation' was recorded: the simulator's state folder is in the instances' env
+    instance["env"].update(VLLM_TUNE_SIM_STATE="/home/u/.local/share/vllm-tune/sim/h100", PYTHONPATH="/shim")
+    state_path("old").write_text(
+        json.dumps(
+            {"name": "old", "source": "o.yaml", "started_at": 0, "baseline_used": {}, "instances": [instance]}
+        )
+    )
+    assert load_state("old").recorded_simulation() == {
+        "scenario": "h100",
+        "state_dir": "/home/u/.local/share/vllm-tune/sim/h100",
+        "vllm_cmd": "/venv/bin/python -m vllm_tuner.simlite",
+        "env": {"VLLM_TUNE_SIM_STATE": "/home/u/.local/share/vllm-tune/sim/h100", "PYTHONPATH": "/shim"},
+    }
+    assert main(["down", "old", "--simulate", "rtx-4090"]) == 2
+    assert "was started with --simulate h100, not rtx-4090" in capsys.readouterr().err

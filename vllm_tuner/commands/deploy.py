@@ -175,11 +175,27 @@ def up_command(
             f"--max-launches must be at least 1, got {max_launches}", "use e.g. --max-launches 12"
         )
     deployment = load_deployment(file)
+    running = load_state(deployment.name) if state_path(deployment.name).exists() else None
+    attach: dict | None = None
+    if running is not None:
+        again = _sim_flag(running.recorded_simulation())
+        if tune:
+            raise DeployError(
+                f"--tune needs the GPUs to itself, but deployment {deployment.name!r} is already up",
+                f"'vllm-tune down {deployment.name}' first, then 'vllm-tune up {_arg(file)} --tune{again}'",
+            )
+        if phase is None:
+            raise DeployError(
+                f"deployment {deployment.name!r} is already up",
+                f"'vllm-tune status {deployment.name}' to watch it, or 'vllm-tune down {deployment.name}' first",
+            )
+        attach = _simulation_of(running, simulate)  # a phase switch starts on the same (simulated) GPUs
     with _session(
         vllm_cmd=vllm_cmd,
         docker_image=docker_image,
         db=db,
         simulate=simulate,
+        attach=attach,
         sim_time_scale=sim_time_scale,
         ready_timeout_s=ready_timeout_s,
         verify=not no_verify,
@@ -187,22 +203,11 @@ def up_command(
     ) as session:
         if docker_image:
             session.runtime.launcher.check()  # one line when docker is missing, before anything runs
-        if state_path(deployment.name).exists():
-            state = load_state(deployment.name)
-            if tune:
-                raise DeployError(
-                    f"--tune needs the GPUs to itself, but deployment {deployment.name!r} is already up",
-                    f"'vllm-tune down {deployment.name}' first, then 'vllm-tune up {file} --tune'",
-                )
-            if phase is None:
-                raise DeployError(
-                    f"deployment {deployment.name!r} is already up",
-                    "use 'vllm-tune status' to watch it, or 'vllm-tune down' first",
-                )
+        if running is not None:
             # re-planned with the deployment's own running instances left out of the GPUs' used memory
-            own_left_out = session.runner.used_without(state.instances)
+            own_left_out = session.runner.used_without(running.instances)
             plan = _refuse_live(_plan_live(deployment, session.nvml, used=own_left_out))
-            report = session.runner.switch_phase(apply_tuning(plan, state.tuned), state, phase)
+            report = session.runner.switch_phase(apply_tuning(plan, running.tuned), running, phase)
             save_state(report.state)
         else:
             plan = _refuse_live(_plan_live(deployment, session.nvml))
@@ -224,6 +229,60 @@ def up_command(
                 plan = apply_tuning(plan, tuned)
             report = session.runner.up(plan, phase=phase, tuned=tuned)
     _print_up(report, json_)
+
+
+def _arg(value) -> str:
+    """``value`` as one shell word, for a hint the user can paste."""
+    import shlex
+
+    return shlex.quote(str(value))
+
+
+def _sim_flag(simulation: dict) -> str:
+    """`` --simulate SCENARIO`` for a hint that starts a simulated deployment again; "" on real GPUs."""
+    return f" --simulate {_arg(simulation['scenario'])}" if simulation else ""
+
+
+def _simulation_of(state, simulate: str | None) -> dict:
+    """The simulation a running deployment was started on ({} for real GPUs): what ``status``, ``down``
+    and ``up --phase`` read and start on. ``--simulate`` may only repeat it."""
+    recorded = state.recorded_simulation()
+    if simulate is None:
+        return recorded
+    if not recorded:
+        raise DeployError(
+            f"deployment {state.name!r} runs on real GPUs (it was started without --simulate), "
+            f"not on --simulate {simulate}",
+            "drop --simulate",
+        )
+    if Path(simulate).stem != recorded["scenario"]:
+        raise DeployError(
+            f"deployment {state.name!r} was started with --simulate {recorded['scenario']}, not {simulate}",
+            "drop --simulate: the deployment's own simulation is used",
+        )
+    return recorded
+
+
+def _attach(simulation: dict):
+    """The simulated machine a running deployment was started on, as it is now (its servers' memory
+    included), seen by this process too: not a fresh one from the scenario file."""
+    from ..simlite.activate import SimEnvironment
+    from ..simlite.state import load_scenario
+
+    folder = Path(simulation["state_dir"])
+    if not (folder / "scenario.json").is_file():
+        raise DeployError(
+            f"the simulated machine this deployment was started on is gone (no {folder / 'scenario.json'})",
+            "its servers cannot be read; stop them by their pids in the state file and remove that file",
+        )
+    sim = SimEnvironment(
+        state_dir=folder,
+        vllm_cmd=simulation["vllm_cmd"],
+        env=dict(simulation["env"]),
+        scenario=load_scenario(folder),
+    )
+    sim.apply()
+    return sim
 
 
 def _check_phase(deployment, phase: str | None) -> None:
@@ -287,7 +346,7 @@ def _refuse_live(plan):
     if not plan.fits:
         raise DeployError(
             f"deployment {plan.deployment.name!r} does not fit: {plan.problems[0]}",
-            "run 'vllm-tune plan FILE' to see what would fit",
+            f"run 'vllm-tune plan {_arg(plan.deployment.source)}' to see what would fit",
         )
     return plan
 
@@ -375,6 +434,7 @@ def _session(
     *,
     simulate: str | None,
     sim_time_scale: float,
+    attach: dict | None = None,
     vllm_cmd: str = "vllm",
     docker_image: str | None = None,
     db: Path | None = None,
@@ -383,7 +443,9 @@ def _session(
     quiet: bool = True,
 ) -> Iterator[_Session]:
     """The runtime ``find`` uses (launcher, store, progress, ``--simulate``), NVML and a Runner for
-    ``up``, ``status`` and ``down``; NVML and the HTTP client are closed on the way out."""
+    ``up``, ``status`` and ``down``; NVML and the HTTP client are closed on the way out. ``attach`` (a
+    running deployment's recorded simulation) reads and starts on that simulated machine instead of
+    ``--simulate``'s fresh one."""
     import httpx
 
     from ..deploy.run import Runner, Settings
@@ -393,10 +455,29 @@ def _session(
         docker_image=docker_image,
         db=db,
         json_=quiet,
-        simulate=simulate,
+        simulate=None if attach else simulate,
         sim_time_scale=sim_time_scale,
     )
-    sim = runtime.simulated
+    if attach:
+        from dataclasses import replace
+
+        from ..launch import LocalLauncher
+
+        sim = _attach(attach)
+        runtime = replace(runtime, launcher=LocalLauncher(sim.vllm_cmd), simulated=sim)
+        simulation = attach
+    else:
+        sim = runtime.simulated
+        simulation = (
+            {
+                "scenario": Path(simulate).stem,
+                "state_dir": str(sim.state_dir),
+                "vllm_cmd": sim.vllm_cmd,
+                "env": dict(sim.env),
+            }
+            if sim
+            else {}
+        )
     settings = Settings(
         vllm_cmd=sim.vllm_cmd if sim else vllm_cmd,
         env=dict(sim.env) if sim else {},
@@ -404,6 +485,7 @@ def _session(
         verify=verify,
         docker_image=docker_image,
         hf_cache=getattr(runtime.launcher, "hf_cache", None) if docker_image else None,
+        simulation=simulation,
     )
     note = (lambda _t: None) if quiet else (lambda t: click.echo(t, err=True))
     nvml = runtime.open_nvml()
@@ -412,6 +494,11 @@ def _session(
             yield _Session(runtime, Runner(nvml=nvml, http=http, settings=settings, note=note), nvml)
     finally:
         nvml.close()
+
+
+def _source(state) -> str:
+    """The deployment file a state was started from, for a hint ("FILE" when it is not there any more)."""
+    return _arg(state.source) if Path(state.source).is_file() else "FILE"
 
 
 def _state_name(target: str) -> str:
@@ -426,8 +513,13 @@ def _state_name(target: str) -> str:
 @click.command()
 @click.argument("target", metavar="NAME|FILE")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON object.")
-@click.option("--simulate", metavar="SCENARIO", default=None, help="Read the simulated GPUs.")
-@click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, show_default=True)
+@click.option(
+    "--simulate",
+    metavar="SCENARIO",
+    default=None,
+    help="Not needed: a deployment started with --simulate is read on its own simulation.",
+)
+@click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, hidden=True)
 def status_command(target, json_, simulate, sim_time_scale):
     """Health, memory per instance and GPU, KV usage and alerts of a running deployment.
 
@@ -439,7 +531,8 @@ def status_command(target, json_, simulate, sim_time_scale):
     from ..deploy.state import load_state
 
     state = load_state(_state_name(target))
-    with _session(simulate=simulate, sim_time_scale=sim_time_scale) as session:
+    attach = _simulation_of(state, simulate)
+    with _session(simulate=None, attach=attach, sim_time_scale=sim_time_scale) as session:
         report = session.runner.status(state)
     if json_:
         emit_json(report.as_dict())
@@ -448,15 +541,21 @@ def status_command(target, json_, simulate, sim_time_scale):
     if not report.healthy:
         raise DeployError(
             f"deployment {state.name!r} is not healthy",
-            "see the instance logs; 'vllm-tune down' then 'vllm-tune up' restarts it",
+            f"see the instance logs; 'vllm-tune down {state.name}' then "
+            f"'vllm-tune up {_source(state)}{_sim_flag(attach)}' restarts it",
         )
 
 
 @click.command()
 @click.argument("target", metavar="NAME|FILE")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON object.")
-@click.option("--simulate", metavar="SCENARIO", default=None, help="Read the simulated GPUs.")
-@click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, show_default=True)
+@click.option(
+    "--simulate",
+    metavar="SCENARIO",
+    default=None,
+    help="Not needed: a deployment started with --simulate is read on its own simulation.",
+)
+@click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, hidden=True)
 def down_command(target, json_, simulate, sim_time_scale):
     """Stop what 'vllm-tune up' started (only those processes) and wait for GPU memory release.
 
@@ -467,7 +566,8 @@ def down_command(target, json_, simulate, sim_time_scale):
     from ..deploy.state import load_state, remove_state
 
     state = load_state(_state_name(target))
-    with _session(simulate=simulate, sim_time_scale=sim_time_scale) as session:
+    attach = _simulation_of(state, simulate)
+    with _session(simulate=None, attach=attach, sim_time_scale=sim_time_scale) as session:
         outcome = session.runner.stop_all(state)
     remove_state(state.name)
     if json_:

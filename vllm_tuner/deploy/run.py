@@ -81,6 +81,7 @@ class Settings:
     log_dir: Path | None = None
     docker_image: str | None = None  # start containers of this image instead of local `vllm serve`
     hf_cache: Path | None = None  # mounted into every container (the host's HF hub cache)
+    simulation: dict = field(default_factory=dict)  # recorded in the state file (DeploymentState.simulation)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Runner:
             cooldown_s=dep.cooldown_s,
             headroom_bytes=dep.headroom_bytes,
             tuned=dict(tuned or {}),
+            simulation=dict(self.settings.simulation),
         )
         order = plan.start_order(state.phase)
         started: list[str] = []
