@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -261,3 +262,19 @@ def test_alert_levels_and_metrics_parsing():
     assert [alert_level(x) for x in (0.5, 0.8, 0.91, 0.97)] == ["", "warning", "major", "critical"]
     assert kv_usage_from_metrics('vllm:kv_cache_usage_perc{engine="0"} 0.5\nother 1\n') == 0.5
     assert kv_usage_from_metrics("nothing here") is None
+
+
+def test_a_phase_whose_port_is_held_is_refused_before_the_running_phase_is_unloaded(env):
+    runner, _, _ = env
+    runner.settings.verify = False
+    plan = plan_for(["embed", "gen"], phases={"embed": "embed", "gen": "generate"})
+    report = runner.up(plan)
+    try:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", plan.instance("gen").port))
+            holder.listen()
+            with pytest.raises(DeployError, match=f"port {plan.instance('gen').port} of gen cannot be bound"):
+                runner.switch_phase(plan, report.state, "generate")
+        assert runner.status(report.state).healthy  # embed was left running
+    finally:
+        runner.stop_all(report.state)

@@ -8,12 +8,14 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from vllm_tuner.cli import main
+from vllm_tuner.deploy.spec import load_deployment
 from vllm_tuner.deploy.state import load_state, state_path
 from vllm_tuner.launch import free_port
 from vllm_tuner.paths import profiles_dir
@@ -205,3 +207,22 @@ def test_a_deployment_on_real_gpus_refuses_simulate_and_an_older_state_file_name
     }
     assert main(["down", "old", "--simulate", "rtx-4090"]) == 2
     assert "was started with --simulate h100, not rtx-4090" in capsys.readouterr().err
+
+
+@needs_sim
+@pytest.mark.parametrize(("held_on", "tune"), [("0.0.0.0", []), ("127.0.0.1", ["--tune"])])
+def test_a_port_another_process_holds_is_refused_before_anything_starts(tmp_path, capsys, held_on, tune):
+    path = deployment_file(tmp_path, 2)
+    port = load_deployment(path).model("general").port
+    with socket.socket() as holder:  # another program serving on general's port
+        holder.bind((held_on, port))
+        holder.listen()
+        code = main(["up", str(path), *tune, "--simulate", SCENARIO, "--sim-time-scale", "1000"])
+    out = capsys.readouterr()
+    assert code == 2
+    assert out.err.strip().splitlines()[-1] == (
+        f"vllm-tune: error: port {port} of general cannot be bound on 0.0.0.0 (Address already in use); "
+        f"nothing was started; change general's port: in {path}, or stop what holds port {port}"
+    )
+    assert "tuning" not in out.err and "starting" not in out.err
+    assert not state_path("sim-pair").exists()

@@ -211,6 +211,7 @@ def up_command(
             save_state(report.state)
         else:
             plan = _refuse_live(_plan_live(deployment, session.nvml))
+            session.runner.check_ports(plan, plan.instances)  # before --tune's minutes, not after them
             tuned: dict[str, dict] = {}
             if tune:
                 _check_phase(deployment, phase)

@@ -27,6 +27,7 @@ from ..serveconfig import ServeConfig
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, ModelEntry
 
 GIB = 1 << 30
+SERVE_HOST = "0.0.0.0"  # what every instance serves on (a container publishes its port there too)
 MIB = 1 << 20
 CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context + cuBLAS + NCCL a vLLM worker holds before its free-memory check
 BLOCK_TOKENS = 16  # vLLM's default KV block
@@ -117,7 +118,7 @@ class Instance:
             extra_args=tuple(extra),
         )
 
-    def serve_args(self, *, host: str = "0.0.0.0") -> list[str]:
+    def serve_args(self, *, host: str = SERVE_HOST) -> list[str]:
         return [*self.config.serve_args(), "--host", host, "--port", str(self.port)]
 
 

@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from pathlib import Path
 from ..errors import DeployError
 from ..paths import data_dir
 from .containers import DockerCli, container_name, docker_run_argv
-from .plan import CUDA_CONTEXT_BYTES, GIB, Instance, Plan, passes_startup_check
+from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
 from .state import (
     DeploymentState,
     InstanceState,
@@ -47,6 +48,19 @@ SETTLE_TOLERANCE_BYTES = 64 * MIB
 RELEASE_TOLERANCE_BYTES = 256 * MIB
 
 Spawn = Callable[[list[str], dict[str, str], Path], int]
+BindCheck = Callable[[str, int], str | None]  # (host, port) -> why it cannot be bound, or None
+
+
+def cannot_bind(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be bound on ``host`` right now (None when it can), binding as vLLM's server
+    does (``SO_REUSEADDR``: a port in TIME_WAIT is no obstacle, one another process listens on is)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def spawn_detached(argv: list[str], env: dict[str, str], log_path: Path) -> int:
@@ -107,10 +121,12 @@ class Runner:
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         note: Callable[[str], None] = lambda _t: None,
+        bind_check: BindCheck = cannot_bind,
     ) -> None:
         self.nvml = nvml
         self.http = http
         self.spawn = spawn
+        self.bind_check = bind_check
         self.docker = docker or DockerCli()
         self.settings = settings or Settings()
         self.clock, self.wall_clock, self.sleep, self.note = clock, wall_clock, sleep, note
@@ -130,6 +146,7 @@ class Runner:
             raise DeployError(
                 f"{dep.name} has no phase {phase!r}", f"use one of {', '.join(dep.phases) or '(none)'}"
             )
+        self.check_ports(plan, plan.instances)
         gpu_ids = sorted({g for i in plan.instances for g in i.gpu_ids})
         state = DeploymentState(
             dep.name,
@@ -156,6 +173,18 @@ class Runner:
             remove_state(dep.name)
             raise
         return UpReport(state, started, verified)
+
+    def check_ports(self, plan: Plan, instances: Sequence[Instance]) -> None:
+        """Before anything starts (and before tuning): every instance's port must be free on the host
+        it will serve on; a port another process holds would only show once the instances before it
+        had started, as a failed start."""
+        for inst in instances:
+            why = self.bind_check(SERVE_HOST, inst.port)
+            if why is not None:
+                raise DeployError(
+                    f"port {inst.port} of {inst.name} cannot be bound on {SERVE_HOST} ({why}); nothing was started",
+                    f"change {inst.name}'s port: in {plan.deployment.source}, or stop what holds port {inst.port}",
+                )
 
     def _start_one(self, plan: Plan, inst: Instance) -> InstanceState:
         util = self._checked_utilization(plan, inst)
@@ -326,6 +355,8 @@ class Runner:
                 f"{plan.deployment.name} has no phase {phase!r}",
                 f"use one of {', '.join(plan.deployment.phases) or '(none)'}",
             )
+        running = {i.name for i in state.instances}
+        self.check_ports(plan, [i for i in plan.resident(phase) if i.name not in running])  # before unloading
         began = self.clock()
         leaving = [i for i in state.instances if i.phase is not None and i.phase != phase]
         expected = self.used_without(leaving)
