@@ -278,3 +278,22 @@ def test_a_phase_whose_port_is_held_is_refused_before_the_running_phase_is_unloa
         assert runner.status(report.state).healthy  # embed was left running
     finally:
         runner.stop_all(report.state)
+
+
+def test_down_reports_an_instance_that_died_unreaped_as_already_gone(env):
+    runner, _, _ = env
+    runner.settings.verify = False
+    report = runner.up(plan_for(["coder", "general"]))
+    victim = report.state.instances[1]
+    os.killpg(
+        victim.pgid, signal.SIGKILL
+    )  # dead, but a zombie until its parent reaps it (as after 'up' exits)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{victim.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert runner.stop_all(report.state) == {
+        "general": "already gone",
+        "coder": "stopped",
+        "_released": "released",
+    }

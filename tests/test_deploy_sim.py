@@ -226,3 +226,25 @@ def test_a_port_another_process_holds_is_refused_before_anything_starts(tmp_path
     )
     assert "tuning" not in out.err and "starting" not in out.err
     assert not state_path("sim-pair").exists()
+
+
+@pytest.mark.parametrize(
+    ("phases", "said"),
+    [
+        (
+            "",
+            "deployment 'sim-pair' has no phases, so --phase nope has nothing to load; "
+            "drop --phase (a 'phases:' list and each model's 'phase:' in the file define phases)",
+        ),
+        ("phases: [embed]\n", "sim-pair has no phase 'nope'; use one of embed"),
+    ],
+)
+def test_an_unknown_phase_is_refused_before_anything_runs(tmp_path, capsys, phases, said):
+    path = tmp_path / "d.yaml"
+    phase = ", phase: embed" if phases else ""
+    path.write_text(
+        f"name: sim-pair\ngpus: {{count: 1}}\n{phases}models:\n"
+        f"  - {{name: a, model: qwen2.5-7b, port: 8001{phase}}}\n"
+    )
+    assert main(["up", str(path), "--phase", "nope", "--simulate", SCENARIO]) == 2
+    assert capsys.readouterr().err.strip() == f"vllm-tune: error: {said}"

@@ -175,6 +175,7 @@ def up_command(
             f"--max-launches must be at least 1, got {max_launches}", "use e.g. --max-launches 12"
         )
     deployment = load_deployment(file)
+    deployment.check_phase(phase)  # before anything (tuning takes minutes)
     running = load_state(deployment.name) if state_path(deployment.name).exists() else None
     attach: dict | None = None
     if running is not None:
@@ -214,7 +215,6 @@ def up_command(
             session.runner.check_ports(plan, plan.instances)  # before --tune's minutes, not after them
             tuned: dict[str, dict] = {}
             if tune:
-                _check_phase(deployment, phase)
                 find_one = _find_one(
                     session,
                     vllm_cmd=vllm_cmd,
@@ -284,15 +284,6 @@ def _attach(simulation: dict):
     )
     sim.apply()
     return sim
-
-
-def _check_phase(deployment, phase: str | None) -> None:
-    """Before tuning (minutes) rather than after it: the phase must exist."""
-    if phase is not None and phase not in deployment.phases:
-        raise DeployError(
-            f"{deployment.name} has no phase {phase!r}",
-            f"use one of {', '.join(deployment.phases) or '(none)'}",
-        )
 
 
 def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: int):

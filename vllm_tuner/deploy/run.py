@@ -142,10 +142,7 @@ class Runner:
                 "run 'vllm-tune plan FILE' to see what would fit",
             )
         dep = plan.deployment
-        if phase is not None and phase not in dep.phases:
-            raise DeployError(
-                f"{dep.name} has no phase {phase!r}", f"use one of {', '.join(dep.phases) or '(none)'}"
-            )
+        dep.check_phase(phase)
         self.check_ports(plan, plan.instances)
         gpu_ids = sorted({g for i in plan.instances for g in i.gpu_ids})
         state = DeploymentState(
@@ -350,11 +347,7 @@ class Runner:
 
     def switch_phase(self, plan: Plan, state: DeploymentState, phase: str) -> UpReport:
         """Unload the current phase, wait for its memory, cool down, load ``phase``; time the switch."""
-        if phase not in plan.deployment.phases:
-            raise DeployError(
-                f"{plan.deployment.name} has no phase {phase!r}",
-                f"use one of {', '.join(plan.deployment.phases) or '(none)'}",
-            )
+        plan.deployment.check_phase(phase)
         running = {i.name for i in state.instances}
         self.check_ports(plan, [i for i in plan.resident(phase) if i.name not in running])  # before unloading
         began = self.clock()
@@ -435,7 +428,9 @@ class Runner:
         return "stopped" if stopped else client
 
     def _stop_process(self, inst: InstanceState) -> str:
-        if not is_ours(inst):
+        # a recycled pid, or a process that died (a zombie nobody reaped still matches its identity)
+        # leaving nothing of its session behind: nothing to stop
+        if not is_ours(inst) or (not is_alive(inst) and not session_pids(inst.pgid)):
             _reap(inst.pid)
             return "already gone"
         _signal_group(inst.pgid, signal.SIGTERM)

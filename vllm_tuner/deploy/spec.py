@@ -163,6 +163,17 @@ class Deployment:
     def names(self) -> list[str]:
         return [m.name for m in self.models]
 
+    def check_phase(self, phase: str | None) -> None:
+        """``--phase`` must name one of the file's phases (None: the first one, or none at all)."""
+        if phase is None or phase in self.phases:
+            return
+        if not self.phases:
+            raise DeployError(
+                f"deployment {self.name!r} has no phases, so --phase {phase} has nothing to load",
+                "drop --phase (a 'phases:' list and each model's 'phase:' in the file define phases)",
+            )
+        raise DeployError(f"{self.name} has no phase {phase!r}", f"use one of {', '.join(self.phases)}")
+
     @property
     def phased(self) -> bool:
         return bool(self.phases)
