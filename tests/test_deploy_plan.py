@@ -110,7 +110,9 @@ def test_sizes():
         parse_size("big")
 
 
-@pytest.mark.parametrize("name", ["coder-general-96gb", "rag-16gb-phased", "four-7b-on-2-gpus"])
+@pytest.mark.parametrize(
+    "name", ["coder-general-96gb", "rag-16gb-phased", "four-7b-on-2-gpus", "pair-7b-96gb"]
+)
 def test_bundled_examples_parse(name):
     d = load_deployment(profiles_dir() / "deployments" / f"{name}.yaml")
     assert d.name == name and d.models

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from vllm_tuner.cli import main
 from vllm_tuner.deploy.spec import load_deployment
@@ -248,3 +249,33 @@ def test_an_unknown_phase_is_refused_before_anything_runs(tmp_path, capsys, phas
     )
     assert main(["up", str(path), "--phase", "nope", "--simulate", SCENARIO]) == 2
     assert capsys.readouterr().err.strip() == f"vllm-tune: error: {said}"
+
+
+@needs_sim
+@pytest.mark.parametrize(
+    ("name", "scenario", "tune"),
+    [
+        ("pair-7b-96gb", "rtx-pro-6000", ["--tune"]),
+        ("coder-general-96gb", "rtx-pro-6000", []),
+        ("four-7b-on-2-gpus", "a100-80g", []),
+    ],
+)
+def test_the_example_deployments_run_on_the_scenarios_docs_name(tmp_path, capsys, name, scenario, tune):
+    """docs/deploy.md's table: these examples start, are healthy and stop on the simulator (on free
+    ports here, so that a concurrent run does not collide with the files' fixed ones)."""
+    data = yaml.safe_load((profiles_dir() / "deployments" / f"{name}.yaml").read_text())
+    for model, port in zip(data["models"], distinct_ports(len(data["models"])), strict=True):
+        model["port"] = port
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        assert main(["plan", str(path)]) == 0
+        up = ["up", str(path), *tune, "--simulate", scenario, "--sim-time-scale", "1000", "--json"]
+        assert main(up) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        assert main(["status", name, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["healthy"]
+        assert main(["down", name, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["gpu_memory"] == "released"
+    finally:
+        kill_leftovers(name)
