@@ -493,6 +493,26 @@ def _source(state) -> str:
     return _arg(state.source) if Path(state.source).is_file() else "FILE"
 
 
+def _running_deployment_options(func):
+    """NAME|FILE, ``--json``, and ``--simulate`` (optional: a simulated deployment is read on its own
+    simulation) for the commands that act on a running deployment."""
+    for option in reversed(
+        (
+            click.argument("target", metavar="NAME|FILE"),
+            click.option("--json", "json_", is_flag=True, help="Print one JSON object."),
+            click.option(
+                "--simulate",
+                metavar="SCENARIO",
+                default=None,
+                help="Not needed: a deployment started with --simulate is read on its own simulation.",
+            ),
+            click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, hidden=True),
+        )
+    ):
+        func = option(func)
+    return func
+
+
 def _state_name(target: str) -> str:
     path = Path(target)
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -503,15 +523,7 @@ def _state_name(target: str) -> str:
 
 
 @click.command()
-@click.argument("target", metavar="NAME|FILE")
-@click.option("--json", "json_", is_flag=True, help="Print one JSON object.")
-@click.option(
-    "--simulate",
-    metavar="SCENARIO",
-    default=None,
-    help="Not needed: a deployment started with --simulate is read on its own simulation.",
-)
-@click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, hidden=True)
+@_running_deployment_options
 def status_command(target, json_, simulate, sim_time_scale):
     """Health, memory per instance and GPU, KV usage and alerts of a running deployment.
 
@@ -539,15 +551,7 @@ def status_command(target, json_, simulate, sim_time_scale):
 
 
 @click.command()
-@click.argument("target", metavar="NAME|FILE")
-@click.option("--json", "json_", is_flag=True, help="Print one JSON object.")
-@click.option(
-    "--simulate",
-    metavar="SCENARIO",
-    default=None,
-    help="Not needed: a deployment started with --simulate is read on its own simulation.",
-)
-@click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, hidden=True)
+@_running_deployment_options
 def down_command(target, json_, simulate, sim_time_scale):
     """Stop what 'vllm-tune up' started (only those processes) and wait for GPU memory release.
 
