@@ -162,10 +162,6 @@ def run_load_probe(
                 if not is_alive():
                     report.server_died = True
                     stop.set()
-        # the last word on memory: once now, and once more a sampling interval later (a driver or a
-        # reporting agent may publish the final allocation a moment after the last response)
-        _sample(report, nvml, gpu_ids, client, base_url, preemptions_before)
-        time.sleep(sample_interval_s)
         _sample(report, nvml, gpu_ids, client, base_url, preemptions_before)
     finally:
         stop.set()

@@ -152,6 +152,7 @@ class _Caps:
     lossy: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     stop: str | None = None
+    stop_is_memory: bool = True  # False when no memory knob could have helped (bad flags, a hang, a port)
 
 
 def _floor_to(value: float, step: float) -> float:
@@ -223,7 +224,7 @@ class Policy:
             elif cat == "oom_weights_load":
                 caps.stop = "the weights alone do not fit on the GPUs"
             elif cat in HOPELESS:
-                caps.stop = HOPELESS[cat]
+                caps.stop, caps.stop_is_memory = HOPELESS[cat], False
             elif cat == "profiling_memory_changed" and _count(history, cat) >= 2:
                 caps.stop = "another process changed GPU memory while vLLM was profiling, twice"
         if runtime_cap is not None:
@@ -377,9 +378,12 @@ class Policy:
             "kv_cache_memory_bytes",
         )
         bs = self.request.block_size
-        matching = [o for o in history if all(getattr(o.config, f) == getattr(cfg, f) for f in same)]
-        exact = [o for o in matching if o.config.gpu_memory_utilization == cfg.gpu_memory_utilization]
-        for obs in [*reversed(exact), *reversed(matching)]:
+        matching = [
+            o for o in reversed(history) if all(getattr(o.config, f) == getattr(cfg, f) for f in same)
+        ]
+        # the latest launch at exactly this utilization first, then the latest at any other
+        matching.sort(key=lambda o: o.config.gpu_memory_utilization != cfg.gpu_memory_utilization)
+        for obs in matching:
             usable = _usable_tokens(obs, bs)
             if usable is None:
                 continue
@@ -426,7 +430,7 @@ class Policy:
         best = self.best(history)
         if caps.stop:
             # a stop that is not about memory (bad flags, a hang, a taken port): lossy knobs buy nothing
-            return self._finish(history, best, caps.stop, suggest=caps.stop not in HOPELESS.values())
+            return self._finish(history, best, caps.stop, suggest=caps.stop_is_memory)
         target = self._target(history, caps, caps.lossy)
         if target is None or not self._meets_floor(*target):
             return self._finish(history, best, self._short_of_floor(history, caps))

@@ -26,7 +26,7 @@ from ..units import parse_duration
 DEFAULT_SIM_TIME_SCALE = 40.0
 
 
-def _stack(*decorators):
+def option_stack(*decorators):
     """One decorator that applies ``decorators`` as if written top to bottom above a function."""
 
     def apply(func):
@@ -47,7 +47,7 @@ def path_option(*param_decls: str, help: str):
 def target_options(**model_settings):
     """``--model`` (``model_settings``: ``required=True`` or ``default=None``), ``--gpus``, ``--gpu-ids``,
     ``--tensor-parallel-size`` (as ``tp``)."""
-    return _stack(
+    return option_stack(
         click.option(
             "--model", "-m", **model_settings, help="HF id, local model dir, or bundled profile name."
         ),
@@ -74,7 +74,7 @@ headroom_option = click.option(
     help="GiB that must stay free under load.",
 )
 
-timeout_options = _stack(
+timeout_options = option_stack(
     click.option(
         "--trial-timeout", default="30m", show_default=True, help="Longest one vLLM may take to become ready."
     ),
@@ -95,6 +95,11 @@ def parse_timeouts(trial_timeout: str, stall_timeout: str) -> Timeouts:
         ready_s=parse_duration(trial_timeout, option="--trial-timeout"),
         stall_s=parse_duration(stall_timeout, option="--stall-timeout"),
     )
+
+
+def serve_vllm_cmd(vllm_cmd: str, *, simulated: bool, docker_image: str | None) -> str:
+    """The vLLM command a printed serve command names: plain ``vllm`` inside an image or a simulation."""
+    return "vllm" if simulated or docker_image else vllm_cmd
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,7 @@ class RuntimeArgs:
 
     @property
     def serve_vllm_cmd(self) -> str:
-        """The vLLM command a printed serve command names: plain ``vllm`` inside an image or a simulation."""
-        return "vllm" if self.simulate or self.docker_image else self.vllm_cmd
+        return serve_vllm_cmd(self.vllm_cmd, simulated=bool(self.simulate), docker_image=self.docker_image)
 
 
 def runtime_options(func):

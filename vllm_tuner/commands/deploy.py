@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import DeployError, UsageError
-from ._common import DEFAULT_SIM_TIME_SCALE, build_runtime, emit_json
+from ._common import DEFAULT_SIM_TIME_SCALE, build_runtime, emit_json, option_stack, serve_vllm_cmd
 
 FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 
@@ -301,7 +301,7 @@ def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: i
 
     runtime, nvml = session.runtime, session.nvml
     docker = session.runner.settings.docker_image
-    shown_cmd = "vllm" if runtime.simulated or docker else vllm_cmd
+    shown_cmd = serve_vllm_cmd(vllm_cmd, simulated=bool(runtime.simulated), docker_image=docker)
     detected: list = []
 
     def find_one(target):
@@ -493,24 +493,17 @@ def _source(state) -> str:
     return _arg(state.source) if Path(state.source).is_file() else "FILE"
 
 
-def _running_deployment_options(func):
-    """NAME|FILE, ``--json``, and ``--simulate`` (optional: a simulated deployment is read on its own
-    simulation) for the commands that act on a running deployment."""
-    for option in reversed(
-        (
-            click.argument("target", metavar="NAME|FILE"),
-            click.option("--json", "json_", is_flag=True, help="Print one JSON object."),
-            click.option(
-                "--simulate",
-                metavar="SCENARIO",
-                default=None,
-                help="Not needed: a deployment started with --simulate is read on its own simulation.",
-            ),
-            click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, hidden=True),
-        )
-    ):
-        func = option(func)
-    return func
+_running_deployment_options = option_stack(
+    click.argument("target", metavar="NAME|FILE"),
+    click.option("--json", "json_", is_flag=True, help="Print one JSON object."),
+    click.option(
+        "--simulate",
+        metavar="SCENARIO",
+        default=None,
+        help="Not needed: a deployment started with --simulate is read on its own simulation.",
+    ),
+    click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, hidden=True),
+)
 
 
 def _state_name(target: str) -> str:
