@@ -273,9 +273,21 @@ def test_two_models_on_one_card_are_tuned_then_started_with_the_winners(sim, cap
         planned = {i["name"]: i["tuned"]["winner"]["footprint_bytes"] for i in up["instances"]}
         for inst in status["instances"]:
             assert inst["state"] == "healthy" and inst["planned_bytes"] == planned[inst["name"]]
+        assert main(["emit", path, "--tuned"]) == 0  # the script starts the winners, not the plan's guesses
+        script = capsys.readouterr().out
+        for inst in up["instances"]:
+            won = inst["tuned"]["winner"]
+            assert f"--kv-cache-memory-bytes {won['kv_bytes']}" in script
+            assert f"--max-num-seqs {won['max_num_seqs']}" in script
+        assert main(["emit", path]) == 0
+        assert f"--kv-cache-memory-bytes {won['kv_bytes']}" not in capsys.readouterr().out
     finally:
         assert main(["down", "sim-pair", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["gpu_memory"] == "released"
+    assert main(["emit", path, "--tuned"]) == 2  # 'down' took the tuned numbers with it
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "no running deployment named 'sim-pair'" in error
+    assert f"vllm-tune up {path} --tune" in error
 
 
 def test_an_instance_with_nothing_stable_in_its_share_is_refused_and_nothing_starts(sim, capsys):
@@ -313,6 +325,8 @@ def test_tune_refuses_a_running_deployment(sim, capsys, tmp_path):
     )
     assert main(["up", path, "--tune"]) == 2
     assert "--tune needs the GPUs to itself" in capsys.readouterr().err
+    assert main(["emit", path, "--tuned"]) == 2  # running, but started without --tune
+    assert "was started without --tune" in capsys.readouterr().err
 
 
 def _tmp(env):

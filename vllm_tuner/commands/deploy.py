@@ -15,11 +15,35 @@ from ._common import DEFAULT_SIM_TIME_SCALE, build_runtime, emit_json, option_st
 FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 
 
-def _plan(file: Path, nvml_opener=None):
+def _plan(file: Path):
+    """The plan of ``file`` for ``plan`` and ``emit``. While that deployment runs, its own memory is
+    not another tenant's: it is planned on the GPUs as ``up`` found them."""
     from ..deploy.costs import plan_deployment
     from ..deploy.spec import load_deployment
 
-    return plan_deployment(load_deployment(file), nvml_opener=nvml_opener)
+    deployment = load_deployment(file)
+    return plan_deployment(deployment, nvml_opener=_as_before_up(deployment.name))
+
+
+def _as_before_up(name: str):
+    """An NVML opener reporting each GPU's used memory as it was before ``up`` started deployment
+    ``name``, or None (live NVML) when it is not running."""
+    from ..deploy.state import load_state, state_path
+
+    if not state_path(name).exists():
+        return None
+    try:
+        state = load_state(name)
+    except DeployError:
+        return None
+    before = {int(g): used for g, used in state.baseline_used.items()}
+
+    def opener():
+        from ..nvml import open_nvml
+
+        return _Borrowed(open_nvml(), before, owned=True)
+
+    return opener
 
 
 def _refuse(plan) -> None:
@@ -28,6 +52,34 @@ def _refuse(plan) -> None:
             f"deployment {plan.deployment.name!r} does not fit ({len(plan.problems)} problem(s))",
             "see 'Does not fit' and 'What would fit' above",
         )
+
+
+def _tuned_plan(plan, file: Path):
+    """``plan`` with the numbers ``up --tune`` measured, which live in the deployment's state file
+    until ``down``."""
+    from ..deploy.state import load_state
+    from ..deploy.tune import apply_tuning
+
+    name = plan.deployment.name
+    try:
+        state = load_state(name)
+    except DeployError as exc:
+        raise DeployError(
+            f"--tuned: no running deployment named {name!r}, so no tuned numbers to write",
+            f"run 'vllm-tune up {file} --tune' first (its numbers are kept until 'vllm-tune down {name}')",
+        ) from exc
+    if not state.tuned:
+        raise DeployError(
+            f"--tuned: deployment {name!r} was started without --tune, so it has no tuned numbers",
+            f"run 'vllm-tune down {name}' then 'vllm-tune up {file} --tune'",
+        )
+    unknown = sorted(set(state.tuned) - {i.name for i in plan.instances})
+    if unknown:
+        raise DeployError(
+            f"--tuned: the running deployment {name!r} has instances this file lacks: {', '.join(unknown)}",
+            f"emit from the file it was started with ({state.source})",
+        )
+    return apply_tuning(plan, state.tuned)
 
 
 @click.command()
@@ -69,7 +121,12 @@ def plan_command(file, json_):
 )
 @click.option("--image", default=None, help="Container image (compose, kubernetes, helm).")
 @click.option("--vllm-cmd", default=None, help="How the script or unit runs vLLM (shell, systemd, ray).")
-def emit_command(file, fmt, out, image, vllm_cmd):
+@click.option(
+    "--tuned",
+    is_flag=True,
+    help="Write the numbers 'up --tune' measured (read from the running deployment's state).",
+)
+def emit_command(file, fmt, out, image, vllm_cmd, tuned):
     """Write a deployment as shell, compose, systemd, Kubernetes, Helm, router or Ray files.
 
     \b
@@ -77,11 +134,14 @@ def emit_command(file, fmt, out, image, vllm_cmd):
       vllm-tune emit profiles/deployments/coder-general-96gb.yaml --format compose > compose.yaml
       vllm-tune emit deploy.yaml --format kubernetes --out k8s/
       vllm-tune emit deploy.yaml --format litellm      (one endpoint routing by model name)
+      vllm-tune emit deploy.yaml --tuned --format compose   (after 'vllm-tune up deploy.yaml --tune')
     """
     from ..deploy.emit import emit
 
     plan = _plan(file)
     _refuse(plan)
+    if tuned:
+        plan = _tuned_plan(plan, file)
     options: dict[str, object] = {}
     if image and fmt in ("compose", "kubernetes", "helm"):
         options["image"] = image
@@ -344,12 +404,13 @@ def _refuse_live(plan):
 
 
 class _Borrowed:
-    """An NVML session lent to the planner (closing it is the command's job), optionally reporting
-    other used memory per GPU."""
+    """An NVML session lent to the planner (closing it is the command's job unless ``owned``),
+    optionally reporting other used memory per GPU."""
 
-    def __init__(self, nvml, used: dict[int, int] | None = None) -> None:
+    def __init__(self, nvml, used: dict[int, int] | None = None, *, owned: bool = False) -> None:
         self._nvml = nvml
         self._used = used or {}
+        self._owned = owned
 
     def __getattr__(self, name):
         return getattr(self._nvml, name)
@@ -364,7 +425,8 @@ class _Borrowed:
         return replace(mem, used=used, free=mem.total - used)
 
     def close(self) -> None:
-        pass
+        if self._owned:
+            self._nvml.close()
 
 
 def _print_up(report, json_: bool) -> None:
