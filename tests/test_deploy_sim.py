@@ -279,3 +279,35 @@ def test_the_example_deployments_run_on_the_scenarios_docs_name(tmp_path, capsys
         assert json.loads(capsys.readouterr().out)["gpu_memory"] == "released"
     finally:
         kill_leftovers(name)
+
+
+@needs_sim
+def test_a_second_deployment_on_the_same_simulated_card_sees_the_first_one(tmp_path):
+    """Two deployments started with the same --simulate share one simulated machine, as two on one
+    real card do: the second is planned around the first's memory and the first keeps running."""
+    names = ("left", "right")
+    for name, port in zip(names, distinct_ports(2), strict=True):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"name: {name}\ngpus: {{count: 1}}\nheadroom: 1GiB\nmodels:\n"
+            f"  - {{name: m, model: qwen2.5-7b, port: {port}, needs: {{min_context: 8192, min_seqs: 2, objective: fixed}}}}\n"
+        )
+    try:
+        first = cli("up", str(tmp_path / "left.yaml"), "--simulate", SCENARIO, "--sim-time-scale", "1000")
+        assert first.returncode == 0, first.stderr
+        alone = json.loads(cli("status", "left", "--json").stdout)
+        second = cli("up", str(tmp_path / "right.yaml"), "--simulate", SCENARIO, "--sim-time-scale", "1000")
+        assert second.returncode == 0, second.stderr
+        both = json.loads(cli("status", "left", "--json").stdout)
+        assert both["healthy"] and both["instances"][0]["used_bytes"] == alone["instances"][0]["used_bytes"]
+        right = json.loads(cli("status", "right", "--json").stdout)
+        assert right["healthy"]
+        left_used = sum(alone["instances"][0]["used_bytes"].values())
+        right_used = sum(right["instances"][0]["used_bytes"].values())
+        assert right["gpus"][0]["used_bytes"] >= left_used + right_used  # one card holds both
+        assert load_state("right").baseline_used["0"] >= left_used  # 'right' was planned around 'left'
+        for name in reversed(names):
+            down = cli("down", name)
+            assert down.returncode == 0, down.stderr
+    finally:
+        for name in names:
+            kill_leftovers(name)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from vllm_tuner.errors import UsageError
 from vllm_tuner.simlite import engine, oracle
 from vllm_tuner.simlite.activate import create, load_scenario_file, resolve, scenario_names
+from vllm_tuner.simlite.state import live_procs, remove_proc, write_proc
 
 MODEL = "qwen2.5-7b"
 
@@ -222,3 +226,20 @@ def test_sim_alias_package():
 
     assert alias_activate.create is create
     assert truth is oracle.truth
+
+
+def test_a_machine_that_servers_still_run_on_is_joined_not_reset(tmp_path):
+    folder = tmp_path / "s"
+    create("rtx-5090", state_dir=folder)
+    write_proc(folder, os.getpid(), {0: 5 << 30})  # a simulated server still running (this process)
+    (folder / "foreign.json").write_text("[]")  # its scripted co-tenant already released
+    create("rtx-5090", state_dir=folder)  # a second tuner or deployment on the same simulated machine
+    assert live_procs(folder) == {os.getpid(): {0: 5 << 30}}
+    assert (folder / "foreign.json").read_text() == "[]"
+    with pytest.raises(UsageError) as caught:  # other truths under a running server: refused
+        create("rtx-5090", state_dir=folder, overrides={"foreign": [{"gpu": 0, "gib": 1}]})
+    assert f"runs servers (pids {os.getpid()})" in str(caught.value)
+    remove_proc(folder, os.getpid())  # it ended: the next run boots the machine afresh
+    env = create("rtx-5090", state_dir=folder, overrides={"foreign": [{"gpu": 0, "gib": 1}]})
+    assert live_procs(folder) == {} and not (folder / "foreign.json").exists()
+    assert json.loads((folder / "scenario.json").read_text()) == env.scenario

@@ -5,6 +5,7 @@ Used by ``--simulate SCENARIO`` and by the tests' ``sim`` fixture; nothing else 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -18,7 +19,7 @@ import yaml
 
 from ..errors import UsageError
 from ..paths import profiles_dir
-from .state import SCALE_ENV, STATE_ENV
+from .state import SCALE_ENV, STATE_ENV, live_procs
 
 GIB = 1 << 30
 SHIM_DIR = Path(__file__).resolve().parent / "nvml_shim"
@@ -89,6 +90,33 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def _boot(folder: Path, resolved: dict, name: str) -> None:
+    """Make ``folder`` the simulated machine of ``resolved``. While simulated servers started on it
+    still run (a deployment's, another tuner's) it is the same machine, in use: they keep their
+    memory and a scripted co-tenant stays as it is now, and a different scenario is refused. A
+    machine nothing runs on starts afresh (the compile-cache markers stay, like a disk cache)."""
+    path = folder / "scenario.json"
+    running = sorted(live_procs(folder)) if path.is_file() else []
+    if running:
+        try:
+            current = json.loads(path.read_text())
+        except (OSError, ValueError):
+            current = None
+        if current != json.loads(json.dumps(resolved)):
+            pids = ", ".join(map(str, running[:4]))
+            raise UsageError(
+                f"the simulated machine {folder} runs servers (pids {pids}) started with another "
+                f"version of scenario {name!r}",
+                "stop them first ('vllm-tune down NAME' for a deployment), or use another scenario file name",
+            )
+        return
+    shutil.rmtree(folder / "procs", ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (folder / "foreign.json").unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(resolved, indent=1))
+
+
 def create(
     scenario: str | Path,
     *,
@@ -103,10 +131,7 @@ def create(
         if state_dir
         else Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-tune-sim-{os.getpid()}"
     )
-    if (folder / "procs").is_dir():
-        shutil.rmtree(folder / "procs", ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "scenario.json").write_text(json.dumps(resolved, indent=1))
+    _boot(folder, resolved, str(scenario))
     pythonpath = os.pathsep.join(p for p in (str(SHIM_DIR), os.environ.get("PYTHONPATH", "")) if p)
     env = {STATE_ENV: str(folder), SCALE_ENV: str(time_scale), "PYTHONPATH": pythonpath}
     cmd = f"{shlex.quote(sys.executable)} -m vllm_tuner.simlite"
