@@ -342,3 +342,32 @@ def test_tune_with_docker_runs_every_trial_and_instance_as_a_container(sim, dock
     finally:
         assert main(["down", "boxed", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["instances"] == {"solo": "stopped"}
+
+
+def test_a_phase_switch_starts_containers_of_the_recorded_image(sim, docker, tmp_path, capsys):
+    calls, _ = docker
+    sim("rtx-pro-6000", time_scale=1000)
+    a, b = free_port(), free_port()
+    path = tmp_path / "phased.yaml"
+    path.write_text(
+        "name: phased\ngpus: {count: 1}\nphases: [first, second]\nmodels:\n"
+        f"  - {{name: one, model: qwen2.5-7b, port: {a}, phase: first, needs: {{min_context: 4096}}}}\n"
+        f"  - {{name: two, model: qwen2.5-7b, port: {b}, phase: second, needs: {{min_context: 4096}}}}\n"
+    )
+    assert main(["up", str(path), "--docker-image", IMAGE, "--json", "--no-verify"]) == 0
+    capsys.readouterr()
+    try:
+        # no --docker-image: the deployment's own image, as its first phase was started
+        assert main(["up", str(path), "--phase", "second", "--json", "--no-verify"]) == 0
+        switched = json.loads(capsys.readouterr().out)
+        (two,) = [i for i in switched["instances"] if i["name"] == "two"]
+        assert two["container"].startswith("vllm-tune-phased-two-")
+        runs = [c for c in calls() if c[0] == "run"]
+        assert [r[r.index("--name") + 1].rsplit("-", 1)[0] for r in runs] == [
+            "vllm-tune-phased-one",
+            "vllm-tune-phased-two",
+        ]
+        assert all(IMAGE in r for r in runs)
+    finally:
+        assert main(["down", "phased", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpu_memory"] == "released"

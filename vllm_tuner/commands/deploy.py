@@ -251,6 +251,8 @@ def up_command(
                 f"'vllm-tune status {deployment.name}' to watch it, or 'vllm-tune down {deployment.name}' first",
             )
         attach = _simulation_of(running, simulate)  # a phase switch starts on the same (simulated) GPUs
+        if docker_image is None:  # ... and as containers of the same image when it was started so
+            docker_image = next((i.image for i in running.instances if i.image), None)
     with _session(
         vllm_cmd=vllm_cmd,
         docker_image=docker_image,
