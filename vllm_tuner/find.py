@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -113,9 +114,14 @@ class FindResult:
         if cfg is None:
             return None
         notes = "".join(f"# {line}\n" for line in self.explanation)
+        try:
+            mapping = cfg.yaml_mapping()
+        except ValueError as exc:  # the passed-through flags stay on the command line
+            mapping = cfg.yaml_mapping(passed_through=False)
+            notes += f"# not in this file ({exc}), so also pass: {shlex.join(cfg.extra_args)}\n"
         return (
             f"# vllm serve --config this-file.yaml   (written by vllm-tune find)\n{notes}"
-            + yaml.safe_dump(cfg.yaml_mapping(), sort_keys=False)
+            + yaml.safe_dump(mapping, sort_keys=False)
         )
 
     def as_json(self) -> dict:

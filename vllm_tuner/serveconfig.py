@@ -75,11 +75,15 @@ class ServeConfig:
         argv += list(self.extra_args)
         return argv
 
-    def yaml_mapping(self) -> dict[str, object]:
-        """The mapping for ``vllm serve --config file.yaml`` (keys without dashes)."""
+    def yaml_mapping(self, *, passed_through: bool = True) -> dict[str, object]:
+        """The mapping for ``vllm serve --config file.yaml`` (keys without dashes): the tuned flags,
+        then the passed-through ones (:func:`args_mapping`, whose ValueError says what a config file
+        cannot hold)."""
         out: dict[str, object] = {"model": self.model}
         for flag, value in self.flags().items():
             out[flag.lstrip("-")] = value
+        if passed_through:
+            out.update(args_mapping(self.extra_args))
         return out
 
     def key(self) -> str:
@@ -90,6 +94,56 @@ class ServeConfig:
     def recompiles_from(self, other: ServeConfig) -> bool:
         """True when going from ``other`` to this config invalidates vLLM's compile cache."""
         return any(getattr(self, f) != getattr(other, f) for f in RECOMPILE_FIELDS)
+
+
+# vLLM's short options, spelled out for a config file (whose keys are long option names)
+SHORT_OPTIONS = {
+    "-tp": "tensor-parallel-size",
+    "-pp": "pipeline-parallel-size",
+    "-dp": "data-parallel-size",
+    "-q": "quantization",
+}
+
+
+def args_mapping(args: Iterable[str]) -> dict[str, object]:
+    """Command-line options as ``vllm serve --config`` keys, the way vLLM reads the file back: a
+    ``key: value`` is ``--key value``, ``key: true`` a bare ``--key``, a list ``--key a b``. Values stay
+    strings (argparse converts them, as it does on the command line). Raises ValueError for what a
+    config file cannot say (a positional word, a short option vLLM has no long name for here)."""
+    out: dict[str, object] = {}
+    key: str | None = None
+    values: list[str] = []
+
+    def flush() -> None:
+        if key is None:
+            return
+        if key in out:
+            raise ValueError(f"--{key} is given twice")
+        out[key] = True if not values else values[0] if len(values) == 1 else list(values)
+
+    for word in args:
+        option = word.split("=", 1)[0]
+        if option.startswith("--") or option in SHORT_OPTIONS:
+            flush()
+            key, values = SHORT_OPTIONS.get(option, option[2:]), []
+            if "=" in word:
+                values.append(word.split("=", 1)[1])
+        elif word.startswith("-") and not _is_number(word):
+            raise ValueError(f"{word} has no long option name for a config file")
+        elif key is None:
+            raise ValueError(f"{word!r} is not an option")
+        else:
+            values.append(word)
+    flush()
+    return out
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_default(name: str, value: object) -> bool:
