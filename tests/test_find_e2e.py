@@ -54,6 +54,32 @@ def test_find_returns_a_stable_config_and_a_ready_command(sim, capsys):
     assert code == 0 and history
 
 
+def test_a_config_unstable_only_for_want_of_headroom_is_tried_again_under_a_smaller_headroom(sim, capsys):
+    env = sim("rtx-5090", time_scale=200)  # its 0.5 GiB spike leaves 0.61 GiB at 0.95 under load
+    args = ["find", "--model", "qwen2.5-7b", "--gpus", "2", "--vllm-cmd", env.vllm_cmd, "--json"]
+    code, first = run_json(capsys, args)
+    assert code == 0 and first["trials"][0]["verdict"] == "unstable"
+    top = first["trials"][0]["flags"]
+    assert top["--gpu-memory-utilization"] == 0.95 and 0.3 < first["trials"][0]["min_headroom_gib"] < 1.0
+    code, smaller = run_json(capsys, [*args, "--headroom", "0.3"])
+    assert code == 0 and smaller["config"] == top  # launched again, and enough now
+    assert smaller["trials"][0]["duration_s"] > 0 and smaller["launches"] == 1
+    code, larger = run_json(capsys, [*args, "--headroom", "1.5"])
+    assert code == 0  # a headroom the known trial fell short of: not launched again
+    assert larger["trials"][0]["flags"] == top and larger["trials"][0]["duration_s"] == 0
+    skipped = larger["trials"][0]
+    assert skipped["verdict"] == "unstable" and skipped["probe_failure"] == (
+        "0.61 GiB headroom under load in an earlier run, below the 1.50 GiB required"
+    )
+    assert larger["config"]["--gpu-memory-utilization"] < 0.95
+    main(["find", *args[1:-1], "--headroom", "1.5"])  # on a terminal: the skip says why
+    said = capsys.readouterr().err
+    assert (
+        "known from an earlier run (unstable under load: 0.61 GiB headroom under load in an earlier run"
+        in said
+    )
+
+
 def test_context_objective_learns_from_vllms_numbers_on_a_small_card(sim, capsys):
     env = sim("rtx-4090")
     code, result = run_json(
@@ -143,8 +169,8 @@ def test_an_interrupted_search_resumes_where_it_stopped(sim, tmp_path):
         assert run.status == "interrupted" and run.trial_count == 1
         result = _finder(env, store, QuietProgress(), tmp_path).run()
         assert result.stable
-        # the first trial came back from the store and was not launched again
-        assert len(result.trials) == result.launches + 1
+        # the first trial came back from the store and was not launched again; it counts as a launch
+        assert len(result.trials) == result.launches and result.trials[0].duration_s > 0
         keys = [t.config.key() for t in result.trials]
         assert len(keys) == len(set(keys))
         assert store.runs()[0].status == "done"

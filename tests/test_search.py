@@ -231,6 +231,33 @@ def test_targets_out_of_reach_say_what_would_help_and_launch_nothing():
     assert any("--allow fp8-kv" in line for line in decision.missing)
 
 
+def test_out_of_reach_says_by_how_many_gib():
+    estimate, calibrate = toy_model(20 * GIB)
+    req = Request(objective="targets", target_context=65536, target_seqs=2, native_max_len=131072)
+    decision = Policy(req, BASE, estimate=estimate, calibrate=calibrate).next([])
+    pool = int(TOTAL * 0.95) - 20 * GIB - GIB // 2
+    need = 2 * 65536 * BYTES_PER_TOKEN
+    assert f"need {need / GIB:.2f} GiB of KV cache, the pool has {pool / GIB:.2f} GiB" in decision.reason
+    assert f"{(need - pool) / GIB:.2f} GiB short" in decision.reason
+
+
+def test_a_winner_comes_with_what_each_lossy_knob_not_allowed_would_add():
+    estimate, calibrate = toy_model(20 * GIB)
+    req = Request(native_max_len=131072, offload_flag=None)
+    finish, _ = drive(Policy(req, BASE, estimate=estimate, calibrate=calibrate), World(true_fixed=20 * GIB))
+    assert finish.winner is not None and finish.missing == ()
+    won = finish.winner.config.max_model_len
+    (eager, fp8) = finish.gains  # offload: this vLLM has no flag for it
+    assert eager.startswith("--allow eager would reach --max-model-len ") and "slower decoding" in eager
+    assert fp8.startswith("--allow fp8-kv would reach --max-model-len ") and "accuracy" in fp8
+    assert int(fp8.split()[5]) > int(eager.split()[5]) > won * 1.02  # fp8 halves the KV bytes
+    allowed = Request(native_max_len=131072, offload_flag=None, allow=frozenset({"eager", "fp8-kv"}))
+    finish, _ = drive(
+        Policy(allowed, BASE, estimate=estimate, calibrate=calibrate), World(true_fixed=20 * GIB)
+    )
+    assert finish.gains == ()  # allowed knobs are used where they help, not advertised
+
+
 def test_targets_reached_with_an_allowed_lossy_knob():
     estimate, calibrate = toy_model(20 * GIB)
     world = World(true_fixed=20 * GIB)

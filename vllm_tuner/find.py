@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import GpuError, UsageError, VllmError
+from .probe import LoadReport
 from .progress import Progress
 from .search import GIB, Finish, Launch, Observation, Policy, ProbeSummary, Request
 from .serveconfig import ServeConfig, shell_command
@@ -91,6 +92,7 @@ class FindResult:
     reason: str
     complete: bool
     missing: tuple[str, ...] = ()
+    gains: tuple[str, ...] = ()
     explanation: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     config_path: Path | None = None
@@ -136,6 +138,7 @@ class FindResult:
             "launches": self.launches,
             "explanation": self.explanation,
             "missing": list(self.missing),
+            "lossy_gains": list(self.gains),
             "config_file": str(self.config_path) if self.config_path else None,
             "run_id": self.run_id,
             "trials": [trial_json(t) for t in self.trials],
@@ -247,7 +250,10 @@ class Finder:
             headroom_bytes=r.headroom_bytes,
             native_max_len=self.spec.derived_max_model_len,
             **({"knob_order": r.knob_order} if r.knob_order else {}),
-            offload_flag=LOSSY_FLAGS["offload"] if "offload" in allow else None,
+            # set where vLLM has it, allowed or not: what offload would buy is said either way
+            offload_flag=LOSSY_FLAGS["offload"]
+            if info is None or info.accepts(LOSSY_FLAGS["offload"])
+            else None,
             block_size=64 if getattr(self.spec, "is_mla", False) else 16,
         )
 
@@ -275,7 +281,7 @@ class Finder:
 
     def _loop(self, run_id: int, env_fp: str, history: list[Observation], outcomes: list[TrialOutcome]):
         started = self.clock()
-        launches = 0
+        launches = len(outcomes)  # a resumed run's launches count, towards the budget too
         while True:
             decision = self.policy.next(history)
             if isinstance(decision, Finish):
@@ -293,16 +299,14 @@ class Finder:
                     run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
                 )
             known = self.store.known_trial(env_fp, decision.config.key())
-            if known is not None and _deterministic_failure(known):
+            reused = _known_failure(decision.config, known, self.request.headroom_bytes) if known else None
+            if reused is not None:
                 self.progress.step(
                     f"skip {_flags_words(decision.config)}",
-                    f"known {known.category} from an earlier run; not launched again",
+                    f"known from an earlier run ({_known_words(reused)}); not launched again",
                 )
-                obs = _observation_from_record(decision.config, known)
-                history.append(obs)
-                outcomes.append(
-                    TrialOutcome(decision.config, known.category, known.verdict, dict(known.facts))
-                )
+                history.append(self._observation(reused))
+                outcomes.append(reused)
                 continue
             launches += 1
             outcome = self._launch(decision, history, len(outcomes) + 1)
@@ -382,17 +386,8 @@ class Finder:
         if prior is not None:
             for rec in self.store.trials(prior.id):
                 cfg = _config_from_record(self.base, rec)
-                history.append(_observation_from_record(cfg, rec))
-                outcomes.append(
-                    TrialOutcome(
-                        cfg,
-                        rec.category,
-                        rec.verdict,
-                        dict(rec.facts),
-                        log_path=Path(rec.log_path) if rec.log_path else None,
-                        duration_s=rec.duration_s or 0.0,
-                    )
-                )
+                outcomes.append(_outcome_from_record(cfg, rec))
+                history.append(self._observation(outcomes[-1]))
             self.store.resume_run(prior.id)
             self.progress.note(f"resuming run {prior.id}: {len(outcomes)} trial(s) already done")
             return prior.id, history, outcomes
@@ -458,6 +453,7 @@ class Finder:
             reason=decision.reason,
             complete=complete and decision.complete,
             missing=decision.missing,
+            gains=decision.gains,
             env=env,
             run_id=run_id,
         )
@@ -523,6 +519,7 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
             lines.append("lossy knobs used because they were allowed and needed: " + ", ".join(lossy))
     lines.append(f"{result.launches} launch(es); {result.reason}")
     lines.extend(result.missing)
+    lines.extend(f"not allowed: {gain}" for gain in result.gains)
     return lines
 
 
@@ -536,8 +533,35 @@ TRANSIENT = {
 }
 
 
-def _deterministic_failure(rec) -> bool:
-    return rec.verdict in ("failed", "unstable") and rec.category not in TRANSIENT
+def _known_failure(cfg: ServeConfig, rec, headroom_bytes: int) -> TrialOutcome | None:
+    """The outcome an earlier trial of the same flags on the same machine says this launch would have,
+    when it would fail: a start that failed for a reason of its own, a server that died under the load,
+    or one that left less memory under the load than the headroom asked for now, whatever headroom
+    that run asked for (a smaller --headroom launches an unstable one again). None: launch it."""
+    if rec.category in TRANSIENT:
+        return None
+    known = _outcome_from_record(cfg, rec)
+    known.duration_s = 0.0  # not launched this time
+    if rec.verdict == "failed":
+        return known
+    probe = rec.probe or {}
+    if rec.verdict == "unstable" and (probe.get("server_died") or rec.category != "success"):
+        return known
+    left = probe.get("min_headroom_bytes")
+    if left is None or left >= headroom_bytes:
+        return None
+    known.verdict = "unstable"
+    known.probe_failure = (
+        f"{left / GIB:.2f} GiB headroom under load in an earlier run, below the {headroom_bytes / GIB:.2f} GiB "
+        "required"
+    )
+    return known
+
+
+def _known_words(t: TrialOutcome) -> str:
+    if t.verdict == "unstable":
+        return f"unstable under load: {t.probe_failure or t.category.replace('_', ' ')}"
+    return t.category.replace("_", " ")
 
 
 def _flags_words(cfg: ServeConfig) -> str:
@@ -593,17 +617,30 @@ def _config_from_record(base: ServeConfig, rec) -> ServeConfig:
     return base.replace(**{k: v for k, v in data.items() if hasattr(base, k)})
 
 
-def _observation_from_record(cfg: ServeConfig, rec) -> Observation:
-    probe = None
-    if rec.probe or rec.verdict == "unstable":
-        p = rec.probe or {}
-        probe = ProbeSummary(
+def _outcome_from_record(cfg: ServeConfig, rec) -> TrialOutcome:
+    """A stored trial as the outcome it was: its probe's failure and headroom included, so that the
+    result explains a skipped or resumed trial as it explained the launched one."""
+    p = rec.probe or {}
+    report = None
+    if rec.probe:
+        left = p.get("min_headroom_bytes")
+        report = LoadReport(
             ok=rec.verdict == "stable",
             server_died=bool(p.get("server_died")),
-            min_headroom_bytes=p.get("min_headroom_bytes"),
-            detail=p.get("failure") or "",
+            headroom_bytes={0: left} if left is not None else {},
+            peak_used_bytes={int(k): v for k, v in (p.get("peak_used_bytes") or {}).items()},
+            preemptions=p.get("preemptions") or 0,
         )
-    return Observation(cfg, rec.category, dict(rec.facts or {}), probe)
+    return TrialOutcome(
+        cfg,
+        rec.category,
+        rec.verdict,
+        dict(rec.facts or {}),
+        probe=report,
+        log_path=Path(rec.log_path) if rec.log_path else None,
+        duration_s=rec.duration_s or 0.0,
+        probe_failure=p.get("failure") or "",
+    )
 
 
 def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int) -> None:

@@ -26,6 +26,11 @@ from .serveconfig import ServeConfig
 GIB = 1 << 30
 UTIL_STEP = 0.01
 LOSSY_ORDER = ("eager", "fp8-kv", "offload")
+LOSSY_COST = {  # what each lossy knob costs, for the line that says what it would buy
+    "eager": "no CUDA graphs: slower decoding",
+    "fp8-kv": "an fp8 KV cache: some accuracy",
+    "offload": "weights read from CPU memory: much slower",
+}
 OBJECTIVES = ("context", "concurrency", "targets")
 MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far under what vLLM reported
 # vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
@@ -139,7 +144,8 @@ class Finish:
     winner: Observation | None
     reason: str
     complete: bool = True
-    missing: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()  # no winner: what each lossy knob not allowed would reach
+    gains: tuple[str, ...] = ()  # a winner: what each lossy knob not allowed would add to it
 
 
 @dataclass
@@ -405,10 +411,17 @@ class Policy:
         calibration = self._calibration(history, cfg)
         est = self._estimate(cfg, calibration)
         source = "measured" if calibration is not None else "estimated"
+        need = seqs * ctx * est.kv_bytes_per_token
+        short = (
+            f" ({seqs} x {ctx} tokens need {need / GIB:.2f} GiB of KV cache, the pool has "
+            f"{est.kv_pool_bytes / GIB:.2f} GiB: {(need - est.kv_pool_bytes) / GIB:.2f} GiB short)"
+            if need > est.kv_pool_bytes > 0 and est.max_seqs(ctx) < seqs
+            else ""
+        )
         return (
             f"nothing meets the requested floor of {seqs} sequence(s) of {ctx} tokens: at "
             f"--gpu-memory-utilization {caps.util:.2f} the {source} KV pool holds {est.max_seqs(ctx)} "
-            f"sequence(s) of {ctx} tokens, or {self._round_len(est.max_context(seqs))} tokens for {seqs}"
+            f"sequence(s) of {ctx} tokens, or {self._round_len(est.max_context(seqs))} tokens for {seqs}{short}"
         )
 
     def _round_len(self, context: int) -> int:
@@ -501,9 +514,12 @@ class Policy:
 
     def _finish(self, history, best: Observation | None, reason: str, *, suggest: bool = True) -> Finish:
         missing: list[str] = []
+        gains: list[str] = []
         if best is None and suggest:
             missing = self.what_would_help(history)
-        return Finish(best, reason, complete=True, missing=tuple(missing))
+        elif best is not None and self.request.objective != "targets":
+            gains = self.what_would_help(history, beyond=best.config)
+        return Finish(best, reason, complete=True, missing=tuple(missing), gains=tuple(gains))
 
     def _shrink(self, cfg: ServeConfig, step: int) -> ServeConfig | None:
         factor = 1 - 0.05 * step
@@ -516,17 +532,28 @@ class Policy:
         ctx = self._round_len(int((cfg.max_model_len or 0) * factor))
         return cfg.replace(max_model_len=ctx) if ctx >= self.request.block_size else None
 
-    def what_would_help(self, history: Sequence[Observation]) -> list[str]:
-        """What each lossy knob not yet allowed would buy, from the (calibrated) estimate."""
+    def what_would_help(self, history: Sequence[Observation], beyond: ServeConfig | None = None) -> list[str]:
+        """What each lossy knob not allowed would buy, from the (calibrated) estimate: any change
+        from what the allowed knobs reach, or, ``beyond`` a winner, only more than it has."""
         caps = self.caps(history)
         out: list[str] = []
         base_target = self._target(history, caps, caps.lossy)
         for knob in self.lossy_order():
-            if knob in caps.lossy:
+            if knob in caps.lossy or knob in self.request.allow:
                 continue
-            t = self._target(history, caps, (*caps.lossy, knob))
-            if t and (base_target is None or t != base_target):
-                out.append(f"--allow {knob} would reach --max-model-len {t[0]} with --max-num-seqs {t[1]}")
+            lossy = (*caps.lossy, knob)
+            t = self._target(history, caps, lossy)
+            if t is None:
+                continue
+            if beyond is not None:
+                if not self._better(self._config(caps, lossy, *t), beyond):
+                    continue
+            elif base_target is not None and t == base_target:
+                continue
+            out.append(
+                f"--allow {knob} would reach --max-model-len {t[0]} with --max-num-seqs {t[1]} "
+                f"({LOSSY_COST[knob]})"
+            )
         return out
 
     def _reason(self, history: Sequence[Observation], caps: _Caps, cfg: ServeConfig) -> str:
