@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,16 @@ def test_negative_headroom_is_refused_in_one_line(capsys):
     assert main(["find", "--model", "qwen2.5-7b", "--headroom", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--headroom must be 0 or more" in err[0]
+
+
+def test_the_time_budget_cuts_a_trial_short(sim, capsys):
+    env = sim("slow-start", time_scale=20)  # its weights load for minutes of simulated time
+    started = time.monotonic()
+    code, result = run_json(
+        capsys,
+        ["find", "--model", "qwen2.5-7b", "--gpus", "1", "--time-budget", "3s", "--json", *sim_find(env)],
+    )
+    assert time.monotonic() - started < 10  # not the trial's own 30-minute readiness timeout
+    assert code == 1 and result["reason"] == "stopped by the time budget" and not result["complete"]
+    (trial,) = result["trials"]
+    assert trial["category"] == "startup_timeout" and 2.5 < trial["duration_s"] < 6

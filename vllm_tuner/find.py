@@ -294,7 +294,7 @@ class Finder:
                 return self._finish(
                     run_id, self._budget_finish(history, "launch budget"), outcomes, launches, complete=False
                 )
-            if self.request.time_budget_s and self.clock() - started > self.request.time_budget_s:
+            if self._budget_left(started) is not None and self._budget_left(started) <= 0:
                 return self._finish(
                     run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
                 )
@@ -309,11 +309,23 @@ class Finder:
                 outcomes.append(reused)
                 continue
             launches += 1
-            outcome = self._launch(decision, history, len(outcomes) + 1)
+            left = self._budget_left(started)
+            outcome = self._launch(decision, history, len(outcomes) + 1, within_s=left)
             self._record(run_id, env_fp, outcome)  # recorded before anything else can interrupt
             outcomes.append(outcome)
-            history.append(self._observation(outcome))
             self.progress.done(outcome.verdict, _outcome_words(outcome))
+            if outcome.category == "startup_timeout" and left is not None and self._budget_left(started) <= 0:
+                # cut short by the budget: says nothing about the config (and is not reused)
+                return self._finish(
+                    run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
+                )
+            history.append(self._observation(outcome))
+
+    def _budget_left(self, started: float) -> float | None:
+        """Seconds left of --time-budget (None: no budget)."""
+        if not self.request.time_budget_s:
+            return None
+        return self.request.time_budget_s - (self.clock() - started)
 
     def _needs_real_weights(self, decision: Finish, outcomes: list[TrialOutcome]) -> bool:
         """With --dummy-trials the winner is proved once more on the real weights before it is returned."""
@@ -332,7 +344,9 @@ class Finder:
             history.append(self._observation(outcome))
         self.progress.done(outcome.verdict, _outcome_words(outcome))
 
-    def _launch(self, decision: Launch, history: list[Observation], number: int) -> TrialOutcome:
+    def _launch(
+        self, decision: Launch, history: list[Observation], number: int, within_s: float | None = None
+    ) -> TrialOutcome:
         cfg = decision.config
 
         def decide_probe(facts: dict) -> ProbePlan | None:
@@ -340,17 +354,19 @@ class Finder:
                 return None
             return self._probe_plan(cfg)
 
-        return self._run(cfg, number, decision.reason, decide_probe)
+        return self._run(cfg, number, decision.reason, decide_probe, within_s=within_s)
 
     def _probe_plan(self, cfg: ServeConfig) -> ProbePlan:
         return ProbePlan.worst_case(
             cfg, headroom_bytes=self.request.headroom_bytes, duration_s=self.request.probe_duration_s
         )
 
-    def _run(self, cfg: ServeConfig, number: int, why: str, decide_probe) -> TrialOutcome:
+    def _run(
+        self, cfg: ServeConfig, number: int, why: str, decide_probe, within_s: float | None = None
+    ) -> TrialOutcome:
         self.progress.step(f"trial {number}: {_flags_words(cfg)}", why)
         log_path = self.log_dir / f"trial-{number:02d}-{cfg.key()}.log"
-        outcome = self.trials.run(cfg, log_path=log_path, decide_probe=decide_probe)
+        outcome = self.trials.run(cfg, log_path=log_path, decide_probe=decide_probe, within_s=within_s)
         outcome.facts = self._with_totals(outcome.facts)
         return outcome
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .progress import Progress
@@ -226,8 +226,13 @@ class TrialSetup:
         log_path: Path,
         decide_probe: Callable[[dict], ProbePlan | None],
         load_runner: LoadRunner | None = None,
+        within_s: float | None = None,
     ) -> TrialOutcome:
+        """``within_s``: what is left of a time budget; the wait for readiness ends there at the latest."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        timeouts = self.timeouts
+        if within_s is not None and within_s < timeouts.ready_s:
+            timeouts = replace(timeouts, ready_s=max(1.0, within_s))
         return run_trial(
             config,
             launcher=self.launcher,
@@ -235,7 +240,7 @@ class TrialSetup:
             gpu_ids=list(self.gpu_ids),
             log_path=log_path,
             progress=self.progress,
-            timeouts=self.timeouts,
+            timeouts=timeouts,
             decide_probe=decide_probe,
             vocab_size=self.vocab_size,
             load_runner=load_runner,
