@@ -19,7 +19,7 @@ import yaml
 from .errors import GpuError, UsageError, VllmError
 from .probe import LoadReport
 from .progress import Progress
-from .search import GIB, Finish, Launch, Observation, Policy, ProbeSummary, Request
+from .search import GIB, MAX_SEQS, Finish, Launch, Observation, Policy, ProbeSummary, Request
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 
@@ -699,6 +699,12 @@ def validate_request(req: FindRequest) -> None:
         )
     if req.min_seqs < 1:
         raise UsageError(f"--min-seqs must be at least 1, got {req.min_seqs}", "use --min-seqs 1 or more")
+    for option, seqs in (("--min-seqs", req.min_seqs), ("--seqs", req.target_seqs)):
+        if seqs and seqs > MAX_SEQS:
+            raise UsageError(
+                f"{option} {seqs} is more sequences than find searches (at most {MAX_SEQS}, vLLM's largest default)",
+                f"use {option} {MAX_SEQS} or fewer, or run several servers",
+            )
     if req.max_launches < 1:
         raise UsageError(
             f"--max-launches must be at least 1, got {req.max_launches}", "use e.g. --max-launches 12"

@@ -32,6 +32,7 @@ LOSSY_COST = {  # what each lossy knob costs, for the line that says what it wou
     "offload": "weights read from CPU memory: much slower",
 }
 OBJECTIVES = ("context", "concurrency", "targets")
+MAX_SEQS = 1024
 MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far under what vLLM reported
 # vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
 # utilization keeps this much back
@@ -78,7 +79,7 @@ class Request:
     util_floor: float = 0.50
     headroom_bytes: int = GIB
     native_max_len: int = 32768
-    max_seqs_cap: int = 256
+    max_seqs_cap: int = MAX_SEQS  # vLLM's largest default (H100 class); what a search may ask for
     block_size: int = 16
     knob_order: tuple[str, ...] = ("max-num-seqs", "max-model-len", "gpu-memory-utilization", *LOSSY_ORDER)
     offload_flag: str | None = "--cpu-offload-gb"
