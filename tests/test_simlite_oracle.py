@@ -243,3 +243,25 @@ def test_a_machine_that_servers_still_run_on_is_joined_not_reset(tmp_path):
     env = create("rtx-5090", state_dir=folder, overrides={"foreign": [{"gpu": 0, "gib": 1}]})
     assert live_procs(folder) == {} and not (folder / "foreign.json").exists()
     assert json.loads((folder / "scenario.json").read_text()) == env.scenario
+
+
+def test_each_simulated_machine_has_its_own_gpu_uuids(tmp_path):
+    """The per-GPU lock is machine-wide and keyed by UUID: two simulated machines (two homes, two
+    tests) must never share one, two tuners on the same simulated machine must."""
+    first = [g["uuid"] for g in create("rtx-5090", state_dir=tmp_path / "a").scenario["gpus"]]
+    again = [g["uuid"] for g in create("rtx-5090", state_dir=tmp_path / "a").scenario["gpus"]]
+    other = [g["uuid"] for g in create("rtx-5090", state_dir=tmp_path / "b").scenario["gpus"]]
+    assert first == again and len(set(first)) == 2
+    assert not set(first) & set(other)
+    assert all(u.startswith("GPU-5") and len(u) == len("GPU-") + 36 for u in first + other)
+    explicit = {"gpus": [{"name": "X", "total_gib": 8, "uuid": "GPU-fixed"}]}
+    for folder in ("d", "e"):  # a scenario's own uuid is kept as it is
+        env = create("rtx-5090", state_dir=tmp_path / folder, overrides=explicit)
+        assert env.scenario["gpus"][0]["uuid"] == "GPU-fixed"
+
+
+def test_the_simulated_nvml_reports_the_machines_uuid(sim):
+    from vllm_tuner.nvml import open_nvml
+
+    env = sim("rtx-5090")
+    assert open_nvml().device(1).uuid == env.scenario["gpus"][1]["uuid"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import shlex
@@ -58,9 +59,18 @@ def load_scenario_file(scenario: str | Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def resolve(raw: dict) -> dict:
-    """GiB in the YAML → bytes; per-GPU lists expanded."""
+def machine_tag(state_dir: Path) -> str:
+    """Eight hex digits that tell simulated machines apart: from the state folder's real path, so the
+    same folder is the same machine (its GPUs keep their UUIDs, two tuners on it share the per-GPU
+    lock) and two folders (two homes, two tests) are two machines that never share a lock."""
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:8]
+
+
+def resolve(raw: dict, *, machine: str | None = None) -> dict:
+    """GiB in the YAML → bytes; per-GPU lists expanded. A GPU without a ``uuid`` in the scenario
+    gets one made from its position and ``machine`` (:func:`machine_tag`; ``0000…`` when None)."""
     out = copy.deepcopy(raw)
+    tag = (machine or "00000000")[:8].rjust(8, "0")
     gpus = []
     for i, g in enumerate(raw.get("gpus", [])):
         count = int(g.get("count", 1))
@@ -70,7 +80,7 @@ def resolve(raw: dict) -> dict:
                     "name": g["name"],
                     "total_bytes": int(float(g["total_gib"]) * GIB),
                     "uuid": g.get("uuid")
-                    or f"GPU-5{i:03d}{len(gpus):04d}-sim0-4e00-a000-00000000{len(gpus):04d}",
+                    or f"GPU-5{i:03d}{len(gpus):04d}-sim0-4e00-a000-{tag}{len(gpus):04d}",
                 }
             )
     out["gpus"] = gpus
@@ -125,12 +135,12 @@ def create(
     overrides: dict | None = None,
 ) -> SimEnvironment:
     raw = _merge(load_scenario_file(scenario), copy.deepcopy(overrides or {}))
-    resolved = resolve(raw)
     folder = (
         Path(state_dir)
         if state_dir
         else Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-tune-sim-{os.getpid()}"
     )
+    resolved = resolve(raw, machine=machine_tag(folder))
     _boot(folder, resolved, str(scenario))
     pythonpath = os.pathsep.join(p for p in (str(SHIM_DIR), os.environ.get("PYTHONPATH", "")) if p)
     env = {STATE_ENV: str(folder), SCALE_ENV: str(time_scale), "PYTHONPATH": pythonpath}
