@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
 import click
 
 from ..errors import UsageError
@@ -110,19 +115,35 @@ def command(
     """
     from ..find import FindRequest, validate_request
 
-    runtime = runtime_args.build()
+    # what the command line alone can tell is checked before anything is built, launched or written
+    _check_at_least_one(
+        tp=tp,
+        target_context=target_context,
+        target_seqs=target_seqs,
+        min_context=min_context,
+        min_seqs=min_seqs,
+        max_launches=max_launches,
+    )
     if (target_context is None) != (target_seqs is None):
         raise UsageError(
             "fixed targets need both --context and --seqs", "pass e.g. --context 131072 --seqs 8"
         )
-    request_objective = "targets" if target_context else objective
     ids = _gpu_ids(gpus, gpu_ids)
+    _check_passthrough(extra, dummy_trials=dummy_trials)
+    _check_knob_order(knob_order)
+    if write_config is not None:
+        _check_writable(write_config)
+    runtime = runtime_args.build()
+    request_objective = "targets" if target_context else objective
     spec, gpu, nvml = _model_and_gpus(runtime, model, gpus, ids)
     ids = tuple(gpu.ids)
+    tp_size = tp or len(ids)
+    _check_heads(spec, tp_size, using_ids=gpu_ids is not None)
+    _check_tp_uses_every_gpu(spec, tp_size, ids, gpus_given=gpus is not None, using_ids=gpu_ids is not None)
     req = FindRequest(
         model=model,
         gpu_ids=ids,
-        tensor_parallel_size=tp or len(ids),
+        tensor_parallel_size=tp_size,
         objective=request_objective,
         min_seqs=min_seqs,
         min_context=min_context,
@@ -142,13 +163,12 @@ def command(
         vllm_cmd=runtime_args.serve_vllm_cmd,
         knob_order=tuple(k.strip() for k in knob_order.split(",") if k.strip()),
     )
-    _check_knob_order(knob_order)
     validate_request(req)
-    if req.tensor_parallel_size > len(ids):
+    if req.util_ceiling < req.util_floor:
         raise UsageError(
-            f"--tensor-parallel-size {req.tensor_parallel_size} needs that many GPUs, "
-            f"but only {len(ids)} were given",
-            "raise --gpus or lower --tensor-parallel-size",
+            f"--util-ceiling {req.util_ceiling} is below {req.util_floor:.2f}, the utilization floor "
+            "where the search gives up",
+            f"pass --util-ceiling {req.util_floor:.2f} or more (the ceiling must be at least the floor)",
         )
     from ..find import check_gpus_free, check_weights_fit
 
@@ -174,17 +194,37 @@ def command(
         finally:
             if nvml is not None:
                 nvml.close()
+    unwritten = None
     if result.winner is not None:
         path = write_config or (run_dir / "vllm-serve.yaml")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(result.yaml_text())
-        result.config_path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(result.yaml_text())
+            result.config_path = path
+        except OSError as exc:  # checked up front; this is a disk that filled or a folder that went away
+            unwritten = UsageError(
+                f"the config file {path} could not be written ({exc.strerror or exc})",
+                "the serve command above is the result; free the disk or choose another --write-config",
+            )
     if runtime.json:
         emit_json(result.as_json())
     else:
         _print_result(result)
+    if unwritten is not None:
+        raise unwritten
     if result.winner is None:
         raise click.exceptions.Exit(1)
+
+
+def _show_default(cmd: click.Command, name: str, text: str) -> None:
+    """Add ``[default: text]`` to the ``--help`` of an option whose default is worked out later (None on
+    the command line, so that it can tell "not given" apart)."""
+    for param in cmd.params:
+        if param.name == name and isinstance(param, click.Option):
+            param.help = f"{(param.help or '').rstrip('.')} [default: {text}]."
+
+
+_show_default(command, "gpus", "1")
 
 
 def _gpu_ids(gpus: int | None, gpu_ids: str | None) -> list[int] | None:
@@ -192,14 +232,176 @@ def _gpu_ids(gpus: int | None, gpu_ids: str | None) -> list[int] | None:
         raise UsageError("--gpus and --gpu-ids cannot be combined", "use one of them")
     if gpus is not None and gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}", "pass e.g. --gpus 1")
-    if not gpu_ids:
+    if gpu_ids is None:
         return None
     try:
-        return [int(x) for x in gpu_ids.split(",") if x.strip()]
+        ids = [int(x) for x in gpu_ids.split(",") if x.strip()]
     except ValueError:
         raise UsageError(
             f"--gpu-ids must be comma-separated integers, got {gpu_ids!r}", "pass e.g. --gpu-ids 0,2"
         ) from None
+    if not ids:
+        raise UsageError(f"--gpu-ids names no GPU, got {gpu_ids!r}", "pass e.g. --gpu-ids 0,2")
+    return ids
+
+
+# vLLM flags find sets or steers itself, as (why, fix): passed through after ``--`` they would come
+# after the trial's own flags on vLLM's command line and win, so every back-off would be a no-op.
+TUNED_PASSTHROUGH = {
+    "--max-model-len": ("find tunes it", "use --context (with --seqs) or --min-context"),
+    "--max-num-seqs": ("find tunes it", "use --seqs (with --context) or --min-seqs"),
+    "--gpu-memory-utilization": ("find tunes it", "cap it with --util-ceiling"),
+    "--tensor-parallel-size": ("find sets it", "use find's own -tp, before the --"),
+    "--pipeline-parallel-size": (
+        "find searches tensor parallelism only",
+        "drop it and use -tp with as many GPUs",
+    ),
+    "--kv-cache-dtype": ("find sets it on its fp8-kv rung", "use --allow fp8-kv"),
+    "--enforce-eager": ("find sets it on its eager rung", "use --allow eager"),
+    "--no-enforce-eager": ("find sets --enforce-eager on its eager rung", "drop it (no --allow eager)"),
+    "--cpu-offload-gb": ("find sets it on its offload rung", "use --allow offload"),
+    "--kv-cache-memory-bytes": (
+        "it overrides --gpu-memory-utilization, which find tunes",
+        "drop it and cap the utilization with --util-ceiling",
+    ),
+    "--max-num-batched-tokens": (
+        "find lowers it itself when profiling runs out of memory",
+        "drop it",
+    ),
+}
+PASSTHROUGH_ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size"}
+
+
+def _check_at_least_one(**values: int | None) -> None:
+    """Refuse a count below 1 (None: not given)."""
+    examples = {
+        "tp": ("--tensor-parallel-size", "pass -tp 1 or more, or leave it out for one per GPU"),
+        "target_context": ("--context", "pass e.g. --context 32768"),
+        "target_seqs": ("--seqs", "pass e.g. --seqs 8"),
+        "min_context": ("--min-context", "pass e.g. --min-context 8192"),
+        "min_seqs": ("--min-seqs", "use --min-seqs 1 or more"),
+        "max_launches": ("--max-launches", "use e.g. --max-launches 12"),
+    }
+    for name, value in values.items():
+        if value is not None and value < 1:
+            option, fix = examples[name]
+            raise UsageError(f"{option} must be at least 1, got {value}", fix)
+
+
+def _check_passthrough(extra: Sequence[str], *, dummy_trials: bool) -> None:
+    """Refuse a flag after ``--`` that find sets itself (``--flag value`` and ``--flag=value``)."""
+    words = list(extra)
+    for i, word in enumerate(words):
+        option, eq, inline = word.partition("=")
+        if option.startswith("--"):
+            option = "--" + option[2:].replace("_", "-")  # vLLM reads --max_model_len as --max-model-len
+        option = PASSTHROUGH_ALIASES.get(option, option)
+        if option == "--load-format":
+            value = inline if eq else (words[i + 1] if i + 1 < len(words) else "")
+            if value == "dummy":
+                raise UsageError(
+                    f"{word} after -- would make the winner's serve command load dummy weights",
+                    "drop it and use --dummy-trials (trials on dummy weights, the winner proved on the "
+                    "real ones)",
+                )
+            if dummy_trials:
+                raise UsageError(
+                    f"{word} after -- overrides the --load-format dummy that --dummy-trials sets",
+                    "drop one of them",
+                )
+            continue
+        if option in TUNED_PASSTHROUGH:
+            why, fix = TUNED_PASSTHROUGH[option]
+            shown = word.partition("=")[0]
+            named = shown if shown == option else f"{shown} ({option})"
+            raise UsageError(f"{named} cannot be passed through after --: {why}", fix)
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a --write-config file that could not be written after the search. Folders it has to create
+    are created and removed again, the file is probed with a temporary name: nothing is left behind."""
+    target = path.absolute()
+    folder, missing = target.parent, []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    fix = "choose a path in a folder you can write, e.g. --write-config ./vllm-serve.yaml"
+    if not folder.is_dir():
+        raise UsageError(f"--write-config {path} cannot be written: {folder} is not a folder", fix)
+    created: list[Path] = []
+    where = target
+    try:
+        for d in reversed(missing):
+            where = d
+            d.mkdir()
+            created.append(d)
+        where = target
+        if target.exists():
+            os.close(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        else:
+            where = target.parent
+            fd, probe = tempfile.mkstemp(dir=target.parent, prefix=".vllm-tune-", suffix=".probe")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"--write-config {path} cannot be written ({where}: {exc.strerror or exc})", fix
+        ) from None
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _gpus_words(count: int, using_ids: bool) -> str:
+    return f"{count} id(s) in --gpu-ids" if using_ids else f"--gpus {count}"
+
+
+def _check_heads(spec, tp: int, *, using_ids: bool) -> None:
+    """vLLM refuses a tensor-parallel size that does not divide the attention heads; so does find, up front."""
+    heads = spec.num_attention_heads
+    if not heads or heads % tp == 0:
+        return
+    sizes = _divisors(heads)
+    nearest = max(d for d in sizes if d <= tp)
+    raise UsageError(
+        f"tensor parallel size {tp} does not divide the {heads} attention heads of {spec.serve_name}, "
+        "and vLLM refuses that",
+        f"pick -tp from the sizes that divide {heads} ({', '.join(map(str, sizes))}) with as many GPUs, "
+        f"e.g. -tp {nearest} {_gpus_words(nearest, using_ids)}",
+    )
+
+
+def _check_tp_uses_every_gpu(spec, tp: int, ids: Sequence[int], *, gpus_given: bool, using_ids: bool) -> None:
+    """find runs one vLLM with pipeline parallel size 1, so its tensor-parallel size is the GPU count."""
+    n = len(ids)
+    if tp == n:
+        return
+    given = "given" if gpus_given or using_ids else "given (--gpus defaults to 1)"
+    if tp > n:
+        problem = (
+            f"--tensor-parallel-size {tp} needs {tp} GPUs, but {n} {'was' if n == 1 else 'were'} {given}"
+        )
+    else:
+        problem = (
+            f"--tensor-parallel-size {tp} uses {tp} of the {n} GPUs given and vLLM would leave "
+            f"{n - tp} idle (find needs tensor parallel size = GPU count)"
+        )
+    if using_ids and tp < n:
+        gpus_fix = "--gpu-ids " + ",".join(str(i) for i in ids[:tp])
+    else:
+        gpus_fix = _gpus_words(tp, using_ids)
+    heads = spec.num_attention_heads
+    fix = f"pass {gpus_fix}"
+    if not heads or heads % n == 0:
+        fix += f", or -tp {n}"
+    raise UsageError(problem, fix)
 
 
 def _model_and_gpus(runtime, model: str, gpus: int | None, ids: list[int] | None):
