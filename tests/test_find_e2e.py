@@ -292,3 +292,13 @@ def test_the_time_budget_cuts_a_trial_short(sim, capsys):
     assert code == 1 and result["reason"] == "stopped by the time budget" and not result["complete"]
     (trial,) = result["trials"]
     assert trial["category"] == "startup_timeout" and 2.5 < trial["duration_s"] < 6
+
+
+def test_weights_larger_than_the_cards_are_served_with_offload_when_allowed(sim, capsys):
+    env = sim("rtx-5090", time_scale=200)  # 70B in bf16: ~66 GiB per GPU at TP 2 on two 32 GB cards
+    args = ["find", "--model", "llama-3.1-70b", "--gpus", "2", "--json", *sim_find(env)]
+    assert main(args) == 2
+    assert "or --allow offload" in capsys.readouterr().err
+    code, result = run_json(capsys, [*args, "--allow", "offload"])
+    assert code == 0 and result["stable"] and result["launches"] <= 4
+    assert result["config"]["--cpu-offload-gb"] > 33  # more than the weights' excess over the card

@@ -32,8 +32,9 @@ def toy_model(fixed_bytes: int):
         fixed = calibration if calibration is not None else fixed_bytes
         graphs = 0 if cfg.enforce_eager else GIB // 2
         per_token = BYTES_PER_TOKEN // (2 if cfg.kv_cache_dtype == "fp8" else 1)
-        pool = int(TOTAL * (cfg.gpu_memory_utilization or 0.92)) - fixed - graphs
-        return ToyEstimate(pool, per_token, cudagraph_bytes=graphs)
+        offload = int(cfg.cpu_offload_gb * GIB)  # weights moved to CPU memory free their GPU bytes
+        pool = int(TOTAL * (cfg.gpu_memory_utilization or 0.92)) - fixed - graphs + offload
+        return ToyEstimate(pool, per_token, weights_bytes=14 * GIB - offload, cudagraph_bytes=graphs)
 
     def calibrate(facts: dict, cfg: ServeConfig) -> int:
         graphs = 0 if cfg.enforce_eager else GIB // 2
@@ -345,3 +346,32 @@ def test_a_stop_that_is_not_about_memory_suggests_no_lossy_knob():
     finish = policy.next([hung])
     assert isinstance(finish, Finish) and finish.winner is None
     assert "did not become ready" in finish.reason and finish.missing == ()
+
+
+def test_profiling_oom_halves_batched_tokens_down_to_a_floor_then_stops():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    history: list[Observation] = []
+    tried = []
+    for _ in range(10):
+        decision = policy.next(history)
+        if isinstance(decision, Finish):
+            break
+        tried.append(decision.config.max_num_batched_tokens)
+        history.append(Observation(decision.config, "oom_during_profiling", {"max_num_batched_tokens": 2048}))
+    assert tried == [None, 1024, 512, 256]  # vLLM's default (2048 here), then halved to the floor
+    assert decision.winner is None and "even at 256 batched tokens" in decision.reason
+
+
+def test_offload_grows_by_what_a_launch_loaded_beyond_the_estimate():
+    estimate, calibrate = toy_model(30 * GIB)  # 0.4 GiB of KV left at 0.95: 4096 tokens need 0.5
+    req = Request(objective="targets", target_context=4096, target_seqs=1, allow=frozenset({"offload"}))
+    policy = Policy(req, BASE, estimate=estimate, calibrate=calibrate)
+    first = policy.next([])
+    assert first.config.cpu_offload_gb == 4.0  # a quarter of the toy's 14 GiB of weights, rounded up
+    loaded = 14 - 4 + 6  # the weights were 6 GiB larger than estimated
+    second = policy.next([Observation(first.config, "oom_during_profiling", {"weights_gib": loaded})])
+    assert second.config.cpu_offload_gb == 4.0 + 6
+    floor = Request(objective="targets", target_context=16384, target_seqs=2, allow=frozenset({"offload"}))
+    deep = Policy(floor, BASE, estimate=estimate, calibrate=calibrate).next([])
+    assert deep.config.cpu_offload_gb == 6.0  # 4 GiB of KV: a quarter is short, one eighth more fits

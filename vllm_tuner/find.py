@@ -665,7 +665,11 @@ def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int) -> None:
     if spec.weights_per_gpu(tp) <= usable:
         return
     fits = [t for t in (1, 2, 4, 8, 16) if t >= tp and spec.weights_per_gpu(t) <= usable]
-    more = f"--tensor-parallel-size {fits[0]} (--gpus {fits[0]})" if fits else "more or larger GPUs"
+    more = (
+        f"{fits[0]} GPUs like these (--gpus {fits[0]}: TP {fits[0]}, the smallest that fits)"
+        if fits
+        else "more or larger GPUs"
+    )
     raise GpuError(
         f"the weights alone need {spec.weights_per_gpu(tp) / GIB:.1f} GiB per GPU at TP {tp}, "
         f"more than a {total_bytes / GIB:.1f} GiB GPU can give after vLLM's overheads",
@@ -679,6 +683,8 @@ def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids) -> None:
     if not free:
         return
     for idx, f in zip(gpu_ids, free, strict=False):
+        if gpu.total_bytes - f < GIB:
+            continue  # next to nothing held by others: whether the weights fit is not theirs to answer
         if f - CONTEXT_OVERHEAD_BYTES < weights_per_gpu:
             raise GpuError(
                 f"GPU {idx} has only {f / GIB:.1f} GiB free of {gpu.total_bytes / GIB:.1f} GiB, "

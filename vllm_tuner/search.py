@@ -33,6 +33,7 @@ LOSSY_COST = {  # what each lossy knob costs, for the line that says what it wou
 }
 OBJECTIVES = ("context", "concurrency", "targets")
 MAX_SEQS = 1024
+MIN_BATCHED_TOKENS = 256  # halving --max-num-batched-tokens after a profiling OOM stops here
 MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far under what vLLM reported
 # vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
 # utilization keeps this much back
@@ -220,7 +221,12 @@ class Policy:
                 caps.notes.append(f"{used_util:.2f} was not stable under load ({_probe_words(obs)})")
             elif cat == "oom_during_profiling":
                 tokens = cfg.max_num_batched_tokens or facts.get("max_num_batched_tokens") or 8192
-                caps.batched_tokens = max(cfg.max_num_seqs or 1, int(tokens) // 2)
+                if int(tokens) <= MIN_BATCHED_TOKENS:
+                    caps.stop = (
+                        f"profiling ran out of memory even at {tokens} batched tokens: the weights and "
+                        "vLLM's own memory leave no room"
+                    )
+                caps.batched_tokens = max(cfg.max_num_seqs or 1, MIN_BATCHED_TOKENS, int(tokens) // 2)
                 caps.notes.append(f"profiling ran out of memory at {tokens} batched tokens")
             elif cat == "mamba_blocks_below_max_num_seqs":
                 limit = facts.get("max_num_seqs_limit")
@@ -432,11 +438,26 @@ class Policy:
         return max(bs, context // bs * bs)
 
     def _with_offload(self, cfg: ServeConfig, lossy: tuple[str, ...], history, caps) -> ServeConfig:
+        """``cfg`` with a quarter of the weights (per GPU) offloaded to CPU memory, or as much more as
+        the floor needs (in eighths), up to all of them."""
         if "offload" not in lossy or not self.request.offload_flag:
             return cfg
-        est = self._estimate(cfg, self._calibration(history, cfg))
-        gib = max(1, math.ceil(est.weights_bytes / GIB / 4))
-        return cfg.replace(cpu_offload_gb=float(gib))
+        calibration = self._calibration(history, cfg)
+        weights_gib = self._estimate(cfg, calibration).weights_bytes / GIB
+        ctx, seqs = self.request.floor_context(), self.request.floor_seqs()
+        gib = max(1, math.ceil(weights_gib / 4))
+        while gib < weights_gib:
+            est = self._estimate(cfg.replace(cpu_offload_gb=float(gib)), calibration)
+            if est.max_seqs(ctx) >= seqs:
+                break
+            gib = min(math.ceil(weights_gib), gib + max(1, math.ceil(weights_gib / 8)))
+        # a launch that offloaded yet loaded more than the estimate said: the weights are larger by that
+        more = 0.0
+        for obs in history:
+            off, loaded = obs.config.cpu_offload_gb, obs.facts.get("weights_gib")
+            if off and loaded and obs.config.tensor_parallel_size == cfg.tensor_parallel_size:
+                more = max(more, loaded - self._estimate(obs.config, None).weights_bytes / GIB)
+        return cfg.replace(cpu_offload_gb=float(gib + math.ceil(more)))
 
     # -- decisions ------------------------------------------------------------------------------
     def next(self, history: Sequence[Observation]) -> Launch | Finish:
