@@ -17,10 +17,11 @@ from vllm_tuner.simlite.state import live_procs
 
 @pytest.fixture(autouse=True)
 def isolated_state(tmp_path, monkeypatch):
-    """No test reads or writes the real home: state, HF cache and crash logs go to a temp folder."""
+    """No test reads or writes the real home: state, HF cache, GPU locks and crash logs go to a temp folder."""
     home = tmp_path / "vllm-tune-home"
     monkeypatch.setenv("VLLM_TUNE_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("VLLM_TUNE_LOCK_DIR", str(tmp_path / "gpu-locks"))  # the machine-wide one stays clean
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return home
 
