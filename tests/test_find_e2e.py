@@ -248,7 +248,8 @@ def test_weights_that_cannot_fit_are_refused_before_any_launch_with_what_would(s
     env = sim("rtx-5090")
     code = main(["find", "--model", "llama-3.1-70b", "--gpus", "1", "--vllm-cmd", env.vllm_cmd])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "weights alone" in err and "--tensor-parallel-size" in err and "quantized" in err
+    assert code == 2 and "weights alone" in err and "quantized" in err
+    assert "8 GPUs like these (--gpus 8: TP 8, the smallest that fits)" in err
     assert not (env.state_dir / "procs").exists() or not list((env.state_dir / "procs").iterdir())
 
 
