@@ -185,7 +185,18 @@ def test_dry_run_launches_nothing(sim, capsys):
     )
     assert code == 0
     assert plan["first_candidate"]["--tensor-parallel-size"] == 2
-    assert plan["ladder"][0] == "max-num-seqs"
+    assert plan["ladder"][0].startswith("max-num-seqs: --min-seqs 1")
+    assert [step.split(":")[0] for step in plan["ladder"][3:]] == ["eager", "fp8-kv", "offload"]
+    assert plan["estimate_per_gpu"]["kv_pool_gib"] > 10 and plan["estimate_per_gpu"]["weights_gib"] > 5
+    code, plan = run_json(
+        capsys,
+        ["find", "--model", "qwen2.5-7b", "--gpus", "2", "--vllm-cmd", env.vllm_cmd, "--dry-run", "--json"]
+        + ["--allow", "fp8-kv", "--knob-order", "kv-cache-dtype,offload,enforce-eager"],
+    )
+    assert plan["ladder"][3:] == [
+        "fp8-kv: allowed, used only if needed",
+        "offload: only with --allow offload",
+    ] + ["eager: only with --allow eager"]
     assert not list((env.state_dir / "procs").glob("*.json")) if (env.state_dir / "procs").exists() else True
 
 

@@ -295,6 +295,38 @@ class Policy:
                 return subset
         return tuple(allowed)
 
+    def ladder(self) -> list[str]:
+        """How the search sets each knob, in the order it gives them up, for ``--dry-run``: the
+        lossless ones as the objective sets them, then the lossy ones in --knob-order."""
+        req = self.request
+        util = (
+            f"from {self.caps(()).util:.2f} down by 0.01 on memory failures, to {req.util_floor:.2f} at least"
+        )
+        if req.objective == "concurrency":
+            steps = [
+                f"max-model-len: --min-context {req.floor_context()}",
+                f"max-num-seqs: what the measured KV pool holds at that length, up to {req.max_seqs_cap}",
+            ]
+        elif req.objective == "targets":
+            steps = [f"max-model-len {req.floor_context()} and max-num-seqs {req.floor_seqs()}: fixed"]
+        else:
+            steps = [
+                f"max-num-seqs: --min-seqs {req.floor_seqs()} (more only at the model's full length)",
+                f"max-model-len: what the measured KV pool holds, up to {req.native_max_len}",
+            ]
+        steps.append(f"gpu-memory-utilization: {util}")
+        for knob in self.lossy_order():
+            steps.append(
+                f"{knob}: allowed, used only if needed"
+                if knob in req.allow
+                else f"{knob}: only with --allow {knob}"
+            )
+        return steps
+
+    def estimate_for(self, config: ServeConfig) -> EstimateView:
+        """The estimate of ``config`` before any launch (what ``--dry-run`` shows)."""
+        return self._estimate(config, None)
+
     def lossy_order(self) -> list[str]:
         """The lossy knobs in the user's --knob-order (names as in the guides or as in --allow)."""
         alias = {"enforce-eager": "eager", "kv-cache-dtype": "fp8-kv", "fp8": "fp8-kv", "swap": "offload"}

@@ -11,7 +11,7 @@ import click
 
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
-from ..search import GIB, LOSSY_ORDER
+from ..search import GIB
 from ..units import format_duration, parse_duration
 from ._common import (
     emit_json,
@@ -58,7 +58,13 @@ KNOBS = (
 @click.option("--allow", default="", help="Lossy knobs the search may use: eager,fp8-kv,offload.")
 @click.option("--util-ceiling", type=float, default=0.95, show_default=True, help="Never above 0.98.")
 @headroom_option
-@click.option("--knob-order", default=",".join(KNOBS), show_default=True, help="Back-off order of the knobs.")
+@click.option(
+    "--knob-order",
+    default=",".join(KNOBS),
+    show_default=True,
+    help="Order of the lossy knobs (enforce-eager, kv-cache-dtype, offload) the search adds when allowed and "
+    "needed; the lossless ones are computed from the measured KV pool, as --objective says.",
+)
 @click.option("--max-launches", type=int, default=12, show_default=True)
 @click.option("--time-budget", default=None, help="Stop after this long, e.g. 2h.")
 @timeout_options
@@ -437,13 +443,22 @@ def _print_dry_run(finder, json_: bool) -> None:
     from ..search import Launch
 
     first = finder.policy.next([])
-    ladder = ["max-num-seqs", "max-model-len", "gpu-memory-utilization (0.01 steps, bisected at the edge)"]
-    ladder += [f"{k} (only with --allow {k})" for k in LOSSY_ORDER]
+    ladder = finder.policy.ladder()
+    estimate = None
+    if isinstance(first, Launch):
+        est = finder.policy.estimate_for(first.config)
+        estimate = {
+            "weights_gib": round(est.weights_bytes / GIB, 2),
+            "cudagraph_gib": round(est.cudagraph_bytes / GIB, 2),
+            "kv_pool_gib": round(est.kv_pool_bytes / GIB, 2),
+            "kv_tokens": int(est.kv_pool_bytes // max(1, est.kv_bytes_per_token)),
+        }
     plan = {
         "model": finder.spec.serve_name,
         "gpus": list(finder.request.gpu_ids),
         "gpu_total_gib": round(finder.gpu.total_bytes / GIB, 2),
         "first_candidate": first.config.flags() if isinstance(first, Launch) else None,
+        "estimate_per_gpu": estimate,
         "reason": first.reason,
         "ladder": ladder,
     }
@@ -454,11 +469,17 @@ def _print_dry_run(finder, json_: bool) -> None:
     if isinstance(first, Launch):
         flags = " ".join(f"{k} {v}" if v is not True else k for k, v in first.config.flags().items())
         click.echo(f"First candidate: {flags}\n  ({first.reason})")
+        click.echo(
+            f"Its estimate per GPU: weights {estimate['weights_gib']} GiB, CUDA graphs {estimate['cudagraph_gib']} "
+            f"GiB, KV pool {estimate['kv_pool_gib']} GiB ({estimate['kv_tokens']:,} tokens)"
+        )
     else:
         click.echo(f"Nothing to launch: {first.reason}")
         for line in first.missing:
             click.echo(f"  {line}")
-    click.echo("Back-off ladder: " + " → ".join(ladder))
+    click.echo("How each knob is set, in the order it is given up:")
+    for step in ladder:
+        click.echo(f"  {step}")
     click.echo("Dry run: nothing was launched.")
 
 
