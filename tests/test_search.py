@@ -375,3 +375,19 @@ def test_offload_grows_by_what_a_launch_loaded_beyond_the_estimate():
     floor = Request(objective="targets", target_context=16384, target_seqs=2, allow=frozenset({"offload"}))
     deep = Policy(floor, BASE, estimate=estimate, calibrate=calibrate).next([])
     assert deep.config.cpu_offload_gb == 6.0  # 4 GiB of KV: a quarter is short, one eighth more fits
+
+
+def test_memory_freed_after_the_start_is_climbed_back_from_a_stable_probe():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(
+        Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate, start_util_cap=0.76
+    )
+    first = policy.next([])
+    assert first.config.gpu_memory_utilization == 0.76  # a co-tenant held the rest when the search began
+    facts = {"available_kv_gib": 4.0, "total_gib": TOTAL / GIB, "kv_cache_tokens": 4 * GIB // BYTES_PER_TOKEN}
+    spare = ProbeSummary(ok=True, min_headroom_bytes=GIB + int(0.055 * TOTAL))  # 5.5 steps above 1 GiB
+    climbed = policy.next([Observation(first.config, "success", facts, spare)])
+    assert isinstance(climbed, Launch) and climbed.config.gpu_memory_utilization == 0.81
+    failed = Observation(climbed.config, "oom_cudagraph_capture", dict(facts, gpu_memory_utilization=0.81))
+    after = policy.next([Observation(first.config, "success", facts, spare), failed])
+    assert isinstance(after, Launch) and after.config.gpu_memory_utilization == 0.80  # never a failed step

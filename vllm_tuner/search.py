@@ -240,13 +240,21 @@ class Policy:
                 caps.stop, caps.stop_is_memory = HOPELESS[cat], False
             elif cat == "profiling_memory_changed" and _count(history, cat) >= 2:
                 caps.stop = "another process changed GPU memory while vLLM was profiling, twice"
+        lift = self._util_lift(history)
         if runtime_cap is not None:
             # the step down after a failure under load is conservative; a stable probe's own headroom
             # may show that a higher step holds the headroom too (never the step that failed)
-            lift = self._util_lift(history)
             if lift is not None:
                 runtime_cap = max(runtime_cap, min(lift, round(lowest_unstable - UTIL_STEP, 2)))
             caps.util = min(caps.util, runtime_cap)
+        elif lift is not None and lift > caps.util:
+            # memory another process held when the search began (or at a failed start) was freed: a
+            # stable probe's spare headroom buys the steps back, up to the ceiling, never to a step that
+            # failed in any way
+            failed = [o.config.gpu_memory_utilization or 0.92 for o in history if not o.stable]
+            top = min([req.util_ceiling, *(round(u - UTIL_STEP, 2) for u in failed if u > caps.util)])
+            caps.util = max(caps.util, min(lift, _round_util(top)))
+            caps.notes.append(f"a stable probe had room for --gpu-memory-utilization {caps.util:.2f}")
         caps.lossy = self._lossy_needed(history, caps)
         if caps.util < self.request.util_floor:
             caps.stop = caps.stop or (
