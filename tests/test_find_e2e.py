@@ -138,14 +138,14 @@ class InterruptAfter(QuietProgress):
             raise KeyboardInterrupt
 
 
-def _finder(env, store, progress, tmp_path) -> Finder:
+def _finder(env, store, progress, tmp_path, **request) -> Finder:
     from vllm_tuner.estimate import Calibration, estimate
 
     nvml = open_nvml()
     spec = resolve_model("qwen2.5-7b")
     gpu = resolve_gpus(gpus=2, gpu_ids=None, gpu_name=None, gpu_memory=None, nvml_opener=lambda: nvml)
     launcher = LocalLauncher(env.vllm_cmd)
-    req = FindRequest(model="qwen2.5-7b", gpu_ids=gpu.ids, tensor_parallel_size=2)
+    req = FindRequest(model="qwen2.5-7b", gpu_ids=gpu.ids, tensor_parallel_size=2, **request)
     return Finder(
         req,
         spec=spec,
@@ -159,6 +159,29 @@ def _finder(env, store, progress, tmp_path) -> Finder:
         progress=progress,
         log_dir=tmp_path / "logs",
     )
+
+
+class Phases(QuietProgress):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float, dict | None, str]] = []
+
+    def phase(self, phase: str, elapsed_s: float, used_bytes=None, extra: str = "") -> None:
+        self.seen.append((phase, elapsed_s, used_bytes, extra))
+
+
+def test_progress_names_each_phase_with_time_and_memory_through_the_probe(sim, tmp_path):
+    env = sim("rtx-5090", time_scale=200)
+    progress = Phases()
+    with Store.open(tmp_path / "t.db") as store:  # probes of 1.5 s at least: time for a few reports
+        _finder(env, store, progress, tmp_path, probe_duration_s=1.5).run()
+    names = list(dict.fromkeys(p for p, *_ in progress.seen))
+    assert names[0] == "starting" and {"serving", "probing"} <= set(names)  # loading etc. fly by at 200x
+    assert names.index("serving") < names.index("probing")
+    probing = [(t, used, extra) for p, t, used, extra in progress.seen if p == "probing"]
+    later = [(t, used, extra) for t, used, extra in probing if t > 0]
+    assert later, "the probe reports while it runs, not only when it starts"
+    assert all(set(used) == {0, 1} and min(used.values()) > 10 * GIB for _, used, _ in later)
+    assert "done, peak memory" in later[-1][2]
 
 
 def test_an_interrupted_search_resumes_where_it_stopped(sim, tmp_path):

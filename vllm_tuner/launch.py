@@ -369,7 +369,7 @@ class ServerProcess:
             self.port = free_port()
         else:
             check_port_free(self.port)
-        self._baseline = self._used_memory() or {}
+        self._baseline = self.used_memory() or {}
         env = trial_env(os.environ, self.launcher.env(self.gpu_ids), self.config, self.extra_env)
         command = self.launcher.command(
             self.config.serve_args(), port=self.port, gpu_ids=self.gpu_ids, name=self.name
@@ -443,7 +443,7 @@ class ServerProcess:
                     diag = self.watcher.finalize(exit_code=None, timed_out=True)
                     return Readiness(False, self.clock() - start, diag)
                 if on_progress and now >= next_progress:
-                    on_progress(self.watcher.progress_phase, elapsed, self._used_memory())
+                    on_progress(self.watcher.progress_phase, elapsed, self.used_memory())
                     next_progress = now + 1.0
                 self._changed.wait(0.1)
                 self._changed.clear()
@@ -499,7 +499,7 @@ class ServerProcess:
             return
         deadline = self.clock() + self.release_timeout_s
         while True:
-            used = self._used_memory() or {}
+            used = self.used_memory() or {}
             held = {i: b - self._baseline.get(i, 0) for i, b in used.items()}
             if all(extra <= RELEASE_TOLERANCE_BYTES for extra in held.values()):
                 return
@@ -523,7 +523,8 @@ class ServerProcess:
         procs = sorted(procs, key=lambda p: p.used, reverse=True)
         return ", ".join(f"pid {p.pid} uses {p.used / GIB:.2f} GiB" for p in procs[:3])
 
-    def _used_memory(self) -> dict[int, int] | None:
+    def used_memory(self) -> dict[int, int] | None:
+        """NVML's used bytes on each of the server's GPUs now (None without NVML)."""
         if self.nvml is None:
             return None
         try:

@@ -106,8 +106,11 @@ def run_load_probe(
     vocab_size: int = 32000,
     request_timeout_s: float = 600.0,
     seed: int = 0,
+    on_sample: Callable[[float, dict[int, int], int], None] | None = None,
 ) -> LoadReport:
-    """Drive the worst case the config promises and report memory, errors and latency."""
+    """Drive the worst case the config promises and report memory, errors and latency.
+    ``on_sample(elapsed_s, peak_used_bytes_per_gpu, requests_done)``, if given, hears how it goes
+    about twice a second."""
     own_client = client is None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     client = client or httpx.Client(
@@ -142,8 +145,12 @@ def run_load_probe(
                 stop.set()
 
     def sampler() -> None:
+        told = start
         while not stop.is_set():
             _sample(report, nvml, gpu_ids, client, base_url, preemptions_before)
+            if on_sample is not None and clock() - told >= 0.5:
+                told = clock()
+                on_sample(told - start, dict(report.peak_used_bytes), tally.requests)
             if not is_alive():
                 report.server_died = True
                 stop.set()

@@ -161,19 +161,25 @@ def run_trial(
                 log_path,
                 diag.evidence,
             )
+        progress.phase("serving", wall_clock() - started, server.used_memory(), "ready")
         facts = dict(watcher.facts)
         plan = decide_probe(facts)
         if plan is None:
             return TrialOutcome(
                 config, "success", "boots", facts, None, started, wall_clock() - started, log_path
             )
-        progress.phase(
-            "probing", 0.0, None, f"{plan.concurrency} × {plan.prompt_tokens + plan.max_tokens} tokens"
-        )
+        load = f"{plan.concurrency} × {plan.prompt_tokens + plan.max_tokens} tokens"
+        progress.phase("probing", 0.0, server.used_memory(), load)
+
+        def on_sample(elapsed_s: float, peak: dict[int, int], done: int) -> None:
+            progress.phase("probing", elapsed_s, peak, f"{load}, {done} done, peak memory")
+
         if load_runner is not None:
             report = load_runner(server.base_url, server.served_model_name, _alive_check(server, watcher))
         else:
-            report = _probe(server, watcher, plan, nvml=nvml, gpu_ids=gpu_ids, vocab_size=vocab_size)
+            report = _probe(
+                server, watcher, plan, nvml=nvml, gpu_ids=gpu_ids, vocab_size=vocab_size, on_sample=on_sample
+            )
         facts = dict(watcher.facts)
         if watcher.fatal_category:
             category = watcher.fatal_category
@@ -254,7 +260,7 @@ def _alive_check(server, watcher) -> Callable[[], bool]:
     return alive
 
 
-def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int):
+def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int, on_sample=None):
     from .probe import run_load_probe
 
     alive = _alive_check(server, watcher)
@@ -269,6 +275,7 @@ def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_
         gpu_ids=gpu_ids,
         is_alive=alive,
         vocab_size=vocab_size,
+        on_sample=on_sample,
     )
 
 
