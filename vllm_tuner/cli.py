@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.format_message().rstrip(".")
         click.echo(f"vllm-tune: error: {message}; see '{where} --help'", err=True)
         return 2
-    except click.Abort:
-        click.echo("vllm-tune: aborted", err=True)
-        return 130
-    except (KeyboardInterrupt, Terminated):
+    except (click.Abort, KeyboardInterrupt, Terminated):  # click turns Ctrl-C into Abort
         click.echo("vllm-tune: interrupted; every vLLM it started has been stopped", err=True)
         return 130
     except Exception as exc:  # a bug: one line for the user, the traceback in a crash log
