@@ -226,3 +226,43 @@ def test_history_missing_run_and_missing_store(
     assert main(["history", "--db", str(empty)]) == 0
     assert "No runs recorded yet" in capsys.readouterr().out
     assert not empty.exists()
+
+
+def test_history_shows_a_find_trial_as_the_flags_it_was_launched_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "f.db"
+    with Store.open(path, clock=Clock()) as store:
+        run_id = store.begin_run("find", "req", {"model": "qwen2.5-7b", "gpu_ids": [0]}, "env")
+        store.record_trial(
+            run_id,
+            config={  # as find records a trial: every ServeConfig field, unset ones as None
+                "model": "Qwen/Qwen2.5-7B-Instruct",
+                "tensor_parallel_size": 1,
+                "max_model_len": 32768,
+                "max_num_seqs": 8,
+                "max_num_batched_tokens": None,
+                "gpu_memory_utilization": 0.93,
+                "kv_cache_dtype": "auto",
+                "enforce_eager": False,
+                "cpu_offload_gb": 0.0,
+                "load_format": None,
+                "extra_args": ["--served-model-name", "my model"],
+            },
+            config_key="k",
+            env_fingerprint="env",
+            category="success",
+            verdict="stable",
+            facts={},
+            probe={"min_headroom_bytes": 3 << 29},
+            started_at=1.0,
+            duration_s=42.0,
+            log_path=None,
+        )
+    assert main(["history", "--db", str(path), "1"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.endswith(
+        "1.50 GiB  --max-model-len 32768 --max-num-seqs 8 --gpu-memory-utilization 0.93 "
+        "--served-model-name 'my model'"
+    )
+    assert "None" not in row

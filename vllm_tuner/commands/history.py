@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,14 +105,15 @@ def run_detail(run: RunRecord, trials: list[TrialRecord]) -> str:
         f"  result: {_winner(run)}",
     ]
     if trials:
-        header = ("#", "verdict", "category", "secs", "config")
+        header = ("#", "verdict", "category", "secs", "headroom", "flags")
         rows = [
             (
                 str(t.seq),
                 t.verdict,
                 t.category,
                 f"{t.duration_s:.0f}",
-                " ".join(f"{k} {v}" if v is not True else k for k, v in t.config.items()),
+                _headroom(t),
+                _flags(t.config),
             )
             for t in trials
         ]
@@ -124,3 +126,21 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(out)
+
+
+def _headroom(trial: TrialRecord) -> str:
+    """The least free memory under the load probe, "-" when it was not probed."""
+    left = (trial.probe or {}).get("min_headroom_bytes")
+    return f"{left / (1 << 30):.2f} GiB" if left is not None else "-"
+
+
+def _flags(config: dict) -> str:
+    """A trial's config as the vLLM flags it was launched with (after ``serve MODEL``)."""
+    from ..serveconfig import ServeConfig
+
+    fields = {k: v for k, v in config.items() if k in ServeConfig.__dataclass_fields__}
+    fields["extra_args"] = tuple(fields.get("extra_args") or ())
+    try:
+        return shlex.join(ServeConfig(**fields).serve_args()[2:])
+    except TypeError:  # a record of another shape: as stored
+        return " ".join(f"{k} {v}" if v is not True else k for k, v in config.items())
