@@ -472,8 +472,8 @@ def _args_from_flags(m: Machine, flags: dict) -> engine.LaunchArgs:
 
 def run_find(case: dict, m: Machine, time_scale: float) -> tuple[Run, dict]:
     with tempfile.TemporaryDirectory(prefix="bench-find-") as tmp:
-        # A relative name: `--simulate /abs/path.yaml` crashes (commands/_common.py joins the
-        # scenario onto data_dir()/"sim" for its state folder), a relative one works from cwd=tmp.
+        # the scenario file with this case's truths, run from cwd=tmp (its simulated machine's state
+        # folder is named after the file, under the fresh home)
         scenario = Path(f"{case['scenario']}-bench.yaml")
         (Path(tmp) / scenario).write_text(yaml.safe_dump(scenario_raw(case)))
         env = {**os.environ, "VLLM_TUNE_HOME": str(Path(tmp) / "home")}
