@@ -27,8 +27,10 @@ cat > "$model/config.json" <<'JSON'
 JSON
 export VLLM_TUNE_HOME="$work/home"
 echo "== vllm-tune find on $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)"
+# fixed targets keep the load probe small: the tiny model's KV cache holds millions of tokens, and the
+# context objective would prove hundreds of full-length sequences at once
 "$TUNE" find --model "$model" --gpus 1 --vllm-cmd "$VLLM_CMD" --max-launches 6 --json \
-  -- --load-format dummy --skip-tokenizer-init > "$work/result.json"
+  --context 16384 --seqs 16 -- --load-format dummy --skip-tokenizer-init > "$work/result.json"
 python3 - "$work/result.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -36,7 +38,7 @@ print(json.dumps({k: r[k] for k in ("stable", "launches", "config", "command")},
 sys.exit(0 if r["stable"] else 1)
 PY
 cmd=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["command"])' "$work/result.json")
-port=18765
+port=${E2E_PORT:-18765}
 echo "== starting the emitted command on port $port"
 setsid bash -c "$cmd --port $port" > "$work/serve.log" 2>&1 &
 server_pid=$!
