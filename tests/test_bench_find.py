@@ -82,3 +82,17 @@ def test_a_verified_baseline_pays_for_its_probe_and_never_ends_unstable():
         row = bench.score(spiky, m, best, verified)
         assert row.stable is not False
     assert bench.score(spiky, m, best, bench.auto_tune(m)).stable is False
+
+
+def test_the_proven_floor_is_one_cold_dummy_launch_of_the_best_config_and_its_probe():
+    m = bench.machine_for(CASE)
+    best = bench.oracle(m)
+    floor = bench.proven_floor_seconds(m, best)
+    t = m.timing
+    launch = 1.0 + 2.0 + t["compile_s"] + t["profile_s"] + t["capture_s"] + t["server_s"]  # dummy weights
+    assert floor > launch  # plus the probe of best.max_model_len tokens
+    assert (
+        floor - launch
+        < best.max_model_len / t["prefill_tokens_per_s"] + best.max_model_len * t["decode_step_s"]
+    )
+    assert bench.proven_floor_seconds(m, None) == 0.0
