@@ -92,16 +92,24 @@ def test_tensor_parallel_size_below_one_is_refused(refuse, value):
 @pytest.mark.parametrize("args", [["--gpus", "3", "-tp", "3"], ["--gpus", "3"], ["-tp", "3"]])
 def test_tp_that_does_not_divide_the_heads_is_refused_naming_the_sizes_that_do(refuse, args):
     assert refuse(*LLAMA, *args) == (
-        "tensor parallel size 3 does not divide the 32 attention heads of meta-llama/Llama-3.1-8B-Instruct, "
-        "and vLLM refuses that; pick -tp from the sizes that divide 32 (1, 2, 4, 8, 16, 32) with as many "
-        "GPUs, e.g. -tp 2 --gpus 2"
+        "tensor parallel size 3 cannot shard the 32 attention heads of meta-llama/Llama-3.1-8B-Instruct, "
+        "and vLLM refuses that; pick -tp from 1, 2, 4, 8 with as many GPUs, e.g. -tp 2 --gpus 2"
     )
 
 
 def test_heads_fix_names_gpu_ids_when_they_were_used(refuse):
     message = refuse(*QWEN, "--gpu-ids", "0,1,2", "-tp", "3")
     assert "the 28 attention heads of Qwen/Qwen2.5-7B-Instruct" in message
-    assert message.endswith("(1, 2, 4, 7, 14, 28) with as many GPUs, e.g. -tp 2 2 id(s) in --gpu-ids")
+    assert message.endswith("pick -tp from 1, 2, 4 with as many GPUs, e.g. -tp 2 with 2 id(s) in --gpu-ids")
+
+
+def test_tp_must_shard_the_kv_heads_too(refuse):
+    # 7 divides Qwen2.5-7B's 28 query heads, but not its 4 KV heads, nor is it a multiple of them
+    message = refuse(*QWEN, "-tp", "7")
+    assert message.startswith(
+        "tensor parallel size 7 cannot shard the 4 KV heads (split evenly, or each copied whole)"
+    )
+    assert message.endswith("pick -tp from 1, 2, 4 with as many GPUs, e.g. -tp 4 --gpus 4")
 
 
 def test_a_size_that_divides_the_heads_is_accepted(dry_run):

@@ -354,26 +354,23 @@ def _check_writable(path: Path) -> None:
                 pass
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _gpus_words(count: int, using_ids: bool) -> str:
-    return f"{count} id(s) in --gpu-ids" if using_ids else f"--gpus {count}"
+    return f"with {count} id(s) in --gpu-ids" if using_ids else f"--gpus {count}"
 
 
 def _check_heads(spec, tp: int, *, using_ids: bool) -> None:
-    """vLLM refuses a tensor-parallel size that does not divide the attention heads; so does find, up front."""
-    heads = spec.num_attention_heads
-    if not heads or heads % tp == 0:
+    """vLLM refuses a tensor-parallel size it cannot shard the attention heads over; so does find, up front."""
+    from ..find import kv_heads, tp_shards_heads, tp_sizes
+
+    if tp_shards_heads(spec, tp):
         return
-    sizes = _divisors(heads)
+    heads, kv = spec.num_attention_heads, max(kv_heads(spec), default=0)
+    sizes = tp_sizes(spec, up_to=max(tp, 8))
     nearest = max(d for d in sizes if d <= tp)
+    what = f"{heads} attention heads" if heads % tp else f"{kv} KV heads (split evenly, or each copied whole)"
     raise UsageError(
-        f"tensor parallel size {tp} does not divide the {heads} attention heads of {spec.serve_name}, "
-        "and vLLM refuses that",
-        f"pick -tp from the sizes that divide {heads} ({', '.join(map(str, sizes))}) with as many GPUs, "
-        f"e.g. -tp {nearest} {_gpus_words(nearest, using_ids)}",
+        f"tensor parallel size {tp} cannot shard the {what} of {spec.serve_name}, and vLLM refuses that",
+        f"pick -tp from {', '.join(map(str, sizes))} with as many GPUs, e.g. -tp {nearest} {_gpus_words(nearest, using_ids)}",
     )
 
 
@@ -396,9 +393,10 @@ def _check_tp_uses_every_gpu(spec, tp: int, ids: Sequence[int], *, gpus_given: b
         gpus_fix = "--gpu-ids " + ",".join(str(i) for i in ids[:tp])
     else:
         gpus_fix = _gpus_words(tp, using_ids)
-    heads = spec.num_attention_heads
+    from ..find import tp_shards_heads
+
     fix = f"pass {gpus_fix}"
-    if not heads or heads % n == 0:
+    if tp_shards_heads(spec, n):
         fix += f", or -tp {n}"
     raise UsageError(problem, fix)
 
