@@ -92,3 +92,35 @@ def test_the_utilization_floor_reaches_the_policy_and_only_a_changed_one_changes
         log_dir=Path("."),
     )
     assert f.policy.request.util_floor == 0.50 and f2.policy.request.util_floor == 0.05
+
+
+def test_a_known_trial_is_reused_by_why_it_failed():
+    from types import SimpleNamespace
+
+    from vllm_tuner.find import _known_failure
+    from vllm_tuner.serveconfig import ServeConfig
+
+    cfg = ServeConfig(model="m", max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.95)
+
+    def rec(verdict, failure="", left=None, category="success"):
+        probe = (
+            {"failure": failure, "min_headroom_bytes": left, "server_died": False}
+            if verdict != "failed"
+            else None
+        )
+        return SimpleNamespace(
+            verdict=verdict, category=category, probe=probe, facts={}, log_path=None, duration_s=9.0
+        )
+
+    errors = _known_failure(cfg, rec("unstable", "3 request(s) failed under load", 3 * GIB), GIB)
+    assert errors is not None and errors.verdict == "unstable" and errors.duration_s == 0.0
+    short = rec(
+        "unstable", "GPU 0 had 0.61 GiB headroom under load, below the 1.00 GiB required", int(0.61 * GIB)
+    )
+    assert _known_failure(cfg, short, GIB) is not None
+    assert _known_failure(cfg, short, GIB // 2) is None  # enough under a smaller headroom: launch it again
+    stable = rec("stable", "", int(1.2 * GIB))
+    assert _known_failure(cfg, stable, GIB) is None
+    assert "below the 1.50 GiB required" in _known_failure(cfg, stable, int(1.5 * GIB)).probe_failure
+    assert _known_failure(cfg, rec("failed", category="oom_cudagraph_capture"), GIB).verdict == "failed"
+    assert _known_failure(cfg, rec("failed", category="startup_timeout"), GIB) is None  # transient

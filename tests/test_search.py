@@ -391,3 +391,30 @@ def test_memory_freed_after_the_start_is_climbed_back_from_a_stable_probe():
     failed = Observation(climbed.config, "oom_cudagraph_capture", dict(facts, gpu_memory_utilization=0.81))
     after = policy.next([Observation(first.config, "success", facts, spare), failed])
     assert isinstance(after, Launch) and after.config.gpu_memory_utilization == 0.80  # never a failed step
+
+
+def test_a_start_that_finds_the_memory_taken_again_limits_the_climb_at_once():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(
+        Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate, start_util_cap=0.76
+    )
+    first = policy.next([])
+    facts = {"available_kv_gib": 4.0, "total_gib": TOTAL / GIB, "kv_cache_tokens": 4 * GIB // BYTES_PER_TOKEN}
+    stable = Observation(
+        first.config, "success", facts, ProbeSummary(ok=True, min_headroom_bytes=GIB + int(0.055 * TOTAL))
+    )
+    climbed = policy.next([stable])
+    assert climbed.config.gpu_memory_utilization == 0.81
+    back = {"free_gib": 0.765 * TOTAL / GIB, "total_gib": TOTAL / GIB}  # the co-tenant came back
+    refused = Observation(climbed.config, "startup_free_memory_below_utilization", back)
+    after = policy.next([stable, refused])
+    assert not isinstance(after, Launch) or after.config.gpu_memory_utilization <= 0.76  # not 0.80, 0.79, ...
+
+
+def test_lossy_knobs_are_not_used_for_concurrency_past_vllms_usual_default():
+    estimate, calibrate = toy_model(10 * GIB)  # ~20 GiB of KV: thousands of 512-token sequences
+    req = Request(objective="concurrency", min_context=512, allow=frozenset({"eager", "fp8-kv"}))
+    first = Policy(req, BASE, estimate=estimate, calibrate=calibrate).next([])
+    pool = int(TOTAL * 0.95) - 10 * GIB - GIB // 2
+    assert first.config.max_num_seqs == pool // (512 * BYTES_PER_TOKEN) > 256  # past 256: no lossy knob
+    assert not first.config.enforce_eager and first.config.kv_cache_dtype == "auto"

@@ -561,8 +561,9 @@ def _known_failure(cfg: ServeConfig, rec, headroom_bytes: int) -> TrialOutcome |
     if rec.verdict == "failed":
         return known
     probe = rec.probe or {}
-    if rec.verdict == "unstable" and (probe.get("server_died") or rec.category != "success"):
-        return known
+    short_of_headroom = "headroom under load" in (probe.get("failure") or "")
+    if rec.verdict == "unstable" and not short_of_headroom:
+        return known  # it died, or requests failed: no headroom setting changes that
     left = probe.get("min_headroom_bytes")
     if left is None or left >= headroom_bytes:
         return None

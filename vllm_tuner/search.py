@@ -33,6 +33,9 @@ LOSSY_COST = {  # what each lossy knob costs, for the line that says what it wou
 }
 OBJECTIVES = ("context", "concurrency", "targets")
 MAX_SEQS = 1024
+LOSSY_SEQS_GOAL = (
+    256  # vLLM's default --max-num-seqs on most GPUs: past it, concurrency is not worth a lossy knob
+)
 MIN_BATCHED_TOKENS = 256  # halving --max-num-batched-tokens after a profiling OOM stops here
 MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far under what vLLM reported
 # vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
@@ -202,13 +205,18 @@ class Policy:
         graph_failures = 0
         runtime_cap: float | None = None
         lowest_unstable = 1.0
+        seen_stable = False
+        free_since_stable = 1.0  # what a start found free after the last stable probe: the lift's limit
         for obs in history:
             cat, facts, cfg = obs.category, obs.facts, obs.config
             used_util = cfg.gpu_memory_utilization or 0.92
+            seen_stable = seen_stable or obs.stable
             if cat == "startup_free_memory_below_utilization":
                 free, total = facts.get("free_gib"), facts.get("total_gib")
                 cap = free / total if free and total else used_util - 0.05  # floored to 0.01 below
                 caps.util = min(caps.util, _round_util(cap))
+                if seen_stable:
+                    free_since_stable = min(free_since_stable, _round_util(cap))
                 caps.notes.append(f"only {free} GiB of {total} GiB was free at startup")
             elif cat == "oom_cudagraph_capture":
                 graph_failures += 1
@@ -252,7 +260,13 @@ class Policy:
             # stable probe's spare headroom buys the steps back, up to the ceiling, never to a step that
             # failed in any way
             failed = [o.config.gpu_memory_utilization or 0.92 for o in history if not o.stable]
-            top = min([req.util_ceiling, *(round(u - UTIL_STEP, 2) for u in failed if u > caps.util)])
+            top = min(
+                [
+                    req.util_ceiling,
+                    free_since_stable,
+                    *(round(u - UTIL_STEP, 2) for u in failed if u > caps.util),
+                ]
+            )
             caps.util = max(caps.util, min(lift, _round_util(top)))
             caps.notes.append(f"a stable probe had room for --gpu-memory-utilization {caps.util:.2f}")
         caps.lossy = self._lossy_needed(history, caps)
@@ -347,8 +361,8 @@ class Policy:
         req = self.request
         if req.objective == "context":
             return context >= req.native_max_len and seqs >= req.floor_seqs()
-        if req.objective == "concurrency":
-            return seqs >= req.max_seqs_cap and context >= req.floor_context()
+        if req.objective == "concurrency":  # lossy knobs buy sequences up to vLLM's usual default only
+            return seqs >= min(req.max_seqs_cap, LOSSY_SEQS_GOAL) and context >= req.floor_context()
         return context >= req.floor_context() and seqs >= req.floor_seqs()
 
     def _meets_floor(self, context: int, seqs: int) -> bool:
