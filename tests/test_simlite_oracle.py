@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -238,7 +240,7 @@ def test_a_machine_that_servers_still_run_on_is_joined_not_reset(tmp_path):
     assert (folder / "foreign.json").read_text() == "[]"
     with pytest.raises(UsageError) as caught:  # other truths under a running server: refused
         create("rtx-5090", state_dir=folder, overrides={"foreign": [{"gpu": 0, "gib": 1}]})
-    assert f"runs servers (pids {os.getpid()})" in str(caught.value)
+    assert f"is in use (pids {os.getpid()})" in str(caught.value)
     remove_proc(folder, os.getpid())  # it ended: the next run boots the machine afresh
     env = create("rtx-5090", state_dir=folder, overrides={"foreign": [{"gpu": 0, "gib": 1}]})
     assert live_procs(folder) == {} and not (folder / "foreign.json").exists()
@@ -265,3 +267,29 @@ def test_the_simulated_nvml_reports_the_machines_uuid(sim):
 
     env = sim("rtx-5090")
     assert open_nvml().device(1).uuid == env.scenario["gpus"][1]["uuid"]
+
+
+def test_a_machine_another_tuner_uses_between_its_launches_is_not_booted_afresh(tmp_path):
+    """A tuner between two trials has no server running, yet its scripted co-tenant state is its own."""
+    folder = tmp_path / "s"
+    user = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom vllm_tuner.simlite.activate import create\n"
+            f"create('cotenant-release', state_dir={str(folder)!r}); print('in', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert user.stdout.readline().strip() == "in"
+        (folder / "foreign.json").write_text("[]")  # its co-tenant released during its first launch
+        create("cotenant-release", state_dir=folder)  # e.g. a --dry-run on the same scenario meanwhile
+        assert (folder / "foreign.json").read_text() == "[]"
+    finally:
+        user.kill()
+        user.wait(10)
+        user.stdout.close()
+    create("cotenant-release", state_dir=folder)  # it has exited: the machine boots afresh
+    assert not (folder / "foreign.json").exists()

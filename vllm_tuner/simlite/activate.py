@@ -20,7 +20,7 @@ import yaml
 
 from ..errors import UsageError
 from ..paths import profiles_dir
-from .state import SCALE_ENV, STATE_ENV, live_procs
+from .state import SCALE_ENV, STATE_ENV, live_procs, pid_alive
 
 GIB = 1 << 30
 SHIM_DIR = Path(__file__).resolve().parent / "nvml_shim"
@@ -106,7 +106,7 @@ def _boot(folder: Path, resolved: dict, name: str) -> None:
     memory and a scripted co-tenant stays as it is now, and a different scenario is refused. A
     machine nothing runs on starts afresh (the compile-cache markers stay, like a disk cache)."""
     path = folder / "scenario.json"
-    running = sorted(live_procs(folder)) if path.is_file() else []
+    running = sorted({*live_procs(folder), *_live_users(folder)}) if path.is_file() else []
     if running:
         try:
             current = json.loads(path.read_text())
@@ -115,7 +115,7 @@ def _boot(folder: Path, resolved: dict, name: str) -> None:
         if current != json.loads(json.dumps(resolved)):
             pids = ", ".join(map(str, running[:4]))
             raise UsageError(
-                f"the simulated machine {folder} runs servers (pids {pids}) started with another "
+                f"the simulated machine {folder} is in use (pids {pids}) with another "
                 f"version of scenario {name!r}",
                 "stop them first ('vllm-tune down NAME' for a deployment), or use another scenario file name",
             )
@@ -125,6 +125,39 @@ def _boot(folder: Path, resolved: dict, name: str) -> None:
         (folder / "foreign.json").unlink()
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(resolved, indent=1))
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _use(folder: Path) -> None:
+    """Mark this process as using the machine (``users/<pid>``): until it exits, another ``create`` of
+    the same machine joins it instead of booting it afresh between this process's launches."""
+    users = folder / "users"
+    users.mkdir(parents=True, exist_ok=True)
+    (users / str(os.getpid())).write_text(_start_time(os.getpid()) or "")
+
+
+def _live_users(folder: Path) -> list[int]:
+    """Other processes still using the machine (a pid is theirs only while its start time matches)."""
+    out = []
+    for entry in (folder / "users").glob("*") if (folder / "users").is_dir() else ():
+        try:
+            pid, started = int(entry.name), entry.read_text()
+        except (ValueError, OSError):
+            continue
+        if pid == os.getpid():
+            continue
+        if pid_alive(pid) and _start_time(pid) == started:
+            out.append(pid)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    return out
 
 
 def create(
@@ -142,6 +175,7 @@ def create(
     )
     resolved = resolve(raw, machine=machine_tag(folder))
     _boot(folder, resolved, str(scenario))
+    _use(folder)
     pythonpath = os.pathsep.join(p for p in (str(SHIM_DIR), os.environ.get("PYTHONPATH", "")) if p)
     env = {STATE_ENV: str(folder), SCALE_ENV: str(time_scale), "PYTHONPATH": pythonpath}
     cmd = f"{shlex.quote(sys.executable)} -m vllm_tuner.simlite"
