@@ -130,7 +130,11 @@ def _create(folder: Path) -> None:
         spare = folder.parent / f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}"
         os.mkdir(spare, 0o700)
     except OSError as exc:
-        raise _unusable(folder, exc.strerror or type(exc).__name__) from exc
+        raise _unusable(
+            folder,
+            f"it cannot be created: {exc.strerror or type(exc).__name__}",
+            fix=f"create it with 'mkdir -m 1777 {folder}' where that is allowed",
+        ) from exc
     try:
         os.chmod(spare, 0o1777)
         os.rename(spare, folder)
