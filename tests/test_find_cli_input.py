@@ -343,3 +343,19 @@ def test_paths_in_messages_are_as_typed(refuse, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("plain").write_text("x")
     assert refuse(*LLAMA, "--write-config", "plain/x.yaml").startswith("--write-config plain/x.yaml cannot")
+
+
+def test_headroom_takes_gib_or_a_size(dry_run, refuse):
+    from vllm_tuner.commands._common import _headroom_gib
+
+    assert [_headroom_gib(None, None, v) for v in ("1", "1.5", "1.5GiB", "512MiB", "0")] == [
+        1.0,
+        1.5,
+        1.5,
+        0.5,
+        0.0,
+    ]
+    assert refuse(*LLAMA, "--headroom", "lots") == (
+        "--headroom takes GiB (1.5) or a size (1.5GiB, 512MiB), got 'lots'; pass e.g. --headroom 1"
+    )
+    dry_run(*LLAMA, "--headroom", "512MiB")

@@ -59,19 +59,32 @@ def target_options(**model_settings):
     )
 
 
-def _non_negative_headroom(_ctx, _param, value: float) -> float:
-    if value < 0:
-        raise UsageError(f"--headroom must be 0 or more GiB, got {value}", "pass e.g. --headroom 1")
-    return value
+def _headroom_gib(_ctx, _param, value: object) -> float:
+    """GiB from ``1``, ``1.5``, ``1.5GiB`` or ``512MiB``; 0 or more."""
+    from ..deploy.spec import parse_size
+
+    text = str(value).strip()
+    try:
+        gib = float(text)
+    except ValueError:
+        try:
+            gib = parse_size(text) / (1 << 30)
+        except ValueError:
+            raise UsageError(
+                f"--headroom takes GiB (1.5) or a size (1.5GiB, 512MiB), got {text!r}",
+                "pass e.g. --headroom 1",
+            ) from None
+    if gib < 0:
+        raise UsageError(f"--headroom must be 0 or more GiB, got {text}", "pass e.g. --headroom 1")
+    return gib
 
 
 headroom_option = click.option(
     "--headroom",
-    type=float,
-    default=1.0,
+    default="1",
     show_default=True,
-    callback=_non_negative_headroom,
-    help="GiB that must stay free under load.",
+    callback=_headroom_gib,
+    help="Memory that must stay free on every GPU under load: GiB (1.5) or a size (1.5GiB, 512MiB).",
 )
 
 timeout_options = option_stack(
