@@ -145,12 +145,15 @@ def run_load_probe(
                 stop.set()
 
     def sampler() -> None:
-        told = start
+        told, tell = start, on_sample
         while not stop.is_set():
             _sample(report, nvml, gpu_ids, client, base_url, preemptions_before)
-            if on_sample is not None and clock() - told >= 0.5:
+            if tell is not None and clock() - told >= 0.5:
                 told = clock()
-                on_sample(told - start, dict(report.peak_used_bytes), tally.requests)
+                try:  # progress is for the eye: it must never stop the memory sampling
+                    tell(told - start, dict(report.peak_used_bytes), tally.requests)
+                except Exception:  # noqa: BLE001
+                    tell = None
             if not is_alive():
                 report.server_died = True
                 stop.set()
