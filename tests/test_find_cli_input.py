@@ -359,3 +359,10 @@ def test_headroom_takes_gib_or_a_size(dry_run, refuse):
         "--headroom takes GiB (1.5) or a size (1.5GiB, 512MiB), got 'lots'; pass e.g. --headroom 1"
     )
     dry_run(*LLAMA, "--headroom", "512MiB")
+
+
+@pytest.mark.parametrize("args", [["--context", "131072", "--seqs", "1"], ["--min-context", "99999999"]])
+def test_a_context_floor_above_the_models_maximum_is_refused(refuse, args):
+    message = refuse(*QWEN, *args)
+    assert f"{args[0]} {args[1]} is longer than Qwen/Qwen2.5-7B-Instruct takes (32768 tokens" in message
+    assert message.endswith(f"use {args[0]} 32768 or less")

@@ -146,6 +146,7 @@ def command(
     tp_size = tp or len(ids)
     _check_heads(spec, tp_size, using_ids=gpu_ids is not None)
     _check_tp_uses_every_gpu(spec, tp_size, ids, gpus_given=gpus is not None, using_ids=gpu_ids is not None)
+    _check_context_fits_model(spec, target_context=target_context, min_context=min_context)
     req = FindRequest(
         model=model,
         gpu_ids=ids,
@@ -372,6 +373,19 @@ def _check_heads(spec, tp: int, *, using_ids: bool) -> None:
         f"tensor parallel size {tp} cannot shard the {what} of {spec.serve_name}, and vLLM refuses that",
         f"pick -tp from {', '.join(map(str, sizes))} with as many GPUs, e.g. -tp {nearest} {_gpus_words(nearest, using_ids)}",
     )
+
+
+def _check_context_fits_model(spec, *, target_context: int | None, min_context: int | None) -> None:
+    """vLLM refuses a --max-model-len above the model's own maximum (without an override env var): a
+    floor above it is out of reach whatever the memory."""
+    limit = spec.derived_max_model_len
+    for option, value in (("--context", target_context), ("--min-context", min_context)):
+        if value and limit and value > limit:
+            raise UsageError(
+                f"{option} {value} is longer than {spec.serve_name} takes ({limit} tokens, from its config), "
+                "and vLLM refuses that",
+                f"use {option} {limit} or less",
+            )
 
 
 def _check_tp_uses_every_gpu(spec, tp: int, ids: Sequence[int], *, gpus_given: bool, using_ids: bool) -> None:
