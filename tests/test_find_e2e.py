@@ -365,3 +365,28 @@ def test_ctrl_c_stops_every_server_marks_the_run_and_says_how_to_resume(sim):
     assert not list((env.state_dir / "procs").glob("*.json"))  # no simulated server holds memory
     with Store.open(default_db_path()) as store:
         assert [r.status for r in store.runs()] == ["interrupted"]
+
+
+def test_a_flag_the_installed_vllm_does_not_know_is_refused_before_any_launch(sim, capsys):
+    env = sim("h100")
+    code = main(["find", "--model", "qwen2.5-7b", "--gpus", "1", *sim_find(env), "--", "--bogus-flag", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (
+        "vllm-tune: error: vLLM 0.33.0 does not know --bogus-flag (passed after --); "
+        "check its spelling in 'vllm serve --help=all', or drop it"
+    )
+    assert not (Path(os.environ["VLLM_TUNE_HOME"]) / "logs").exists()
+
+
+def test_the_same_search_on_other_gpus_keeps_its_own_config_file(sim, capsys):
+    args = ["find", "--model", "qwen2.5-7b", "--gpus", "1", "--json"]
+    files = {}
+    for scenario in ("h100", "a100-80g"):
+        env = sim(scenario, time_scale=200)
+        code, result = run_json(capsys, [*args, *sim_find(env)])
+        assert code == 0 and result["stable"]
+        files[scenario] = (Path(result["config_file"]), result["config"]["--max-num-seqs"])
+    (h100, h100_seqs), (a100, a100_seqs) = files["h100"], files["a100-80g"]
+    assert h100 != a100 and h100.parent != a100.parent
+    assert f"max-num-seqs: {h100_seqs}" in h100.read_text()  # not overwritten by the A100's winner
+    assert f"max-num-seqs: {a100_seqs}" in a100.read_text()

@@ -84,3 +84,12 @@ def test_what_a_config_file_cannot_say_stays_on_the_command_line(args, said):
     text = winner(cfg).yaml_text()
     assert f"so also pass: {shlex.join(args)}" in text
     assert as_vllm_reads_it(text)[1] == ["--max-model-len", "4096"]
+
+
+def test_the_config_file_says_how_to_run_it_with_the_environment_the_trials_had():
+    result = winner(ServeConfig(model="m", max_model_len=4096))
+    result.env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_VISIBLE_DEVICES": "0,1"}
+    first = result.yaml_text().splitlines()[0]
+    assert first == (
+        "# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_VISIBLE_DEVICES=0,1 vllm serve --config this-file.yaml"
+    )

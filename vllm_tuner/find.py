@@ -121,8 +121,9 @@ class FindResult:
         except ValueError as exc:  # the passed-through flags stay on the command line
             mapping = cfg.yaml_mapping(passed_through=False)
             notes += f"# not in this file ({exc}), so also pass: {shlex.join(cfg.extra_args)}\n"
+        run = shell_command(["serve", "--config", "this-file.yaml"], self.env, vllm_cmd=self.request.vllm_cmd)
         return (
-            f"# vllm serve --config this-file.yaml   (written by vllm-tune find)\n{notes}"
+            f"# {run}\n# (written by vllm-tune find; the environment is the one the trials ran with)\n{notes}"
             + yaml.safe_dump(mapping, sort_keys=False)
         )
 

@@ -274,9 +274,10 @@ def machine_id(nvml, ids) -> str:
     return nvml.driver_version() + "|" + ",".join(uuid or "" for _i, uuid in gpu_uuids(nvml, ids))
 
 
-def find_run_dir(runtime, request) -> Path:
-    """Where one find request keeps its trial logs and its ``vllm-serve.yaml``."""
-    return runtime.log_root / f"find-{request.key()}"
+def find_run_dir(runtime, request, env_fingerprint: str) -> Path:
+    """Where one find request keeps its trial logs and its ``vllm-serve.yaml`` on one machine (the
+    fingerprint of its model, GPUs, driver and vLLM): the same request elsewhere gets its own folder."""
+    return runtime.log_root / f"find-{request.key()}-{env_fingerprint[:8]}"
 
 
 def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
@@ -285,7 +286,7 @@ def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
     from ..estimate import Calibration, estimate
     from ..find import Finder
 
-    return Finder(
+    finder = Finder(
         request,
         spec=spec,
         gpu=gpu,
@@ -296,6 +297,8 @@ def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
         nvml=nvml,
         store=store,
         progress=runtime.progress,
-        log_dir=find_run_dir(runtime, request),
+        log_dir=runtime.log_root,
         machine_id=machine_id(nvml, list(request.gpu_ids)),
     )
+    finder.log_dir = find_run_dir(runtime, request, finder.env_fingerprint())
+    return finder

@@ -16,7 +16,6 @@ from ..units import format_duration, parse_duration
 from ._common import (
     emit_json,
     extra_argument,
-    find_run_dir,
     gpu_uuids,
     headroom_option,
     path_option,
@@ -188,11 +187,12 @@ def command(
         from ..launch import detect_vllm
 
         vllm_info = detect_vllm(runtime.launcher)
-    run_dir = find_run_dir(runtime, req)
+        _check_vllm_takes(vllm_info, extra)
     with runtime.open_store() as store:
         finder = runtime_finder(
             req, spec=spec, gpu=gpu, runtime=runtime, nvml=nvml, store=store, vllm_info=vllm_info
         )
+        run_dir = finder.log_dir
         if dry_run:
             return _print_dry_run(finder, runtime.json)
         try:
@@ -315,6 +315,19 @@ def _check_passthrough(extra: Sequence[str], *, dummy_trials: bool) -> None:
             shown = word.partition("=")[0]
             named = shown if shown == option else f"{shown} ({option})"
             raise UsageError(f"{named} cannot be passed through after --: {why}", fix)
+
+
+def _check_vllm_takes(vllm_info, extra: Sequence[str]) -> None:
+    """A flag after ``--`` that the installed vLLM does not know would fail every launch: refuse it first."""
+    for word in extra:
+        if not word.startswith("--") or word == "--":
+            continue
+        option = "--" + word[2:].split("=", 1)[0].replace("_", "-")  # vLLM reads --max_model_len too
+        if not vllm_info.accepts(option):
+            raise UsageError(
+                f"vLLM {vllm_info.version} does not know {word.split('=', 1)[0]} (passed after --)",
+                "check its spelling in 'vllm serve --help=all', or drop it",
+            )
 
 
 def _check_writable(path: Path) -> None:
