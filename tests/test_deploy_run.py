@@ -191,6 +191,12 @@ def test_up_starts_in_order_status_is_healthy_and_down_restores_the_gpu(env, nam
     for inst in status.instances:  # NVML per-process usage of each instance's own session
         assert inst.used_bytes[0] == planned[inst.name]
     assert "healthy" in status.render()
+    (card,) = status.gpus
+    assert card.as_planned  # exactly what the plan puts there: any alert says so
+    assert status.as_dict()["gpus"][0]["as_planned"] is True
+    nvml.baseline += 1 << 30  # another process takes a GiB: beyond the plan
+    assert not runner.status(state).gpus[0].as_planned
+    nvml.baseline -= 1 << 30
 
     outcome = runner.stop_all(state)
     assert outcome["_released"] == "released"

@@ -493,7 +493,12 @@ class Runner:
         cards = []
         for g in gpus:
             mem = self.nvml.memory(g)
-            cards.append(GpuStatus(g, mem.total, mem.used, alert_level(mem.used / mem.total)))
+            # what the plan itself puts on the card: what was there before 'up', and each instance's footprint
+            planned = state.baseline_used.get(str(g), 0) + sum(
+                i.footprint_bytes for i in state.instances if g in i.gpu_ids
+            )
+            as_planned = mem.used <= planned + SETTLE_TOLERANCE_BYTES * 4
+            cards.append(GpuStatus(g, mem.total, mem.used, alert_level(mem.used / mem.total), as_planned))
         return StatusReport(state.name, state.phase, rows, cards)
 
 
@@ -522,6 +527,7 @@ class GpuStatus:
     total_bytes: int
     used_bytes: int
     alert: str  # "" | warning | major | critical
+    as_planned: bool = False  # no more than the plan puts there: an alert says the plan fills the card
 
     @property
     def fraction(self) -> float:
@@ -564,6 +570,7 @@ class StatusReport:
                     "used_bytes": g.used_bytes,
                     "fraction": round(g.fraction, 4),
                     "alert": g.alert,
+                    "as_planned": g.as_planned,
                 }
                 for g in self.gpus
             ],
@@ -586,6 +593,8 @@ class StatusReport:
         lines.append("")
         for g in self.gpus:
             alert = f"  ALERT {g.alert}" if g.alert else ""
+            if g.alert and g.as_planned:
+                alert += " (as planned: the plan fills the card)"
             lines.append(
                 f"  GPU {g.id}: {g.used_bytes / GIB:.1f} / {g.total_bytes / GIB:.1f} GiB "
                 f"({g.fraction * 100:.0f}%){alert}"
