@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("deploy", "Start a deployment's models one after another and verify them."),
     "status": ("deploy", "Health and memory of a running deployment."),
     "down": ("deploy", "Stop what 'vllm-tune up' started."),
-    "emit": ("deploy", "Write a deployment as shell, compose, systemd or Kubernetes files."),
+    "emit": (
+        "deploy",
+        "Write a deployment as shell, compose, systemd, Kubernetes, Helm, LiteLLM, router or Ray files.",
+    ),
 }
 
 
