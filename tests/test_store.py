@@ -266,3 +266,13 @@ def test_history_shows_a_find_trial_as_the_flags_it_was_launched_with(
         "--served-model-name 'my model'"
     )
     assert "None" not in row
+
+
+def test_history_names_the_gpus_a_search_ran_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "g.db"
+    with Store.open(path, clock=Clock()) as store:
+        store.begin_run(
+            "find", "req", {"model": "qwen2.5-7b", "gpu_ids": [0, 1], "gpu_name": "NVIDIA L40S"}, "e"
+        )
+    assert main(["history", "--db", str(path)]) == 0
+    assert "0,1 (NVIDIA L40S)" in capsys.readouterr().out.splitlines()[1]

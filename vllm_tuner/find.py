@@ -408,7 +408,8 @@ class Finder:
             self.store.resume_run(prior.id)
             self.progress.note(f"resuming run {prior.id}: {len(outcomes)} trial(s) already done")
             return prior.id, history, outcomes
-        run_id = self.store.begin_run("find", req_key, self.request.as_dict(), env_fp)
+        recorded = {**self.request.as_dict(), "gpu_name": getattr(self.gpu, "name", "")}  # for history
+        run_id = self.store.begin_run("find", req_key, recorded, env_fp)
         return run_id, history, outcomes
 
     def _record(self, run_id: int, env_fp: str, t: TrialOutcome) -> None:

@@ -65,8 +65,9 @@ def _when(seconds: float | None) -> str:
 def _gpus(request: dict) -> str:
     value = next((request[k] for k in ("gpu_ids", "gpus", "gpu") if request.get(k) is not None), "-")
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value) or "-"
-    return str(value)
+        value = ",".join(str(v) for v in value) or "-"
+    name = request.get("gpu_name")
+    return f"{value} ({name})" if name else str(value)
 
 
 def _winner(run: RunRecord) -> str:
