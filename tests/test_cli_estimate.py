@@ -57,6 +57,14 @@ def test_human_output_when_it_does_not_fit(capsys):
         assert text in out
 
 
+def test_weights_too_big_for_one_card_name_the_gpus_that_would_fit(capsys):
+    code = main(["estimate", "--model", "qwen2.5-14b", "--gpu", "rtx-4090"])
+    out = capsys.readouterr().out
+    assert code == 0 and "does NOT fit" in out
+    (line,) = [x for x in out.splitlines() if "more GPUs" in x]
+    assert line.split()[:5] == ["more", "GPUs", "(-tp", "2,", "--gpus"] and line.rstrip().endswith("fits")
+
+
 @pytest.mark.parametrize("util", ["0", "1.5", "-0.1"])
 def test_bad_utilization_exits_2(capsys, util):
     assert main(["estimate", "--model", "qwen2.5-7b", "--gpu", "h100", "--gpu-memory-utilization", util]) == 2
