@@ -168,3 +168,10 @@ def test_diagnose_unknown_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["diagnose", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["category"] == "unknown" and report["advice"] == []
+
+
+def test_small_amounts_are_shown_in_mib_not_as_zero_gib():
+    from vllm_tuner.commands.diagnose import _fact_text
+
+    assert "2.00 MiB" in _fact_text("tried_to_allocate_gib", "tried to allocate", "GiB", 2 / 1024)
+    assert "1.50 GiB" in _fact_text("tried_to_allocate_gib", "tried to allocate", "GiB", 1.5)

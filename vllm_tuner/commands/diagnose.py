@@ -142,7 +142,7 @@ def render(diagnosis: Diagnosis, advice: list[Advice]) -> str:
 
 def _fact_text(key: str, label: str, unit: str, value: object) -> str:
     if isinstance(value, float) and unit == "GiB":
-        shown = f"{value:.2f} GiB"
+        shown = f"{value:.2f} GiB" if value == 0 or abs(value) >= 0.1 else f"{value * 1024:.2f} MiB"
     elif isinstance(value, int) and unit in ("tokens", "", "bytes") and key != "vllm_version":
         shown = f"{value:,}" + (f" {unit}" if unit else "")
     elif unit == "x":
