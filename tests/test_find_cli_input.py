@@ -366,3 +366,10 @@ def test_a_context_floor_above_the_models_maximum_is_refused(refuse, args):
     message = refuse(*QWEN, *args)
     assert f"{args[0]} {args[1]} is longer than Qwen/Qwen2.5-7B-Instruct takes (32768 tokens" in message
     assert message.endswith(f"use {args[0]} 32768 or less")
+
+
+def test_an_objective_and_fixed_targets_together_are_refused(refuse):
+    assert refuse(*QWEN, "--objective", "concurrency", "--context", "8192", "--seqs", "4") == (
+        "--objective concurrency and fixed targets (--context/--seqs) ask for different searches; "
+        "drop --objective to reach the targets, or drop --context/--seqs to search by the objective"
+    )

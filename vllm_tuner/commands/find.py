@@ -129,6 +129,12 @@ def command(
         min_seqs=min_seqs,
         max_launches=max_launches,
     )
+    explicit = click.get_current_context().get_parameter_source
+    if target_context is not None and explicit("objective") is click.core.ParameterSource.COMMANDLINE:
+        raise UsageError(
+            f"--objective {objective} and fixed targets (--context/--seqs) ask for different searches",
+            "drop --objective to reach the targets, or drop --context/--seqs to search by the objective",
+        )
     if (target_context is None) != (target_seqs is None):
         raise UsageError(
             "fixed targets need both --context and --seqs", "pass e.g. --context 131072 --seqs 8"
