@@ -281,6 +281,10 @@ def test_two_models_on_one_card_are_tuned_then_started_with_the_winners(sim, cap
             assert f"--max-num-seqs {won['max_num_seqs']}" in script
         assert main(["emit", path]) == 0
         assert f"--kv-cache-memory-bytes {won['kv_bytes']}" not in capsys.readouterr().out
+        assert main(["emit", "sim-pair", "--tuned"]) == 0  # by the running deployment's name
+        assert capsys.readouterr().out == script
+        assert main(["emit", "no-such-deployment"]) == 2
+        assert "is neither a deployment file nor a running deployment" in capsys.readouterr().err
     finally:
         assert main(["down", "sim-pair", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["gpu_memory"] == "released"

@@ -103,8 +103,29 @@ def plan_command(file, json_):
     _refuse(plan)
 
 
+def _deployment_file(target: str) -> Path:
+    """A deployment file given as itself, or as the name of a running deployment (the file it was
+    started from)."""
+    path = Path(target)
+    if path.is_file():
+        return path
+    from ..deploy.state import load_state, state_path
+
+    if state_path(target).exists():
+        source = Path(load_state(target).source)
+        if source.is_file():
+            return source
+        raise DeployError(
+            f"deployment {target!r} was started from {source}, which is gone", "pass the deployment file"
+        )
+    raise UsageError(
+        f"{target!r} is neither a deployment file nor a running deployment",
+        "pass a deployment file (e.g. profiles/deployments/coder-general-96gb.yaml) or the name of one 'up' started",
+    )
+
+
 @click.command()
-@FILE
+@click.argument("target", metavar="FILE|NAME")
 @click.option(
     "--format",
     "fmt",
@@ -126,7 +147,7 @@ def plan_command(file, json_):
     is_flag=True,
     help="Write the numbers 'up --tune' measured (read from the running deployment's state).",
 )
-def emit_command(file, fmt, out, image, vllm_cmd, tuned):
+def emit_command(target, fmt, out, image, vllm_cmd, tuned):
     """Write a deployment as shell, compose, systemd, Kubernetes, Helm, router or Ray files.
 
     \b
@@ -135,9 +156,11 @@ def emit_command(file, fmt, out, image, vllm_cmd, tuned):
       vllm-tune emit deploy.yaml --format kubernetes --out k8s/
       vllm-tune emit deploy.yaml --format litellm      (one endpoint routing by model name)
       vllm-tune emit deploy.yaml --tuned --format compose   (after 'vllm-tune up deploy.yaml --tune')
+      vllm-tune emit coder-general-96gb --tuned              (a running deployment, by name)
     """
     from ..deploy.emit import emit
 
+    file = _deployment_file(target)
     plan = _plan(file)
     _refuse(plan)
     if tuned:
