@@ -496,7 +496,12 @@ def run_find(case: dict, m: Machine, time_scale: float) -> tuple[Run, dict]:
         # folder is named after the file, under the fresh home)
         scenario = Path(f"{case['scenario']}-bench.yaml")
         (Path(tmp) / scenario).write_text(yaml.safe_dump(scenario_raw(case)))
-        env = {**os.environ, "VLLM_TUNE_HOME": str(Path(tmp) / "home")}
+        # a fresh home, and GPU locks beside it: each case is its own simulated machine
+        env = {
+            **os.environ,
+            "VLLM_TUNE_HOME": str(Path(tmp) / "home"),
+            "VLLM_TUNE_LOCK_DIR": str(Path(tmp) / "locks"),
+        }
         cmd = [
             str(ROOT / ".venv" / "bin" / "vllm-tune"),
             "find",
