@@ -117,11 +117,12 @@ def test_a_size_that_divides_the_heads_is_accepted(dry_run):
 
 
 def test_unknown_head_count_is_not_checked():
-    class Spec:
-        num_attention_heads = 0
-        serve_name = "x"
+    from dataclasses import replace
 
-    _check_heads(Spec(), 3, using_ids=False)  # no error: only a known head count is checked
+    from vllm_tuner.models import resolve_model
+
+    unknown = replace(resolve_model("llama-3.1-8b"), num_attention_heads=0, kv_layers=())
+    _check_heads(unknown, 3, using_ids=False)  # no error: only a known head count is checked
 
 
 # 3. TP (× PP 1) must use every GPU given

@@ -662,31 +662,12 @@ def _outcome_from_record(cfg: ServeConfig, rec) -> TrialOutcome:
     )
 
 
-def tp_shards_heads(spec, tp: int) -> bool:
-    """Whether vLLM can shard the model's attention over ``tp`` GPUs: the query heads split evenly,
-    and the KV heads too, or (fewer KV heads than GPUs) each is replicated a whole number of times."""
-    heads = getattr(spec, "num_attention_heads", 0) or 0
-    if heads and heads % tp:
-        return False
-    return all(kv % tp == 0 if tp <= kv else tp % kv == 0 for kv in kv_heads(spec) if kv)
-
-
-def kv_heads(spec) -> list[int]:
-    """The KV head counts of the model's sharded attention layers (MLA's one latent is not sharded)."""
-    return [g.num_kv_heads for g in getattr(spec, "kv_layers", ()) if g.kind in ("full", "sliding")]
-
-
-def tp_sizes(spec, up_to: int = 16) -> list[int]:
-    """The tensor-parallel sizes up to ``up_to`` that vLLM can shard the model over."""
-    return [t for t in range(1, up_to + 1) if tp_shards_heads(spec, t)]
-
-
 def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int) -> None:
     """Refuse before any launch when the weights alone cannot fit, and say what would."""
     usable = total_bytes * 0.95 - CONTEXT_OVERHEAD_BYTES - GIB  # room for non-torch, activation, a little KV
     if spec.weights_per_gpu(tp) <= usable:
         return
-    fits = [t for t in tp_sizes(spec) if t >= tp and spec.weights_per_gpu(t) <= usable]
+    fits = [t for t in spec.tp_sizes() if t >= tp and spec.weights_per_gpu(t) <= usable]
     more = (
         f"{fits[0]} GPUs like these (--gpus {fits[0]}: TP {fits[0]}, the smallest that fits)"
         if fits

@@ -166,6 +166,21 @@ class ModelSpec:
     def weights_per_gpu(self, tp: int = 1, pp: int = 1) -> int:
         return int(self.weights_bytes / (max(1, tp) * max(1, pp))) + self.rope_cache_bytes()
 
+    def kv_heads(self) -> list[int]:
+        """The KV head counts of the sharded attention layers (MLA's one latent is not sharded)."""
+        return [g.num_kv_heads for g in self.kv_layers if g.kind in ("full", "sliding")]
+
+    def shards_over(self, tp: int) -> bool:
+        """Whether vLLM can shard the attention over ``tp`` GPUs: the query heads split evenly, and the
+        KV heads too, or (fewer KV heads than GPUs) each is copied a whole number of times."""
+        if self.num_attention_heads and self.num_attention_heads % tp:
+            return False
+        return all(kv % tp == 0 if tp <= kv else tp % kv == 0 for kv in self.kv_heads() if kv)
+
+    def tp_sizes(self, up_to: int = 16) -> list[int]:
+        """The tensor-parallel sizes up to ``up_to`` that vLLM can shard the model over."""
+        return [t for t in range(1, up_to + 1) if self.shards_over(t)]
+
     @classmethod
     def from_config(
         cls,

@@ -176,10 +176,8 @@ def _remedies(spec, cfg: ServeConfig, est, total: int, gpu_name: str) -> list[di
         ("fp8 KV cache (--kv-cache-dtype fp8)", cfg.replace(kv_cache_dtype="fp8")),
         ("CPU offload (--cpu-offload-gb 4)", cfg.replace(cpu_offload_gb=4.0)),
     ]
-    from ..find import tp_sizes
-
     # more GPUs of this size: the smallest tensor-parallel size vLLM can shard the model over that fits
-    wider = [t for t in tp_sizes(spec, up_to=8) if t > cfg.tensor_parallel_size]
+    wider = [t for t in spec.tp_sizes(up_to=8) if t > cfg.tensor_parallel_size]
     for t in wider:
         changed = cfg.replace(tensor_parallel_size=t)
         if t == wider[-1] or estimate(spec, total, changed, gpu_name=gpu_name).fits:

@@ -12,6 +12,7 @@ import click
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..search import GIB
+from ..serveconfig import SHORT_OPTIONS
 from ..units import format_duration, parse_duration
 from ._common import (
     emit_json,
@@ -282,7 +283,15 @@ TUNED_PASSTHROUGH = {
         "drop it",
     ),
 }
-PASSTHROUGH_ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size"}
+
+
+def _long_option(word: str) -> str:
+    """The option a passed-through word names, as vLLM reads it: ``--max_model_len=8`` and
+    ``--max-model-len`` are both ``--max-model-len``; ``-tp`` is ``--tensor-parallel-size``."""
+    option = word.partition("=")[0]
+    if option in SHORT_OPTIONS:
+        return "--" + SHORT_OPTIONS[option]
+    return "--" + option[2:].replace("_", "-") if option.startswith("--") else option
 
 
 def _check_at_least_one(**values: int | None) -> None:
@@ -304,10 +313,7 @@ def _check_at_least_one(**values: int | None) -> None:
 def _check_passthrough(extra: Sequence[str], *, dummy_trials: bool) -> None:
     """Refuse a flag after ``--`` that find sets itself (``--flag value`` and ``--flag=value``)."""
     for word in extra:
-        option = word.partition("=")[0]
-        if option.startswith("--"):
-            option = "--" + option[2:].replace("_", "-")  # vLLM reads --max_model_len as --max-model-len
-        option = PASSTHROUGH_ALIASES.get(option, option)
+        option = _long_option(word)
         if option == "--load-format":
             # passed through as given, dummy included (a config without weights: scripts/gpu-e2e.sh)
             if dummy_trials:
@@ -328,10 +334,9 @@ def _check_vllm_takes(vllm_info, extra: Sequence[str]) -> None:
     for word in extra:
         if not word.startswith("--") or word == "--":
             continue
-        option = "--" + word[2:].split("=", 1)[0].replace("_", "-")  # vLLM reads --max_model_len too
-        if not vllm_info.accepts(option):
+        if not vllm_info.accepts(_long_option(word)):
             raise UsageError(
-                f"vLLM {vllm_info.version} does not know {word.split('=', 1)[0]} (passed after --)",
+                f"vLLM {vllm_info.version} does not know {word.partition('=')[0]} (passed after --)",
                 "check its spelling in 'vllm serve --help=all', or drop it",
             )
 
@@ -380,12 +385,10 @@ def _gpus_words(count: int, using_ids: bool) -> str:
 
 def _check_heads(spec, tp: int, *, using_ids: bool) -> None:
     """vLLM refuses a tensor-parallel size it cannot shard the attention heads over; so does find, up front."""
-    from ..find import kv_heads, tp_shards_heads, tp_sizes
-
-    if tp_shards_heads(spec, tp):
+    if spec.shards_over(tp):
         return
-    heads, kv = spec.num_attention_heads, max(kv_heads(spec), default=0)
-    sizes = tp_sizes(spec, up_to=max(tp, 8))
+    heads, kv = spec.num_attention_heads, max(spec.kv_heads(), default=0)
+    sizes = spec.tp_sizes(up_to=max(tp, 8))
     nearest = max(d for d in sizes if d <= tp)
     what = f"{heads} attention heads" if heads % tp else f"{kv} KV heads (split evenly, or each copied whole)"
     raise UsageError(
@@ -426,10 +429,8 @@ def _check_tp_uses_every_gpu(spec, tp: int, ids: Sequence[int], *, gpus_given: b
         gpus_fix = "--gpu-ids " + ",".join(str(i) for i in ids[:tp])
     else:
         gpus_fix = _gpus_words(tp, using_ids)
-    from ..find import tp_shards_heads
-
     fix = f"pass {gpus_fix}"
-    if tp_shards_heads(spec, n):
+    if spec.shards_over(n):
         fix += f", or -tp {n}"
     raise UsageError(problem, fix)
 

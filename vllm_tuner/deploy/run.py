@@ -497,7 +497,7 @@ class Runner:
             planned = state.baseline_used.get(str(g), 0) + sum(
                 i.footprint_bytes for i in state.instances if g in i.gpu_ids
             )
-            as_planned = mem.used <= planned + SETTLE_TOLERANCE_BYTES * 4
+            as_planned = mem.used <= planned + RELEASE_TOLERANCE_BYTES
             cards.append(GpuStatus(g, mem.total, mem.used, alert_level(mem.used / mem.total), as_planned))
         return StatusReport(state.name, state.phase, rows, cards)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from ..deploy.state import proc_start_time
 from ..errors import UsageError
 from ..paths import profiles_dir
 from .state import SCALE_ENV, STATE_ENV, live_procs, pid_alive
@@ -127,19 +128,12 @@ def _boot(folder: Path, resolved: dict, name: str) -> None:
     path.write_text(json.dumps(resolved, indent=1))
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _use(folder: Path) -> None:
     """Mark this process as using the machine (``users/<pid>``): until it exits, another ``create`` of
     the same machine joins it instead of booting it afresh between this process's launches."""
     users = folder / "users"
     users.mkdir(parents=True, exist_ok=True)
-    (users / str(os.getpid())).write_text(_start_time(os.getpid()) or "")
+    (users / str(os.getpid())).write_text(proc_start_time(os.getpid()) or "")
 
 
 def _live_users(folder: Path) -> list[int]:
@@ -152,7 +146,7 @@ def _live_users(folder: Path) -> list[int]:
             continue
         if pid == os.getpid():
             continue
-        if pid_alive(pid) and _start_time(pid) == started:
+        if pid_alive(pid) and proc_start_time(pid) == started:
             out.append(pid)
         else:
             with contextlib.suppress(OSError):
