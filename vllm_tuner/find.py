@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from .devices import CUDA, DeviceKind, device_kind
 from .errors import GpuError, UsageError, VllmError
 from .probe import LoadReport
 from .progress import Progress
@@ -23,9 +24,6 @@ from .search import GIB, MAX_SEQS, Finish, Launch, Observation, Policy, ProbeSum
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 
-CONTEXT_OVERHEAD_BYTES = (
-    GIB // 4
-)  # optimistic on purpose: a wrong guess fails in seconds and prints the exact free memory
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
 # The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "swap/offload"
 # rung is weight offload through --cpu-offload-gb (KV offload to CPU does not shrink the GPU pool).
@@ -33,7 +31,7 @@ LOSSY_FLAGS = {
     "eager": "--enforce-eager",
     "fp8-kv": "--kv-cache-dtype",
     "offload": "--cpu-offload-gb",
-}  # CUDA context + cuBLAS a vLLM worker holds before its free-memory check
+}
 
 
 @dataclass(frozen=True)
@@ -58,15 +56,23 @@ class FindRequest:
     dummy_trials: bool = False
     extra_args: tuple[str, ...] = ()
     vllm_cmd: str = "vllm"
+    device: str = "cuda"
+
+    @property
+    def device_kind(self) -> DeviceKind:
+        return device_kind(self.device)
 
     def key(self) -> str:
         blob = json.dumps(self.as_dict(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict:
-        floor = {} if self.util_floor == 0.50 else {"util_floor": self.util_floor}  # keeps old keys
+        # a field at its old value is left out, so the keys of earlier runs stay the same
+        floor = {} if self.util_floor == 0.50 else {"util_floor": self.util_floor}
+        device = {} if self.device == "cuda" else {"device": self.device}
         return {
             **floor,
+            **device,
             "model": self.model,
             "gpu_ids": list(self.gpu_ids),
             "tp": self.tensor_parallel_size,
@@ -216,11 +222,17 @@ class Finder:
             extra_args=request.extra_args,
             load_format="dummy" if request.dummy_trials else None,
         )
+        kind = request.device_kind
         self.policy = Policy(
             self._policy_request(),
             self.base,
+            # no CUDA graphs where the device has none: the estimate of an eager config is the right one
             estimate=lambda cfg, cal: estimate_fn(
-                spec, gpu.total_bytes, cfg, gpu_name=gpu.name, calibration=cal
+                spec,
+                gpu.total_bytes,
+                cfg.replace(enforce_eager=True) if "eager" in kind.missing_knobs else cfg,
+                gpu_name=gpu.name,
+                calibration=cal,
             ),
             calibrate=calibrate_fn,
             start_util_cap=self._free_memory_util_cap(),
@@ -239,6 +251,8 @@ class Finder:
                 )
             # a lossy rung this vLLM cannot express is dropped from the ladder, never passed
             allow -= {knob for knob, flag in LOSSY_FLAGS.items() if not info.accepts(flag)}
+        kind = r.device_kind
+        allow -= set(kind.missing_knobs)  # a knob that does nothing on this device is never tried
         return Request(
             objective=r.objective,
             min_seqs=r.min_seqs,
@@ -253,7 +267,7 @@ class Finder:
             **({"knob_order": r.knob_order} if r.knob_order else {}),
             # set where vLLM has it, allowed or not: what offload would buy is said either way
             offload_flag=LOSSY_FLAGS["offload"]
-            if info is None or info.accepts(LOSSY_FLAGS["offload"])
+            if (info is None or info.accepts(LOSSY_FLAGS["offload"])) and "offload" not in kind.missing_knobs
             else None,
             block_size=64 if getattr(self.spec, "is_mla", False) else 16,
         )
@@ -264,7 +278,7 @@ class Finder:
         if not free:
             return None
         total = self.gpu.total_bytes
-        cap = (min(free) - CONTEXT_OVERHEAD_BYTES) / total
+        cap = (min(free) - self.request.device_kind.context_overhead_bytes) / total
         return None if cap >= self.request.util_ceiling else round(int(cap * 100) / 100, 2)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -457,12 +471,9 @@ class Finder:
             keys = {decision.winner.config.key(), decision.winner.config.replace(load_format=None).key()}
             stable = [t for t in outcomes if t.config.key() in keys and t.verdict == "stable"]
             winner = next((t for t in stable if t.config.load_format is None), stable[-1])
-        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-        if winner is not None and (
-            winner.config.kv_offloading_size or "--kv-transfer-config" in winner.config.extra_args
-        ):
-            env = {}
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.request.gpu_ids)
+        env = self.request.device_kind.serve_env(
+            self.request.gpu_ids, winner.config if winner is not None else None
+        )
         result = FindResult(
             request=self.request,
             winner=winner,
@@ -662,9 +673,16 @@ def _outcome_from_record(cfg: ServeConfig, rec) -> TrialOutcome:
     )
 
 
-def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int) -> None:
+def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int, kind: DeviceKind = CUDA) -> None:
     """Refuse before any launch when the weights alone cannot fit, and say what would."""
-    usable = total_bytes * 0.95 - CONTEXT_OVERHEAD_BYTES - GIB  # room for non-torch, activation, a little KV
+    # room for non-torch, activation and a little KV
+    usable = total_bytes * kind.util_ceiling - kind.context_overhead_bytes - GIB
+    if kind.name == "cpu" and spec.weights_per_gpu(tp) > usable:
+        raise GpuError(
+            f"the weights alone need {spec.weights_per_gpu(tp) / GIB:.1f} GiB per NUMA node at TP {tp}, "
+            f"more than a node's {total_bytes / GIB:.1f} GiB of RAM can give vLLM",
+            "use a machine with more memory per node, more nodes (--gpus N), or a smaller or quantized model",
+        )
     if spec.weights_per_gpu(tp) <= usable:
         return
     fits = [t for t in spec.tp_sizes() if t >= tp and spec.weights_per_gpu(t) <= usable]
@@ -680,7 +698,7 @@ def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int) -> None:
     )
 
 
-def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids) -> None:
+def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids, kind: DeviceKind = CUDA) -> None:
     """Refuse early when other processes hold so much memory that not even the weights fit."""
     free = getattr(gpu, "free_bytes", None)
     if not free:
@@ -688,7 +706,13 @@ def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids) -> None:
     for idx, f in zip(gpu_ids, free, strict=False):
         if gpu.total_bytes - f < GIB:
             continue  # next to nothing held by others: whether the weights fit is not theirs to answer
-        if f - CONTEXT_OVERHEAD_BYTES < weights_per_gpu:
+        if f - kind.context_overhead_bytes < weights_per_gpu:
+            if kind.name == "cpu":
+                raise GpuError(
+                    f"NUMA node {idx} has only {f / GIB:.1f} GiB available of {gpu.total_bytes / GIB:.1f} GiB, "
+                    f"less than the {weights_per_gpu / GIB:.1f} GiB of weights per node",
+                    "stop what is using the memory (top, sorted by RES) or choose other nodes with --gpu-ids",
+                )
             raise GpuError(
                 f"GPU {idx} has only {f / GIB:.1f} GiB free of {gpu.total_bytes / GIB:.1f} GiB, "
                 f"less than the {weights_per_gpu / GIB:.1f} GiB of weights per GPU",

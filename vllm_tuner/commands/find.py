@@ -56,7 +56,12 @@ KNOBS = (
     "--seqs", "target_seqs", type=int, default=None, help="Fixed target concurrency (with --context)."
 )
 @click.option("--allow", default="", help="Lossy knobs the search may use: eager,fp8-kv,offload.")
-@click.option("--util-ceiling", type=float, default=0.95, show_default=True, help="Never above 0.98.")
+@click.option(
+    "--util-ceiling",
+    type=float,
+    default=None,
+    help="Never above 0.98 [default: 0.95 on cuda, 0.90 on cpu].",
+)
 @headroom_option
 @click.option(
     "--knob-order",
@@ -146,7 +151,10 @@ def command(
     if write_config is not None:
         _check_writable(write_config)
     runtime = runtime_args.build()
+    kind = runtime.device
     request_objective = "targets" if target_context else objective
+    allowed = _allow(allow)
+    _note_missing_knobs(runtime, allowed)
     spec, gpu, nvml = _model_and_gpus(runtime, model, gpus, ids)
     ids = tuple(gpu.ids)
     tp_size = tp or len(ids)
@@ -162,8 +170,10 @@ def command(
         min_context=min_context,
         target_context=target_context,
         target_seqs=target_seqs,
-        allow=_allow(allow),
-        util_ceiling=util_ceiling,
+        allow=allowed,
+        util_ceiling=kind.util_ceiling if util_ceiling is None else util_ceiling,
+        util_floor=kind.util_floor,
+        device=kind.name,
         headroom_bytes=int(headroom * GIB),
         max_launches=max_launches,
         time_budget_s=parse_duration(time_budget, option="--time-budget") if time_budget else None,
@@ -185,9 +195,9 @@ def command(
         )
     from ..find import check_gpus_free, check_weights_fit
 
-    if "offload" not in req.allow:
-        check_weights_fit(spec, gpu.total_bytes, req.tensor_parallel_size, len(ids))
-    check_gpus_free(gpu, int(spec.weights_bytes) // req.tensor_parallel_size, gpu_ids=ids)
+    if "offload" not in req.allow or kind.name == "cpu":
+        check_weights_fit(spec, gpu.total_bytes, req.tensor_parallel_size, len(ids), kind)
+    check_gpus_free(gpu, int(spec.weights_bytes) // req.tensor_parallel_size, gpu_ids=ids, kind=kind)
 
     vllm_info = None
     if not dry_run:
@@ -449,6 +459,14 @@ def _model_and_gpus(runtime, model: str, gpus: int | None, ids: list[int] | None
         nvml_opener=lambda: nvml,
     )
     return spec, gpu, nvml
+
+
+def _note_missing_knobs(runtime, allowed: frozenset[str]) -> None:
+    """Say once, before the search, which allowed lossy knobs do nothing on this device."""
+    for knob in sorted(allowed & set(runtime.device.missing_knobs)):
+        runtime.progress.note(
+            f"--allow {knob} is skipped on --device {runtime.device.name}: {runtime.device.missing_knobs[knob]}"
+        )
 
 
 def _allow(text: str) -> frozenset[str]:

