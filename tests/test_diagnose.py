@@ -139,7 +139,7 @@ def test_diagnose_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_diagnose_human_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["diagnose", str(DATA / "startup_free_memory_below_utilization.log")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("less GPU memory is free than --gpu-memory-utilization asks for")
+    assert out.startswith("less memory is free than --gpu-memory-utilization asks for")
     assert "18.10 GiB" in out and "LOWER --gpu-memory-utilization to 0.75" in out
 
 

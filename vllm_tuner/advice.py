@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from .logparse import Diagnosis, Facts
 
+GIB = 1 << 30
+MIB = 1 << 20
 LENGTH_STEP = 256  # suggested context lengths are rounded down to this
 UTIL_CEILING = 0.98  # never suggest more than this
 UTIL_MARGIN = 0.01
@@ -24,7 +26,7 @@ TITLES: dict[str, str] = {
     "oom_weights_load": "out of GPU memory while loading the weights",
     "kv_cache_insufficient_for_max_len": "the KV cache cannot hold one request of --max-model-len tokens",
     "no_kv_cache_memory": "no memory left for the KV cache inside --gpu-memory-utilization",
-    "startup_free_memory_below_utilization": "less GPU memory is free than --gpu-memory-utilization asks for",
+    "startup_free_memory_below_utilization": "less memory is free than --gpu-memory-utilization asks for",
     "oom_cudagraph_capture": "out of GPU memory while capturing CUDA graphs",
     "oom_during_profiling": "out of GPU memory during the startup profile run",
     "oom_at_runtime": "out of GPU memory while serving requests",
@@ -87,7 +89,21 @@ class _Known:
         return value
 
     def util(self) -> float | None:
-        return self.number("gpu_memory_utilization", "--gpu-memory-utilization")
+        value = self.number("gpu_memory_utilization", "--gpu-memory-utilization")
+        requested, total = self.number("requested_gib"), self.number("total_gib")
+        if value is None and requested and total:
+            value = round(requested / total, 2)  # vLLM asks for total x the fraction (rounded up)
+        return value
+
+    def kv_cache_bytes(self) -> int | None:
+        """The ``--kv-cache-memory-bytes`` the launch used: the KV cache is that size, not a share."""
+        value = self.flags.get("--kv-cache-memory-bytes")
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def cpu(self) -> bool:
+        """vLLM's CPU backend: the fraction is a share of one NUMA node's memory, and no CUDA graphs."""
+        return self.facts.get("platform") == "cpu"
 
     def max_model_len(self) -> int | None:
         value = self.number("max_model_len", "--max-model-len")
@@ -117,7 +133,7 @@ def _util_down(value: float) -> float:
 
 
 def _gib(value: float) -> str:
-    return f"{value:.2f} GiB"
+    return f"{value:.2f} GiB" if abs(value) >= 0.1 or value == 0 else f"{value * 1024:.1f} MiB"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,8 +162,24 @@ def _kv_insufficient(k: _Known) -> list[Advice]:
     needed, available = k.number("needed_gib"), k.number("available_kv_gib")
     if needed is None and available is not None and tokens and length:
         needed = available * length / tokens
+    if needed is not None and needed < 0.01:
+        needed = available = None  # printed as 0.0 GiB: too small to compute with
     keep = f" to keep {length}" if length else ""
-    if util and total and needed is not None and available is not None:
+    fixed = k.kv_cache_bytes()
+    if fixed:
+        # the KV cache is the flag's size: the utilization does not move it
+        need = needed * GIB if needed else (fixed * length / fits if fits and length else None)
+        if need:
+            target = math.ceil(need * 1.02 / MIB) * MIB
+            out.append(
+                Advice(
+                    f"or raise --kv-cache-memory-bytes to {target}{keep} ({_gib(need / GIB)} of KV cache needed)",
+                    {"--kv-cache-memory-bytes": target},
+                )
+            )
+        else:
+            out.append(Advice(f"or raise --kv-cache-memory-bytes{keep}", {}))
+    elif util and total and needed is not None and available is not None:
         target = _util_up(util + (needed - available) / total + UTIL_MARGIN)
         if target <= UTIL_CEILING:
             out.append(
@@ -168,11 +200,13 @@ def _kv_insufficient(k: _Known) -> list[Advice]:
             else ""
         )
         out.append(Advice(f"or raise --gpu-memory-utilization{keep}{detail}", {}))
-    out.append(
-        Advice(
-            "or --enforce-eager: no CUDA graphs, their memory goes to the KV cache", {"--enforce-eager": True}
+    if not k.cpu:
+        out.append(
+            Advice(
+                "or --enforce-eager: no CUDA graphs, their memory goes to the KV cache",
+                {"--enforce-eager": True},
+            )
         )
-    )
     out.append(
         Advice(
             "or --kv-cache-dtype fp8: about twice the tokens in the same memory (small quality cost)",
@@ -184,21 +218,40 @@ def _kv_insufficient(k: _Known) -> list[Advice]:
 
 def _no_kv_memory(k: _Known) -> list[Advice]:
     util, total = k.util(), k.number("total_gib")
-    available = k.number("available_kv_gib")
+    available, free = k.number("available_kv_gib"), k.number("free_gib")
     used = [f"weights {_gib(w)}" for w in [k.number("weights_gib")] if w]
     used += [f"activations {_gib(a)}" for a in [k.number("peak_activation_gib")] if a]
+    if not used and k.number("consumed_gib"):
+        used = [f"the model's {_gib(k.number('consumed_gib') or 0)}"]
     spent = f" after {' and '.join(used)}" if used else ""
-    budget = f" ({util:.2f} of the GPU)" if util else ""
+    share = "the node's memory" if k.cpu else "the GPU"
+    budget = f" ({util:.2f} of {share})" if util else ""
+    full = "the node is full" if k.cpu else "the GPU is full"
     lead = (
         f"the budget{budget} has no room for a KV cache{spent}: RAISE "
-        "--gpu-memory-utilization — this error means the budget is too small, not that the GPU is full"
+        f"--gpu-memory-utilization — this error means the budget is too small, not that {full}"
     )
     out: list[Advice] = []
     if util and total:
         short = max(0.0, -(available or 0.0)) + 1.0  # reach at least 1 GiB of KV cache
         target = _util_up(util + short / total)
-        if target <= UTIL_CEILING:
+        # no more than is free: above that the startup check (or the allocation) fails instead
+        fits = _util_down(free / total - UTIL_MARGIN) if free else UTIL_CEILING
+        ceiling = min(UTIL_CEILING, fits)
+        if target <= ceiling:
             out.append(Advice(f"{lead}; try {target}", {"--gpu-memory-utilization": target}))
+        elif ceiling > util:
+            out.append(
+                Advice(
+                    f"{lead}; {target} would be needed for 1 GiB of KV cache, but only {free:.2f} of "
+                    f"{total:.2f} GiB is free: {ceiling} is the most that fits",
+                    {"--gpu-memory-utilization": ceiling},
+                )
+            )
+        elif free and fits < UTIL_CEILING:
+            out.append(
+                Advice(f"{lead}, but only {free:.2f} of {total:.2f} GiB is free: free memory first", {})
+            )
         else:
             out.append(Advice(f"{lead}, but even {UTIL_CEILING} is not enough", {}))
     else:
@@ -211,12 +264,13 @@ def _no_kv_memory(k: _Known) -> list[Advice]:
                 {"--max-num-seqs": seqs // 2},
             )
         )
-    out.append(
-        Advice(
-            "--enforce-eager frees the CUDA graph memory reserved out of the budget",
-            {"--enforce-eager": True},
+    if not k.cpu:
+        out.append(
+            Advice(
+                "--enforce-eager frees the CUDA graph memory reserved out of the budget",
+                {"--enforce-eager": True},
+            )
         )
-    )
     out.append(_more_gpus(k, "the weights leave too little of each GPU"))
     return out
 
@@ -224,28 +278,52 @@ def _no_kv_memory(k: _Known) -> list[Advice]:
 def _free_below_util(k: _Known) -> list[Advice]:
     free, total = k.number("free_gib"), k.number("total_gib")
     util, requested = k.util(), k.number("requested_gib")
+    kv = k.number("available_kv_gib")
     out: list[Advice] = []
+    others = (
+        f"{total - free:.2f} GiB of the node is used by other processes (see free -g)"
+        if k.cpu and free is not None and total
+        else f"{total - free:.2f} GiB is held by other processes or this one's CUDA context (see nvidia-smi)"
+        if free is not None and total
+        else ""
+    )
+    memory = "memory" if k.cpu else "GPU memory"
+    if k.kv_cache_bytes() is not None or (requested is None and kv is not None):
+        # --kv-cache-memory-bytes: the KV cache must fit in what is available now
+        asked = _gib(kv) if kv is not None else f"{k.kv_cache_bytes()} bytes"
+        if free is not None and total:
+            size = math.floor((free - UTIL_MARGIN * total) * 1024) * MIB
+            if size > 0:
+                out.append(
+                    Advice(
+                        f"--kv-cache-memory-bytes asks for {asked} but only {free:.2f} GiB is available: "
+                        f"LOWER --kv-cache-memory-bytes to {size}",
+                        {"--kv-cache-memory-bytes": size},
+                    )
+                )
+            out.append(Advice(f"or free {memory}: {others}", {}))
+        else:
+            out.append(Advice(f"LOWER --kv-cache-memory-bytes, or stop what else uses the {memory}", {}))
+        return out
     if free and total:
         target = _util_down(free / total - UTIL_MARGIN)
         asks = (
             f" but --gpu-memory-utilization {util:g} asks for {_gib(requested)}" if util and requested else ""
         )
-        out.append(
-            Advice(
-                f"only {free:.2f} of {total:.2f} GiB is free at startup{asks}: LOWER "
-                f"--gpu-memory-utilization to {target}",
-                {"--gpu-memory-utilization": target},
+        if target > 0:
+            where = " of the node is free for this server" if k.cpu else " is free at startup"
+            out.append(
+                Advice(
+                    f"only {free:.2f} of {total:.2f} GiB{where}{asks}: LOWER "
+                    f"--gpu-memory-utilization to {target}",
+                    {"--gpu-memory-utilization": target},
+                )
             )
-        )
-        out.append(
-            Advice(
-                f"or free the GPU: {total - free:.2f} GiB is held by other processes or this one's CUDA context "
-                "(see nvidia-smi); the utilization is a share of the whole GPU",
-                {},
-            )
-        )
+        share = "the node's whole memory" if k.cpu else "the whole GPU"
+        out.append(Advice(f"or free {memory}: {others}; the utilization is a share of {share}", {}))
     else:
-        out.append(Advice("LOWER --gpu-memory-utilization, or stop what else uses the GPU", {}))
+        other = "the node's memory" if k.cpu else "the GPU"
+        out.append(Advice(f"LOWER --gpu-memory-utilization, or stop what else uses {other}", {}))
     return out
 
 
@@ -481,6 +559,12 @@ def _port_in_use(k: _Known) -> list[Advice]:
 
 def _more_gpus(k: _Known, why: str) -> Advice:
     tp = k.tp()
+    if k.cpu:  # the CPU backend shards over NUMA nodes, one rank each
+        why = why.replace("GPU", "NUMA node")
+        return Advice(
+            f"{why}: split the model over more NUMA nodes, --tensor-parallel-size {tp * 2}",
+            {"--tensor-parallel-size": tp * 2},
+        )
     return Advice(
         f"{why}: use more GPUs, --tensor-parallel-size {tp * 2}", {"--tensor-parallel-size": tp * 2}
     )

@@ -179,6 +179,25 @@ _V0_PROFILE_KEYS = {
 }
 
 
+def _kv_refusal(match: re.Match[str]) -> Facts:
+    """The CPU backend's refusal to allocate the KV cache: what the node has, what vLLM asked for.
+
+    With ``--kv-cache-memory-bytes`` vLLM prints one number (that size); it needs that much available
+    now. Otherwise it prints the KV share and the worker's whole request (``requested`` = the node's
+    total x ``--gpu-memory-utilization``); the worker already holds ``requested - kv`` (its non-KV
+    usage), so what was free for this worker is what is still available plus what it holds: the
+    number the next utilization is computed from, like the free memory of the startup check.
+    """
+    available, total, kv, requested = (float(_number(g)) if g else None for g in match.groups())
+    out: Facts = {"platform": "cpu", "total_gib": total, "available_kv_gib": kv}
+    if requested is None:
+        out["free_gib"] = available
+    else:
+        consumed = round(requested - kv, 2)
+        out.update(requested_gib=requested, consumed_gib=consumed, free_gib=round(available + consumed, 2))
+    return out
+
+
 def _v0_profile(match: re.Match[str]) -> Facts:
     out: Facts = {}
     for key, value in re.findall(r"(\w+)=(-?[\d.]+)", match.group(0)):
@@ -195,6 +214,7 @@ _SIZE = r"(-?\d+(?:,\d{3})*(?:\.\d+)?)\s*([KMGT]i?B)"
 _FACT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Facts]]] = [
     (re.compile(r"vLLM (?:API )?server version ([0-9][\w.+\-]*)"), lambda m: {"vllm_version": m.group(1)}),
     (re.compile(r"LLM engine \(v([0-9][\w.+\-]*)\)"), lambda m: {"vllm_version": m.group(1)}),
+    (re.compile(r"Automatically detected platform (\w+)"), lambda m: {"platform": m.group(1).lower()}),
     (re.compile(r"Using max model len " + _N), _ints("max_model_len")),
     (re.compile(r"LLM engine .*?\bmax_seq_len=(\d+)"), _ints("max_model_len")),
     (
@@ -237,6 +257,35 @@ _FACT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Facts]]] = [
         _floats("gpu_memory_utilization"),
     ),
     (re.compile(r"increase --gpu-memory-utilization from " + _N + " to"), _floats("gpu_memory_utilization")),
+    # CPU backend: the KV cache is a share of one NUMA node's memory
+    (
+        re.compile(r"(?:Auto|Explicitly) set \(" + _N + "/" + _N + r"\) GiB for KV cache on node"),
+        lambda m: {"platform": "cpu", **_floats("available_kv_gib", "total_gib")(m)},
+    ),
+    (
+        re.compile(r"GiB for KV cache on node \d+, with " + _N + r" GiB requested memory"),
+        _floats("requested_gib"),
+    ),
+    (re.compile(_N + r" GiB memory was consumed by non-kv usages"), _floats("consumed_gib")),
+    (
+        re.compile(r"Available memory on node \d+ \(" + _N + "/" + _N + r" GiB\) on startup"),
+        lambda m: {"platform": "cpu", **_floats("free_gib", "total_gib")(m)},
+    ),
+    (
+        re.compile(
+            r"Available memory on node \d+ \("
+            + _N
+            + "/"
+            + _N
+            + r" GiB\) on kv cache allocation is less than requested memory for kv \("
+            + _N
+            + "(?:/"
+            + _N
+            + r")? GiB\)"
+        ),
+        _kv_refusal,
+    ),
+    (re.compile(r"\bCPU KV cache size:"), lambda m: {"platform": "cpu"}),
     # capacity
     (re.compile(r"KV cache size: " + _N + " tokens"), _ints("kv_cache_tokens")),
     (
@@ -265,7 +314,10 @@ _FACT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Facts]]] = [
         _floats("free_gib", "total_gib"),
     ),
     (
-        re.compile(r"desired GPU memory utilization (?:is )?\(" + _N + ", " + _N + r" GiB\)", re.I),
+        # the requested size may be cut off in a pasted excerpt; the "," shows the fraction is whole
+        re.compile(
+            r"desired (?:GPU|CPU) memory utilization (?:is )?\(" + _N + r",(?:\s*" + _N + r" GiB\))?", re.I
+        ),
         _floats("gpu_memory_utilization", "requested_gib"),
     ),
     (re.compile(r"Actual usage is " + _N + r" GiB for consumed memory"), _floats("consumed_gib")),
@@ -350,6 +402,11 @@ _FACT_WORDS = (
     "maximum concurrency",
     "blocks:",
     "desired gpu",
+    "desired cpu",
+    "platform",
+    "kv cache on node",
+    "non-kv usages",
+    "memory on node",
     "actual usage",
     "gib for",
     "kv-cache-memory",
@@ -405,7 +462,21 @@ _FATAL_RULES: list[tuple[re.Pattern[str], str]] = [
         "kv_cache_insufficient_for_max_len",
     ),
     (
-        re.compile(r"on startup is less than desired GPU memory utilization"),
+        # "Free memory on device cuda:0 (...) on startup is less than desired GPU memory utilization";
+        # the CPU backend: "Available memory on node 0 (...) on startup is less than desired CPU ..."
+        re.compile(r"on startup is less than (?:desired\b|the engine's budget)"),
+        "startup_free_memory_below_utilization",
+    ),
+    # The CPU backend after loading: the KV share of the request is not available. A share of zero or
+    # less means the worker's own usage already fills --gpu-memory-utilization (the budget is too
+    # small, as "No available memory for the cache blocks"); a positive one, that the node has less
+    # memory available than the budget asks for (as the startup check).
+    (
+        re.compile(r"on kv cache\s*allocation is less than requested memory for kv \((?:-|0(?:\.0+)?/)"),
+        "no_kv_cache_memory",
+    ),
+    (
+        re.compile(r"on kv cache\s*allocation is less than"),
         "startup_free_memory_below_utilization",
     ),
     (re.compile(r"exceeds available Mamba cache blocks"), "mamba_blocks_below_max_num_seqs"),
@@ -473,6 +544,7 @@ _PHASE_MARKERS: list[tuple[str, re.Pattern[str]]] = [
             r"|torch\.compile take|Compiling a graph|Directly load the compiled graph|Profiling CUDA graph memory"
             r"|Estimated CUDA graph memory|Available KV cache memory|KV cache size:|(?:GPU|cuda) blocks:"
             r"|Maximum concurrency for|the current vLLM instance can use|model weights take"
+            r"|GiB for KV cache on node|Warming up model for the compilation|Warming up done"
         ),
     ),
     (
@@ -713,9 +785,13 @@ class LogWatcher:
                 self._oom_phase = self._phase
         elif self._decisive == "oom" and category in _OOM_WRAPPERS:
             self._decisive = category  # vLLM's own wording for the raw OOM seen just before
-        elif category == self._decisive and self._evidence_from_numbers:
-            self._fatal_evidence = self._evidence(pattern)  # the error line beats the number behind it
+        elif self._evidence_from_numbers:
+            # the error line beats the number behind it, in its wording and in its category
+            self._decisive = category
+            self._fatal_evidence = self._evidence(pattern)
             self._evidence_from_numbers = False
+            if category == "oom":
+                self._oom_phase = self._phase
 
     def _evidence(self, pattern: re.Pattern[str]) -> str:
         """The line the decisive match starts on, with the lines it wraps onto."""
@@ -808,7 +884,9 @@ class LogWatcher:
 
 
 def _negative(value: Fact | None) -> bool:
-    return isinstance(value, (int, float)) and value <= 0
+    """A KV cache size below zero. Zero is not proof: vLLM prints sizes rounded to 0.01 GiB, and a KV
+    cache of a few MiB (the CPU backend's "Explicitly set (0.0/13.84) GiB") still holds short requests."""
+    return isinstance(value, (int, float)) and value < 0
 
 
 def classify(text: str) -> Diagnosis:
