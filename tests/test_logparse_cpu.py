@@ -30,8 +30,9 @@ STARTUP = [
     CORE.format(s=15, f="cpu_model_runner.py:87") + "Warming up model for the compilation...",
     CORE.format(s=49, f="cpu_model_runner.py:91") + "Warming up done.",
 ]
+WORKER = "(Worker pid=4226) INFO 06-13 20:03:{s:02d} [{f}] "
 AUTO_SET = (
-    CORE.format(s=50, f="cpu_worker.py:252")
+    WORKER.format(s=50, f="cpu_worker.py:260")
     + "Auto set (2.16/13.84) GiB for KV cache on node 0, with 2.77 GiB "
     "requested memory for the worker. 0.61 GiB memory was consumed by non-kv usages."
 )
@@ -296,3 +297,11 @@ def test_cpu_lines_cut_mid_sentence() -> None:
         "ValueError: Available memory on node 0 (1.5/13.84 GiB) on kv cache allocation is less than requ"
     )
     assert classify(refusal).category == "startup_free_memory_below_utilization"
+
+
+def test_a_cpu_startup_given_up_on_after_the_kv_cache_says_where() -> None:
+    watcher = LogWatcher()
+    watcher.feed_text("\n".join([*STARTUP, AUTO_SET, KV_SIZE, READY[0]]))
+    diagnosis = watcher.finalize(timed_out=True)
+    assert diagnosis.category == "startup_timeout"
+    assert "while warming up the engine" in diagnosis.evidence and "CUDA" not in diagnosis.evidence

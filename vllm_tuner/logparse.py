@@ -451,10 +451,13 @@ def _mentions(window: Iterable[str], words: tuple[str, ...]) -> bool:
 # Fatal lines. "oom" is placed in its phase later; "died" is a death notice whose cause may follow.
 
 _FATAL_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"No available memory for the cache blocks"), "no_kv_cache_memory"),
+    (re.compile(r"No available memory for the cache"), "no_kv_cache_memory"),
     (re.compile(r"Cannot auto-fit max_model_len"), "no_kv_cache_memory"),
     (
-        re.compile(r"KV cache is needed, which is larger than the available KV cache memory"),
+        re.compile(
+            r"To serve at least one request with the model's max seq len"
+            r"|KV cache is needed, which is larger than the available"
+        ),
         "kv_cache_insufficient_for_max_len",
     ),
     (
@@ -504,13 +507,21 @@ _FATAL_RULES: list[tuple[re.Pattern[str], str]] = [
             r"EngineCore failed to start|Engine core initialization failed|WorkerProc failed to start"
             r"|WorkerProc hit an exception|WorkerProc initialization failed|died unexpectedly|EngineDeadError"
             r"|EngineCore encountered (?:a fatal error|an issue)|Error executing method|died with exit code"
-            r"|Worker \w+ pid \d+ died|Frontend process failed"
+            r"|Worker \w+ pid \d+ died|Frontend process failed|engine core exited unexpectedly"
         ),
         "died",
     ),
 ]
 
 _OOM_WRAPPERS = {"oom_weights_load", "oom_during_profiling"}
+
+_PHASE_WORDS = {
+    "starting": "while starting",
+    "loading": "while loading the weights",
+    "profiling": "while profiling memory",
+    "capturing": "while capturing CUDA graphs",
+    "serving": "after startup",
+}
 
 _OOM_CATEGORY = {
     "loading": "oom_weights_load",
@@ -526,7 +537,7 @@ _PHASE_MARKERS: list[tuple[str, re.Pattern[str]]] = [
     (
         "serving",
         re.compile(
-            r"Starting vLLM (?:API )?server\b|Supported tasks|Available routes are|Application startup complete"
+            r"Starting vLLM (?:API )?server\b|^Supported tasks|Available routes are|Application startup complete"
             r"|Uvicorn running on|Started server process|Avg prompt throughput"
         ),
     ),
@@ -562,6 +573,20 @@ _PHASE_MARKERS: list[tuple[str, re.Pattern[str]]] = [
 ]
 _READY = re.compile(r"Application startup complete|Starting vLLM (?:API )?server\b|Uvicorn running on")
 _PROGRESS_ONLY = re.compile(r"\d+%\||Compiling a graph|Loading safetensors|Capturing CUDA graph")
+# A stop asked for by a signal: vLLM's SIGTERM/SIGINT handler of the API server (0.2x+), the interrupt
+# it raises when the signal comes before uvicorn runs, a Ctrl-C. What a server prints after this
+# (an EngineDeadError traceback from its output handler, "EngineCore failed to start") is how it
+# stops, not why it failed.
+_STOP = re.compile(
+    r"\[shutdown\] API server: shutdown triggered|^KeyboardInterrupt(?::\s*terminated)?$"
+    r"|Received KeyboardInterrupt, shutting down"
+)
+# Shutdown lines that are a stop only when nothing failed before them, once the server is up: the
+# engine core also gets SIGTERM from its own front end when that one fails, and uvicorn shuts down
+# after an engine death too.
+_STOP_AFTER_READY = re.compile(
+    r"\[shutdown\] EngineCore: trigger received signal=|^(?:INFO:\s+)?Shutting down\s*$"
+)
 
 # --------------------------------------------------------------------------------------------------
 # Stack frames: where in vLLM a crash happened.
@@ -579,6 +604,8 @@ _FRAME_HINTS: dict[str, str] = {
     "_capture_cudagraphs": "capture",
     "capture_graphs": "capture",
     "profile_cudagraph_memory": "capture",
+    "capture_begin": "capture",  # torch/cuda/graphs.py: the graph's own allocations
+    "capture_end": "capture",
     "compile_or_warm_up_model": "compile_warmup",
     "_compile_or_warm_up_model": "compile_warmup",
     "profile_run": "profile",
@@ -641,6 +668,9 @@ class LogWatcher:
         self._root_error = ""
         self._traceback_seen = False
         self._error_after_traceback = False
+        self._last_progress = ""
+        self._stop_line = ""  # the line that shows the server was stopped by a signal
+        self._failed_before_stop = False
 
     # -- state --------------------------------------------------------------------------------
 
@@ -671,13 +701,17 @@ class LogWatcher:
         events: list[Event] = []
         progressed = self._read_phase(text, events)
         progressed |= self._read_facts(events)
-        self._read_stack(text)
-        self._read_fatal(text, events)
+        if not self._stop_line:
+            self._read_stop(text)
+        if not self._stop_line:
+            self._read_stack(text)
+            self._read_fatal(text, events)
         if not self.ready and _READY.search(text):
             self.ready = True
             events.append(self._event("ready", "ready", None))
         if progressed or _PROGRESS_ONLY.search(text):
             self.last_progress_line_no = self.line_no
+            self._last_progress = text.split("\r")[-1].strip()[:200]
         return events
 
     def feed_text(self, text: str) -> list[Event]:
@@ -731,6 +765,12 @@ class LogWatcher:
                         events.append(self._event("fact", key, value))
         return found
 
+    def _read_stop(self, text: str) -> None:
+        failed = bool(self._decisive or self._death_line) or (not self.ready and bool(self._root_error))
+        if _STOP.search(text) or (self.ready and not failed and _STOP_AFTER_READY.search(text)):
+            self._stop_line = text
+            self._failed_before_stop = failed
+
     def _read_stack(self, text: str) -> None:
         if _TRACEBACK.search(text):
             self._traceback_seen = True
@@ -740,6 +780,8 @@ class LogWatcher:
             self._traceback_seen = True
             path, func = frame.groups()
             hint = _FRAME_HINTS.get(func)
+            if hint is None and path.replace("\\", "/").endswith("torch/cuda/graphs.py"):
+                hint = "capture"
             if hint is None and func == "forward" and "/models/" in path:
                 hint = "model_forward"
             if hint:
@@ -826,22 +868,53 @@ class LogWatcher:
         return None
 
     def _oom_category(self) -> str:
-        phase = self._oom_phase or self._phase
-        if phase != "serving":
-            phase = self._hint_phase() or phase
+        return _OOM_CATEGORY[self._crash_phase(self._oom_phase or self._phase) or "serving"]
+
+    def _shows_startup(self) -> bool:
+        return self._saw_start or self._phase != "starting"
+
+    def _crash_phase(self, phase: str) -> str | None:
+        """The phase a crash seen at progress ``phase`` happened in, with the stack's word for it.
+
+        A log that shows its startup but not its end failed in a startup phase: a frame of the serving
+        loop there (``execute_model`` is also V0's profile run) does not make it a runtime failure.
+        None for a fragment that shows neither its startup nor where it crashed.
+        """
+        if phase == "serving":
+            return phase
+        hinted = self._hint_phase()
+        if hinted and not (hinted == "serving" and self._shows_startup()):
+            phase = hinted
         if phase == "starting":
-            # Nothing before the OOM: a full log is still loading weights; a pasted fragment that
+            # Nothing before the crash: a full log is still loading weights; a pasted fragment that
             # shows no startup at all is most often a server that ran out of memory under load.
-            phase = "loading" if self._saw_start else "serving"
-        return _OOM_CATEGORY[phase]
+            return "loading" if self._saw_start else None
+        return phase
+
+    def _where(self) -> str:
+        """Where the startup was, for an evidence line: the phase and the last progress line."""
+        if not self._shows_startup():
+            return ""
+        words = f" {_PHASE_WORDS[self._phase]}"
+        if self._phase == "capturing" and self.facts.get("platform") == "cpu":
+            words = " while warming up the engine"  # the CPU backend captures no CUDA graphs
+        if self._last_progress:
+            words += f" (last progress: {self._last_progress})"
+        return words
 
     def _verdict(self, exit_code: int | None, timed_out: bool) -> tuple[str, str, bool]:
         category = self._current_category()
         if category and category != "engine_core_died_other":
             return category, self._fatal_evidence, False
-        crashed = category is not None or (self._traceback_seen and not self.ready)
+        stopped = bool(self._stop_line) and not self._failed_before_stop
+        # A stack trace without a death notice is a crash only if the process is gone: one that was
+        # still running at the timeout printed it and went on (or hung).
+        crashed = not stopped and (
+            category is not None or (self._traceback_seen and not self.ready and not timed_out)
+        )
         if timed_out and not self.ready and not crashed:
-            return "startup_timeout", "no fatal line before the startup timeout", False
+            error = f"; the last error printed: {self._root_error}" if self._root_error else ""
+            return "startup_timeout", f"no fatal line before the startup timeout{self._where()}{error}", False
         if crashed:
             if self._root_error:
                 return "engine_core_died_other", self._root_error, False
@@ -854,6 +927,8 @@ class LogWatcher:
                 False,
             )
         if self.ready:
+            if stopped:
+                return "success", f"the server started, then was stopped ({self._stop_line})", False
             if exit_code is not None and exit_code > 0:
                 return (
                     "engine_core_died_other",
@@ -864,12 +939,14 @@ class LogWatcher:
         if exit_code is not None:
             return (
                 "engine_core_died_other",
-                f"the server exited with code {exit_code} before it was ready",
+                f"the server exited with code {exit_code} before it was ready{self._where()}",
                 False,
             )
+        if stopped:
+            return "unknown", f"the server was stopped{self._where()} ({self._stop_line})", False
         if self._root_error:
             return "engine_core_died_other", self._root_error, False
-        return "unknown", "", False
+        return "unknown", f"the log ends{self._where()}" if self._shows_startup() else "", False
 
     def _infer_from_stack(self) -> str | None:
         """A crash whose error line is missing (a truncated paste): judge by where it happened."""
@@ -877,10 +954,10 @@ class LogWatcher:
             if self.facts.get("num_gpu_blocks") == 0:
                 return "no_kv_cache_memory"
             return "kv_cache_insufficient_for_max_len"
-        phase = self._hint_phase() or self._phase
-        if phase == "starting":
+        if self._phase == "starting" and not self._hint_phase():
             return None
-        return _OOM_CATEGORY[phase]
+        phase = self._crash_phase(self._phase)
+        return _OOM_CATEGORY[phase] if phase else None
 
 
 def _negative(value: Fact | None) -> bool:
