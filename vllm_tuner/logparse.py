@@ -12,7 +12,11 @@ Pure functions over text. One engine serves both uses:
 Wordings of the V1 engine (0.18–0.33) and of the older V0 engine are both recognised. A raw
 ``torch.OutOfMemoryError`` is placed in its phase from the progress lines seen before it and from the
 frames of its stack trace (``capture_model`` → graph capture, ``profile_run`` → profiling,
-``create_weights`` → weight loading, ``execute_model`` or a started server → runtime).
+``create_weights`` → weight loading, ``execute_model`` or a started server → runtime); a log that shows its
+startup but not its end failed in the last startup phase it reached, never at runtime. vLLM's CPU backend
+(its KV cache a share of one NUMA node's memory) is read into the same facts and categories as the GPU
+lines it mirrors, with the fact ``platform`` = "cpu". What a server prints after it was stopped by a
+signal (the EngineDeadError of vLLM's own shutdown) is how it stopped, not a failure.
 """
 
 from __future__ import annotations
@@ -725,7 +729,7 @@ class LogWatcher:
 
         ``exit_code`` is the server's exit status if the caller knows it; ``timed_out`` says the caller
         gave up waiting for readiness. A server that was ready and then stopped by the caller (exit code
-        0 or a negative signal number) is a success.
+        0 or a negative signal number, or any exit code once its log shows the signal) is a success.
         """
         category, evidence, inferred = self._verdict(exit_code, timed_out)
         return Diagnosis(category, dict(self.facts), evidence, self._phase, inferred)
