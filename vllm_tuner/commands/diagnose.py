@@ -42,6 +42,33 @@ _SHOWN: tuple[tuple[str, str, str], ...] = (
     ("init_seconds", "engine init", "s"),
 )
 
+# vLLM's CPU backend (the fact ``platform`` = "cpu") budgets one NUMA node's RAM as a GPU's memory: the
+# same facts, in the words of host memory, with the platform itself and what the worker used outside its
+# KV cache (vLLM prints it in the line that sets the KV size).
+_CPU_LABELS = {
+    "num_gpu_blocks": "KV cache blocks",
+    "total_gib": "NUMA node total",
+    "free_gib": "NUMA node available",
+}
+_CPU_ADDED = {  # key -> the row shown after it
+    "vllm_version": ("platform", "platform", ""),
+    "requested_gib": ("consumed_gib", "consumed by non-KV usage", "GiB"),
+}
+_PLATFORM_WORDS = {"cpu": "cpu (vLLM's CPU backend: the memory is a NUMA node's RAM)"}
+
+
+def shown_facts(facts: dict[str, object]) -> list[tuple[str, str, str]]:
+    """The rows of the human output for a log's facts: :data:`_SHOWN` as it is for a GPU, in host-memory
+    words (and with the platform and the non-KV usage) for vLLM's CPU backend."""
+    if facts.get("platform") != "cpu":
+        return list(_SHOWN)
+    rows = []
+    for key, label, unit in _SHOWN:
+        rows.append((key, _CPU_LABELS.get(key, label), unit))
+        if key in _CPU_ADDED:
+            rows.append(_CPU_ADDED[key])
+    return rows
+
 
 @click.command(name="diagnose")
 @click.argument("logfile", required=False)
@@ -52,7 +79,9 @@ _SHOWN: tuple[tuple[str, str, str], ...] = (
 @click.option("--gpu-memory-utilization", type=float, help="The --gpu-memory-utilization the launch used.")
 @click.option("--max-num-seqs", type=int, help="The --max-num-seqs the launch used.")
 @click.option(
-    "--gpu-total-gib", type=float, help="One GPU's total memory in GiB, if the log does not print it."
+    "--gpu-total-gib",
+    type=float,
+    help="One GPU's total memory in GiB (on vLLM's CPU backend: one NUMA node's), if the log does not print it.",
 )
 def command(
     logfile: str | None,
@@ -127,7 +156,7 @@ def render(diagnosis: Diagnosis, advice: list[Advice]) -> str:
         lines.append(f"  evidence: {_shorten(diagnosis.evidence, 300)}")
     numbers = [
         _fact_text(key, label, unit, diagnosis.facts[key])
-        for key, label, unit in _SHOWN
+        for key, label, unit in shown_facts(diagnosis.facts)
         if key in diagnosis.facts
     ]
     if numbers:
@@ -141,6 +170,8 @@ def render(diagnosis: Diagnosis, advice: list[Advice]) -> str:
 
 
 def _fact_text(key: str, label: str, unit: str, value: object) -> str:
+    if key == "platform":
+        value = _PLATFORM_WORDS.get(str(value), value)
     if isinstance(value, float) and unit == "GiB":
         shown = f"{value:.2f} GiB" if value == 0 or abs(value) >= 0.1 else f"{value * 1024:.2f} MiB"
     elif isinstance(value, int) and unit in ("tokens", "", "bytes") and key != "vllm_version":
