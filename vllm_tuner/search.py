@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,6 +88,7 @@ class Request:
     knob_order: tuple[str, ...] = ("max-num-seqs", "max-model-len", "gpu-memory-utilization", *LOSSY_ORDER)
     offload_flag: str | None = "--cpu-offload-gb"
     near_optimum: float = 0.02  # a booted config within this fraction of the computed best is probed
+    device_unit: str = "GPU"  # one device in messages: "GPU", or "NUMA node" on vLLM's CPU backend
 
     def floor_context(self) -> int:
         if self.objective == "targets":
@@ -243,11 +244,13 @@ class Policy:
             elif cat == "no_kv_cache_memory":
                 caps.notes.append(f"no memory was left for the KV cache at {used_util:.2f}")
             elif cat == "oom_weights_load":
-                caps.stop = "the weights alone do not fit on the GPUs"
+                caps.stop = f"the weights alone do not fit on the {req.device_unit}s"
             elif cat in HOPELESS:
                 caps.stop, caps.stop_is_memory = HOPELESS[cat], False
             elif cat == "profiling_memory_changed" and _count(history, cat) >= 2:
-                caps.stop = "another process changed GPU memory while vLLM was profiling, twice"
+                caps.stop = (
+                    f"another process changed {req.device_unit} memory while vLLM was profiling, twice"
+                )
         lift = self._util_lift(history)
         if runtime_cap is not None:
             # the step down after a failure under load is conservative; a stable probe's own headroom
@@ -317,10 +320,13 @@ class Policy:
                 return subset
         return tuple(allowed)
 
-    def ladder(self) -> list[str]:
+    def ladder(self, skipped: Mapping[str, str] | None = None, device: str = "cuda") -> list[str]:
         """How the search sets each knob, in the order it gives them up, for ``--dry-run``: the
-        lossless ones as the objective sets them, then the lossy ones in --knob-order."""
+        lossless ones as the objective sets them, then the lossy ones in --knob-order. ``skipped`` names
+        the lossy knobs that do nothing on ``device``, with why (``DeviceKind.missing_knobs``): they are
+        shown as skipped, allowed or not."""
         req = self.request
+        skipped = skipped or {}
         util = (
             f"from {self.caps(()).util:.2f} down by 0.01 on memory failures, to {req.util_floor:.2f} at least"
         )
@@ -338,11 +344,12 @@ class Policy:
             ]
         steps.append(f"gpu-memory-utilization: {util}")
         for knob in self.lossy_order():
-            steps.append(
-                f"{knob}: allowed, used only if needed"
-                if knob in req.allow
-                else f"{knob}: only with --allow {knob}"
-            )
+            if knob in skipped:
+                steps.append(f"{knob}: skipped on {device} ({skipped[knob]})")
+            elif knob in req.allow:
+                steps.append(f"{knob}: allowed, used only if needed")
+            else:
+                steps.append(f"{knob}: only with --allow {knob}")
         return steps
 
     def estimate_for(self, config: ServeConfig) -> EstimateView:

@@ -485,8 +485,10 @@ def _check_knob_order(text: str) -> None:
 def _print_dry_run(finder, json_: bool) -> None:
     from ..search import Launch
 
+    kind = finder.request.device_kind
     first = finder.policy.next([])
-    ladder = finder.policy.ladder()
+    # the lossy knobs the device lacks are never tried (the Finder drops them): say so, and why
+    ladder = finder.policy.ladder(kind.missing_knobs, kind.name)
     estimate = None
     if isinstance(first, Launch):
         est = finder.policy.estimate_for(first.config)
@@ -498,6 +500,7 @@ def _print_dry_run(finder, json_: bool) -> None:
         }
     plan = {
         "model": finder.spec.serve_name,
+        "device": kind.name,
         "gpus": list(finder.request.gpu_ids),
         "gpu_total_gib": round(finder.gpu.total_bytes / GIB, 2),
         "first_candidate": first.config.flags() if isinstance(first, Launch) else None,
@@ -508,13 +511,16 @@ def _print_dry_run(finder, json_: bool) -> None:
     if json_:
         emit_json(plan)
         return
-    click.echo(f"Model {plan['model']} on GPU(s) {plan['gpus']} ({plan['gpu_total_gib']} GiB each)")
+    unit = kind.unit
+    click.echo(f"Model {plan['model']} on {unit}(s) {plan['gpus']} ({plan['gpu_total_gib']} GiB each)")
     if isinstance(first, Launch):
         flags = " ".join(f"{k} {v}" if v is not True else k for k, v in first.config.flags().items())
         click.echo(f"First candidate: {flags}\n  ({first.reason})")
+        # no CUDA graphs where the device has none (the estimate of such a device is an eager one)
+        graphs = "" if "eager" in kind.missing_knobs else f"CUDA graphs {estimate['cudagraph_gib']} GiB, "
         click.echo(
-            f"Its estimate per GPU: weights {estimate['weights_gib']} GiB, CUDA graphs {estimate['cudagraph_gib']} "
-            f"GiB, KV pool {estimate['kv_pool_gib']} GiB ({estimate['kv_tokens']:,} tokens)"
+            f"Its estimate per {unit}: weights {estimate['weights_gib']} GiB, {graphs}"
+            f"KV pool {estimate['kv_pool_gib']} GiB ({estimate['kv_tokens']:,} tokens)"
         )
     else:
         click.echo(f"Nothing to launch: {first.reason}")
