@@ -2,7 +2,9 @@
 
 Memory comes from NVML (through :mod:`vllm_tuner.nvml` only) when it answers; otherwise from
 ``--gpu NAME`` (``profiles/gpus.yaml``) or ``--gpu-memory SIZE``. An explicit size or name wins over
-NVML, so estimates for another machine work anywhere.
+NVML, so estimates for another machine work anywhere. On ``--device cpu`` the reader passed in is the
+NUMA nodes' (:class:`vllm_tuner.hostmem.HostNodes`): a "GPU" is then a node, and the messages say so by
+the reader's ``unit``.
 """
 
 from __future__ import annotations
@@ -175,21 +177,38 @@ def resolve_gpus(
 
 
 def _from_nvml(nvml, ids: tuple[int, ...]) -> GpuTarget:
+    """The target from an open memory reader: NVML's GPUs, or on ``--device cpu`` the NUMA nodes (whose
+    ids need not be 0..N-1: a node without memory is no device). ``unit`` names one device of the reader
+    ("GPU" where it has none)."""
+    unit = getattr(nvml, "unit", "GPU")
     count = nvml.device_count()
-    missing = [i for i in ids if i >= count]
+    node_ids = getattr(nvml, "node_ids", None)
+    present = list(node_ids()) if node_ids is not None else list(range(count))
+    missing = [i for i in ids if i not in present]
     if missing:
+        numbered = present == list(range(count))
         raise GpuError(
-            f"asked for GPU(s) {list(ids)} but this machine has {count} GPU(s)",
-            f"choose --gpus {count} or fewer, or --gpu-ids below {count}"
+            f"asked for {unit}(s) {list(ids)} but this machine has {count} {unit}(s)"
+            + ("" if numbered else f" ({', '.join(map(str, present))})"),
+            (
+                f"choose --gpus {count} or fewer, or --gpu-ids below {count}"
+                if numbered
+                else f"choose --gpu-ids from {', '.join(map(str, present))}"
+            )
             if count
-            else "run on a machine with a GPU",
+            else f"run on a machine with a {unit}",
         )
     devices = [nvml.device(i) for i in ids]
     memories = [nvml.memory(i) for i in ids]
-    names = sorted({d.name for d in devices})
     notes = ()
-    if len(names) > 1:
-        notes = (f"mixed GPUs ({', '.join(names)}): using the smallest memory",)
+    if unit == "GPU":
+        names = sorted({d.name for d in devices})
+        if len(names) > 1:
+            notes = (f"mixed GPUs ({', '.join(names)}): using the smallest memory",)
+    elif min(m.total for m in memories) < 0.98 * max(m.total for m in memories):
+        # nodes are named by their index, and their sizes differ by a few MiB of the kernel's anyway
+        sizes = ", ".join(f"{unit} {m.index} {m.total / GIB:.1f} GiB" for m in memories)
+        notes = (f"{unit}s of different sizes ({sizes}): using the smallest memory",)
     total = min(m.total for m in memories)
     return GpuTarget(
         ids=ids,

@@ -39,6 +39,8 @@ class GpuDevice:
 class Nvml:
     """An initialised NVML session. Use :func:`open_nvml`; close it (or use ``with``)."""
 
+    unit = "GPU"  # one device in messages (the NUMA nodes' reader, hostmem.HostNodes, says "NUMA node")
+
     def __init__(self, module: ModuleType) -> None:
         self._nv = module
 

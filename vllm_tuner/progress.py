@@ -42,10 +42,16 @@ class QuietProgress:
 
 
 class TerminalProgress:
-    """Writes to stderr: a rewritten status line on a TTY, one line per phase change otherwise."""
+    """Writes to stderr: a rewritten status line on a TTY, one line per phase change otherwise.
 
-    def __init__(self, stream: TextIO | None = None, *, clock=time.monotonic) -> None:
+    ``device_label`` prefixes each device's index in the memory readings: ``GPU0``, or ``node0`` on
+    ``--device cpu``, where a device is a NUMA node."""
+
+    def __init__(
+        self, stream: TextIO | None = None, *, clock=time.monotonic, device_label: str = "GPU"
+    ) -> None:
         self._out = stream or sys.stderr
+        self._device_label = device_label
         self._tty = bool(getattr(self._out, "isatty", lambda: False)())
         self._clock = clock
         self._last_phase: str | None = None
@@ -67,7 +73,9 @@ class TerminalProgress:
     def phase(self, phase: str, elapsed_s: float, used_bytes=None, extra: str = "") -> None:
         mem = ""
         if used_bytes:
-            mem = "  " + " ".join(f"GPU{i} {b / GIB:5.1f} GiB" for i, b in sorted(used_bytes.items()))
+            mem = "  " + " ".join(
+                f"{self._device_label}{i} {b / GIB:5.1f} GiB" for i, b in sorted(used_bytes.items())
+            )
         line = f"  {phase:<10} {elapsed_s:6.1f}s{mem}{('  ' + extra) if extra else ''}"
         if self._tty:
             self._out.write("\r\033[K" + line)
