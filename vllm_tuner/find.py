@@ -270,6 +270,7 @@ class Finder:
             if (info is None or info.accepts(LOSSY_FLAGS["offload"])) and "offload" not in kind.missing_knobs
             else None,
             block_size=64 if getattr(self.spec, "is_mla", False) else 16,
+            device_unit=kind.unit,
         )
 
     def _free_memory_util_cap(self) -> float | None:

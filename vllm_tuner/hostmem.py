@@ -30,6 +30,8 @@ _UNLIMITED = 1 << 62  # cgroup v1's "no limit" is a number near PAGE_COUNTER_MAX
 class HostNodes:
     """The NUMA nodes of this machine as devices (index = node id). Same interface as ``Nvml``."""
 
+    unit = "NUMA node"
+
     def __init__(self, root: Path | str = "/") -> None:
         self.root = Path(root)
 

@@ -76,7 +76,7 @@ class RampPlan:
                 f"--start must be above 0 and below --ceiling {self.ceiling}, got {self.start}",
                 "use e.g. --start 0.85 --ceiling 0.92",
             )
-        if not 0 < self.step <= self.ceiling - self.start:
+        if not 0 < self.step <= self.ceiling - self.start + 1e-9:  # 0.21 - 0.2 is 0.0099999…
             raise UsageError(
                 f"--step must be above 0 and at most --ceiling − --start "
                 f"({self.ceiling - self.start:.2f}), got {self.step}",
