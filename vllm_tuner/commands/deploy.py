@@ -15,13 +15,13 @@ from ._common import DEFAULT_SIM_TIME_SCALE, build_runtime, emit_json, option_st
 FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 
 
-def _plan(file: Path):
-    """The plan of ``file`` for ``plan`` and ``emit``. While that deployment runs, its own memory is
-    not another tenant's: it is planned on the GPUs as ``up`` found them."""
+def _plan(file: Path, device: str | None = None):
+    """The plan of ``file`` for ``plan`` and ``emit`` (on ``device`` when given). While that deployment
+    runs, its own memory is not another tenant's: it is planned on the GPUs as ``up`` found them."""
     from ..deploy.costs import plan_deployment
     from ..deploy.spec import load_deployment
 
-    deployment = load_deployment(file)
+    deployment = _on_device(load_deployment(file), device)
     return plan_deployment(deployment, nvml_opener=_as_before_up(deployment.name))
 
 
@@ -39,9 +39,9 @@ def _as_before_up(name: str):
     before = {int(g): used for g, used in state.baseline_used.items()}
 
     def opener():
-        from ..nvml import open_nvml
+        from ..devices import device_kind, open_devices
 
-        return _Borrowed(open_nvml(), before, owned=True)
+        return _Borrowed(open_devices(device_kind(state.device)), before, owned=True)
 
     return opener
 
@@ -85,7 +85,13 @@ def _tuned_plan(plan, file: Path):
 @click.command()
 @FILE
 @click.option("--json", "json_", is_flag=True, help="Print the plan as one JSON object.")
-def plan_command(file, json_):
+@click.option(
+    "--device",
+    type=click.Choice(["cuda", "cpu"]),
+    default=None,
+    help="Plan on GPUs (cuda) or NUMA nodes (cpu) [default: the file's gpus.device, else cuda].",
+)
+def plan_command(file, json_, device):
     """Plan several models on shared GPUs: placement, KV budgets, start order, memory table.
 
     \b
@@ -95,7 +101,7 @@ def plan_command(file, json_):
     """
     from ..deploy.report import plan_json, render_plan
 
-    plan = _plan(file)
+    plan = _plan(file, device)
     if json_:
         emit_json(plan_json(plan))
     else:
@@ -224,6 +230,12 @@ def emit_command(target, fmt, out, image, vllm_cmd, tuned):
     help="Simulated GPUs and vLLM (profiles/sim/SCENARIO.yaml).",
 )
 @click.option("--sim-time-scale", type=float, default=DEFAULT_SIM_TIME_SCALE, show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["cuda", "cpu"]),
+    default=None,
+    help="What the models run on [default: the file's gpus.device, else cuda].",
+)
 def up_command(
     file,
     phase,
@@ -237,6 +249,7 @@ def up_command(
     json_,
     simulate,
     sim_time_scale,
+    device,
 ):
     """Start a deployment's models one after another and verify them together.
 
@@ -257,7 +270,7 @@ def up_command(
         raise UsageError(
             f"--max-launches must be at least 1, got {max_launches}", "use e.g. --max-launches 12"
         )
-    deployment = load_deployment(file)
+    deployment = _on_device(load_deployment(file), device)
     deployment.check_phase(phase)  # before anything (tuning takes minutes)
     running = load_state(deployment.name) if state_path(deployment.name).exists() else None
     attach: dict | None = None
@@ -286,6 +299,7 @@ def up_command(
         ready_timeout_s=ready_timeout_s,
         verify=not no_verify,
         quiet=json_,
+        device=running.device if running is not None else deployment.gpus.device,
     ) as session:
         if docker_image:
             session.runtime.launcher.check()  # one line when docker is missing, before anything runs
@@ -315,6 +329,15 @@ def up_command(
                 plan = apply_tuning(plan, tuned)
             report = session.runner.up(plan, phase=phase, tuned=tuned)
     _print_up(report, json_)
+
+
+def _on_device(deployment, device: str | None):
+    """``deployment`` on ``--device`` when given (it wins over the file's ``gpus.device``)."""
+    if device is None or device == deployment.gpus.device:
+        return deployment
+    from dataclasses import replace
+
+    return replace(deployment, gpus=replace(deployment.gpus, device=device))
 
 
 def _arg(value) -> str:
@@ -520,6 +543,7 @@ def _session(
     ready_timeout_s: float = 1800.0,
     verify: bool = True,
     quiet: bool = True,
+    device: str = "cuda",
 ) -> Iterator[_Session]:
     """The runtime ``find`` uses (launcher, store, progress, ``--simulate``), NVML and a Runner for
     ``up``, ``status`` and ``down``; NVML and the HTTP client are closed on the way out. ``attach`` (a
@@ -536,6 +560,7 @@ def _session(
         json_=quiet,
         simulate=None if attach else simulate,
         sim_time_scale=sim_time_scale,
+        device=device,
     )
     if attach:
         from dataclasses import replace
@@ -565,6 +590,7 @@ def _session(
         docker_image=docker_image,
         hf_cache=getattr(runtime.launcher, "hf_cache", None) if docker_image else None,
         simulation=simulation,
+        device=runtime.device,
     )
     note = (lambda _t: None) if quiet else (lambda t: click.echo(t, err=True))
     nvml = runtime.open_nvml()
@@ -616,7 +642,9 @@ def status_command(target, json_, simulate, sim_time_scale):
 
     state = load_state(_state_name(target))
     attach = _simulation_of(state, simulate)
-    with _session(simulate=None, attach=attach, sim_time_scale=sim_time_scale) as session:
+    with _session(
+        simulate=None, attach=attach, sim_time_scale=sim_time_scale, device=state.device
+    ) as session:
         report = session.runner.status(state)
     if json_:
         emit_json(report.as_dict())
@@ -643,7 +671,9 @@ def down_command(target, json_, simulate, sim_time_scale):
 
     state = load_state(_state_name(target))
     attach = _simulation_of(state, simulate)
-    with _session(simulate=None, attach=attach, sim_time_scale=sim_time_scale) as session:
+    with _session(
+        simulate=None, attach=attach, sim_time_scale=sim_time_scale, device=state.device
+    ) as session:
         outcome = session.runner.stop_all(state)
     remove_state(state.name)
     if json_:

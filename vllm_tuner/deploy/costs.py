@@ -109,8 +109,11 @@ def plan_gpus(
         name, total = (profile_lookup or gpu_profile)(spec.profile)
         return [GpuInfo(i, name, total) for i in ids], True
     if nvml_opener is None:
-        from ..nvml import open_nvml as nvml_opener
-    nvml = nvml_opener()
+        from ..devices import device_kind, open_devices
+
+        nvml = open_devices(device_kind(spec.device))
+    else:
+        nvml = nvml_opener()
     try:
         count = nvml.device_count()
         missing = [i for i in ids if i >= count]

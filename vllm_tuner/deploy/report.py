@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..devices import device_kind
 from ..serveconfig import shell_command
 from .plan import GIB, GpuBudget, Instance, Plan
 
@@ -36,15 +37,17 @@ def render_budget(budget: GpuBudget) -> list[str]:
     return lines
 
 
-def render_instance(inst: Instance, *, vllm_cmd: str = "vllm") -> list[str]:
+def render_instance(inst: Instance, *, vllm_cmd: str = "vllm", device: str = "cuda") -> list[str]:
     gpus = ",".join(map(str, inst.gpu_ids))
+    env = device_kind(device).serve_env(inst.gpu_ids, inst.config)
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)  # the plan shows which devices, not allocator settings
     phase = f"  phase {inst.phase}" if inst.phase else ""
     return [
         f"  {inst.start_position}. {inst.name:<14} GPU {gpus:<5} :{inst.port:<6}"
         f"{inst.max_model_len} tokens x {inst.max_num_seqs} seqs  KV {gib(inst.kv_bytes)} GiB "
         f"({inst.kv_tokens:,} tokens)  util {inst.gpu_memory_utilization:.2f} "
         f"(free at its start {gib(inst.free_at_start_bytes)} GiB){phase}",
-        f"     CUDA_VISIBLE_DEVICES={gpus} " + shell_command(inst.serve_args(), vllm_cmd=vllm_cmd),
+        "     " + shell_command(inst.serve_args(), env, vllm_cmd=vllm_cmd),
     ]
 
 
@@ -63,7 +66,7 @@ def render_plan(plan: Plan) -> str:
                 lines.append(f" phase {phase}:")
             for inst in plan.resident(phase):
                 if phase is None or inst.phase == phase or phase == plan.phases[0]:
-                    lines += render_instance(inst)
+                    lines += render_instance(inst, device=dep.gpus.device)
     if not plan.fits:
         lines += ["", "Does not fit:"] + [f"  - {p}" for p in plan.problems]
         if plan.suggestions:

@@ -26,8 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..devices import CUDA, DeviceKind
 from ..errors import DeployError
 from ..paths import data_dir
+from ..serveconfig import vllm_argv
 from .containers import DockerCli, container_name, docker_run_argv
 from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
 from .state import (
@@ -82,6 +84,9 @@ def spawn_detached(argv: list[str], env: dict[str, str], log_path: Path) -> int:
         ) from exc
 
 
+VERIFY_PROMPT = list(range(100, 132))  # 32 token ids, inside any vocabulary
+
+
 @dataclass
 class Settings:
     vllm_cmd: str = "vllm"
@@ -96,6 +101,7 @@ class Settings:
     docker_image: str | None = None  # start containers of this image instead of local `vllm serve`
     hf_cache: Path | None = None  # mounted into every container (the host's HF hub cache)
     simulation: dict = field(default_factory=dict)  # recorded in the state file (DeploymentState.simulation)
+    device: DeviceKind = CUDA  # what the instances run on (recorded in the state file)
 
 
 @dataclass
@@ -155,6 +161,7 @@ class Runner:
             headroom_bytes=dep.headroom_bytes,
             tuned=dict(tuned or {}),
             simulation=dict(self.settings.simulation),
+            device=self.settings.device.name,
         )
         order = plan.start_order(state.phase)
         started: list[str] = []
@@ -204,9 +211,10 @@ class Runner:
                 env_keys=recorded,
             )
         else:
-            argv = [*shlex.split(self.settings.vllm_cmd), *serve]
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, inst.gpu_ids))
-            recorded.insert(0, "CUDA_VISIBLE_DEVICES")
+            argv = vllm_argv(shlex.split(self.settings.vllm_cmd), serve)
+            device_env = self.settings.device.serve_env(inst.gpu_ids, inst.config)
+            env.update(device_env)
+            recorded[:0] = list(device_env)
         log_dir = self.settings.log_dir or data_dir() / "deployments" / plan.deployment.name
         log_path = log_dir / f"{inst.name}.log"
         where = f" in container {container}" if container else ""
@@ -316,7 +324,8 @@ class Runner:
                     code = _post_status(
                         self.http,
                         f"http://127.0.0.1:{inst.port}/v1/completions",
-                        {"model": inst.model, "prompt": "Say hello.", "max_tokens": max_tokens},
+                        # token ids: answered with or without a tokenizer (--skip-tokenizer-init)
+                        {"model": inst.model, "prompt": VERIFY_PROMPT, "max_tokens": max_tokens},
                     )
                 if code != 200:
                     failure = f"HTTP {code}" if code else "no answer"

@@ -132,6 +132,7 @@ class GpuSpec:
     ids: tuple[int, ...] | None = None
     profile: str | None = None
     memory_bytes: int | None = None
+    device: str = "cuda"  # "cpu": vLLM's CPU backend, the "GPUs" are NUMA nodes
 
     @property
     def n(self) -> int:
@@ -307,7 +308,7 @@ def _parse_cooldown(ctx: _Ctx, value: object) -> float:
 def _parse_gpus(ctx: _Ctx, value: object) -> GpuSpec:
     if isinstance(value, int) and not isinstance(value, bool):
         value = {"count": value}
-    raw = ctx.mapping(value, "gpus", {"count", "ids", "profile", "memory"})
+    raw = ctx.mapping(value, "gpus", {"count", "ids", "profile", "memory", "device"})
     ids = None
     if "ids" in raw:
         ids = tuple(ctx.integer(x, "gpus.ids", minimum=0) for x in ctx.list_(raw["ids"], "gpus.ids"))
@@ -326,7 +327,16 @@ def _parse_gpus(ctx: _Ctx, value: object) -> GpuSpec:
         ctx.fail(
             "gpus.memory", f"{memory} bytes is smaller than any GPU", "write the size with a unit, e.g. 24GiB"
         )
-    return GpuSpec(count=count if ids is None else None, ids=ids, profile=profile, memory_bytes=memory)
+    device = str(raw.get("device") or "cuda")
+    if device not in ("cuda", "cpu"):
+        ctx.fail(
+            "gpus.device",
+            f"{device!r} is not a device vLLM runs on here",
+            "write device: cuda or device: cpu",
+        )
+    return GpuSpec(
+        count=count if ids is None else None, ids=ids, profile=profile, memory_bytes=memory, device=device
+    )
 
 
 _MODEL_KEYS = {

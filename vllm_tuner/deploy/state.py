@@ -54,6 +54,7 @@ class DeploymentState:
     tuned: dict[str, dict] = field(default_factory=dict)
     # what 'up --simulate' started it on: {"scenario", "state_dir", "vllm_cmd", "env"}; {} on real GPUs
     simulation: dict = field(default_factory=dict)
+    device: str = "cuda"  # what its instances run on: status and down read that device's memory
 
     def recorded_simulation(self) -> dict:
         """The simulation the deployment runs on ({} for real GPUs): ``status``, ``down`` and a phase
