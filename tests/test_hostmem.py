@@ -118,3 +118,17 @@ def test_the_device_kinds_set_their_own_environment():
 def test_an_unknown_device_is_one_line():
     with pytest.raises(UsageError):
         device_kind("tpu")
+
+
+def test_a_node_without_room_for_vllms_processes_is_refused_saying_how_much_is_free_and_needed():
+    from vllm_tuner.find import check_gpus_free
+    from vllm_tuner.gpus import GpuTarget
+
+    node = GpuTarget(ids=(0,), name="node", total_bytes=14 * GIB, free_bytes=(GIB,))
+    with pytest.raises(GpuError) as err:
+        check_gpus_free(node, GIB // 4, gpu_ids=(0,), kind=CPU)
+    assert "NUMA node 0 has only 1.0 GiB available of 14.0 GiB" in err.value.problem
+    assert "vLLM needs 1.8 GiB there before any KV cache" in err.value.problem
+    check_gpus_free(node, GIB // 4, gpu_ids=(0,), kind=CUDA)  # a GPU's free memory is not for processes
+    roomy = GpuTarget(ids=(0,), name="node", total_bytes=14 * GIB, free_bytes=(12 * GIB,))
+    check_gpus_free(roomy, GIB // 4, gpu_ids=(0,), kind=CPU)

@@ -705,15 +705,16 @@ def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids, kind: DeviceKind = CU
     if not free:
         return
     for idx, f in zip(gpu_ids, free, strict=False):
-        if gpu.total_bytes - f < GIB:
+        if gpu.total_bytes - f < GIB and not kind.process_bytes:
             continue  # next to nothing held by others: whether the weights fit is not theirs to answer
+        if kind.process_bytes and f < weights_per_gpu + kind.process_bytes:
+            raise GpuError(
+                f"{kind.unit} {idx} has only {f / GIB:.1f} GiB available of {gpu.total_bytes / GIB:.1f} GiB, and "
+                f"vLLM needs {(weights_per_gpu + kind.process_bytes) / GIB:.1f} GiB there before any KV cache "
+                f"({weights_per_gpu / GIB:.1f} GiB of weights, {kind.process_bytes / GIB:.1f} GiB for its processes)",
+                "stop what is using the memory (top, sorted by RES) or choose other nodes with --gpu-ids",
+            )
         if f - kind.context_overhead_bytes < weights_per_gpu:
-            if kind.name == "cpu":
-                raise GpuError(
-                    f"NUMA node {idx} has only {f / GIB:.1f} GiB available of {gpu.total_bytes / GIB:.1f} GiB, "
-                    f"less than the {weights_per_gpu / GIB:.1f} GiB of weights per node",
-                    "stop what is using the memory (top, sorted by RES) or choose other nodes with --gpu-ids",
-                )
             raise GpuError(
                 f"GPU {idx} has only {f / GIB:.1f} GiB free of {gpu.total_bytes / GIB:.1f} GiB, "
                 f"less than the {weights_per_gpu / GIB:.1f} GiB of weights per GPU",
