@@ -95,11 +95,30 @@ class LocalLauncher:
         return shlex.join(self.words)
 
     def check(self) -> None:
-        if shutil.which(self.words[0]) is None:
+        word = self.words[0]
+        if shutil.which(word) is not None:
+            return
+        # which() skips what exists but cannot be run: say what is there, not "not found"
+        if os.sep in word:
+            found = Path(word)
+        else:
+            folders = os.environ.get("PATH", os.defpath).split(os.pathsep)
+            found = next((Path(d or ".") / word for d in folders if (Path(d or ".") / word).is_file()), None)
+        if found is not None and found.is_dir():
             raise VllmError(
-                f"vLLM command {self.words[0]!r} not found",
-                "install vllm (pip install 'vllm-tune[vllm]'), pass --vllm-cmd, or try --simulate rtx-5090",
+                f"vLLM command {word!r} is a folder, not a command",
+                f"point --vllm-cmd at vLLM's executable in it, e.g. --vllm-cmd {shlex.quote(str(found / 'vllm'))}",
             )
+        if found is not None and found.exists():
+            raise VllmError(
+                f"vLLM command {found} exists but is not executable",
+                "point --vllm-cmd at vLLM's own command (e.g. --vllm-cmd /opt/venv/bin/vllm), "
+                f"or chmod +x {shlex.quote(str(found))} if it is one",
+            )
+        raise VllmError(
+            f"vLLM command {word!r} not found",
+            "install vllm (pip install 'vllm-tune[vllm]'), pass --vllm-cmd, or try --simulate rtx-5090",
+        )
 
     def command(self, serve_args, *, port, gpu_ids, name):
         return [*vllm_argv(self.words, serve_args), "--host", HOST, "--port", str(port)]
@@ -161,6 +180,22 @@ class DockerLauncher:
     def check(self) -> None:
         if shutil.which("docker") is None:
             raise VllmError("docker not found", "install docker, or run vLLM locally with --vllm-cmd")
+        # the client alone proves nothing: ask the daemon, so a stopped one is one line, not a failed launch
+        try:
+            done = subprocess.run(
+                ["docker", "version", "--format", "{{.Server.Version}}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return  # whatever this is, the image's own run says it next
+        if done.returncode != 0:
+            error = docker_daemon_error(done.stderr + done.stdout)
+            if error is not None:
+                raise error
 
     def command(self, serve_args, *, port, gpu_ids, name):
         devices = ",".join(str(i) for i in gpu_ids)
@@ -216,6 +251,29 @@ class DockerLauncher:
         return done.stdout.strip() if done.returncode == 0 else ""
 
 
+def docker_daemon_error(output: str) -> VllmError | None:
+    """The one-line error for docker output saying the client cannot reach the daemon (stopped, or
+    its socket not ours to use); None when the output says neither."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        text = line.removeprefix("docker: ").strip()
+        if "Cannot connect to the Docker daemon" in text:
+            return VllmError(
+                f"the Docker daemon is not reachable ({text[:160]})",
+                "start it (sudo systemctl start docker) and check that your user has permission to use it "
+                "(the docker group), or run vLLM without docker (--vllm-cmd)",
+            )
+        if "permission denied" in text.lower() and "docker daemon socket" in text.lower():
+            socket_path = re.search(r"unix://(\S+?):?(?:\s|$)", text)
+            where = f" {socket_path.group(1)}" if socket_path else ""
+            return VllmError(
+                f"docker may not use the Docker daemon: permission denied on its socket{where}",
+                "add your user to the docker group (sudo usermod -aG docker $USER, then log in again) or run "
+                "vllm-tune as a user who may use docker; check that the daemon runs (sudo systemctl start docker)",
+            )
+    return None
+
+
 # -- what the installed vLLM accepts ---------------------------------------------------------------
 @dataclass(frozen=True)
 class VllmInfo:
@@ -251,7 +309,6 @@ def _is_option(word: str) -> bool:
 
 _NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?")
 _FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
-_VERSION = re.compile(r"(\d+\.\d+(?:\.\d+)?(?:[.+\w-]*)?)")
 
 
 def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s: float = 120.0) -> VllmInfo:
@@ -262,7 +319,11 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
     cache = (cache_dir or data_dir()) / "vllm-info.json"
     key = f"{launcher.key}|{launcher.device.name}|{launcher.stamp()}"
     cached = _read_json(cache).get(key)
-    if cached:
+    if (
+        cached
+        and _VLLM_VERSION.fullmatch(str(cached.get("version")))
+        and _SERVE_FLAG in cached.get("flags", ())
+    ):
         info = VllmInfo(cached["version"], frozenset(cached["flags"]), cached.get("build"))
         _check_build(info, launcher)
         return info
@@ -281,17 +342,18 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
                 )
     if about is None or about != launcher.version_argv():
         version_out = _run_tool(launcher.version_argv(), timeout_s, env=env, interpreter=about)
-        match = _VERSION.search(version_out)
-        if not match:
-            raise VllmError(
-                f"could not read a version from `{launcher.key} --version`: {version_out.strip()[:120]!r}",
-                "check that --vllm-cmd runs vLLM",
-            )
-        version = version or match.group(1)
+        version = version or _vllm_version(version_out, launcher)
     help_out = _run_tool(launcher.help_argv(), timeout_s, env=env, ok_codes=(0, 1, 2))
-    if "--max-model-len" not in help_out:
-        help_out += _run_tool([*launcher.help_argv()[:-1], "--help"], timeout_s, env=env)
-    info = VllmInfo(str(version), frozenset(_FLAG.findall(help_out)), build)
+    if _SERVE_FLAG not in help_out:
+        help_out += _run_tool([*launcher.help_argv()[:-1], "--help"], timeout_s, env=env, ok_codes=(0, 1, 2))
+    flags = frozenset(_FLAG.findall(help_out))
+    if _SERVE_FLAG not in flags:
+        shown = shlex.join(launcher.help_argv()[:-1])
+        raise VllmError(
+            f"`{shown} --help` lists none of vLLM's serve flags ({_SERVE_FLAG}): {_what(launcher)} is not vLLM",
+            _not_vllm_fix(launcher),
+        )
+    info = VllmInfo(str(version), flags, build)
     _check_build(info, launcher)
     data = _read_json(cache)
     data[key] = {"version": info.version, "flags": sorted(info.flags), "build": info.build}
@@ -299,6 +361,38 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(data))
     return info
+
+
+_SERVE_FLAG = "--max-model-len"  # in every vLLM's serve help; a command whose help lacks it is not vLLM
+# what `vllm --version` prints on a line of its own: 0.33.0, 0.6.3.post1, 0.11.1rc2.dev5+gabc123.cu129
+_VLLM_VERSION = re.compile(r"v?\d+\.\d+(?:\.\d+)?(?:[.+\w-]*)")
+
+
+def _what(launcher: Launcher) -> str:
+    """The launcher as the user gave it: ``--vllm-cmd 'sleep 1000'`` or ``--docker-image IMAGE``."""
+    if isinstance(launcher, DockerLauncher):
+        return f"the vllm in --docker-image {launcher.image}"
+    return f"--vllm-cmd {shlex.quote(launcher.key)}"
+
+
+def _not_vllm_fix(launcher: Launcher) -> str:
+    if isinstance(launcher, DockerLauncher):
+        return "pass vLLM's image, e.g. --docker-image vllm/vllm-openai:v0.33.0"
+    return "point --vllm-cmd at vLLM's command, e.g. --vllm-cmd vllm, 'uv run vllm' or /opt/venv/bin/vllm"
+
+
+def _vllm_version(output: str, launcher: Launcher) -> str:
+    """The version vLLM's ``--version`` printed: a line that is a version and nothing else (vLLM may log
+    lines before it). Another program's ("sleep (GNU coreutils) 9.1") is refused as not vLLM."""
+    for line in reversed(output.splitlines()):
+        if _VLLM_VERSION.fullmatch(line.strip()):
+            return line.strip().removeprefix("v")
+    said = next((line.strip() for line in output.splitlines() if line.strip()), "nothing")
+    raise VllmError(
+        f"`{shlex.join(launcher.version_argv())}` printed {said[:100]!r}, not a vLLM version: "
+        f"{_what(launcher)} is not vLLM",
+        _not_vllm_fix(launcher),
+    )
 
 
 def _check_build(info: VllmInfo, launcher: Launcher) -> None:
@@ -349,6 +443,10 @@ def _run_tool(
         ) from exc
     if done.returncode not in ok_codes:
         out = done.stderr or done.stdout
+        if argv[0] == "docker":
+            daemon = docker_daemon_error(done.stderr + done.stdout)
+            if daemon is not None:
+                raise daemon
         if "PackageNotFoundError" in out and interpreter:
             module = shlex.join([interpreter[0], "-m", API_SERVER_MODULE])
             raise VllmError(
