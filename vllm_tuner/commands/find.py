@@ -339,16 +339,46 @@ def _check_passthrough(extra: Sequence[str], *, dummy_trials: bool) -> None:
             raise UsageError(f"{named} cannot be passed through after --: {why}", fix)
 
 
+def _swap_space_replacement(vllm_info) -> str:
+    """What replaces --swap-space in find, of what this vLLM accepts: --cpu-offload-gb is find's own
+    (its offload rung), --kv-offloading-size may follow the --."""
+    ways = []
+    if vllm_info.accepts("--cpu-offload-gb"):
+        ways.append("use --allow offload (find then offloads weights with --cpu-offload-gb as far as needed)")
+    if vllm_info.accepts("--kv-offloading-size"):
+        ways.append("pass --kv-offloading-size GIB after -- for a CPU KV cache")
+    return ", or ".join(ways) or "drop it"
+
+
+# What replaces a flag vLLM removed, where find's own options do part of it (``advice.REMOVED_FLAGS``
+# says the rest, as ``diagnose`` does): --cpu-offload-gb after -- is refused, find sets it itself.
+REMOVED_IN_FIND = {"--swap-space": _swap_space_replacement}
+
+
 def _check_vllm_takes(vllm_info, extra: Sequence[str]) -> None:
-    """A flag after ``--`` that the installed vLLM does not know would fail every launch: refuse it first."""
+    """A flag after ``--`` that the installed vLLM does not know would fail every launch: refuse it first,
+    with its replacement where vLLM removed it."""
+    from ..advice import REMOVED_FLAGS
+
     for word in extra:
         if not word.startswith("--") or word == "--":
             continue
-        if not vllm_info.accepts(_long_option(word)):
+        option = _long_option(word)
+        if vllm_info.accepts(option):
+            continue
+        shown = word.partition("=")[0]
+        replacement = (
+            REMOVED_IN_FIND[option](vllm_info) if option in REMOVED_IN_FIND else REMOVED_FLAGS.get(option)
+        )
+        if replacement:
             raise UsageError(
-                f"vLLM {vllm_info.version} does not know {word.partition('=')[0]} (passed after --)",
-                "check its spelling in 'vllm serve --help=all', or drop it",
+                f"vLLM {vllm_info.version} does not know {shown} (passed after --): vLLM removed it",
+                replacement,
             )
+        raise UsageError(
+            f"vLLM {vllm_info.version} does not know {shown} (passed after --)",
+            "check its spelling in 'vllm serve --help=all', or drop it",
+        )
 
 
 def _check_writable(path: Path) -> None:
