@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
-from ..errors import DeployError, UsageError
+from ..errors import DeployError, GpuError, UsageError
 from ._common import DEFAULT_SIM_TIME_SCALE, build_runtime, emit_json, option_stack, serve_vllm_cmd
 
 FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -22,7 +23,19 @@ def _plan(file: Path, device: str | None = None):
     from ..deploy.spec import load_deployment
 
     deployment = _on_device(load_deployment(file), device)
-    return plan_deployment(deployment, nvml_opener=_as_before_up(deployment.name))
+    try:
+        return plan_deployment(deployment, nvml_opener=_as_before_up(deployment.name))
+    except GpuError as exc:
+        if deployment.gpus.offline or deployment.gpus.device != "cuda":
+            raise
+        # NVML's own hint names --simulate, an option of find/up/ramp: plan and emit plan offline instead
+        offline = (
+            f"to plan without GPUs, write gpus.profile (e.g. rtx-pro-6000, from profiles/gpus.yaml) or "
+            f"gpus.memory (e.g. 24GiB) with gpus.count in {file}, or plan on this machine's NUMA nodes "
+            "with --device cpu"
+        )
+        fix = offline if not exc.fix or "--simulate" in exc.fix else f"{exc.fix}, or {offline}"
+        raise GpuError(exc.problem, fix) from exc
 
 
 def _as_before_up(name: str):
@@ -37,10 +50,13 @@ def _as_before_up(name: str):
     except DeployError:
         return None
     before = {int(g): used for g, used in state.baseline_used.items()}
+    simulation = state.recorded_simulation()
 
     def opener():
         from ..devices import device_kind, open_devices
 
+        if simulation:  # started with --simulate: its GPUs are that simulated machine's
+            _attach(simulation)
         return _Borrowed(open_devices(device_kind(state.device)), before, owned=True)
 
     return opener
@@ -118,12 +134,18 @@ def _deployment_file(target: str) -> Path:
     from ..deploy.state import load_state, state_path
 
     if state_path(target).exists():
-        source = Path(load_state(target).source)
-        if source.is_file():
-            return source
-        raise DeployError(
-            f"deployment {target!r} was started from {source}, which is gone", "pass the deployment file"
-        )
+        state = load_state(target)
+        found = state.source_path()
+        if found is not None:
+            return found
+        hint = "pass the deployment file itself: 'vllm-tune emit FILE' (FILE as given to 'vllm-tune up')"
+        if not Path(state.source).is_absolute():  # an older 'up' recorded the path as it was typed
+            raise DeployError(
+                f"deployment {target!r} was started from {state.source}, a path relative to the folder 'up' "
+                "ran in, and it is not here nor where its instances run",
+                f"run this in that folder, or {hint}",
+            )
+        raise DeployError(f"deployment {target!r} was started from {state.source}, which is gone", hint)
     raise UsageError(
         f"{target!r} is neither a deployment file nor a running deployment",
         "pass a deployment file (e.g. profiles/deployments/coder-general-96gb.yaml) or the name of one 'up' started",
@@ -272,6 +294,8 @@ def up_command(
         )
     deployment = _on_device(load_deployment(file), device)
     deployment.check_phase(phase)  # before anything (tuning takes minutes)
+    # the state records where the file is, absolute: 'emit NAME' and the hints work from any folder
+    deployment = replace(deployment, source=os.path.abspath(file))
     running = load_state(deployment.name) if state_path(deployment.name).exists() else None
     attach: dict | None = None
     if running is not None:
@@ -603,7 +627,8 @@ def _session(
 
 def _source(state) -> str:
     """The deployment file a state was started from, for a hint ("FILE" when it is not there any more)."""
-    return _arg(state.source) if Path(state.source).is_file() else "FILE"
+    found = state.source_path()
+    return _arg(found) if found is not None else "FILE"
 
 
 _running_deployment_options = option_stack(

@@ -74,6 +74,24 @@ class DeploymentState:
                 }
         return {}
 
+    def source_path(self) -> Path | None:
+        """The deployment file it was started from, wherever this runs, or None when it cannot be found.
+        ``up`` records it absolute; a state file written before that holds it relative to the folder
+        ``up`` ran in, which its live instances still run in (their ``/proc/PID/cwd``), then this one."""
+        source = Path(self.source)
+        if source.is_absolute():
+            return source if source.is_file() else None
+        for inst in self.instances:
+            if not is_ours(inst):
+                continue
+            try:
+                folder = Path(os.readlink(f"/proc/{inst.pid}/cwd"))
+            except OSError:
+                continue
+            if (folder / source).is_file():
+                return folder / source
+        return source.absolute() if source.is_file() else None
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
