@@ -61,6 +61,7 @@ def command(
     """Estimate per-GPU memory and what context x concurrency fits."""
     from ..gpus import resolve_gpus
     from ..models import resolve_model
+    from .find import _check_heads  # the same refusal of a TP size the heads cannot take
 
     if util is not None and not 0 < util <= 1:
         raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {util}", "pass e.g. 0.9")
@@ -87,9 +88,11 @@ def command(
     pairs = []
     for entry in entries:
         spec = resolve_model(entry["model"])
+        entry_tp = int(entry.get("tensor-parallel-size") or tp_size)
+        _check_heads(spec, entry_tp, using_ids=ids is not None)  # vLLM refuses it, and so does find
         cfg = ServeConfig(
             model=spec.serve_name,
-            tensor_parallel_size=int(entry.get("tensor-parallel-size") or tp_size),
+            tensor_parallel_size=entry_tp,
             max_model_len=entry.get("max-model-len") or flags["max_model_len"],
             max_num_seqs=entry.get("max-num-seqs") or flags["max_num_seqs"],
             gpu_memory_utilization=entry.get("gpu-memory-utilization") or flags["gpu_memory_utilization"],
@@ -162,44 +165,88 @@ def _context_rows(est, spec) -> list[dict]:
     return rows
 
 
+REMEDY_UTILIZATION = 0.95  # the "higher utilization" rung: find's default ceiling
+REMEDY_OFFLOAD_GIB = 4.0  # the "CPU offload" rung
+
+
 def _remedies(spec, cfg: ServeConfig, est, total: int, gpu_name: str) -> list[dict]:
-    """When (max_model_len, max_num_seqs) does not fit: each step in the guides' order, with its gain."""
+    """When (max_model_len, max_num_seqs) does not fit: the guides' knobs in their order (fewer sequences,
+    higher utilization, eager mode, fp8 KV, CPU offload, more GPUs), each row applied on top of the rows
+    above, until one fits. The shorter context is the alternative at its place in the order: the longest
+    context the rows above it hold (the rows below keep the context asked for)."""
     from ..estimate import estimate
 
-    out = []
+    def run(changed: ServeConfig):
+        return estimate(spec, total, changed, gpu_name=gpu_name)
+
+    out: list[dict] = []
     need = est.kv_bytes_for(est.max_model_len, 1) - est.kv_pool_bytes
-    steps = [
-        ("fewer sequences", cfg.replace(max_num_seqs=max(1, est.max_num_seqs // 4))),
-        ("shorter context", cfg.replace(max_model_len=max(est.block_size, est.max_model_len_fit))),
-        ("higher utilization", cfg.replace(gpu_memory_utilization=0.95)),
-        ("eager mode (--enforce-eager)", cfg.replace(enforce_eager=True)),
-        ("fp8 KV cache (--kv-cache-dtype fp8)", cfg.replace(kv_cache_dtype="fp8")),
-        ("CPU offload (--cpu-offload-gb 4)", cfg.replace(cpu_offload_gb=4.0)),
-    ]
-    # more GPUs of this size: the smallest tensor-parallel size vLLM can shard the model over that fits
-    wider = [t for t in spec.tp_sizes(up_to=8) if t > cfg.tensor_parallel_size]
-    for t in wider:
-        changed = cfg.replace(tensor_parallel_size=t)
-        if t == wider[-1] or estimate(spec, total, changed, gpu_name=gpu_name).fits:
-            steps.append((f"more GPUs (-tp {t}, --gpus {t})", changed))
-            break
-    for label, changed in steps:
-        if changed == cfg:
-            continue
-        after = estimate(spec, total, changed, gpu_name=gpu_name)
-        gain = after.kv_pool_bytes - est.kv_pool_bytes
-        out.append(
-            {
-                "step": label,
-                "flags": changed.flags(),
-                "gain_gib": round(gain / GIB, 2),
-                "kv_cache_tokens": after.kv_cache_tokens,
-                "max_model_len_fit": after.max_model_len_fit,
-                "fits": after.fits,
-            }
-        )
     if need > 0:
-        out.insert(0, {"step": "missing", "gain_gib": round(-need / GIB, 2)})
+        out.append({"step": "missing", "gain_gib": round(-need / GIB, 2)})
+    current, now = cfg, est
+
+    def row(label: str, changed: ServeConfig, after, changes: dict, *, alternative: bool = False) -> dict:
+        return {
+            "step": label,
+            "changes": changes,
+            "flags": changed.flags(),
+            "alternative": alternative,
+            "gain_gib": round((after.kv_pool_bytes - now.kv_pool_bytes) / GIB, 2),
+            "gain_tokens": after.kv_cache_tokens - now.kv_cache_tokens,
+            "kv_pool_gib": round(after.kv_pool_bytes / GIB, 2),
+            "kv_cache_tokens": after.kv_cache_tokens,
+            "max_model_len_fit": after.max_model_len_fit,
+            "fits": after.fits,
+        }
+
+    def rungs():
+        """(label, changes) of each rung in order, computed from the config the rows above reached."""
+        seqs = max(1, now.max_num_seqs // 4)
+        if seqs < now.max_num_seqs:
+            yield f"fewer sequences (--max-num-seqs {seqs})", {"max_num_seqs": seqs}
+        yield "shorter context", None
+        if now.utilization < REMEDY_UTILIZATION:
+            yield (
+                f"higher utilization (--gpu-memory-utilization {REMEDY_UTILIZATION})",
+                {"gpu_memory_utilization": REMEDY_UTILIZATION},
+            )
+        if not current.enforce_eager:
+            yield "eager mode (--enforce-eager)", {"enforce_eager": True}
+        if not current.kv_cache_dtype.startswith("fp8"):
+            yield "fp8 KV cache (--kv-cache-dtype fp8)", {"kv_cache_dtype": "fp8"}
+        offload = current.cpu_offload_gb + REMEDY_OFFLOAD_GIB
+        yield f"CPU offload (--cpu-offload-gb {offload:g})", {"cpu_offload_gb": offload}
+        # more GPUs of this size: the smallest tensor-parallel size vLLM can shard the model over that fits
+        wider = [t for t in spec.tp_sizes(up_to=8) if t > current.tensor_parallel_size]
+        for t in wider:
+            if t == wider[-1] or run(current.replace(tensor_parallel_size=t)).fits:
+                yield f"more GPUs (-tp {t}, --gpus {t})", {"tensor_parallel_size": t}
+                break
+
+    for label, changes in rungs():
+        if changes is None:  # the alternative: settle for the context the rows above hold
+            fit = now.max_model_len_fit
+            if 0 < fit < now.max_model_len:
+                shorter = current.replace(max_model_len=fit)
+                out.append(
+                    row(
+                        f"shorter context (--max-model-len {fit})",
+                        shorter,
+                        run(shorter),
+                        {"--max-model-len": fit},
+                        alternative=True,
+                    )
+                )
+            continue
+        changed = current.replace(**changes)
+        after = run(changed)
+        flags = changed.flags()
+        out.append(
+            row(label, changed, after, {k: v for k, v in flags.items() if current.flags().get(k) != v})
+        )
+        current, now = changed, after
+        if after.fits:
+            break
     return out
 
 
@@ -278,15 +325,17 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
     for note in est.notes:
         click.echo(f"  note: {note}")
     if remedies:
-        click.echo("To make it fit (in this order):")
+        click.echo("To make it fit (in this order, each row on top of the rows above, until one fits):")
         for r in remedies:
             if r["step"] == "missing":
                 click.echo(f"  short by {-r['gain_gib']:.2f} GiB of KV cache")
                 continue
             state = "fits" if r["fits"] else "still short"
+            label = f"  or a {r['step']}" if r["alternative"] else r["step"]
+            gained = "" if r["alternative"] else f"({r['gain_tokens']:+,})"
             click.echo(
-                f"  {r['step']:<38} {r['gain_gib']:+6.2f} GiB  {r['kv_cache_tokens']:>9,} tokens  "
-                f"max len {r['max_model_len_fit']:,}  {state}"
+                f"  {label:<52} pool {r['kv_pool_gib']:6.2f} GiB  {r['kv_cache_tokens']:>10,} tokens "
+                f"{gained:<12} max len {r['max_model_len_fit']:,}  {state}"
             )
 
 
