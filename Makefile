@@ -35,7 +35,7 @@ lint: install
 	$(BIN)/ruff check vllm_tuner tests scripts
 	$(BIN)/ruff format --check vllm_tuner tests scripts
 
-bench: install
+bench: install real-vllm
 	$(BIN)/python scripts/bench.py
 
 demo: install

@@ -12,7 +12,7 @@ import click
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..search import GIB
-from ..serveconfig import SHORT_OPTIONS
+from ..serveconfig import SHORT_OPTIONS, shell_command
 from ..units import format_duration, parse_duration
 from ._common import (
     emit_json,
@@ -577,4 +577,5 @@ def _print_result(result) -> None:
         click.echo(f"  • {line}")
     click.echo("\nServe command:\n  " + result.command())
     if result.config_path:
-        click.echo(f"\nConfig file: {result.config_path}  (vllm serve --config {result.config_path})")
+        run = shell_command(["serve", "--config", str(result.config_path)], vllm_cmd=result.request.vllm_cmd)
+        click.echo(f"\nConfig file: {result.config_path}  ({run})")
