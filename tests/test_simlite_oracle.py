@@ -189,7 +189,35 @@ def test_auto_fit_reduces_max_model_len_to_what_one_request_fits():
         scenario, [MODEL, "--max-model-len", "auto", "--gpu-memory-utilization", "0.68"], [0]
     )
     assert full.max_concurrency > 1
-    assert reduced.max_concurrency == 1.0 and 0 < reduced.kv_cache_tokens < 32768
+    # auto-fit sizes one request to the pool less the null block; vLLM's capacity counts the whole pool
+    assert 1.0 < reduced.max_concurrency < 1.01 and 0 < reduced.kv_cache_tokens < 32768
+
+
+def test_the_null_block_as_vllm_keeps_it():
+    """vLLM 0.3x (kv_cache_utils.py): check_enough_kv_cache_memory and auto-fit plan against the pool less
+    one block (BlockPool's null block), the capacity it logs divides the whole pool."""
+    scenario = load_scenario_file("rtx-pro-6000")
+    block = 16 * 131072  # mistral-7b: 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes per token
+    argv = ["mistral-7b", "--max-model-len", "32768", "--max-num-seqs", "1"]
+    one_request = oracle.truth(scenario, [*argv, "--kv-cache-memory-bytes", str(2048 * block)], [0])
+    assert one_request.category == "kv_cache_insufficient_for_max_len"
+    resolved = resolve(scenario)
+    prepared = oracle.prepare(
+        oracle.parse([*argv, "--kv-cache-memory-bytes", str(2048 * block)]), resolved, "0"
+    )
+    gpu = resolved["gpus"][0]
+    boot = engine.boot(
+        prepared.model,
+        prepared.launch,
+        total_bytes=int(gpu["total_bytes"]),
+        others_bytes=0,
+        gpu_name=str(gpu["name"]),
+        truth=prepared.truth,
+    )
+    assert boot.estimated_max_len == 32752  # vLLM's "the estimated maximum model length is 32752"
+    with_null = oracle.truth(scenario, [*argv, "--kv-cache-memory-bytes", str(2049 * block)], [0])
+    assert with_null.boots
+    assert with_null.kv_cache_tokens == 2049 * 16 and with_null.max_concurrency == 2049 / 2048
 
 
 def test_estimates_are_off_both_ways():

@@ -72,8 +72,9 @@ def serve(args) -> int:
         "api_key",
     ):
         value = getattr(args, key)
-        if value not in (None, False, 0, 0.0, 1, "auto") or (key == "max_model_len" and value):
-            non_default[key] = value
+        default = (None, False, 1) if key.endswith("parallel_size") else (None, False, 0, 0.0, "auto")
+        if value not in default or (key == "max_model_len" and value):
+            non_default[key] = value  # as vLLM's log_non_default_args: --max-num-seqs 1 is not a default
     non_default["gpu_memory_utilization"] = args.gpu_memory_utilization
     api(f"vLLM server version {VERSION}, serving model {model}", "startup.py:88")
     api(f"non-default args: {non_default}", "utils.py:301")
@@ -395,7 +396,8 @@ class Walk:
                 f"num_gpu_blocks_override={self.launch.num_gpu_blocks_override}",
                 "kv_cache_planning.py:912",
             )
-        pool_gib = b.pool_bytes / GIB
+        # vLLM's fit checks and auto-fit plan against the pool less the null block, and print that
+        pool_gib = max(0, b.pool_bytes - b.block_size * b.kv_bytes_per_token) / GIB
         if b.category == "no_kv_cache_memory":
             if self.launch.auto_max_model_len:
                 message = (

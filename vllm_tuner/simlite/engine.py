@@ -293,7 +293,7 @@ def boot(
     if pool <= 0 or blocks <= 1:
         b.category = "no_kv_cache_memory"
         return b
-    usable = blocks - 1
+    usable = blocks - 1  # BlockPool keeps block 0 as the null block: vLLM checks and schedules the rest
     if args.auto_max_model_len:
         fitted = min(derived, usable * block)
         b.auto_fit = "full" if fitted >= derived else "reduced"
@@ -303,7 +303,9 @@ def boot(
         b.category = "kv_cache_insufficient_for_max_len"
         b.estimated_max_len = usable * block
         return b
-    b.max_concurrency = usable / per_request
+    # vLLM reports the capacity over the whole pool, null block included (get_max_concurrency_for_kv_cache_
+    # config divides kv_cache_config.num_blocks), while its checks and the scheduler have one block less
+    b.max_concurrency = blocks / per_request
     b.kv_tokens = int(b.max_concurrency * max_len)
     b.estimated_max_len = usable * block
     b.idle_used_bytes = ctx + weights + non_torch + activation + pool + graph_actual
