@@ -232,3 +232,51 @@ def test_estimator_costs_for_bundled_models():
     plan = make_plan(d, gpus, costs, offline=offline)
     assert plan.fits, plan.problems
     assert plan.instance("coder").config.model == "Qwen/Qwen2.5-Coder-32B-Instruct-AWQ"
+
+
+# ------------------------------------------------------------------------------------------ the null block
+
+MISTRAL = ModelCost(int(13.5 * GIB), int(1.5 * GIB), 131072, 32768)  # 2 MiB per 16-token block
+
+
+def usable_blocks(inst) -> int:
+    """Blocks vLLM can give requests out of the planned pool: BlockPool keeps block 0 back (the null block)."""
+    return inst.kv_bytes // (16 * inst.cost.kv_bytes_per_token) - 1
+
+
+@pytest.mark.parametrize(
+    ("objective", "min_context", "min_seqs"),
+    [("context", 16384, 1), ("context", 8192, 3), ("concurrency", 32768, 1), ("fixed", 32768, 1)],
+)
+def test_every_planned_pool_holds_its_requests_besides_the_null_block(objective, min_context, min_seqs):
+    """vLLM checks --max-model-len against the pool less one block (check_enough_kv_cache_memory), so a
+    pool of exactly one request's blocks refuses: "the estimated maximum model length is 32752"."""
+    d = deployment(
+        [
+            model("coder", 8001, needs={"min_context": 16384, "min_seqs": 8, "objective": "fixed"}),
+            model(
+                "general",
+                8002,
+                needs={"min_context": min_context, "min_seqs": min_seqs, "objective": objective},
+            ),
+        ]
+    )
+    plan = make_plan(d, [CARD], {"coder": CODER, "general": MISTRAL})
+    assert plan.fits, plan.problems
+    for inst in plan.instances:
+        per_request = math.ceil(inst.max_model_len / 16)
+        assert usable_blocks(inst) >= inst.max_num_seqs * per_request, inst.name
+        assert inst.kv_bytes % (1 << 20) == 0  # whole MiB, rounded up, never cut into a block
+    general = plan.instance("general")
+    if (objective, min_seqs) == ("context", 1):
+        assert general.max_model_len == 32768  # the spare took it to the model's maximum
+        assert usable_blocks(general) == 2048  # one request of 32768 tokens, plus the null block
+
+
+def test_what_would_fit_leaves_room_for_the_null_block():
+    card = GpuInfo(0, "small", int(0.5 * GIB + 13.5 * GIB + 1.5 * GIB + 4 * GIB + GIB))  # 4 GiB of KV room
+    d = deployment([model("general", 8002, needs={"min_context": 32768, "min_seqs": 1})])
+    plan = make_plan(d, [card], {"general": MISTRAL})
+    assert not plan.fits  # exactly one request's blocks: vLLM would refuse it
+    joined = " | ".join(plan.suggestions)
+    assert "needs.min_context 32512 at 1 seqs" in joined

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..serveconfig import ServeConfig
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, ModelEntry
@@ -47,6 +47,12 @@ class ModelCost:
     source: str = "estimate"  # estimate | file (the deployment's memory: block) | measured
     kv_dtype_bytes: int = 2  # bytes per KV element at kv_cache_dtype=auto (for the fp8 suggestion)
     serve_name: str | None = None  # what ``vllm serve`` is given, when it differs from the file's ``model``
+    block_tokens: int = BLOCK_TOKENS  # tokens per KV block (vLLM's --block-size; 64 for MLA backends)
+
+    @property
+    def block_bytes(self) -> int:
+        """One KV block per GPU: vLLM's unit of allocation, and the null block its pool keeps back."""
+        return max(1, self.block_tokens) * self.kv_bytes_per_token
 
     @property
     def fixed_bytes(self) -> int:
@@ -269,10 +275,32 @@ def min_context_of(entry: ModelEntry, cost: ModelCost) -> int:
     return wanted
 
 
+def request_kv_bytes(cost: ModelCost, context: int) -> int:
+    """KV bytes per GPU one request of ``context`` tokens takes: whole blocks."""
+    block = max(1, cost.block_tokens)
+    return math.ceil(context / block) * cost.block_bytes
+
+
 def kv_bytes_for(cost: ModelCost, context: int, seqs: int) -> int:
-    """KV bytes per GPU for ``seqs`` requests of ``context`` tokens (whole blocks per request)."""
-    blocks = math.ceil(context / BLOCK_TOKENS)
-    return blocks * BLOCK_TOKENS * cost.kv_bytes_per_token * seqs
+    """The ``--kv-cache-memory-bytes`` that holds ``seqs`` requests of ``context`` tokens at once.
+
+    Whole blocks per request, plus the null block vLLM's ``BlockPool`` keeps back (block 0, never
+    allocated): vLLM checks a request of ``--max-model-len`` against the pool less that block
+    (``check_enough_kv_cache_memory``), so a pool of exactly one request's blocks refuses to start
+    ("the estimated maximum model length is" one block short). Rounded up to a MiB.
+    """
+    return _ceil(request_kv_bytes(cost, context) * seqs + cost.block_bytes, MIB)
+
+
+def seqs_within(cost: ModelCost, kv_bytes: int, context: int) -> int:
+    """How many requests of ``context`` tokens a pool of ``kv_bytes`` holds at once (null block kept)."""
+    return max(0, kv_bytes - cost.block_bytes) // max(1, request_kv_bytes(cost, context))
+
+
+def context_within(cost: ModelCost, kv_bytes: int, seqs: int, step: int = CONTEXT_STEP) -> int:
+    """The longest context (a multiple of ``step``) of which ``seqs`` requests a pool of ``kv_bytes`` holds."""
+    blocks = max(0, kv_bytes - cost.block_bytes) // cost.block_bytes // max(1, seqs)
+    return _floor(blocks * max(1, cost.block_tokens), step)
 
 
 def _need(entry: ModelEntry, cost: ModelCost) -> int:
@@ -376,8 +404,7 @@ def _refuse(
 
 def _what_would_fit(entry: ModelEntry, cost: ModelCost, context: int, room: int) -> list[str]:
     out: list[str] = []
-    kv_room = room - cost.fixed_bytes
-    per_token = max(1, cost.kv_bytes_per_token)
+    kv_room = _floor(room - cost.fixed_bytes, MIB)
     if kv_room <= 0:
         out.append(
             f"{entry.name}: its weights and overhead alone need {_gib(cost.fixed_bytes)} GiB but only "
@@ -385,14 +412,15 @@ def _what_would_fit(entry: ModelEntry, cost: ModelCost, context: int, room: int)
             f"tensor_parallel_size, or another GPU"
         )
     else:
-        fit_context = _floor(kv_room // (per_token * entry.min_seqs), CONTEXT_STEP)
+        fit_context = context_within(cost, kv_room, entry.min_seqs)
         if fit_context >= 4 * CONTEXT_STEP:
             out.append(f"{entry.name}: fits with needs.min_context {fit_context} at {entry.min_seqs} seqs")
-        fit_seqs = kv_room // kv_bytes_for(cost, context, 1)
+        fit_seqs = seqs_within(cost, kv_room, context)
         if fit_seqs >= 1:
             out.append(f"{entry.name}: fits with needs.min_seqs {fit_seqs} at {context} tokens")
     if entry.kv_cache_dtype == "auto" and cost.kv_dtype_bytes >= 2:
-        half = cost.fixed_bytes + kv_bytes_for(cost, context, entry.min_seqs) // cost.kv_dtype_bytes
+        fp8 = replace(cost, kv_bytes_per_token=max(1, cost.kv_bytes_per_token // cost.kv_dtype_bytes))
+        half = cost.fixed_bytes + kv_bytes_for(fp8, context, entry.min_seqs)
         if half <= room:
             out.append(f"{entry.name}: fits with kv_cache_dtype: fp8 (needs {_gib(half)} GiB; lossy)")
     need = cost.fixed_bytes + kv_bytes_for(cost, context, entry.min_seqs)
@@ -435,21 +463,20 @@ def _grant(members: list[_Placed], spare: dict[int, int]) -> None:
 
 
 def _derive_limits(p: _Placed) -> None:
-    """Turn the KV budget into ``--max-model-len`` / ``--max-num-seqs`` for the objective."""
+    """Turn the KV budget into ``--max-model-len`` / ``--max-num-seqs`` for the objective (the budget
+    keeps vLLM's null block: see :func:`kv_bytes_for`)."""
     cost, needs = p.cost, p.entry.needs
-    budget = p.kv_bytes + p.extra_kv
+    budget = _floor(p.kv_bytes + p.extra_kv, MIB)
     if needs.objective == "context":
-        per_seq_tokens = budget // max(1, cost.kv_bytes_per_token) // p.seqs
-        context = max(p.context, _floor(per_seq_tokens, CONTEXT_STEP))
+        context = max(p.context, context_within(cost, budget, p.seqs))
         if cost.max_context:
             context = min(context, cost.max_context)
         p.context = max(context, p.context)
         p.kv_bytes = max(p.kv_bytes, min(budget, kv_bytes_for(cost, p.context, p.seqs)))
     elif needs.objective == "concurrency":
-        seqs = budget // kv_bytes_for(cost, p.context, 1)
+        seqs = seqs_within(cost, budget, p.context)
         p.seqs = max(p.seqs, min(int(seqs), MAX_PLANNED_SEQS))
         p.kv_bytes = max(p.kv_bytes, min(budget, kv_bytes_for(cost, p.context, p.seqs)))
-    p.kv_bytes = _floor(p.kv_bytes, MIB)
 
 
 def _order_and_utilize(packing: _Packing, deployment: Deployment, gpus: Sequence[GpuInfo]) -> list[Instance]:
@@ -506,6 +533,10 @@ def passes_startup_check(util: float, total_bytes: int, free_bytes: int) -> bool
 
 def _floor(value: int, step: int) -> int:
     return int(value) // step * step
+
+
+def _ceil(value: int, step: int) -> int:
+    return -(-int(value) // step) * step
 
 
 def _gib(value: int) -> str:

@@ -31,7 +31,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..errors import DeployError
-from .plan import BLOCK_TOKENS, CONTEXT_STEP, CUDA_CONTEXT_BYTES, GIB, MIB, Instance, Plan, min_context_of
+from .plan import (
+    BLOCK_TOKENS,
+    CONTEXT_STEP,
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    MIB,
+    Instance,
+    ModelCost,
+    Plan,
+    kv_bytes_for,
+    min_context_of,
+)
 
 UTIL_FLOOR = 0.01
 MAX_FIND_UTIL = 0.98  # find refuses a higher ceiling: vLLM needs some memory outside its budget
@@ -249,7 +260,9 @@ def tuned_from(target: TuneTarget, result, baseline_used: Mapping[int, int]) -> 
     inst, winner = target.instance, result.winner
     cfg, facts = winner.config, winner.facts
     if facts.get("available_kv_gib") is not None:
-        kv = int(float(facts["available_kv_gib"]) * GIB) // MIB * MIB
+        kv = measured_pool_bytes(
+            float(facts["available_kv_gib"]), inst.cost, cfg.max_model_len, cfg.max_num_seqs
+        )
     elif facts.get("kv_cache_tokens"):
         kv = int(facts["kv_cache_tokens"]) * inst.cost.kv_bytes_per_token
     else:
@@ -276,6 +289,23 @@ def tuned_from(target: TuneTarget, result, baseline_used: Mapping[int, int]) -> 
         complete=bool(getattr(result, "complete", True)),
         reason=str(getattr(result, "reason", "") or ""),
     )
+
+
+def measured_pool_bytes(
+    kv_gib: float, cost: ModelCost, max_model_len: int | None, max_num_seqs: int | None
+) -> int:
+    """The ``--kv-cache-memory-bytes`` for a pool vLLM printed as ``kv_gib`` (two decimals).
+
+    Rounded down to a MiB, but never below what the winner's ``--max-model-len`` x ``--max-num-seqs``
+    and vLLM's null block need while the printed value allows that much: a pool printed as 4.00 GiB may
+    have been up to 4.005 GiB, and 4.00 GiB exactly holds one 32768-token request of a 128 KiB/token
+    model without the null block, so vLLM would refuse the length it just served.
+    """
+    low = int(kv_gib * GIB) // MIB * MIB
+    high = -(-int((kv_gib + 0.005) * GIB) // MIB) * MIB
+    if not max_model_len or not max_num_seqs:
+        return low
+    return max(low, min(kv_bytes_for(cost, int(max_model_len), int(max_num_seqs)), high))
 
 
 def apply_tuning(plan: Plan, tuned: Mapping[str, Tuned | Mapping]) -> Plan:
@@ -373,7 +403,8 @@ def _what_would_help(target: TuneTarget, result) -> str:
         over = max(0, target.headroom_bytes - best.min_headroom_bytes)
     hints: list[str] = []
     if tokens:
-        usable = tokens - math.ceil(over / max(1, inst.cost.kv_bytes_per_token))
+        # vLLM's token count includes the null block its pool keeps back
+        usable = tokens - inst.cost.block_tokens - math.ceil(over / max(1, inst.cost.kv_bytes_per_token))
         per_seq = math.ceil(target.min_context / BLOCK_TOKENS) * BLOCK_TOKENS
         seqs = usable // per_seq
         if target.objective != "context" and 1 <= seqs < target.min_seqs:
