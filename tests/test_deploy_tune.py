@@ -367,3 +367,15 @@ def test_every_phase_is_tuned_up_front_and_a_phase_switch_starts_with_its_winner
         assert argv[argv.index("--max-num-seqs") + 1] == str(winner["max_num_seqs"])
     finally:
         assert main(["down", "phased"]) == 0
+
+
+def test_a_winner_whose_pool_prints_as_one_request_keeps_its_null_block():
+    """vLLM prints the pool to 0.01 GiB: 4.00 GiB may have been up to 4.005 GiB. Rounded down it is
+    exactly one 32768-token request of a 128 KiB/token model, which vLLM refuses (32752 fits)."""
+    from vllm_tuner.deploy.tune import measured_pool_bytes
+
+    cost = ModelCost(int(13.5 * GIB), GIB, 131072, 32768)
+    kv = measured_pool_bytes(4.00, cost, 32768, 1)
+    assert kv // (16 * 131072) - 1 >= 2048  # blocks besides the null block hold the request
+    assert kv <= 4.005 * GIB + MIB  # never more than the printed value allows
+    assert measured_pool_bytes(30.97, cost, 8192, 30) == int(30.97 * GIB) // MIB * MIB  # holds them already
