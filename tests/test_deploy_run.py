@@ -31,8 +31,9 @@ print("started", time.time(), flush=True)
 if str(port) in os.environ.get("FAKE_DIE_ON", "").split(","):
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", flush=True)
     sys.exit(1)
+extra = dict(x.split("=") for x in os.environ.get("FAKE_EXTRA", "").split(",") if x)  # port=bytes beyond the plan
 with open(claim, "w") as f:
-    f.write(f"{gpu} {kv + 2 * 2**30}")
+    f.write(f"{gpu} {kv + 2 * 2**30 + int(extra.get(str(port), 0))}")
 ready_at = time.time() + float(os.environ.get("FAKE_BOOT_S", "0.3"))
 def bye(*_):
     os.unlink(claim)
@@ -249,6 +250,41 @@ def test_up_refuses_when_the_card_is_busier_than_planned(env):
     with pytest.raises(DeployError, match="GiB free before starting coder"):
         runner.up(plan)
     assert not state_path("pair").exists()
+
+
+def test_an_instance_holding_more_than_planned_is_named_as_the_cause_and_tune_suggested(env):
+    runner, nvml, extra = env
+    runner.settings.verify = False
+    plan = plan_for(["coder", "general"])
+    first = plan.start_order()[0]
+    extra["FAKE_EXTRA"] = f"{first.port}={18 * GIB}"  # the estimate was 18 GiB short for the first one
+    with pytest.raises(DeployError) as err:
+        runner.up(plan)
+    text = str(err.value)
+    assert f"before starting {plan.start_order()[1].name}" in text
+    assert f"{first.name} took 18.0 GiB more than the plan" in text
+    assert "other processes" not in text and "nvidia-smi" not in text
+    assert "--tune" in err.value.fix
+    assert not state_path("pair").exists()
+
+
+def test_other_processes_that_grew_during_up_are_named_as_the_cause(env):
+    runner, nvml, _ = env
+    runner.settings.verify = False
+    plan = plan_for(["coder", "general"])
+    spawn = runner.spawn
+
+    def spawn_then_a_stranger_grows(argv, env_, log_path):
+        pid = spawn(argv, env_, log_path)
+        nvml.baseline = 20 * GIB  # someone else took 19 GiB while the first instance started
+        return pid
+
+    runner.spawn = spawn_then_a_stranger_grows
+    with pytest.raises(DeployError) as err:
+        runner.up(plan)
+    text = str(err.value)
+    assert "other processes took 19.0 GiB since 'up' began" in text
+    assert "more than the plan" not in text and "--tune" not in (err.value.fix or "")
 
 
 def test_phases_switch_with_cooldown_and_report_the_switch_time(env):

@@ -167,7 +167,7 @@ class Runner:
         started: list[str] = []
         try:
             for inst in order:
-                state.instances.append(self._start_one(plan, inst))
+                state.instances.append(self._start_one(plan, inst, state))
                 save_state(state)
                 started.append(inst.name)
             verified = self.verify(plan, state) if self.settings.verify else {}
@@ -190,8 +190,8 @@ class Runner:
                     f"change {inst.name}'s port: in {plan.deployment.source}, or stop what holds port {inst.port}",
                 )
 
-    def _start_one(self, plan: Plan, inst: Instance) -> InstanceState:
-        util = self._checked_utilization(plan, inst)
+    def _start_one(self, plan: Plan, inst: Instance, state: DeploymentState | None = None) -> InstanceState:
+        util = self._checked_utilization(plan, inst, state)
         serve = inst.serve_args()
         serve[serve.index("--gpu-memory-utilization") + 1] = f"{util:.2f}"
         env = {**os.environ, **self.settings.env, **dict(inst.entry.env)}
@@ -250,9 +250,10 @@ class Runner:
         self.note(f"{inst.name} is healthy after {record.ready_s:.1f}s")
         return record
 
-    def _checked_utilization(self, plan: Plan, inst: Instance) -> float:
+    def _checked_utilization(self, plan: Plan, inst: Instance, state: DeploymentState | None = None) -> float:
         """The planned utilization if the memory free right now passes vLLM's check, else a lower one
-        that still covers the instance's own share, else a refusal with the numbers."""
+        that still covers the instance's own share, else a refusal with the numbers and their cause:
+        an instance this deployment started holding more than planned, or other processes."""
         util = inst.gpu_memory_utilization
         own = inst.footprint_bytes - CUDA_CONTEXT_BYTES
         for g in inst.gpu_ids:
@@ -262,14 +263,63 @@ class Runner:
                 continue
             lower = math.floor(free_at_check / mem.total * 100) / 100
             if lower * mem.total < own:
-                raise DeployError(
+                short = (
                     f"GPU {g} has {mem.free / GIB:.1f} GiB free before starting {inst.name}, which needs "
                     f"{inst.footprint_bytes / GIB:.1f} GiB (the plan expected "
-                    f"{inst.free_at_start_bytes / GIB + CUDA_CONTEXT_BYTES / GIB:.1f} GiB free)",
-                    "free the GPU (nvidia-smi shows who holds it) or lower this model's needs",
+                    f"{inst.free_at_start_bytes / GIB + CUDA_CONTEXT_BYTES / GIB:.1f} GiB free)"
                 )
+                raise self._short_of_memory(plan, state, g, mem.used, short)
             util = min(util, lower)
         return util
+
+    def _short_of_memory(
+        self, plan: Plan, state: DeploymentState | None, g: int, used: int, short: str
+    ) -> DeployError:
+        """Why GPU ``g`` has less free than planned: the instances this deployment already started there
+        (NVML's per-process usage of each against its planned footprint), or other processes (what the
+        GPU holds beyond what it held before ``up`` and what those instances hold)."""
+        source = plan.deployment.source
+        if state is None:
+            return DeployError(
+                short, "free the GPU (nvidia-smi shows who holds it) or lower this model's needs"
+            )
+        ours = [i for i in state.instances if g in i.gpu_ids]
+        held = {p.pid: p.used for p in self.nvml.processes(g)}
+        over: list[tuple[InstanceState, int]] = []
+        ours_bytes = 0
+        for inst in ours:
+            measured = sum(held.get(pid, 0) for pid in self._pids(inst))
+            ours_bytes += measured or inst.footprint_bytes
+            if measured - inst.footprint_bytes > SETTLE_TOLERANCE_BYTES:
+                over.append((inst, measured))
+        others = used - state.baseline_used.get(str(g), 0) - ours_bytes
+        causes = [
+            f"{inst.name} took {(measured - inst.footprint_bytes) / GIB:.1f} GiB more than the plan "
+            f"(it holds {measured / GIB:.1f} GiB, planned {inst.footprint_bytes / GIB:.1f} GiB)"
+            for inst, measured in over
+        ]
+        if others > SETTLE_TOLERANCE_BYTES:
+            causes.append(
+                f"other processes took {others / GIB:.1f} GiB since 'up' began (nvidia-smi shows who)"
+            )
+        if not over:
+            cause = f": {causes[0]}" if causes else ""
+            return DeployError(
+                short + cause, "free the GPU (nvidia-smi shows who holds it) or lower this model's needs"
+            )
+        names = ", ".join(inst.name for inst, _ in over)
+        tuned = [inst.name for inst, _ in over if inst.name in state.tuned]
+        if tuned:
+            fix = (
+                f"{', '.join(tuned)} grew past what 'up --tune' measured: raise headroom in {source}, "
+                f"or lower {names}'s needs"
+            )
+        else:
+            fix = (
+                f"the plan's numbers are estimates: run 'vllm-tune up {source} --tune' to measure each model "
+                f"within its share and start it with what was measured, or lower {names}'s needs"
+            )
+        return DeployError(f"{short}: {'; '.join(causes)}", fix)
 
     def _wait_healthy(self, inst: InstanceState) -> None:
         deadline = self.clock() + self.settings.ready_timeout_s
@@ -373,7 +423,7 @@ class Runner:
         started = []
         for inst in plan.resident(phase):
             if inst.name not in present:
-                state.instances.append(self._start_one(plan, inst))
+                state.instances.append(self._start_one(plan, inst, state))
                 started.append(inst.name)
                 save_state(state)
         state.phase = phase
