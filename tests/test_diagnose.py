@@ -175,3 +175,100 @@ def test_small_amounts_are_shown_in_mib_not_as_zero_gib():
 
     assert "2.00 MiB" in _fact_text("tried_to_allocate_gib", "tried to allocate", "GiB", 2 / 1024)
     assert "1.50 GiB" in _fact_text("tried_to_allocate_gib", "tried to allocate", "GiB", 1.5)
+
+
+# ------------------------------------------------------------------ advice follows the flags in force
+
+KV_BYTES = {"--kv-cache-memory-bytes": 4294967296, "--max-model-len": 32768, "--gpu-memory-utilization": 0.2}
+FIXED_POOL_FLAGS = ("--gpu-memory-utilization", "--enforce-eager")
+
+
+def _changed(advice) -> set[str]:
+    return {flag for a in advice for flag in a.changes}
+
+
+def test_kv_insufficient_with_kv_cache_memory_bytes_never_suggests_utilization_or_eager() -> None:
+    """The server of a plan: its pool is --kv-cache-memory-bytes, so utilization and graphs do not move it."""
+    facts = {
+        "max_model_len": 32768,
+        "estimated_max_model_len": 32752,  # one request's blocks exactly: the null block is missing
+        "needed_gib": 4.0,
+        "available_kv_gib": 4.0,
+        "total_gib": 94.97,
+        "gpu_memory_utilization": 0.2,
+    }
+    advice = _advice("kv_cache_insufficient_for_max_len", facts, KV_BYTES)
+    assert not _changed(advice) & set(FIXED_POOL_FLAGS), [a.text for a in advice]
+    assert all("utilization" not in a.text and "eager" not in a.text for a in advice)
+    assert advice[1].changes["--kv-cache-memory-bytes"] > 4294967296
+    # the same log without the flag: the utilization and eager are the right moves
+    plain = _advice("kv_cache_insufficient_for_max_len", facts, {"--max-model-len": 32768})
+    assert {"--gpu-memory-utilization", "--enforce-eager"} <= _changed(plain)
+
+
+def test_knobs_already_in_force_are_not_suggested_again() -> None:
+    facts = {
+        "max_model_len": 32768,
+        "estimated_max_model_len": 20000,
+        "needed_gib": 4.0,
+        "available_kv_gib": 2.5,
+    }
+    flags = {"--max-model-len": 32768, "--enforce-eager": True, "--kv-cache-dtype": "fp8"}
+    advice = _advice("kv_cache_insufficient_for_max_len", facts, flags)
+    assert not {"--enforce-eager", "--kv-cache-dtype"} & _changed(advice)
+    capture = _advice("oom_cudagraph_capture", {"gpu_memory_utilization": 0.9}, {"--enforce-eager": True})
+    assert "--enforce-eager" not in _changed(capture)
+
+
+@pytest.mark.parametrize(
+    ("category", "facts", "flag"),
+    [
+        (
+            "oom_cudagraph_capture",
+            {"total_gib": 94.97, "gpu_memory_utilization": 0.92},
+            "--kv-cache-memory-bytes",
+        ),
+        ("oom_at_runtime", {"total_gib": 94.97, "gpu_memory_utilization": 0.92}, "--kv-cache-memory-bytes"),
+        (
+            "no_kv_cache_memory",
+            {"total_gib": 94.97, "gpu_memory_utilization": 0.92},
+            "--kv-cache-memory-bytes",
+        ),
+    ],
+)
+def test_a_pool_sized_by_its_flag_is_changed_by_that_flag(category, facts, flag) -> None:
+    flags = {"--kv-cache-memory-bytes": 85_500_000_000, "--max-model-len": 32768, "--max-num-seqs": 64}
+    advice = _advice(category, facts, flags)
+    assert flag in _changed(advice) or flag in advice[0].text, [a.text for a in advice]
+    assert "--gpu-memory-utilization" not in _changed(advice)
+    assert all("RAISE --gpu-memory-utilization" not in a.text for a in advice)
+
+
+def test_the_kv_tensors_of_kv_cache_memory_bytes_not_fitting_lower_the_flag() -> None:
+    """vLLM sized the cache (it printed its tokens), then could not allocate what the flag asked for."""
+    facts = {"kv_cache_tokens": 686640, "tried_to_allocate_gib": 83.82, "free_gib": 79.78, "total_gib": 94.97}
+    first, *_ = _advice("oom_during_profiling", facts, {"--kv-cache-memory-bytes": 90_000_000_000})
+    target = first.changes["--kv-cache-memory-bytes"]
+    assert target < 90_000_000_000 - 4.04 * (1 << 30)  # at least what it was short
+    assert "--max-num-batched-tokens" not in first.text
+
+
+def test_diagnose_of_a_planned_server_refused_for_the_null_block(tmp_path, capsys) -> None:
+    """The log of guide 001's refusal (a simulated vLLM 0.33 started as the planner used to start it)."""
+    log = tmp_path / "general.log"
+    log.write_text(
+        "(APIServer pid=1) INFO 12-03 10:09:58 [utils.py:301] non-default args: {'model_tag': 'mistral-7b', "
+        "'model': 'mistral-7b', 'max_model_len': 32768, 'max_num_seqs': 1, 'kv_cache_memory_bytes': 4294967296, "
+        "'gpu_memory_utilization': 0.2}\n"
+        "(EngineCore pid=1) ERROR 12-03 10:09:58 [core.py:1584] ValueError: To serve at least one request with "
+        "the model's max seq len (32768), (4.00 GiB KV cache is needed, which is larger than the available KV "
+        "cache memory (4.00 GiB). Based on the available memory, the estimated maximum model length is 32752. "
+        "Try increasing `gpu_memory_utilization` (which also controls CPU memory on the CPU backend) or "
+        "decreasing `max_model_len` when initializing the engine.\n"
+    )
+    assert main(["diagnose", str(log), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["category"] == "kv_cache_insufficient_for_max_len"
+    changed = {flag for a in out["advice"] for flag in a["changes"]}
+    assert "--kv-cache-memory-bytes" in changed
+    assert not changed & {"--gpu-memory-utilization", "--enforce-eager"}

@@ -5,6 +5,11 @@ higher ``--gpu-memory-utilization``, ``--enforce-eager``, fp8 KV cache, CPU offl
 knobs that can fix the category at hand, and it says so where the right move is counter-intuitive:
 "No available memory for the cache blocks" wants a *higher* utilization, a startup free-memory failure
 wants a *lower* one.
+
+Advice follows the flags in force: with ``--kv-cache-memory-bytes`` (or ``--num-gpu-blocks-override``)
+the KV cache is the flag's size, so neither ``--gpu-memory-utilization`` nor ``--enforce-eager`` moves
+it and the advice names the flag instead; a knob already in force (``--enforce-eager``, an fp8 KV cache)
+is not suggested again.
 """
 
 from __future__ import annotations
@@ -100,6 +105,35 @@ class _Known:
         value = self.flags.get("--kv-cache-memory-bytes")
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
+    def blocks_override(self) -> int | None:
+        """``--num-gpu-blocks-override``: the KV cache is that many blocks, not a share."""
+        value = self.flags.get("--num-gpu-blocks-override")
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def pool_fixed(self) -> bool:
+        """The KV cache's size is set by a flag: --gpu-memory-utilization and CUDA graphs do not move it."""
+        return self.kv_cache_bytes() is not None or self.blocks_override() is not None
+
+    @property
+    def eager(self) -> bool:
+        """Already without CUDA graphs (--enforce-eager, -O0): suggesting it again changes nothing."""
+        level = self.flags.get("--optimization-level", self.flags.get("-O"))
+        return self.flags.get("--enforce-eager") is True or (level is not None and str(level) == "0")
+
+    @property
+    def fp8_kv(self) -> bool:
+        return str(self.flags.get("--kv-cache-dtype") or "").startswith("fp8")
+
+    def block_size(self) -> int:
+        value = self.flags.get("--block-size")
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 16
+
+    def pool_step_bytes(self, fraction: float) -> int:
+        """``fraction`` of one GPU (what a utilization step of that size would move), else 1 GiB."""
+        total = self.number("total_gib")
+        return math.ceil(fraction * total * GIB) if total else GIB
+
     @property
     def cpu(self) -> bool:
         """vLLM's CPU backend: the fraction is a share of one NUMA node's memory, and no CUDA graphs."""
@@ -166,7 +200,20 @@ def _kv_insufficient(k: _Known) -> list[Advice]:
         needed = available = None  # printed as 0.0 GiB: too small to compute with
     keep = f" to keep {length}" if length else ""
     fixed = k.kv_cache_bytes()
-    if fixed:
+    override = k.blocks_override()
+    if override is not None and fixed is None:
+        # the KV cache is that many blocks: one request of the length, plus the null block vLLM keeps back
+        blocks = math.ceil(length / k.block_size()) + 1 if length else None
+        out.append(
+            Advice(
+                f"or raise --num-gpu-blocks-override to {blocks}{keep} (one request's blocks and the "
+                "null block vLLM keeps back)"
+                if blocks
+                else "or raise --num-gpu-blocks-override",
+                {"--num-gpu-blocks-override": blocks} if blocks else {},
+            )
+        )
+    elif fixed:
         # the KV cache is the flag's size: the utilization does not move it
         need = needed * GIB if needed else (fixed * length / fits if fits and length else None)
         if need:
@@ -200,23 +247,26 @@ def _kv_insufficient(k: _Known) -> list[Advice]:
             else ""
         )
         out.append(Advice(f"or raise --gpu-memory-utilization{keep}{detail}", {}))
-    if not k.cpu:
+    if not k.cpu and not k.eager and not k.pool_fixed:
         out.append(
             Advice(
                 "or --enforce-eager: no CUDA graphs, their memory goes to the KV cache",
                 {"--enforce-eager": True},
             )
         )
-    out.append(
-        Advice(
-            "or --kv-cache-dtype fp8: about twice the tokens in the same memory (small quality cost)",
-            {"--kv-cache-dtype": "fp8"},
+    if not k.fp8_kv:
+        out.append(
+            Advice(
+                "or --kv-cache-dtype fp8: about twice the tokens in the same memory (small quality cost)",
+                {"--kv-cache-dtype": "fp8"},
+            )
         )
-    )
     return out
 
 
 def _no_kv_memory(k: _Known) -> list[Advice]:
+    if k.pool_fixed:
+        return _no_kv_memory_fixed(k)
     util, total = k.util(), k.number("total_gib")
     available, free = k.number("available_kv_gib"), k.number("free_gib")
     used = [f"weights {_gib(w)}" for w in [k.number("weights_gib")] if w]
@@ -264,7 +314,7 @@ def _no_kv_memory(k: _Known) -> list[Advice]:
                 {"--max-num-seqs": seqs // 2},
             )
         )
-    if not k.cpu:
+    if not k.cpu and not k.eager:
         out.append(
             Advice(
                 "--enforce-eager frees the CUDA graph memory reserved out of the budget",
@@ -273,6 +323,52 @@ def _no_kv_memory(k: _Known) -> list[Advice]:
         )
     out.append(_more_gpus(k, "the weights leave too little of each GPU"))
     return out
+
+
+def _no_kv_memory_fixed(k: _Known) -> list[Advice]:
+    """The KV cache was sized by a flag too small for one block beside vLLM's null block: the
+    utilization, the activations and CUDA graphs do not change it; only the flag does."""
+    fixed, override = k.kv_cache_bytes(), k.blocks_override()
+    length = k.max_model_len()
+    if fixed is not None:
+        per_token = _kv_bytes_per_token(k)
+        need = (
+            (math.ceil(length / k.block_size()) + 1) * k.block_size() * per_token
+            if length and per_token
+            else None
+        )
+        lead = (
+            f"--kv-cache-memory-bytes {fixed} leaves no KV block beside the null block vLLM keeps back: "
+            "RAISE --kv-cache-memory-bytes (--gpu-memory-utilization does not size this cache)"
+        )
+        if need:
+            target = math.ceil(need / MIB) * MIB
+            return [
+                Advice(
+                    f"{lead}; {target} holds one request of {length} tokens",
+                    {"--kv-cache-memory-bytes": target},
+                )
+            ]
+        return [Advice(lead, {})]
+    blocks = math.ceil(length / k.block_size()) + 1 if length else 2
+    return [
+        Advice(
+            f"--num-gpu-blocks-override {override} leaves no KV block beside the null block vLLM keeps back: "
+            f"RAISE it to {blocks}" + (f" (one request of {length} tokens)" if length else ""),
+            {"--num-gpu-blocks-override": blocks},
+        )
+    ]
+
+
+def _kv_bytes_per_token(k: _Known) -> float | None:
+    """KV bytes per token per GPU, from the pool and tokens vLLM printed."""
+    available, tokens = k.number("available_kv_gib"), k.number("kv_cache_tokens")
+    if available and tokens:
+        return available * GIB / tokens
+    needed, length = k.number("needed_gib"), k.max_model_len()
+    if needed and length:
+        return needed * GIB / length
+    return None
 
 
 def _free_below_util(k: _Known) -> list[Advice]:
@@ -330,7 +426,19 @@ def _free_below_util(k: _Known) -> list[Advice]:
 def _oom_capture(k: _Known) -> list[Advice]:
     util = k.util()
     out: list[Advice] = []
-    if util:
+    fixed = k.kv_cache_bytes()
+    if fixed is not None:
+        # the KV cache is the flag's size whatever the utilization says: only a smaller one leaves
+        # room for the graphs (one utilization step of the card less)
+        target = (fixed - k.pool_step_bytes(UTIL_MARGIN)) // MIB * MIB
+        out.append(
+            Advice(
+                f"lower --kv-cache-memory-bytes to {target}: the KV cache is that size whatever "
+                "--gpu-memory-utilization says, and CUDA graphs are captured beside it",
+                {"--kv-cache-memory-bytes": target},
+            )
+        )
+    elif util:
         target = round(util - UTIL_MARGIN, 2)
         out.append(
             Advice(
@@ -350,9 +458,10 @@ def _oom_capture(k: _Known) -> list[Advice]:
             {"--max-cudagraph-capture-size": max(largest // 2, 8)},
         )
     )
-    out.append(
-        Advice("or --enforce-eager: no graph capture at all (slower decoding)", {"--enforce-eager": True})
-    )
+    if not k.eager:
+        out.append(
+            Advice("or --enforce-eager: no graph capture at all (slower decoding)", {"--enforce-eager": True})
+        )
     return out
 
 
@@ -375,6 +484,9 @@ def _oom_weights(k: _Known) -> list[Advice]:
 
 
 def _oom_profiling(k: _Known) -> list[Advice]:
+    fixed = k.kv_cache_bytes()
+    if fixed is not None and k.number("kv_cache_tokens"):
+        return _oom_kv_tensors(k, fixed)
     out: list[Advice] = []
     seqs = k.max_num_seqs()
     if seqs and seqs > 1:
@@ -401,6 +513,36 @@ def _oom_profiling(k: _Known) -> list[Advice]:
     return out
 
 
+def _oom_kv_tensors(k: _Known, fixed: int) -> list[Advice]:
+    """vLLM sized the KV cache (it printed its tokens) and then could not allocate it: the
+    ``--kv-cache-memory-bytes`` asked for more than was free after the weights and the profile run."""
+    tried, free = k.number("tried_to_allocate_gib"), k.number("free_gib")
+    short = max(0.0, (tried or 0.0) - (free or 0.0)) * GIB if tried is not None and free is not None else 0
+    target = int(fixed - short - k.pool_step_bytes(UTIL_MARGIN)) // MIB * MIB
+    what = (
+        f" (it tried {_gib(tried)} with {_gib(free)} free)" if tried is not None and free is not None else ""
+    )
+    out = []
+    if target > 0:
+        out.append(
+            Advice(
+                f"the KV cache of --kv-cache-memory-bytes {fixed} did not fit beside the weights and "
+                f"activations{what}: LOWER --kv-cache-memory-bytes to {target}",
+                {"--kv-cache-memory-bytes": target},
+            )
+        )
+    else:
+        out.append(Advice(f"LOWER --kv-cache-memory-bytes: the KV cache did not fit{what}", {}))
+    out.append(
+        Advice(
+            "or drop --kv-cache-memory-bytes and let --gpu-memory-utilization size the KV cache from "
+            "what the profile run leaves",
+            {"--kv-cache-memory-bytes": None},
+        )
+    )
+    return out
+
+
 def _oom_runtime(k: _Known) -> list[Advice]:
     out: list[Advice] = []
     tried, free = k.number("tried_to_allocate_gib"), k.number("free_gib")
@@ -414,7 +556,17 @@ def _oom_runtime(k: _Known) -> list[Advice]:
             )
         )
     util = k.util()
-    if util:
+    fixed = k.kv_cache_bytes()
+    if fixed is not None:
+        target = (fixed - k.pool_step_bytes(0.03)) // MIB * MIB
+        out.append(
+            Advice(
+                f"lower --kv-cache-memory-bytes to {target}: the KV cache is that size whatever "
+                f"--gpu-memory-utilization says; leave room for activations beside it{'' if out else what}",
+                {"--kv-cache-memory-bytes": target},
+            )
+        )
+    elif util:
         target = round(util - 0.03, 2)
         out.append(
             Advice(
@@ -445,7 +597,8 @@ def _mamba(k: _Known) -> list[Advice]:
     limit = k.number("max_num_seqs_limit")
     seqs = k.max_num_seqs()
     if not limit:
-        return [Advice("lower --max-num-seqs or raise --gpu-memory-utilization", {})]
+        knob = "--kv-cache-memory-bytes" if k.kv_cache_bytes() is not None else "--gpu-memory-utilization"
+        return [Advice(f"lower --max-num-seqs or raise {knob}", {})]
     new = int(limit) // 8 * 8 if limit >= 8 else int(limit)
     asked = f" but --max-num-seqs is {seqs}" if seqs else ""
     return [
@@ -453,7 +606,12 @@ def _mamba(k: _Known) -> list[Advice]:
             f"only {int(limit)} Mamba cache blocks fit{asked} (one per running sequence): use --max-num-seqs {new}",
             {"--max-num-seqs": new},
         ),
-        Advice("or raise --gpu-memory-utilization to fit more blocks", {}),
+        Advice(
+            "or raise --kv-cache-memory-bytes to fit more blocks"
+            if k.kv_cache_bytes() is not None
+            else "or raise --gpu-memory-utilization to fit more blocks",
+            {},
+        ),
     ]
 
 
@@ -468,7 +626,9 @@ def _profiling_changed(k: _Known) -> list[Advice]:
         )
     ]
     fit = k.number("kv_cache_memory_fit_bytes")
-    if fit:
+    if k.kv_cache_bytes() is not None:
+        pass  # already sized by the flag: vLLM skipped the profiling-based sizing
+    elif fit:
         out.append(
             Advice(
                 f"or fix the KV cache size and skip profiling: --kv-cache-memory-bytes {int(fit)}",
