@@ -139,3 +139,91 @@ def test_every_format_carries_the_memory_numbers(flat):
     for fmt in FORMATS:
         text = "".join(emit(flat, fmt).values())
         assert "headroom" in text, fmt
+
+
+# ----------------------------------------------------------------------------- local models, Ray nodes
+
+
+def _plan(models, *, gpus, hosts=(), cost=None):
+    from vllm_tuner.deploy.plan import GpuInfo, ModelCost
+    from vllm_tuner.deploy.spec import parse_deployment
+
+    data = {"name": "t", "gpus": {"count": gpus}, "models": models}
+    if hosts:
+        data["hosts"] = list(hosts)
+    d = parse_deployment(data)
+    cost = cost or ModelCost(14 * GIB, GIB, 131072, 32768)
+    plan = make_plan(
+        d, [GpuInfo(i, "H200", 141 * GIB) for i in range(gpus)], {m.name: cost for m in d.models}
+    )
+    assert plan.fits, plan.problems
+    return plan
+
+
+def test_compose_mounts_a_local_model_folder_and_serves_it_under_the_same_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = _plan(
+        [
+            {"name": "abs", "model": "/srv/models/mistral-7b-awq", "port": 8001},
+            {"name": "rel", "model": "./models/coder", "port": 8002},
+            {"name": "hub", "model": "mistralai/Mistral-7B-Instruct-v0.3", "port": 8003},
+        ],
+        gpus=1,
+        cost=None,
+    )
+    services = yaml.safe_load(only(emit(plan, "compose")))["services"]
+    absolute = services["abs"]
+    assert "/srv/models/mistral-7b-awq:/srv/models/mistral-7b-awq:ro" in absolute["volumes"]
+    assert absolute["command"][0] == "/srv/models/mistral-7b-awq"
+    rel = services["rel"]
+    folder = str(tmp_path / "models" / "coder")
+    assert f"{folder}:{folder}:ro" in rel["volumes"]  # compose would read a relative host path elsewhere
+    assert rel["command"][0] == folder
+    served = rel["command"][rel["command"].index("--served-model-name") + 1]
+    assert served == "./models/coder"  # what clients send, as with a local `up`
+    hub = services["hub"]
+    assert hub["volumes"] == ["${HF_HOME:-~/.cache/huggingface}:/root/.cache/huggingface"]
+    assert hub["command"][0] == "mistralai/Mistral-7B-Instruct-v0.3"
+
+
+def test_ray_on_two_8_gpu_nodes_never_names_a_gpu_the_head_node_lacks():
+    plan = _plan(
+        [
+            {
+                "name": "big",
+                "model": "org/big",
+                "port": 8001,
+                "tensor_parallel_size": 8,
+                "pipeline_parallel_size": 2,
+            }
+        ],
+        gpus=16,
+        hosts=("node-a", "node-b"),
+        cost=None,
+    )
+    assert plan.instance("big").gpu_ids == tuple(range(16))
+    text = only(emit(plan, "ray"))
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+    visible = [
+        line.split("CUDA_VISIBLE_DEVICES=")[1].split()[0]
+        for line in text.splitlines()
+        if "CUDA_VISIBLE_DEVICES=" in line
+    ]
+    assert visible and all(max(int(i) for i in ids.split(",")) < 8 for ids in visible), visible
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 setsid" in text  # the head node's part of the instance
+    assert "ray start --head --port 6379 --num-gpus 8" in text
+    assert "ray start --address node-a:6379 --num-gpus 8" in text
+    assert "on node-a GPU 0,1,2,3,4,5,6,7; node-b GPU 0,1,2,3,4,5,6,7" in text
+
+
+def test_ray_on_one_machine_keeps_the_planned_gpu_ids():
+    plan = _plan(
+        [
+            {"name": "a", "model": "org/a", "port": 8001, "gpus": [2]},
+            {"name": "b", "model": "org/b", "port": 8002, "gpus": [3]},
+        ],
+        gpus=4,
+    )
+    text = only(emit(plan, "ray"))
+    assert "CUDA_VISIBLE_DEVICES=2 setsid" in text and "CUDA_VISIBLE_DEVICES=3 setsid" in text

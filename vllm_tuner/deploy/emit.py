@@ -8,6 +8,7 @@ start-order ``--gpu-memory-utilization`` exactly as planned. Each returns ``{fil
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from collections.abc import Callable
 
@@ -109,12 +110,19 @@ def emit_shell(
     if ray:
         lines += _ray_preamble(plan)
     for inst in _ordered(plan):
-        gpus = ",".join(map(str, inst.gpu_ids))
         command = shell_command(_argv(inst, ray=ray), vllm_cmd=vllm_cmd)
+        if ray:
+            # the deployment's GPU ids span the nodes; this script runs on the head node, where only
+            # its own devices exist (Ray gives the other nodes' workers theirs)
+            head = _nodes(plan)[0].get(inst.name, [])
+            visible = f"CUDA_VISIBLE_DEVICES={','.join(map(str, head))} " if head else ""
+        else:
+            visible = f"CUDA_VISIBLE_DEVICES={','.join(map(str, inst.gpu_ids))} "
         lines += [
             f"start_{_ident(inst.name)}() {{",
             f"  # {instance_comment(inst)}",
-            f"  CUDA_VISIBLE_DEVICES={gpus} setsid {command} \\",
+            *([f"  # {_placement_comment(plan, inst)}"] if ray else []),
+            f"  {visible}setsid {command} \\",
             f'    >"$LOG_DIR/{inst.name}.log" 2>&1 &',
             f'  echo $! >"$LOG_DIR/{inst.name}.pid"',
             f"  wait_healthy {inst.name} {inst.port} $!",
@@ -157,15 +165,63 @@ def _shell_phases(plan: Plan) -> list[str]:
     ]
 
 
+def _hosts(plan: Plan) -> tuple[str, ...]:
+    return plan.deployment.hosts or ("head-node",)
+
+
+def _per_node(plan: Plan) -> int:
+    """GPUs per node: the deployment's GPUs split evenly over ``hosts``, in order."""
+    return max(1, -(-len(plan.gpus) // len(_hosts(plan))))
+
+
+def _node_gpus(plan: Plan) -> list[list[int]]:
+    """Per host, the device indices on that host of the deployment's GPUs there: on several hosts the
+    plan's GPUs in order, ``_per_node`` of them per host (GPU 8 of a 16-GPU plan on two hosts is GPU 0
+    of the second)."""
+    if len(_hosts(plan)) == 1:
+        return [[g.id for g in plan.gpus]]  # one machine: the plan's ids are its devices
+    per = _per_node(plan)
+    return [list(range(len(plan.gpus[k * per : (k + 1) * per]))) for k in range(len(_hosts(plan)))]
+
+
+def _nodes(plan: Plan) -> list[dict[str, list[int]]]:
+    """Per host, each instance's device indices on that host."""
+    per = _per_node(plan)
+    position = {g.id: n for n, g in enumerate(plan.gpus)}
+    out: list[dict[str, list[int]]] = [{} for _ in _hosts(plan)]
+    for inst in _ordered(plan):
+        for g in inst.gpu_ids:
+            node, local = divmod(position[g], per) if len(out) > 1 else (0, g)
+            out[min(node, len(out) - 1)].setdefault(inst.name, []).append(local)
+    return out
+
+
+def _placement_comment(plan: Plan, inst: Instance) -> str:
+    hosts = _hosts(plan)
+    parts = [
+        f"{hosts[k]} GPU {','.join(map(str, node[inst.name]))}"
+        for k, node in enumerate(_nodes(plan))
+        if inst.name in node
+    ]
+    return "on " + "; ".join(parts)
+
+
 def _ray_preamble(plan: Plan) -> list[str]:
-    hosts = plan.deployment.hosts or ("head-node",)
+    hosts = _hosts(plan)
     head = hosts[0]
+    gpus = _node_gpus(plan)
+
+    def start(k: int, args: str) -> str:
+        ids = ",".join(map(str, gpus[k]))
+        return f"CUDA_VISIBLE_DEVICES={ids} ray start {args} --num-gpus {len(gpus[k])}"
+
     lines = [
         "# Multi-node: vLLM's Ray executor spreads pipeline stages across the nodes of one Ray cluster.",
-        f"# On the head node ({head}):   ray start --head --port 6379",
-        f"# On every other node:        ray start --address {head}:6379",
+        f"# The deployment's {len(plan.gpus)} GPU(s) are {_per_node(plan)} per node, in order of hosts:",
+        f"# GPU i of the plan is GPU i mod {_per_node(plan)} of host i div {_per_node(plan)}.",
+        f"# On the head node ({head}):   {start(0, '--head --port 6379')}",
     ]
-    lines += [f"#   worker node: {h}" for h in hosts[1:]]
+    lines += [f"# On {h}:   {start(k, f'--address {head}:6379')}" for k, h in enumerate(hosts) if k]
     lines += [
         'ray status >/dev/null 2>&1 || { echo "start the Ray cluster first (ray start --head)" >&2; exit 1; }',
         "",
@@ -180,17 +236,37 @@ def _ident(name: str) -> str:
 # ------------------------------------------------------------------------------------------------- compose
 
 
+def local_model_dir(inst: Instance) -> str | None:
+    """The absolute path of the instance's model when it is a folder on this machine, else None (an HF
+    id or a bundled profile). Judged from how it is written: absolute, ``./``, ``../``, ``~``, or more
+    than one ``/`` (``org/name`` is an HF id; write ``./models/name`` for a relative folder)."""
+    for model in (inst.entry.model, inst.config.model):  # as the file wrote it, then as resolved
+        if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+            return os.path.abspath(os.path.expanduser(model))
+    return None
+
+
 def emit_compose(plan: Plan, *, image: str = DEFAULT_IMAGE) -> dict[str, str]:
     services: dict[str, dict] = {}
     previous: str | None = None
     for inst in _ordered(plan):
+        command = _argv(inst)[1:]
+        volumes = ["${HF_HOME:-~/.cache/huggingface}:/root/.cache/huggingface"]
+        local = local_model_dir(inst)
+        if local is not None:
+            # a folder on the host: mounted read-only at the same absolute path, which the command names
+            volumes.append(f"{local}:{local}:ro")
+            if command[0] != local:
+                command[0] = local
+                if not inst.entry.served_model_name:  # clients keep the name a local `up` serves
+                    command += ["--served-model-name", inst.public_name]
         service: dict = {
             "image": image,
             "entrypoint": ["vllm", "serve"],
-            "command": _argv(inst)[1:],
+            "command": command,
             "ports": [f"{inst.port}:{inst.port}"],
             "ipc": "host",
-            "volumes": ["${HF_HOME:-~/.cache/huggingface}:/root/.cache/huggingface"],
+            "volumes": volumes,
             "environment": {"HF_TOKEN": "${HF_TOKEN:-}", **dict(inst.entry.env)},
             "deploy": {
                 "resources": {
