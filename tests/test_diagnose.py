@@ -272,3 +272,11 @@ def test_diagnose_of_a_planned_server_refused_for_the_null_block(tmp_path, capsy
     changed = {flag for a in out["advice"] for flag in a["changes"]}
     assert "--kv-cache-memory-bytes" in changed
     assert not changed & {"--gpu-memory-utilization", "--enforce-eager"}
+
+
+def test_a_pool_of_num_gpu_blocks_override_is_raised_by_that_flag() -> None:
+    facts = {"max_model_len": 32768, "estimated_max_model_len": 32752, "total_gib": 94.97}
+    flags = {"--num-gpu-blocks-override": 2048, "--max-model-len": 32768, "--gpu-memory-utilization": 0.9}
+    advice = _advice("kv_cache_insufficient_for_max_len", facts, flags)
+    assert advice[1].changes == {"--num-gpu-blocks-override": 2049}  # 2048 blocks of 16 + the null block
+    assert not _changed(advice) & set(FIXED_POOL_FLAGS)
