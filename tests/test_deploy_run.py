@@ -268,6 +268,18 @@ def test_an_instance_holding_more_than_planned_is_named_as_the_cause_and_tune_su
     assert not state_path("pair").exists()
 
 
+def test_a_plan_for_a_larger_card_is_named_as_the_cause(env):
+    runner, nvml, _ = env
+    runner.settings.verify = False
+    names = [f"m{i}" for i in range(8)]  # 3 GiB each: 24 GiB with the 1 GiB baseline
+    plan = plan_for(names, total=TOTAL + 8 * GIB)  # planned for a 32 GiB card
+    with pytest.raises(DeployError) as err:
+        runner.up(plan)
+    assert "the plan is for a 32.0 GiB GPU (fake) but GPU 0 has 24.0 GiB" in str(err.value)
+    assert "more than the plan" not in str(err.value)
+    assert "vllm-tune plan" in err.value.fix and "--tune" not in err.value.fix
+
+
 def test_other_processes_that_grew_during_up_are_named_as_the_cause(env):
     runner, nvml, _ = env
     runner.settings.verify = False

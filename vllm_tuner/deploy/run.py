@@ -268,58 +268,86 @@ class Runner:
                     f"{inst.footprint_bytes / GIB:.1f} GiB (the plan expected "
                     f"{inst.free_at_start_bytes / GIB + CUDA_CONTEXT_BYTES / GIB:.1f} GiB free)"
                 )
-                raise self._short_of_memory(plan, state, g, mem.used, short)
+                raise self._short_of_memory(plan, state, g, mem, short)
             util = min(util, lower)
         return util
 
     def _short_of_memory(
-        self, plan: Plan, state: DeploymentState | None, g: int, used: int, short: str
+        self, plan: Plan, state: DeploymentState | None, g: int, mem, short: str
     ) -> DeployError:
-        """Why GPU ``g`` has less free than planned: the instances this deployment already started there
-        (NVML's per-process usage of each against its planned footprint), or other processes (what the
-        GPU holds beyond what it held before ``up`` and what those instances hold)."""
+        """Why GPU ``g`` has less free than planned, each cause with its size, the largest one's fix first:
+        a smaller card than the plan's, the instances this deployment already started there holding more
+        than planned (NVML's per-process usage of each against its planned footprint), other processes
+        (beyond what the plan counted before ``up``, or since ``up`` began)."""
         source = plan.deployment.source
+        free_fix = "free the GPU (nvidia-smi shows who holds it) or lower this model's needs"
         if state is None:
-            return DeployError(
-                short, "free the GPU (nvidia-smi shows who holds it) or lower this model's needs"
+            return DeployError(short, free_fix)
+        causes: list[tuple[int, str, str]] = []  # (bytes, what, fix)
+        card = plan.gpu(g)
+        smaller = card.total_bytes - mem.total
+        if smaller > SETTLE_TOLERANCE_BYTES:
+            causes.append(
+                (
+                    smaller,
+                    f"the plan is for a {card.total_bytes / GIB:.1f} GiB GPU ({card.name}) but GPU {g} has "
+                    f"{mem.total / GIB:.1f} GiB",
+                    f"plan for this GPU: drop gpus.profile / gpus.memory from {source}"
+                    if plan.offline
+                    else f"run 'vllm-tune plan {source}' again on this machine",
+                )
             )
-        ours = [i for i in state.instances if g in i.gpu_ids]
         held = {p.pid: p.used for p in self.nvml.processes(g)}
         over: list[tuple[InstanceState, int]] = []
         ours_bytes = 0
-        for inst in ours:
+        for inst in (i for i in state.instances if g in i.gpu_ids):
             measured = sum(held.get(pid, 0) for pid in self._pids(inst))
             ours_bytes += measured or inst.footprint_bytes
             if measured - inst.footprint_bytes > SETTLE_TOLERANCE_BYTES:
                 over.append((inst, measured))
-        others = used - state.baseline_used.get(str(g), 0) - ours_bytes
-        causes = [
-            f"{inst.name} took {(measured - inst.footprint_bytes) / GIB:.1f} GiB more than the plan "
-            f"(it holds {measured / GIB:.1f} GiB, planned {inst.footprint_bytes / GIB:.1f} GiB)"
-            for inst, measured in over
-        ]
-        if others > SETTLE_TOLERANCE_BYTES:
-            causes.append(
-                f"other processes took {others / GIB:.1f} GiB since 'up' began (nvidia-smi shows who)"
-            )
-        if not over:
-            cause = f": {causes[0]}" if causes else ""
-            return DeployError(
-                short + cause, "free the GPU (nvidia-smi shows who holds it) or lower this model's needs"
-            )
-        names = ", ".join(inst.name for inst, _ in over)
-        tuned = [inst.name for inst, _ in over if inst.name in state.tuned]
-        if tuned:
+        if over:
+            names = ", ".join(inst.name for inst, _ in over)
+            tuned = [inst.name for inst, _ in over if inst.name in state.tuned]
             fix = (
                 f"{', '.join(tuned)} grew past what 'up --tune' measured: raise headroom in {source}, "
                 f"or lower {names}'s needs"
+                if tuned
+                else f"the plan's numbers are estimates: run 'vllm-tune up {source} --tune' to measure each "
+                f"model within its share and start it with what was measured, or lower {names}'s needs"
             )
-        else:
-            fix = (
-                f"the plan's numbers are estimates: run 'vllm-tune up {source} --tune' to measure each model "
-                f"within its share and start it with what was measured, or lower {names}'s needs"
+            for inst, measured in over:
+                causes.append(
+                    (
+                        measured - inst.footprint_bytes,
+                        f"{inst.name} took {(measured - inst.footprint_bytes) / GIB:.1f} GiB more than the plan "
+                        f"(it holds {measured / GIB:.1f} GiB, planned {inst.footprint_bytes / GIB:.1f} GiB)",
+                        fix,
+                    )
+                )
+        before = state.baseline_used.get(str(g), 0)
+        earlier = before - card.used_bytes
+        if earlier > SETTLE_TOLERANCE_BYTES:
+            causes.append(
+                (
+                    earlier,
+                    f"other processes held {earlier / GIB:.1f} GiB more when 'up' began than the plan counted "
+                    "(nvidia-smi shows who)",
+                    free_fix,
+                )
             )
-        return DeployError(f"{short}: {'; '.join(causes)}", fix)
+        since = mem.used - before - ours_bytes
+        if since > SETTLE_TOLERANCE_BYTES:
+            causes.append(
+                (
+                    since,
+                    f"other processes took {since / GIB:.1f} GiB since 'up' began (nvidia-smi shows who)",
+                    free_fix,
+                )
+            )
+        if not causes:
+            return DeployError(short, free_fix)
+        causes.sort(key=lambda c: -c[0])
+        return DeployError(f"{short}: {'; '.join(c[1] for c in causes)}", causes[0][2])
 
     def _wait_healthy(self, inst: InstanceState) -> None:
         deadline = self.clock() + self.settings.ready_timeout_s
