@@ -42,14 +42,15 @@ pytestmark = [
     pytest.mark.skipif(_why is not None, reason=f"real vLLM tier not run: {_why}"),
 ]
 
-CAPTURED: list[Path] = []  # every real log the tier wrote, for the diagnose test at the end
+CAPTURED: list[tuple[str, Path]] = []  # (test, log): every real log the tier wrote, for diagnose at the end
 
 
 @pytest.fixture
-def real(tmp_path):
+def real(tmp_path, request):
     real = RealVllm(home=tmp_path / "home")
     yield real
-    CAPTURED.extend(real.captured)
+    test = request.node.name.removeprefix("test_").replace("[", "-").replace("]", "")
+    CAPTURED.extend((test, log) for log in real.captured)
     try:
         real.assert_nothing_left()
     finally:
@@ -216,11 +217,11 @@ def test_ramp_two_steps_reads_real_metrics(real, model):
 
 
 def test_diagnose_reads_every_real_log_the_tier_captured(tmp_path):
-    logs = [p for p in CAPTURED if p.exists()]
+    logs = [(test, p) for test, p in CAPTURED if p.exists()]
     if not logs:
         pytest.skip("no real log was captured (the tests above did not run)")
-    capture = os.environ.get("VLLM_TUNE_CAPTURE_LOGS")
-    for log in logs:
+    capture = os.environ.get("VLLM_TUNE_CAPTURE_LOGS")  # a folder: keep them (tests/data/logs/real/)
+    for test, log in logs:
         done = subprocess.run(
             [str(TUNER), "diagnose", str(log), "--json"], capture_output=True, text=True, timeout=60
         )
@@ -232,7 +233,7 @@ def test_diagnose_reads_every_real_log_the_tier_captured(tmp_path):
             assert diagnosis["category"] == "success", (log, diagnosis)
             assert diagnosis["facts"]["kv_cache_tokens"] == _kv_tokens_in(log)
         if capture:
-            target = Path(capture) / log.name
+            target = Path(capture) / f"{test}--{log.parent.name[:24]}--{log.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
 

