@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
 
 VENV = Path(os.environ.get("VLLM_TUNE_REAL_VLLM") or "/nonexistent")  # set by the Makefile's test targets
 # a model without weights or tokenizer: ready in about 30 s on two cores
@@ -245,9 +244,6 @@ def stop_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-
-
-requires_real_vllm = pytest.mark.real_vllm
 
 
 def free_port() -> int:

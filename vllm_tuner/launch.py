@@ -802,9 +802,8 @@ def trial_env(
     (vLLM refuses the two together; an inherited value is dropped then)."""
     env = dict(base)
     env.update(launcher_env)
-    for name, value in device.serve_env((), config).items():
-        if name != device.visible_env:
-            env.setdefault(name, value)
+    for name, value in device.base_env.items():
+        env.setdefault(name, value)
     if uses_kv_connector(config) and "expandable_segments" in env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         del env["PYTORCH_CUDA_ALLOC_CONF"]
     env.update(extra)
