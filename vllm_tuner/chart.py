@@ -2,8 +2,8 @@
 
 Pure: :func:`ramp_chart_html` turns plain points into text; no plotting library, no scripts, no
 network. Bars are the KV cache tokens vLLM reported at each step (left axis); the line is the peak
-GPU memory under the soak (right axis) with the GPU's capacity as a dashed line; a failed step is
-drawn in red with its reason under the axis.
+memory of the busiest device (GPU or NUMA node) under the soak (right axis) with its capacity as a
+dashed line; a failed step is drawn in red with its reason under the axis.
 """
 
 from __future__ import annotations
@@ -20,24 +20,27 @@ LEFT, RIGHT, TOP, BOTTOM = 70, 70, 40, 80
 class ChartPoint:
     utilization: float
     kv_tokens: int | None
-    peak_gib: float | None  # the busiest GPU's peak under load
+    peak_gib: float | None  # the busiest device's peak under load
     passed: bool
     label: str = ""  # failure words, shown under a failed step
 
 
-def ramp_chart_html(points: list[ChartPoint], *, title: str, capacity_gib: float | None = None) -> str:
+def ramp_chart_html(
+    points: list[ChartPoint], *, title: str, capacity_gib: float | None = None, unit: str = "GPU"
+) -> str:
+    """The page; ``unit`` names one device ("GPU", "NUMA node") in the axis and capacity labels."""
     return (
         "<!doctype html>\n<html><head><meta charset='utf-8'>"
         f"<title>{escape(title)}</title>"
         "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#222}"
         "li{margin:2px 0}</style></head><body>\n"
-        f"<h2>{escape(title)}</h2>\n{ramp_chart_svg(points, capacity_gib=capacity_gib)}\n"
+        f"<h2>{escape(title)}</h2>\n{ramp_chart_svg(points, capacity_gib=capacity_gib, unit=unit)}\n"
         + _legend(points)
         + "</body></html>\n"
     )
 
 
-def ramp_chart_svg(points: list[ChartPoint], *, capacity_gib: float | None = None) -> str:
+def ramp_chart_svg(points: list[ChartPoint], *, capacity_gib: float | None = None, unit: str = "GPU") -> str:
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     n = max(1, len(points))
     slot = plot_w / n
@@ -61,7 +64,7 @@ def ramp_chart_svg(points: list[ChartPoint], *, capacity_gib: float | None = Non
         )
     out.append(f"<text x='{LEFT}' y='{TOP - 12}' fill='#3b6fb6'>KV cache tokens</text>")
     out.append(
-        f"<text x='{LEFT + plot_w}' y='{TOP - 12}' text-anchor='end' fill='#c0392b'>peak GiB per GPU</text>"
+        f"<text x='{LEFT + plot_w}' y='{TOP - 12}' text-anchor='end' fill='#c0392b'>peak GiB per {escape(unit)}</text>"
     )
     line: list[str] = []
     for i, p in enumerate(points):
@@ -93,7 +96,7 @@ def ramp_chart_svg(points: list[ChartPoint], *, capacity_gib: float | None = Non
         out.append(
             f"<line x1='{LEFT}' y1='{y:.1f}' x2='{LEFT + plot_w}' y2='{y:.1f}' stroke='#c0392b' "
             f"stroke-dasharray='5,4'/><text x='{LEFT + 4}' y='{y - 4:.1f}' fill='#c0392b'>"
-            f"GPU capacity {capacity_gib:.1f} GiB</text>"
+            f"{escape(unit)} capacity {capacity_gib:.1f} GiB</text>"
         )
     out.append(
         f"<text x='{LEFT + plot_w / 2}' y='{HEIGHT - 18}' text-anchor='middle'>--gpu-memory-utilization</text>"

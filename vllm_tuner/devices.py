@@ -30,7 +30,15 @@ class DeviceKind:
     ramp_ceiling: float  # and its default last
     context_overhead_bytes: int  # held before vLLM's free-memory check (CUDA context and cuBLAS)
     process_bytes: int  # what vLLM's own processes hold on the device besides weights and KV
+    # What one worker holds inside its budget besides weights and activations, where vLLM counts it
+    # (the CPU worker's resident memory: Python, torch and vLLM's libraries); None: the estimator's
+    # non-torch terms for a CUDA worker apply.
+    worker_runtime_bytes: int | None
+    # (max_num_batched_tokens, max_num_seqs) per rank that `vllm serve` defaults to on this device;
+    # None: vLLM picks them by the GPU's memory and name.
+    batch_defaults_per_rank: tuple[int, int] | None
     missing_knobs: Mapping[str, str]  # lossy knob -> why it does nothing on this device
+    phase_words: Mapping[str, str]  # a startup phase (logparse.PHASES) -> what it is on this device
     base_env: Mapping[str, str]
 
     def serve_env(self, device_ids: Sequence[int], config: ServeConfig | None = None) -> dict[str, str]:
@@ -41,6 +49,11 @@ class DeviceKind:
             env.pop("PYTORCH_CUDA_ALLOC_CONF", None)  # vLLM refuses expandable segments with a connector
         env[self.visible_env] = ",".join(str(i) for i in device_ids)
         return env
+
+    @property
+    def label(self) -> str:
+        """The short prefix of one device's index in memory readings: ``GPU0``, ``node0``."""
+        return self.unit.split()[-1]
 
     def devices_words(self, count: int) -> str:
         return f"{count} {self.unit}{'' if count == 1 else 's'}"
@@ -56,6 +69,9 @@ CUDA = DeviceKind(
     ramp_ceiling=0.92,
     context_overhead_bytes=GIB // 4,  # optimistic on purpose: a wrong guess fails in seconds
     process_bytes=0,  # on a GPU the processes live in host memory
+    worker_runtime_bytes=None,
+    batch_defaults_per_rank=None,
+    phase_words={},
     missing_knobs={},
     base_env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
 )
@@ -74,6 +90,13 @@ CPU = DeviceKind(
     # the API server, engine core and worker of vLLM 0.32 hold about 1.5 GiB of RAM before any KV cache
     # (measured on the tiny models of the real tier: RSS 0.6 + 0.6, "0.63 GiB consumed by non-kv usages")
     process_bytes=3 * GIB // 2,
+    # vLLM 0.32's CPU worker sizes its pool as the reservation minus its own RSS ("N GiB memory was
+    # consumed by non-kv usages": 0.55-0.69 GiB for the real tier's tiny models, whose weights and
+    # activations are under 0.1 GiB)
+    worker_runtime_bytes=GIB // 2,
+    batch_defaults_per_rank=(2048, 128),  # EngineArgs.get_batch_defaults on a CPU platform, API server
+    # after its KV cache the CPU worker warms the model up (no CUDA graphs to capture)
+    phase_words={"capturing": "warming up"},
     missing_knobs={
         "eager": "the CPU backend captures no CUDA graphs, so --enforce-eager frees nothing",
         "offload": "the weights already live in host memory on the CPU backend",

@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .devices import CUDA, DeviceKind
 from .errors import UsageError
 from .models import KvLayers, ModelSpec
 from .serveconfig import ServeConfig
@@ -425,10 +426,19 @@ def cudagraph_estimate(spec: ModelSpec, config: ServeConfig, seqs: int, batched:
 
 
 def resolved_limits(
-    spec: ModelSpec, config: ServeConfig, total_bytes: int, gpu_name: str, max_model_len: int
+    spec: ModelSpec,
+    config: ServeConfig,
+    total_bytes: int,
+    gpu_name: str,
+    max_model_len: int,
+    device: DeviceKind = CUDA,
 ) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens) after vLLM's defaults and clamps (§1 "Batch defaults")."""
-    default_tokens, default_seqs = batch_defaults(total_bytes, gpu_name)
+    if device.batch_defaults_per_rank is not None:
+        ranks = max(1, config.tensor_parallel_size) * max(1, config.pipeline_parallel_size)
+        default_tokens, default_seqs = (n * ranks for n in device.batch_defaults_per_rank)
+    else:
+        default_tokens, default_seqs = batch_defaults(total_bytes, gpu_name)
     seqs = config.max_num_seqs or default_seqs
     batched = config.max_num_batched_tokens
     if batched is None:
@@ -444,8 +454,10 @@ def estimate(
     *,
     gpu_name: str = "",
     calibration: Calibration | None = None,
+    device: DeviceKind = CUDA,
 ) -> Estimate:
-    """The per-GPU breakdown and capacity of ``config`` on a GPU of ``gpu_total_bytes``. Pure."""
+    """The per-GPU breakdown and capacity of ``config`` on a GPU of ``gpu_total_bytes`` (a NUMA node's
+    RAM on ``device`` cpu, where the worker's own resident memory counts against the budget). Pure."""
     tp, pp = max(1, config.tensor_parallel_size), max(1, config.pipeline_parallel_size)
     cal = calibration
     total = gpu_total_bytes
@@ -461,20 +473,20 @@ def estimate(
             f"--max-model-len {max_len} exceeds the model's derived {derived}: vLLM refuses it "
             "unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"
         )
-    seqs, batched = resolved_limits(spec, config, total, gpu_name, max_len)
+    seqs, batched = resolved_limits(spec, config, total, gpu_name, max_len, device)
     layout = kv_layout(spec, tp, pp, config.kv_cache_dtype)
 
     weights = spec.weights_per_gpu(tp, pp)
     offload = int(config.cpu_offload_gb * GIB)
     weights = max(0, weights - offload)
-    non_torch = non_torch_estimate(tp)
+    non_torch = non_torch_estimate(tp) if device.worker_runtime_bytes is None else device.worker_runtime_bytes
     activation = activation_estimate(spec, tp, batched, seqs)
     graphs = cudagraph_estimate(spec, config, seqs, batched, gpu_name)
     non_kv = weights + non_torch + activation
 
     if cal is not None:
         weights, non_torch, activation, graphs, non_kv, layout = _apply_calibration(
-            cal, spec, config, gpu_name, layout, weights, non_torch, activation, graphs, offload
+            cal, spec, config, gpu_name, layout, weights, non_torch, activation, graphs, offload, device
         )
 
     requested = math.ceil(total * util)
@@ -554,6 +566,7 @@ def _apply_calibration(
     activation: int,
     graphs: int,
     offload: int,
+    device: DeviceKind = CUDA,
 ):
     """Replace estimated terms by measured ones; shift them by the estimated change since ``cal.config``."""
     base = cal.config or config
@@ -569,7 +582,7 @@ def _apply_calibration(
         base.max_model_len if base.max_model_len and base.max_model_len > 0 else spec.derived_max_model_len
     )
     total = cal.total_bytes or 0
-    b_seqs, b_batched = resolved_limits(spec, base, total or 80 * GIB, gpu_name, base_len)
+    b_seqs, b_batched = resolved_limits(spec, base, total or 80 * GIB, gpu_name, base_len, device)
     act_then = activation_estimate(spec, max(1, base.tensor_parallel_size), b_batched, b_seqs)
     graphs_then = cudagraph_estimate(spec, base, b_seqs, b_batched, gpu_name)
     if cal.cudagraph_bytes is not None and cal.cudagraph_bytes >= 0:

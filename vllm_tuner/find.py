@@ -233,6 +233,7 @@ class Finder:
                 cfg.replace(enforce_eager=True) if "eager" in kind.missing_knobs else cfg,
                 gpu_name=gpu.name,
                 calibration=cal,
+                device=kind,
             ),
             calibrate=calibrate_fn,
             start_util_cap=self._free_memory_util_cap(),

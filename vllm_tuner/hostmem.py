@@ -31,6 +31,7 @@ class HostNodes:
     """The NUMA nodes of this machine as devices (index = node id). Same interface as ``Nvml``."""
 
     unit = "NUMA node"
+    inspect_with = "numastat -p or ps"
 
     def __init__(self, root: Path | str = "/") -> None:
         self.root = Path(root)

@@ -720,21 +720,23 @@ class ServerProcess:
                 return
             if self.clock() > deadline:
                 worst = max(held, key=held.get)
+                unit = getattr(self.nvml, "unit", "GPU")
                 raise GpuError(
-                    f"GPU {worst} still holds {held[worst] / GIB:.2f} GiB more than before the trial "
+                    f"{unit} {worst} still holds {held[worst] / GIB:.2f} GiB more than before the trial "
                     f"{self.release_timeout_s:g}s after vLLM stopped ({self._holders(worst)})",
-                    "stop that process (see nvidia-smi) or choose other GPUs with --gpu-ids",
+                    f"stop that process (see {getattr(self.nvml, 'inspect_with', 'nvidia-smi')}) "
+                    f"or choose other {unit}s with --gpu-ids",
                 )
             time.sleep(0.1)
 
     def _holders(self, index: int) -> str:
-        """Who holds memory on GPU ``index``, as NVML sees it: "pid 4242 uses 3.10 GiB, ..."."""
+        """Who holds memory on device ``index``, as its reader sees it: "pid 4242 uses 3.10 GiB, ..."."""
         try:
             procs = self.nvml.processes(index)
         except GpuError:
-            return "NVML cannot list its processes"
+            return "its processes cannot be listed"
         if not procs:
-            return "NVML lists no process on it"
+            return "no process is listed on it"
         procs = sorted(procs, key=lambda p: p.used, reverse=True)
         return ", ".join(f"pid {p.pid} uses {p.used / GIB:.2f} GiB" for p in procs[:3])
 

@@ -40,6 +40,7 @@ class Nvml:
     """An initialised NVML session. Use :func:`open_nvml`; close it (or use ``with``)."""
 
     unit = "GPU"  # one device in messages (the NUMA nodes' reader, hostmem.HostNodes, says "NUMA node")
+    inspect_with = "nvidia-smi"  # the tool that shows who holds a device's memory
 
     def __init__(self, module: ModuleType) -> None:
         self._nv = module

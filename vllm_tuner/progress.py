@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import Protocol, TextIO
 
 GIB = 1 << 30
@@ -45,13 +46,20 @@ class TerminalProgress:
     """Writes to stderr: a rewritten status line on a TTY, one line per phase change otherwise.
 
     ``device_label`` prefixes each device's index in the memory readings: ``GPU0``, or ``node0`` on
-    ``--device cpu``, where a device is a NUMA node."""
+    ``--device cpu``, where a device is a NUMA node; ``phase_words`` renames a phase where the device
+    does something else in it (the CPU backend warms up where a GPU captures graphs)."""
 
     def __init__(
-        self, stream: TextIO | None = None, *, clock=time.monotonic, device_label: str = "GPU"
+        self,
+        stream: TextIO | None = None,
+        *,
+        clock=time.monotonic,
+        device_label: str = "GPU",
+        phase_words: Mapping[str, str] | None = None,
     ) -> None:
         self._out = stream or sys.stderr
         self._device_label = device_label
+        self._phase_words = dict(phase_words or {})
         self._tty = bool(getattr(self._out, "isatty", lambda: False)())
         self._clock = clock
         self._last_phase: str | None = None
@@ -76,7 +84,8 @@ class TerminalProgress:
             mem = "  " + " ".join(
                 f"{self._device_label}{i} {b / GIB:5.1f} GiB" for i, b in sorted(used_bytes.items())
             )
-        line = f"  {phase:<10} {elapsed_s:6.1f}s{mem}{('  ' + extra) if extra else ''}"
+        shown = self._phase_words.get(phase, phase)
+        line = f"  {shown:<10} {elapsed_s:6.1f}s{mem}{('  ' + extra) if extra else ''}"
         if self._tty:
             self._out.write("\r\033[K" + line)
             self._live = True

@@ -256,12 +256,13 @@ def _round(x: float | None) -> float | None:
 
 
 def judge_step(
-    outcome: TrialOutcome, plan: RampPlan, phase: str, *, soak_s: float | None = None
+    outcome: TrialOutcome, plan: RampPlan, phase: str, *, soak_s: float | None = None, unit: str = "GPU"
 ) -> StepResult:
     """A trial outcome (and its soak report, when it got that far) → the step's verdict and numbers.
 
     A soak passes only if the process stayed alive, the log showed no OOM or engine death, no request
-    failed, preemptions stayed within ``plan.max_preemptions`` and every GPU kept ``plan.headroom_bytes``.
+    failed, preemptions stayed within ``plan.max_preemptions`` and every device (a ``unit``) kept
+    ``plan.headroom_bytes``.
     """
     u = outcome.config.gpu_memory_utilization or 0.0
     facts = outcome.facts or {}
@@ -296,13 +297,15 @@ def judge_step(
     step.latency_p50_s = report.latency_p50_s
     step.latency_p99_s = report.latency_p99_s
     step.soak_elapsed_s = report.duration_s
-    category, failure = _soak_failure(outcome, report, errors, plan, soak_s)
+    category, failure = _soak_failure(outcome, report, errors, plan, soak_s, unit)
     step.category, step.failure = category, failure
     step.verdict = "pass" if category == "success" else "fail"
     return step
 
 
-def _soak_failure(outcome: TrialOutcome, report, errors: int, plan: RampPlan, soak_s: float | None):
+def _soak_failure(
+    outcome: TrialOutcome, report, errors: int, plan: RampPlan, soak_s: float | None, unit: str
+):
     when = f"after {format_duration(report.duration_s)}"
     if soak_s:
         when += f" of the {format_duration(soak_s)} soak"
@@ -317,7 +320,7 @@ def _soak_failure(outcome: TrialOutcome, report, errors: int, plan: RampPlan, so
         gpu, free = min(report.headroom_bytes.items(), key=lambda kv: kv[1])
         if free < plan.headroom_bytes:
             return HEADROOM, (
-                f"GPU {gpu} had {free / GIB:.2f} GiB free at its peak under load, "
+                f"{unit} {gpu} had {free / GIB:.2f} GiB free at its peak under load, "
                 f"below the {plan.headroom_bytes / GIB:.2f} GiB required"
             )
     if plan.max_preemptions is not None and (report.preemptions or 0) > plan.max_preemptions:
@@ -567,6 +570,7 @@ class Ramp:
         self.log_dir = log_dir
         self.vocab_size = vocab_size
         self.trials = TrialSetup(launcher, nvml, request.gpu_ids, progress, request.timeouts, vocab_size)
+        self.unit = getattr(nvml, "unit", "GPU")  # one device in messages: "GPU", "NUMA node"
         self.soak_runner = soak_runner or self._workload_runner
         self._run_id = 0
 
@@ -598,7 +602,7 @@ class Ramp:
             launches += 1
             step = self._launch(decision, len(steps) + 1)
             steps.append(step)
-            self.progress.done(_progress_verdict(step), step_words(step))
+            self.progress.done(_progress_verdict(step), step_words(step, self.unit))
 
     def _launch(self, decision: NextStep, number: int) -> StepResult:
         cfg = self.request.config.replace(gpu_memory_utilization=decision.utilization)
@@ -633,7 +637,9 @@ class Ramp:
             return runner["load"](base_url, model, is_alive)
 
         outcome = self.trials.run(cfg, log_path=log_path, decide_probe=decide_probe, load_runner=load_runner)
-        step = judge_step(outcome, plan, decision.phase, soak_s=plan.soak_s if soaking else None)
+        step = judge_step(
+            outcome, plan, decision.phase, soak_s=plan.soak_s if soaking else None, unit=self.unit
+        )
         self._record(outcome, step)  # recorded before anything else can interrupt
         return step
 
@@ -734,14 +740,17 @@ def _progress_verdict(step: StepResult) -> str:
     )
 
 
-def step_words(step: StepResult) -> str:
+def step_words(step: StepResult, unit: str = "GPU") -> str:
     """One line about a finished step for the live view."""
     bits = []
     if step.kv_cache_tokens is not None:
         bits.append(f"{step.kv_cache_tokens:,} KV tokens")
     if step.peak_used_bytes:
         bits.append(
-            "peak " + " ".join(f"GPU{g} {b / GIB:.2f} GiB" for g, b in sorted(step.peak_used_bytes.items()))
+            "peak "
+            + " ".join(
+                f"{unit.split()[-1]}{g} {b / GIB:.2f} GiB" for g, b in sorted(step.peak_used_bytes.items())
+            )
         )
     if step.min_headroom_bytes is not None:
         bits.append(f"headroom {step.min_headroom_bytes / GIB:.2f} GiB")
@@ -752,9 +761,17 @@ def step_words(step: StepResult) -> str:
     return ", ".join(bits)
 
 
-def summary_table(steps: Sequence[StepResult]) -> list[str]:
+def summary_table(steps: Sequence[StepResult], unit: str = "GPU") -> list[str]:
     """The final table: utilization, KV tokens, peak memory, headroom, p50/p99, verdict."""
-    head = ("util", "phase", "KV tokens", "peak GiB/GPU", "headroom GiB", "p50/p99 s", "verdict")
+    head = (
+        "util",
+        "phase",
+        "KV tokens",
+        f"peak GiB/{unit.split()[-1]}",
+        "headroom GiB",
+        "p50/p99 s",
+        "verdict",
+    )
     rows = [head]
     for s in steps:
         peak = max(s.peak_used_bytes.values()) / GIB if s.peak_used_bytes else None

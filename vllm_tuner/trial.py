@@ -196,7 +196,7 @@ def run_trial(
                 "the server died under load",
                 plan,
             )
-        failure = judge_probe(report, plan)
+        failure = judge_probe(report, plan, getattr(nvml, "unit", "GPU"))
         verdict = "unstable" if failure else "stable"
         return TrialOutcome(
             config,
@@ -279,8 +279,9 @@ def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_
     )
 
 
-def judge_probe(report, plan: ProbePlan) -> str:
-    """Why a load probe failed, or "" if the config held: alive, no errors, headroom on every GPU."""
+def judge_probe(report, plan: ProbePlan, unit: str = "GPU") -> str:
+    """Why a load probe failed, or "" if the config held: alive, no errors, headroom on every device
+    (a ``unit``: "GPU", "NUMA node")."""
     if report.server_died:
         return "the server died under load"
     errors = sum(report.errors.values()) if isinstance(report.errors, dict) else int(report.errors or 0)
@@ -290,7 +291,7 @@ def judge_probe(report, plan: ProbePlan) -> str:
         worst_gpu, worst = min(report.headroom_bytes.items(), key=lambda kv: kv[1])
         if worst < plan.headroom_bytes:
             return (
-                f"GPU {worst_gpu} had {worst / GIB:.2f} GiB headroom under load, "
+                f"{unit} {worst_gpu} had {worst / GIB:.2f} GiB headroom under load, "
                 f"below the {plan.headroom_bytes / GIB:.2f} GiB required"
             )
     if plan.max_preemptions is not None and (report.preemptions or 0) > plan.max_preemptions:

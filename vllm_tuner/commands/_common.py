@@ -262,7 +262,9 @@ def build_runtime(
     else:
         kind = resolve_device(device, vllm_cmd)
         launcher = LocalLauncher(vllm_cmd, device=kind)
-    progress: Progress = QuietProgress() if json_ else TerminalProgress(device_label=kind.unit.split()[-1])
+    progress: Progress = (
+        QuietProgress() if json_ else TerminalProgress(device_label=kind.label, phase_words=kind.phase_words)
+    )
     return Runtime(
         launcher=launcher,
         db_path=db or default_db_path(),

@@ -189,13 +189,14 @@ def command(
         max_launches=max_launches,
         vllm_cmd=runtime_args.serve_vllm_cmd,
     )
+    unit = getattr(nvml, "unit", "GPU")  # one device in messages: "GPU", "NUMA node"
     result = _run(runtime, request, spec, gpu, nvml)
     run_dir = runtime.log_root / f"ramp-{request.key()}"
-    result.chart_path = _write_chart(result, chart_path or run_dir / "ramp-chart.html", gpu.total_bytes)
+    result.chart_path = _write_chart(result, chart_path or run_dir / "ramp-chart.html", gpu.total_bytes, unit)
     if runtime.json:
         emit_json(result.as_json())
     else:
-        _print_result(result)
+        _print_result(result, unit)
     if result.last_stable is None and result.complete:
         raise click.exceptions.Exit(1)
 
@@ -226,7 +227,7 @@ def _run(runtime, request, spec, gpu, nvml):
             nvml.close()
 
 
-def _write_chart(result, path: Path, total_bytes: int) -> Path | None:
+def _write_chart(result, path: Path, total_bytes: int, unit: str) -> Path | None:
     from ..chart import ChartPoint, ramp_chart_html
 
     points = [
@@ -242,18 +243,19 @@ def _write_chart(result, path: Path, total_bytes: int) -> Path | None:
     ]
     if not points:
         return None
-    title = f"vllm-tune ramp: {result.request.model} on GPU(s) {','.join(map(str, result.request.gpu_ids))}"
+    ids = ",".join(map(str, result.request.gpu_ids))
+    title = f"vllm-tune ramp: {result.request.model} on {unit}(s) {ids}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(ramp_chart_html(points, title=title, capacity_gib=total_bytes / GIB))
+    path.write_text(ramp_chart_html(points, title=title, capacity_gib=total_bytes / GIB, unit=unit))
     return path
 
 
-def _print_result(result) -> None:
+def _print_result(result, unit: str) -> None:
     from ..ramp import summary_table
 
     if result.steps:
         click.echo("")
-        for line in summary_table(result.steps):
+        for line in summary_table(result.steps, unit):
             click.echo("  " + line)
         click.echo("")
     elapsed = sum(s.duration_s for s in result.steps)
