@@ -35,8 +35,17 @@ MARK = "VLLM_TUNE_TEST_MARK"
 TUNER = Path(sys.executable).with_name("vllm-tune")
 
 
-def tiny_llama(folder: Path, *, max_len: int = 4096, layers: int = 2, kv_heads: int = 2) -> Path:
-    """A Llama-architecture config vLLM serves with dummy weights (256 hidden, 4 heads of 64)."""
+def tiny_llama(
+    folder: Path,
+    *,
+    max_len: int = 4096,
+    layers: int = 2,
+    kv_heads: int = 2,
+    heads: int = 4,
+    head_dim: int | None = None,
+) -> Path:
+    """A Llama-architecture config vLLM serves with dummy weights (256 hidden, 4 heads of 64 unless
+    ``heads``/``head_dim`` say otherwise)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -44,8 +53,9 @@ def tiny_llama(folder: Path, *, max_len: int = 4096, layers: int = 2, kv_heads: 
         "hidden_size": 256,
         "intermediate_size": 512,
         "num_hidden_layers": layers,
-        "num_attention_heads": 4,
+        "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
+        **({"head_dim": head_dim} if head_dim else {}),
         "vocab_size": 2048,
         "max_position_embeddings": max_len,
         "rms_norm_eps": 1e-5,
@@ -117,20 +127,25 @@ class RealVllm:
     def vllm_cmd(self) -> str:
         return f"{VENV / 'bin' / 'python'} -m vllm.entrypoints.openai.api_server"
 
-    def env(self) -> dict[str, str]:
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env[MARK] = self.mark
         env["VLLM_TUNE_HOME"] = str(self.home)
         env["VLLM_TUNE_VLLM_CMD"] = self.vllm_cmd
         env["VLLM_TUNE_DEVICE"] = "cpu"
+        env.update(extra or {})
         return env
 
     def tune(
-        self, *args: str, timeout_s: float = 540, ok: tuple[int, ...] = (0,)
+        self,
+        *args: str,
+        timeout_s: float = 540,
+        ok: tuple[int, ...] = (0,),
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess:
         done = subprocess.run(
             [str(TUNER), *args],
-            env=self.env(),
+            env=self.env(env),
             capture_output=True,
             text=True,
             timeout=timeout_s,
