@@ -312,6 +312,56 @@ def test_phases_switch_with_cooldown_and_report_the_switch_time(env):
     runner.stop_all(switched.state)
 
 
+def test_a_phase_that_does_not_start_brings_the_previous_phase_back(env):
+    """The switch used to leave nothing running while the state kept saying the phase was up."""
+    runner, nvml, extra = env
+    runner.settings.verify = False
+    plan = plan_for(["embed", "gen"], phases={"embed": "embed", "gen": "generate"}, cooldown=0.05)
+    report = runner.up(plan)
+    first_pid = report.state.instances[0].pid
+    extra["FAKE_DIE_ON"] = str(plan.instance("gen").port)
+    with pytest.raises(DeployError) as err:
+        runner.switch_phase(plan, report.state, "generate")
+    assert "phase generate did not start: gen exited while starting" in err.value.problem
+    assert err.value.problem.endswith("phase embed runs again (embed)")
+    state = load_state("pair")  # what the next 'status' reads
+    assert state.phase == "embed" and state.planned == ["embed"]
+    assert [i.name for i in state.instances] == ["embed"] and state.instances[0].pid != first_pid
+    status = runner.status(state)
+    assert status.healthy and status.phase == "embed"
+    assert [p.pid for p in nvml.processes(0)] == [state.instances[0].pid]  # gen is gone, embed is back
+    runner.stop_all(state)
+
+
+def test_status_names_the_phase_that_runs_nothing_when_the_rollback_fails_too(env):
+    runner, nvml, extra = env
+    runner.settings.verify = False
+    plan = plan_for(["embed", "gen"], phases={"embed": "embed", "gen": "generate"})
+    report = runner.up(plan)
+    extra["FAKE_DIE_ON"] = f"{plan.instance('gen').port},{plan.instance('embed').port}"
+    with pytest.raises(DeployError, match="and phase embed did not start again") as err:
+        runner.switch_phase(plan, report.state, "generate")
+    assert "'vllm-tune status pair'" in err.value.fix and "--phase embed" in err.value.fix
+    state = load_state("pair")
+    assert (state.phase, state.planned, state.instances) == ("embed", ["embed"], [])
+    status = runner.status(state)
+    assert not status.healthy
+    assert [(i.name, i.state) for i in status.instances] == [("embed", "not running")]
+    text = status.render()
+    assert "phase embed: NOT healthy" in text and "not running" in text
+    assert status.as_dict()["instances"][0]["state"] == "not running"
+    assert nvml.processes(0) == []
+
+
+def test_a_deployment_that_runs_nothing_is_not_healthy(env):
+    runner, _, _ = env
+    runner.settings.verify = False
+    report = runner.up(plan_for(["coder"]))
+    runner.stop_all(report.state)
+    report.state.instances, report.state.planned = [], []  # a state file written before 'planned'
+    assert not runner.status(report.state).healthy
+
+
 def test_alert_levels_and_metrics_parsing():
     assert [alert_level(x) for x in (0.5, 0.8, 0.91, 0.97)] == ["", "warning", "major", "critical"]
     assert kv_usage_from_metrics('vllm:kv_cache_usage_perc{engine="0"} 0.5\nother 1\n') == 0.5
