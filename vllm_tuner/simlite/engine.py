@@ -82,6 +82,9 @@ def model_truth(name: str, config: dict, weights_bytes: int | None) -> ModelTrut
     else:
         per_token = layers * 2 * kv_heads * head_dim * 2
     max_len = int(text.get("max_position_embeddings") or 4096)
+    dtype = str(text.get("torch_dtype") or config.get("torch_dtype") or "").replace("torch.", "")
+    if weights_bytes and dtype in ("float32", "float") and not config.get("quantization_config"):
+        weights_bytes = int(weights_bytes) // 2  # --dtype auto loads a float32 checkpoint in 16 bits
     if not weights_bytes:
         body = layers * (4 * hidden * hidden + 3 * hidden * inter)
         quant = config.get("quantization_config") or {}
