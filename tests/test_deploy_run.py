@@ -60,6 +60,10 @@ class H(http.server.BaseHTTPRequestHandler):
             self._send(404)
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if str(port) in os.environ.get("FAKE_POOLING", "").split(",") and self.path != "/v1/embeddings":
+            self._send(404, b'{"detail": "Not Found"}')  # a pooling model: no completion routes
+            return
+        print("answered", self.path, flush=True)
         self._send(200, b'{"choices": [{"text": "hello"}]}')
 http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 """
@@ -202,6 +206,19 @@ def test_up_starts_in_order_status_is_healthy_and_down_restores_the_gpu(env, nam
     outcome = runner.stop_all(state)
     assert outcome["_released"] == "released"
     assert nvml.memory(0).used == nvml.baseline  # back to what it was before up
+
+
+def test_verify_loads_a_pooling_model_with_embeddings_whatever_its_flags(env):
+    """An embedding model (a BERT needs no --runner flag) has no completion route: 'up' used to fail it
+    with HTTP 404, or only asked /health when its flags said pooling."""
+    runner, _, extra = env
+    plan = plan_for(["embed", "gen"])
+    extra["FAKE_POOLING"] = str(plan.instance("embed").port)
+    report = runner.up(plan)
+    assert report.verified == {"embed": "", "gen": ""}
+    logs = {i.name: Path(i.log_path).read_text() for i in report.state.instances}
+    assert "answered /v1/embeddings" in logs["embed"] and "answered /v1/completions" in logs["gen"]
+    runner.stop_all(report.state)
 
 
 def test_an_instance_that_dies_is_reported_by_status(env):

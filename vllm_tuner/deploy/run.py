@@ -171,7 +171,7 @@ class Runner:
                 state.instances.append(self._start_one(plan, inst, state))
                 save_state(state)
                 started.append(inst.name)
-            verified = self.verify(plan, state) if self.settings.verify else {}
+            verified = self.verify(state) if self.settings.verify else {}
         except BaseException:
             self.note("stopping what this 'up' started")
             self.stop_all(state)
@@ -388,24 +388,16 @@ class Runner:
     # ------------------------------------------------------------------------------------------ verify
 
     def verify(
-        self, plan: Plan, state: DeploymentState, *, requests_each: int = 2, max_tokens: int = 16
+        self, state: DeploymentState, *, requests_each: int = 2, max_tokens: int = 16
     ) -> dict[str, str]:
-        """Load every instance at once (short completions in parallel); all must answer and stay up."""
+        """Load every instance at once (short requests in parallel); all must answer and stay up."""
         results: dict[str, str] = {}
         lock = threading.Lock()
 
-        def hit(inst: InstanceState, pooling: bool) -> None:
+        def hit(inst: InstanceState) -> None:
             failure = ""
             for _ in range(requests_each):
-                if pooling:
-                    code = _get_status(self.http, f"http://127.0.0.1:{inst.port}/health")
-                else:
-                    code = _post_status(
-                        self.http,
-                        f"http://127.0.0.1:{inst.port}/v1/completions",
-                        # token ids: answered with or without a tokenizer (--skip-tokenizer-init)
-                        {"model": inst.model, "prompt": VERIFY_PROMPT, "max_tokens": max_tokens},
-                    )
+                code = self._answer(inst, max_tokens)
                 if code != 200:
                     failure = f"HTTP {code}" if code else "no answer"
             with lock:
@@ -413,8 +405,7 @@ class Runner:
 
         threads = []
         for inst in state.instances:
-            pooling = "pooling" in plan.instance(inst.name).entry.flags
-            threads += [threading.Thread(target=hit, args=(inst, pooling), daemon=True) for _ in range(2)]
+            threads += [threading.Thread(target=hit, args=(inst,), daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
@@ -430,6 +421,23 @@ class Runner:
                 "run 'vllm-tune plan' with more headroom, or lower that model's needs",
             )
         return results
+
+    def _answer(self, inst: InstanceState, max_tokens: int) -> int | None:
+        """HTTP status of one short request the instance serves: a completion, else (a pooling model:
+        vLLM registers no completion route for it) an embedding, else (a classifier) ``/health``."""
+        base = f"http://127.0.0.1:{inst.port}"
+        # token ids: answered with or without a tokenizer (--skip-tokenizer-init)
+        for route, body in (
+            ("/v1/completions", {"model": inst.model, "prompt": VERIFY_PROMPT, "max_tokens": max_tokens}),
+            ("/v1/embeddings", {"model": inst.model, "input": VERIFY_PROMPT}),
+        ):
+            try:
+                response = self.http.post(base + route, json=body, timeout=120.0)
+            except Exception:
+                return None
+            if not _no_such_route(response):
+                return response.status_code
+        return _get_status(self.http, base + "/health")
 
     # ------------------------------------------------------------------------------------------- phases
 
@@ -774,11 +782,14 @@ def _get_status(http, url: str) -> int | None:
         return None
 
 
-def _post_status(http, url: str, body: dict) -> int | None:
+def _no_such_route(response) -> bool:
+    """FastAPI's answer for a route the server did not register (vLLM registers routes by task)."""
+    if response.status_code != 404:
+        return False
     try:
-        return http.post(url, json=body, timeout=120.0).status_code
-    except Exception:
-        return None
+        return response.json() == {"detail": "Not Found"}
+    except ValueError:
+        return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:
