@@ -60,6 +60,10 @@ class H(http.server.BaseHTTPRequestHandler):
             self._send(404)
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if str(port) in os.environ.get("FAKE_POOLING", "").split(",") and self.path != "/v1/embeddings":
+            self._send(404, b'{"detail": "Not Found"}')  # a pooling model: no completion routes
+            return
+        print("answered", self.path, flush=True)
         self._send(200, b'{"choices": [{"text": "hello"}]}')
 http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 """
@@ -204,6 +208,19 @@ def test_up_starts_in_order_status_is_healthy_and_down_restores_the_gpu(env, nam
     assert nvml.memory(0).used == nvml.baseline  # back to what it was before up
 
 
+def test_verify_loads_a_pooling_model_with_embeddings_whatever_its_flags(env):
+    """An embedding model (a BERT needs no --runner flag) has no completion route: 'up' used to fail it
+    with HTTP 404, or only asked /health when its flags said pooling."""
+    runner, _, extra = env
+    plan = plan_for(["embed", "gen"])
+    extra["FAKE_POOLING"] = str(plan.instance("embed").port)
+    report = runner.up(plan)
+    assert report.verified == {"embed": "", "gen": ""}
+    logs = {i.name: Path(i.log_path).read_text() for i in report.state.instances}
+    assert "answered /v1/embeddings" in logs["embed"] and "answered /v1/completions" in logs["gen"]
+    runner.stop_all(report.state)
+
+
 def test_an_instance_that_dies_is_reported_by_status(env):
     runner, _, _ = env
     runner.settings.verify = False
@@ -310,6 +327,56 @@ def test_phases_switch_with_cooldown_and_report_the_switch_time(env):
     assert [i.name for i in switched.state.instances] == ["gen"]
     assert [p.pid for p in nvml.processes(0)] == [switched.state.instances[0].pid]
     runner.stop_all(switched.state)
+
+
+def test_a_phase_that_does_not_start_brings_the_previous_phase_back(env):
+    """The switch used to leave nothing running while the state kept saying the phase was up."""
+    runner, nvml, extra = env
+    runner.settings.verify = False
+    plan = plan_for(["embed", "gen"], phases={"embed": "embed", "gen": "generate"}, cooldown=0.05)
+    report = runner.up(plan)
+    first_pid = report.state.instances[0].pid
+    extra["FAKE_DIE_ON"] = str(plan.instance("gen").port)
+    with pytest.raises(DeployError) as err:
+        runner.switch_phase(plan, report.state, "generate")
+    assert "phase generate did not start: gen exited while starting" in err.value.problem
+    assert err.value.problem.endswith("phase embed runs again (embed)")
+    state = load_state("pair")  # what the next 'status' reads
+    assert state.phase == "embed" and state.planned == ["embed"]
+    assert [i.name for i in state.instances] == ["embed"] and state.instances[0].pid != first_pid
+    status = runner.status(state)
+    assert status.healthy and status.phase == "embed"
+    assert [p.pid for p in nvml.processes(0)] == [state.instances[0].pid]  # gen is gone, embed is back
+    runner.stop_all(state)
+
+
+def test_status_names_the_phase_that_runs_nothing_when_the_rollback_fails_too(env):
+    runner, nvml, extra = env
+    runner.settings.verify = False
+    plan = plan_for(["embed", "gen"], phases={"embed": "embed", "gen": "generate"})
+    report = runner.up(plan)
+    extra["FAKE_DIE_ON"] = f"{plan.instance('gen').port},{plan.instance('embed').port}"
+    with pytest.raises(DeployError, match="and phase embed did not start again") as err:
+        runner.switch_phase(plan, report.state, "generate")
+    assert "'vllm-tune status pair'" in err.value.fix and "--phase embed" in err.value.fix
+    state = load_state("pair")
+    assert (state.phase, state.planned, state.instances) == ("embed", ["embed"], [])
+    status = runner.status(state)
+    assert not status.healthy
+    assert [(i.name, i.state) for i in status.instances] == [("embed", "not running")]
+    text = status.render()
+    assert "phase embed: NOT healthy" in text and "not running" in text
+    assert status.as_dict()["instances"][0]["state"] == "not running"
+    assert nvml.processes(0) == []
+
+
+def test_a_deployment_that_runs_nothing_is_not_healthy(env):
+    runner, _, _ = env
+    runner.settings.verify = False
+    report = runner.up(plan_for(["coder"]))
+    runner.stop_all(report.state)
+    report.state.instances, report.state.planned = [], []  # a state file written before 'planned'
+    assert not runner.status(report.state).healthy
 
 
 def test_alert_levels_and_metrics_parsing():

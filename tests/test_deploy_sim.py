@@ -258,6 +258,7 @@ def test_an_unknown_phase_is_refused_before_anything_runs(tmp_path, capsys, phas
         ("pair-7b-96gb", "rtx-pro-6000", ["--tune"]),
         ("coder-general-96gb", "rtx-pro-6000", []),
         ("four-7b-on-2-gpus", "a100-80g", []),
+        ("rag-16gb-phased", "rtx-4080", []),
     ],
 )
 def test_the_example_deployments_run_on_the_scenarios_docs_name(tmp_path, capsys, name, scenario, tune):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .devices import CUDA, DeviceKind
 from .errors import UsageError
 from .models import KvLayers, ModelSpec
+from .pooling import GENERATE, RunnerChoice, runner_of
 from .serveconfig import ServeConfig
 
 GIB = 1 << 30
@@ -51,8 +52,9 @@ OVERHEADS: dict[str, dict] = {
         "max_num_batched_tokens tokens (§2.2); MoE uses top_k × moe_intermediate",
     },
     "sampler_logits": {
-        "formula": "max_num_seqs × vocab_size × 4 bytes",
-        "source": "the dummy sampler run on max_num_seqs float32 logits rows (§2.2 profile_run)",
+        "formula": "max_num_seqs × vocab_size × 4 bytes (a pooling runner: max_num_seqs × hidden_size × 4)",
+        "source": "the dummy sampler run on max_num_seqs float32 logits rows (§2.2 profile_run); a pooling "
+        "runner warms its pooler on the pooled hidden states instead (vllm_tuner.pooling)",
     },
     "activation_floor": {
         "bytes": 64 * MIB,
@@ -290,6 +292,7 @@ class Estimate:
     context_bytes: int = 0
     calibrated: bool = False
     kv_from_flag: bool = False
+    has_kv_cache: bool = True  # False for a bidirectional encoder served by a pooling runner
     layout: KvLayout | None = field(default=None, repr=False)
     in_flight_tokens: int = 0
     notes: tuple[str, ...] = ()
@@ -313,12 +316,16 @@ class Estimate:
 
     def max_seqs(self, context: int) -> int:
         """How many sequences of ``context`` tokens fit in the pool at once."""
+        if not self.has_kv_cache:
+            return self.max_num_seqs
         if context <= 0 or self.layout is None:
             return 0
         return self.usable_blocks // self._bpr(context)
 
     def max_context(self, seqs: int) -> int:
         """The largest context (≤ the model's derived max) that ``seqs`` sequences can hold at once."""
+        if not self.has_kv_cache:
+            return self.derived_max_model_len
         if seqs <= 0 or self.layout is None:
             return 0
         lo, hi = 0, self.derived_max_model_len
@@ -332,6 +339,8 @@ class Estimate:
 
     def kv_bytes_for(self, context: int, seqs: int) -> int:
         """Pool bytes ``seqs`` sequences of ``context`` tokens need (null block included)."""
+        if not self.has_kv_cache:
+            return 0
         return (seqs * self._bpr(context) + 1) * self.bytes_per_block
 
     def min_utilization(self, context: int, seqs: int) -> float | None:
@@ -399,11 +408,21 @@ def capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, gpu_name: str 
     return sizes
 
 
+def unbuilt_lm_head_bytes(spec: ModelSpec, runner: RunnerChoice, tp: int, pp: int) -> int:
+    """Per GPU, the LM head a converted pooling model never builds (an untied checkpoint still holds it)."""
+    text = spec.config.get("text_config") or spec.config
+    if not runner.converted or text.get("tie_word_embeddings"):
+        return 0
+    return spec.vocab_size * spec.hidden_size * spec.dtype_bytes // (max(1, tp) * max(1, pp))
+
+
 def non_torch_estimate(tp: int) -> int:
     return OVERHEADS["non_torch_tp" if tp > 1 else "non_torch_tp1"]["bytes"]
 
 
-def activation_estimate(spec: ModelSpec, tp: int, batched_tokens: int, max_num_seqs: int) -> int:
+def activation_estimate(
+    spec: ModelSpec, tp: int, batched_tokens: int, max_num_seqs: int, *, pooling: bool = False
+) -> int:
     text = spec.config.get("text_config") or spec.config
     inter = int(text.get("intermediate_size") or 4 * spec.hidden_size)
     if text.get("num_experts_per_tok") and text.get("moe_intermediate_size"):
@@ -412,7 +431,7 @@ def activation_estimate(spec: ModelSpec, tp: int, batched_tokens: int, max_num_s
             int(text["num_experts_per_tok"]) * int(text["moe_intermediate_size"]),
         )
     per_token = 2 * (2 * spec.hidden_size + 3 * inter // max(1, tp))
-    sampler = max_num_seqs * spec.vocab_size * 4
+    sampler = max_num_seqs * (spec.hidden_size if pooling else spec.vocab_size) * 4
     return batched_tokens * per_token + sampler + OVERHEADS["activation_floor"]["bytes"]
 
 
@@ -432,8 +451,11 @@ def resolved_limits(
     gpu_name: str,
     max_model_len: int,
     device: DeviceKind = CUDA,
+    *,
+    chunked_prefill: bool = True,
 ) -> tuple[int, int]:
-    """(max_num_seqs, max_num_batched_tokens) after vLLM's defaults and clamps (§1 "Batch defaults")."""
+    """(max_num_seqs, max_num_batched_tokens) after vLLM's defaults and clamps (§1 "Batch defaults");
+    without chunked prefill the default batch holds at least one whole prompt."""
     if device.batch_defaults_per_rank is not None:
         ranks = max(1, config.tensor_parallel_size) * max(1, config.pipeline_parallel_size)
         default_tokens, default_seqs = (n * ranks for n in device.batch_defaults_per_rank)
@@ -442,6 +464,8 @@ def resolved_limits(
     seqs = config.max_num_seqs or default_seqs
     batched = config.max_num_batched_tokens
     if batched is None:
+        if not chunked_prefill:
+            default_tokens = max(default_tokens, max_model_len)
         batched = min(seqs * max_model_len, default_tokens)
         seqs = min(seqs, batched)
     return seqs, batched
@@ -473,20 +497,34 @@ def estimate(
             f"--max-model-len {max_len} exceeds the model's derived {derived}: vLLM refuses it "
             "unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"
         )
-    seqs, batched = resolved_limits(spec, config, total, gpu_name, max_len, device)
+    runner = runner_of(spec.config, config.extra_args)
+    seqs, batched = resolved_limits(
+        spec, config, total, gpu_name, max_len, device, chunked_prefill=runner.chunked_prefill
+    )
     layout = kv_layout(spec, tp, pp, config.kv_cache_dtype)
 
-    weights = spec.weights_per_gpu(tp, pp)
+    weights = spec.weights_per_gpu(tp, pp) - unbuilt_lm_head_bytes(spec, runner, tp, pp)
     offload = int(config.cpu_offload_gb * GIB)
     weights = max(0, weights - offload)
     non_torch = non_torch_estimate(tp) if device.worker_runtime_bytes is None else device.worker_runtime_bytes
-    activation = activation_estimate(spec, tp, batched, seqs)
+    activation = activation_estimate(spec, tp, batched, seqs, pooling=runner.pooling)
     graphs = cudagraph_estimate(spec, config, seqs, batched, gpu_name)
     non_kv = weights + non_torch + activation
 
     if cal is not None:
         weights, non_torch, activation, graphs, non_kv, layout = _apply_calibration(
-            cal, spec, config, gpu_name, layout, weights, non_torch, activation, graphs, offload, device
+            cal,
+            spec,
+            config,
+            gpu_name,
+            layout,
+            weights,
+            non_torch,
+            activation,
+            graphs,
+            offload,
+            runner,
+            device,
         )
 
     requested = math.ceil(total * util)
@@ -494,7 +532,7 @@ def estimate(
         pool = int(config.kv_cache_memory_bytes)
     else:
         pool = requested - non_kv - graphs
-    pool = max(0, pool)
+    pool = max(0, pool) if runner.keeps_kv_cache else 0  # an encoder's pooling runner keeps no KV cache
     bpb = max(1, layout.bytes_per_block)
     blocks = pool // bpb
     in_flight = (pp + 1) * batched  # max_concurrent_batches × max_num_batched_tokens (§2.5 sliding window)
@@ -508,7 +546,7 @@ def estimate(
         activation_bytes=activation,
         cudagraph_bytes=graphs,
         kv_pool_bytes=pool,
-        kv_bytes_per_token=layout.bytes_per_token,
+        kv_bytes_per_token=layout.bytes_per_token if runner.keeps_kv_cache else 0,
         block_size=layout.block_size,
         bytes_per_block=bpb,
         num_blocks=blocks,
@@ -524,6 +562,7 @@ def estimate(
         context_bytes=OVERHEADS["cuda_context"]["bytes"],
         calibrated=cal is not None,
         kv_from_flag=config.kv_cache_memory_bytes is not None,
+        has_kv_cache=runner.keeps_kv_cache,
         layout=layout,
         in_flight_tokens=in_flight,
     )
@@ -535,7 +574,11 @@ def estimate(
     concurrency = blocks / per_request if per_request else 0.0
     tokens = int(concurrency * max_len)
     fits = pool > 0 and fit_len >= max_len
-    if not fits:
+    if not runner.keeps_kv_cache:  # only the scheduler bounds the batch; the rest must fit the budget
+        concurrency, tokens = float(seqs), 0
+        fits = requested >= non_kv + graphs
+        notes.append("a bidirectional encoder on a pooling runner: vLLM allocates no KV cache")
+    elif not fits:
         notes.append(
             f"one request of {max_len} tokens needs {probe.kv_bytes_for(max_len, 1) / GIB:.2f} GiB of KV "
             f"cache, the pool has {pool / GIB:.2f} GiB (vLLM: estimated maximum model length is {fit_len})"
@@ -566,6 +609,7 @@ def _apply_calibration(
     activation: int,
     graphs: int,
     offload: int,
+    runner: RunnerChoice = GENERATE,
     device: DeviceKind = CUDA,
 ):
     """Replace estimated terms by measured ones; shift them by the estimated change since ``cal.config``."""
@@ -582,8 +626,12 @@ def _apply_calibration(
         base.max_model_len if base.max_model_len and base.max_model_len > 0 else spec.derived_max_model_len
     )
     total = cal.total_bytes or 0
-    b_seqs, b_batched = resolved_limits(spec, base, total or 80 * GIB, gpu_name, base_len, device)
-    act_then = activation_estimate(spec, max(1, base.tensor_parallel_size), b_batched, b_seqs)
+    b_seqs, b_batched = resolved_limits(
+        spec, base, total or 80 * GIB, gpu_name, base_len, device, chunked_prefill=runner.chunked_prefill
+    )
+    act_then = activation_estimate(
+        spec, max(1, base.tensor_parallel_size), b_batched, b_seqs, pooling=runner.pooling
+    )
     graphs_then = cudagraph_estimate(spec, base, b_seqs, b_batched, gpu_name)
     if cal.cudagraph_bytes is not None and cal.cudagraph_bytes >= 0:
         if config.enforce_eager:

@@ -210,12 +210,18 @@ class ModelSpec:
         kv = kv_layers_of(text, model_type, layers, heads, hidden)
         params = count_params(text, model_type, heads, hidden, layers, vocab)
         notes: list[str] = []
+        full_precision = DTYPE_BYTES[dtype] == 4
+        if full_precision:  # vLLM's --dtype auto (_resolve_auto_dtype) serves a float32 checkpoint in 16 bits
+            dtype = "bfloat16"
+            notes.append("float32 checkpoint: vLLM serves it in 16 bits (--dtype auto), weights and KV alike")
         if weights_bytes is None:
             weights_bytes = weights_from_params(text, model_type, heads, hidden, layers, vocab, dtype, quant)
             exact = False
             notes.append("weights computed from the architecture (no safetensors index)")
         else:
             exact = True
+            if full_precision and quant is None:
+                weights_bytes = int(weights_bytes) // 2
         rotary = _rotary_dim(text, model_type, hidden, heads)
         max_pos = int(text.get("max_position_embeddings") or 0)
         rope = text.get("rope_scaling") or text.get("rope_parameters") or {}

@@ -79,13 +79,14 @@ def estimated_cost(
         max_num_seqs=entry.min_seqs,
         kv_cache_dtype=entry.kv_cache_dtype,
         enforce_eager="--enforce-eager" in entry.flags,
+        extra_args=tuple(entry.flags),  # --runner pooling / --convert change what vLLM budgets
     )
     est = estimate_fn(spec, gpu_total_bytes, config, gpu_name=gpu_name)
     overhead = int(est.non_torch_bytes) + int(est.activation_bytes) + int(est.cudagraph_bytes)
     return ModelCost(
         weights_bytes=int(est.weights_bytes),
         overhead_bytes=overhead,
-        kv_bytes_per_token=max(1, int(est.kv_bytes_per_token)),
+        kv_bytes_per_token=int(est.kv_bytes_per_token),  # 0: an encoder's pooling runner keeps no KV cache
         max_context=max_context,
         source="estimate",
         kv_dtype_bytes=int(getattr(spec, "dtype_bytes", 2) or 2),

@@ -42,7 +42,7 @@ class ModelCost:
 
     weights_bytes: int
     overhead_bytes: int  # non-torch growth + activation peak + CUDA graphs
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # 0 for a model vLLM keeps no KV cache for (a bidirectional encoder)
     max_context: int | None = None  # the model's derived max length
     source: str = "estimate"  # estimate | file (the deployment's memory: block) | measured
     kv_dtype_bytes: int = 2  # bytes per KV element at kv_cache_dtype=auto (for the fp8 suggestion)
@@ -119,7 +119,7 @@ class Instance:
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            kv_cache_memory_bytes=self.kv_bytes,
+            kv_cache_memory_bytes=self.kv_bytes if self.cost.kv_bytes_per_token else None,
             kv_cache_dtype=self.entry.kv_cache_dtype,
             extra_args=tuple(extra),
         )
@@ -299,6 +299,8 @@ def seqs_within(cost: ModelCost, kv_bytes: int, context: int) -> int:
 
 def context_within(cost: ModelCost, kv_bytes: int, seqs: int, step: int = CONTEXT_STEP) -> int:
     """The longest context (a multiple of ``step``) of which ``seqs`` requests a pool of ``kv_bytes`` holds."""
+    if not cost.kv_bytes_per_token:  # no KV cache: the model's own maximum
+        return cost.max_context or DEFAULT_MIN_CONTEXT
     blocks = max(0, kv_bytes - cost.block_bytes) // cost.block_bytes // max(1, seqs)
     return _floor(blocks * max(1, cost.block_tokens), step)
 
@@ -418,7 +420,7 @@ def _what_would_fit(entry: ModelEntry, cost: ModelCost, context: int, room: int)
         fit_seqs = seqs_within(cost, kv_room, context)
         if fit_seqs >= 1:
             out.append(f"{entry.name}: fits with needs.min_seqs {fit_seqs} at {context} tokens")
-    if entry.kv_cache_dtype == "auto" and cost.kv_dtype_bytes >= 2:
+    if entry.kv_cache_dtype == "auto" and cost.kv_dtype_bytes >= 2 and cost.kv_bytes_per_token:
         fp8 = replace(cost, kv_bytes_per_token=max(1, cost.kv_bytes_per_token // cost.kv_dtype_bytes))
         half = cost.fixed_bytes + kv_bytes_for(fp8, context, entry.min_seqs)
         if half <= room:

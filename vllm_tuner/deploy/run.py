@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..devices import CUDA, DeviceKind
-from ..errors import DeployError
+from ..errors import DeployError, TunerError
 from ..paths import data_dir
 from ..serveconfig import vllm_argv
 from .containers import DockerCli, container_name, docker_run_argv
@@ -164,13 +164,14 @@ class Runner:
             device=self.settings.device.name,
         )
         order = plan.start_order(state.phase)
+        state.planned = [i.name for i in order]
         started: list[str] = []
         try:
             for inst in order:
                 state.instances.append(self._start_one(plan, inst, state))
                 save_state(state)
                 started.append(inst.name)
-            verified = self.verify(plan, state) if self.settings.verify else {}
+            verified = self.verify(state) if self.settings.verify else {}
         except BaseException:
             self.note("stopping what this 'up' started")
             self.stop_all(state)
@@ -387,24 +388,16 @@ class Runner:
     # ------------------------------------------------------------------------------------------ verify
 
     def verify(
-        self, plan: Plan, state: DeploymentState, *, requests_each: int = 2, max_tokens: int = 16
+        self, state: DeploymentState, *, requests_each: int = 2, max_tokens: int = 16
     ) -> dict[str, str]:
-        """Load every instance at once (short completions in parallel); all must answer and stay up."""
+        """Load every instance at once (short requests in parallel); all must answer and stay up."""
         results: dict[str, str] = {}
         lock = threading.Lock()
 
-        def hit(inst: InstanceState, pooling: bool) -> None:
+        def hit(inst: InstanceState) -> None:
             failure = ""
             for _ in range(requests_each):
-                if pooling:
-                    code = _get_status(self.http, f"http://127.0.0.1:{inst.port}/health")
-                else:
-                    code = _post_status(
-                        self.http,
-                        f"http://127.0.0.1:{inst.port}/v1/completions",
-                        # token ids: answered with or without a tokenizer (--skip-tokenizer-init)
-                        {"model": inst.model, "prompt": VERIFY_PROMPT, "max_tokens": max_tokens},
-                    )
+                code = self._answer(inst, max_tokens)
                 if code != 200:
                     failure = f"HTTP {code}" if code else "no answer"
             with lock:
@@ -412,8 +405,7 @@ class Runner:
 
         threads = []
         for inst in state.instances:
-            pooling = "pooling" in plan.instance(inst.name).entry.flags
-            threads += [threading.Thread(target=hit, args=(inst, pooling), daemon=True) for _ in range(2)]
+            threads += [threading.Thread(target=hit, args=(inst,), daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
@@ -430,20 +422,57 @@ class Runner:
             )
         return results
 
+    def _answer(self, inst: InstanceState, max_tokens: int) -> int | None:
+        """HTTP status of one short request the instance serves: a completion, else (a pooling model:
+        vLLM registers no completion route for it) an embedding, else (a classifier) ``/health``."""
+        base = f"http://127.0.0.1:{inst.port}"
+        # token ids: answered with or without a tokenizer (--skip-tokenizer-init)
+        for route, body in (
+            ("/v1/completions", {"model": inst.model, "prompt": VERIFY_PROMPT, "max_tokens": max_tokens}),
+            ("/v1/embeddings", {"model": inst.model, "input": VERIFY_PROMPT}),
+        ):
+            try:
+                response = self.http.post(base + route, json=body, timeout=120.0)
+            except Exception:
+                return None
+            if not _no_such_route(response):
+                return response.status_code
+        return _get_status(self.http, base + "/health")
+
     # ------------------------------------------------------------------------------------------- phases
 
     def switch_phase(self, plan: Plan, state: DeploymentState, phase: str) -> UpReport:
-        """Unload the current phase, wait for its memory, cool down, load ``phase``; time the switch."""
+        """Unload the current phase, wait for its memory, cool down, load ``phase``; time the switch.
+
+        When ``phase`` does not start, what it started is stopped and the phase before it is loaded
+        again (after the same cooldown): the DeployError says which phase runs now. The state file
+        says at every step what should run and what does, so ``status`` never reports a phase as
+        healthy that is not running."""
         plan.deployment.check_phase(phase)
         running = {i.name for i in state.instances}
         self.check_ports(plan, [i for i in plan.resident(phase) if i.name not in running])  # before unloading
         began = self.clock()
-        leaving = [i for i in state.instances if i.phase is not None and i.phase != phase]
+        previous = state.phase
+        self._unload(state, [i for i in state.instances if i.phase is not None and i.phase != phase])
+        try:
+            started = self._load(plan, state, phase)
+        except Exception as exc:  # Ctrl-C is not rolled back: the state file already tells what runs
+            raise self._roll_back(plan, state, phase, previous, exc) from exc
+        return UpReport(state, started, {}, switch_s=round(self.clock() - began, 3))
+
+    def _unload(self, state: DeploymentState, leaving: Sequence[InstanceState]) -> None:
+        """Stop ``leaving`` and wait until their memory is released."""
         expected = self.used_without(leaving)
         for inst in reversed(leaving):
             self._stop_instance(inst)
         self._wait_released(expected)
         state.instances = [i for i in state.instances if i not in leaving]
+        save_state(state)
+
+    def _load(self, plan: Plan, state: DeploymentState, phase: str | None) -> list[str]:
+        """Cool down, then start what ``phase`` has that is not running; the state names it first."""
+        state.phase = phase
+        state.planned = [i.name for i in plan.resident(phase)]
         save_state(state)
         if state.cooldown_s:
             self.sleep(state.cooldown_s)
@@ -454,9 +483,31 @@ class Runner:
                 state.instances.append(self._start_one(plan, inst, state))
                 started.append(inst.name)
                 save_state(state)
-        state.phase = phase
-        save_state(state)
-        return UpReport(state, started, {}, switch_s=round(self.clock() - began, 3))
+        return started
+
+    def _roll_back(
+        self, plan: Plan, state: DeploymentState, failed: str, previous: str | None, exc: Exception
+    ) -> DeployError:
+        """Phase ``failed`` did not start: stop what it started, load ``previous`` again; the error to raise."""
+        why = exc.problem if isinstance(exc, TunerError) else f"{type(exc).__name__}: {exc}"
+        where = exc.fix if isinstance(exc, TunerError) and exc.fix else "see the instance logs"
+        self.note(f"phase {failed} did not start; loading phase {previous} again")
+        self._unload(state, [i for i in state.instances if i.phase == failed])
+        try:
+            self._load(plan, state, previous)
+        except Exception as again:
+            why_again = again.problem if isinstance(again, TunerError) else f"{type(again).__name__}: {again}"
+            name = plan.deployment.name
+            return DeployError(
+                f"phase {failed} did not start ({why}), and phase {previous} did not start again ({why_again}): "
+                f"phase {previous} is not running",
+                f"{where}; 'vllm-tune status {name}' shows what runs, 'vllm-tune up "
+                f"{plan.deployment.source} --phase {previous}' starts what is missing",
+            )
+        back = ", ".join(state.planned) or "nothing"
+        return DeployError(
+            f"phase {failed} did not start: {why}; phase {previous} runs again ({back})", where
+        )
 
     # --------------------------------------------------------------------------------------------- down
 
@@ -577,6 +628,12 @@ class Runner:
                     inst.phase,
                 )
             )
+        recorded = {i.name for i in state.instances}
+        for name in state.planned:  # what should run and was never started (a failed switch and rollback)
+            if name not in recorded:
+                rows.append(
+                    InstanceStatus(name, None, [], False, None, {}, None, 0, state.phase, started=False)
+                )
         cards = []
         for g in gpus:
             mem = self.nvml.memory(g)
@@ -592,7 +649,7 @@ class Runner:
 @dataclass
 class InstanceStatus:
     name: str
-    port: int
+    port: int | None  # None: not started
     gpu_ids: list[int]
     alive: bool
     health: int | None  # HTTP status of /health, None if unreachable or the process is gone
@@ -600,9 +657,12 @@ class InstanceStatus:
     kv_usage: float | None  # vllm:kv_cache_usage_perc (0..1)
     planned_bytes: int
     phase: str | None = None
+    started: bool = True  # False: its phase should run it, and no process of it was started
 
     @property
     def state(self) -> str:
+        if not self.started:
+            return "not running"
         if not self.alive:
             return "dead"
         return "healthy" if self.health == 200 else f"unhealthy ({self.health or 'no answer'})"
@@ -630,7 +690,8 @@ class StatusReport:
 
     @property
     def healthy(self) -> bool:
-        return all(i.state == "healthy" for i in self.instances)
+        """Every instance that should run answers /health; a deployment that runs nothing is not healthy."""
+        return bool(self.instances) and all(i.state == "healthy" for i in self.instances)
 
     def as_dict(self) -> dict:
         return {
@@ -673,9 +734,10 @@ class StatusReport:
         for i in self.instances:
             used = sum(i.used_bytes.values()) / GIB
             kv = f"{i.kv_usage * 100:.0f}%" if i.kv_usage is not None else "-"
+            port = i.port if i.port is not None else "-"
+            gpus = ",".join(map(str, i.gpu_ids)) or "-"
             lines.append(
-                f"  {i.name:<16}{i.state:<20}{i.port:>6}  {','.join(map(str, i.gpu_ids)):<5}"
-                f"{used:>9.1f}{i.planned_bytes / GIB:>9.1f}{kv:>8}"
+                f"  {i.name:<16}{i.state:<20}{port:>6}  {gpus:<5}{used:>9.1f}{i.planned_bytes / GIB:>9.1f}{kv:>8}"
             )
         lines.append("")
         for g in self.gpus:
@@ -720,11 +782,14 @@ def _get_status(http, url: str) -> int | None:
         return None
 
 
-def _post_status(http, url: str, body: dict) -> int | None:
+def _no_such_route(response) -> bool:
+    """FastAPI's answer for a route the server did not register (vLLM registers routes by task)."""
+    if response.status_code != 404:
+        return False
     try:
-        return http.post(url, json=body, timeout=120.0).status_code
-    except Exception:
-        return None
+        return response.json() == {"detail": "Not Found"}
+    except ValueError:
+        return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:

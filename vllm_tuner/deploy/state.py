@@ -55,6 +55,8 @@ class DeploymentState:
     # what 'up --simulate' started it on: {"scenario", "state_dir", "vllm_cmd", "env"}; {} on real GPUs
     simulation: dict = field(default_factory=dict)
     device: str = "cuda"  # what its instances run on: status and down read that device's memory
+    # the instances the current phase should run (always-on ones too): status names those not running
+    planned: list[str] = field(default_factory=list)
 
     def recorded_simulation(self) -> dict:
         """The simulation the deployment runs on ({} for real GPUs): ``status``, ``down`` and a phase

@@ -68,6 +68,8 @@ def serve(args) -> int:
         "kv_cache_memory_bytes",
         "num_gpu_blocks_override",
         "load_format",
+        "runner",
+        "convert",
         "served_model_name",
         "api_key",
     ):
@@ -189,6 +191,8 @@ class Walk:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         b = self.b
+        for line in self.launch.runner.resolved:
+            api(line, "model.py:1310")
         api(
             f"Using max model len {b.derived_max_len if self.launch.auto_max_model_len else b.max_model_len}",
             "model.py:2170",
@@ -316,6 +320,8 @@ class Walk:
 
     def profile(self) -> int | None:
         b = self.b
+        if not self.launch.runner.keeps_kv_cache:
+            return None  # no KV cache to size: vLLM skips the memory profiling
         nap(self.timing["profile_s"])
         if b.category == "oom_during_profiling" and b.fail_detail.get("stage") in ("forward", "sampler"):
             d = b.fail_detail
@@ -386,6 +392,9 @@ class Walk:
 
     def kv_cache(self) -> int | None:
         b = self.b
+        if not self.launch.runner.keeps_kv_cache:
+            self.hold(b.context_bytes + b.weights_bytes + b.non_torch_bytes + b.activation_bytes)
+            return None
         frames = [
             f'  File "{TRACE}/v1/engine/core.py", line 402, in _initialize_kv_caches',
             f'  File "{TRACE}/v1/core/kv_cache_planning.py", line 688, in _check_enough_kv_cache_memory',
@@ -498,7 +507,7 @@ class Walk:
     def serve(self) -> int:
         b, launch = self.b, self.launch
         self.hold(b.idle_used_bytes)
-        if launch.kv_cache_memory_bytes is None:
+        if launch.kv_cache_memory_bytes is None and launch.runner.keeps_kv_cache:
             consumed = b.weights_bytes + b.non_torch_bytes
             non_kv = consumed + b.activation_bytes + b.graph_actual_bytes
             fit = b.requested_bytes - non_kv - engine.REDUNDANCY
@@ -532,7 +541,7 @@ class Walk:
             log_stats=not self.args.disable_log_stats,
             rank=self.rank,
         )
-        handler = make_handler(eng, self.p.served_name, b.max_model_len, self.args.api_key)
+        handler = make_handler(eng, self.p.served_name, b.max_model_len, self.args.api_key, launch.runner)
         host = self.args.host
         try:
             httpd = _Server(
@@ -546,7 +555,7 @@ class Walk:
             )
             state.remove_proc(self.folder, PID)
             return 1
-        api("Supported tasks: ['generate']", "api_server.py:1680")
+        api(f"Supported tasks: {launch.runner.supported_tasks}", "entry.py:136")
         api(f"Starting vLLM server on http://{host}:{self.args.port}", "entry.py:139")
         print(f"(APIServer pid={PID}) INFO:     Started server process [{PID}]", flush=True)
         print(f"(APIServer pid={PID}) INFO:     Waiting for application startup.", flush=True)

@@ -12,6 +12,8 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
+from .runner import Runner
+
 GIB = 1 << 30
 MIB = 1 << 20
 REDUNDANCY = 150 * MIB
@@ -54,6 +56,7 @@ class ModelTruth:
     weights_bytes: int
     derived_max_len: int
     dtype_bytes: int = 2
+    tied_embeddings: bool = False  # the LM head is the embedding matrix: no weights of its own
 
     def kv_bytes_per_token(self, tp: int, kv_dtype: str) -> int:
         scale = 0.5 if kv_dtype.startswith("fp8") else 1.0
@@ -79,6 +82,9 @@ def model_truth(name: str, config: dict, weights_bytes: int | None) -> ModelTrut
     else:
         per_token = layers * 2 * kv_heads * head_dim * 2
     max_len = int(text.get("max_position_embeddings") or 4096)
+    dtype = str(text.get("torch_dtype") or config.get("torch_dtype") or "").replace("torch.", "")
+    if weights_bytes and dtype in ("float32", "float") and not config.get("quantization_config"):
+        weights_bytes = int(weights_bytes) // 2  # --dtype auto loads a float32 checkpoint in 16 bits
     if not weights_bytes:
         body = layers * (4 * hidden * hidden + 3 * hidden * inter)
         quant = config.get("quantization_config") or {}
@@ -91,9 +97,23 @@ def model_truth(name: str, config: dict, weights_bytes: int | None) -> ModelTrut
             bits = 4
         per_param = (float(bits) / 8 * 1.06) if bits else 2.0  # + group scales and zeros
         weights_bytes = int(body * per_param) + 2 * vocab * hidden * 2
+    tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)))
     return ModelTruth(
-        name, layers, hidden, inter, vocab, per_token, mla, kv_heads, int(weights_bytes), max_len
+        name,
+        layers,
+        hidden,
+        inter,
+        vocab,
+        per_token,
+        mla,
+        kv_heads,
+        int(weights_bytes),
+        max_len,
+        tied_embeddings=tied,
     )
+
+
+GENERATE = Runner("generate", "none", "generate")
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,7 @@ class LaunchArgs:
     max_cudagraph_capture_size: int | None = None
     num_gpu_blocks_override: int | None = None
     performance_mode: str = "balanced"
+    runner: Runner = GENERATE  # --runner / --convert as vLLM resolved them for this model
 
     def noise_key(self) -> str:
         return (
@@ -210,18 +231,26 @@ def boot(
         seqs_default, batched_default = seqs_default * 2, batched_default * 2
     derived = model.derived_max_len
     max_len = derived if args.auto_max_model_len else (args.max_model_len or derived)
+    runner = args.runner
     seqs = args.max_num_seqs or seqs_default
     batched = args.max_num_batched_tokens or batched_default
+    if args.max_num_batched_tokens is None and not runner.chunked_prefill:
+        batched = max(batched, max_len)  # without chunked prefill one batch must hold a whole prompt
     batched = min(batched, seqs * max_len)
     seqs = min(seqs, batched)
     tp, pp = args.tp, args.pp
     ctx = int(t["context_gib"] * GIB)
-    weights = int(model.weights_bytes * t["weights_factor"] / (tp * pp)) - int(args.cpu_offload_gb * GIB)
+    checkpoint = model.weights_bytes
+    if not runner.builds_lm_head and not model.tied_embeddings:
+        checkpoint -= model.vocab * model.hidden * model.dtype_bytes  # a converted model loads no LM head
+    weights = int(checkpoint * t["weights_factor"] / (tp * pp)) - int(args.cpu_offload_gb * GIB)
     weights = max(weights, 0)
     non_torch = int((t["non_torch_gib"] + (t["nccl_gib"] if tp > 1 else 0)) * GIB)
     act_per_token = 2 * (4 * model.hidden + 3 * model.intermediate // tp)
-    sampler = int(seqs * model.vocab * 4 * t["activation_factor"])
-    activation = int((batched * act_per_token + seqs * model.vocab * 4 + 64 * MIB) * t["activation_factor"])
+    # the dummy sampler's float32 logits (max_num_seqs x vocab), or a pooler's pooled hidden states
+    head_rows = seqs * (model.hidden if runner.pooling else model.vocab) * 4
+    sampler = int(head_rows * t["activation_factor"])
+    activation = int((batched * act_per_token + head_rows + 64 * MIB) * t["activation_factor"])
     activation += _jitter(f"{model.name}|{args.noise_key()}", t["noise_mib"])
     if not args.captures_graphs:
         graph_actual = graph_est = 0
@@ -235,7 +264,7 @@ def boot(
     capacity = total_bytes - others_bytes
     free_at_start = capacity - ctx
     requested = math.ceil(total_bytes * args.gpu_memory_utilization)
-    per_token = model.kv_bytes_per_token(tp, args.kv_cache_dtype)
+    per_token = model.kv_bytes_per_token(tp, args.kv_cache_dtype) if runner.keeps_kv_cache else 0
     block = args.block_size or (64 if model.mla else 16)
     b = Boot(
         "success",
@@ -277,6 +306,15 @@ def boot(
             "tried": (forward // 2) if forward > room else sampler,
             "free": (room // 3) if forward > room else max(room - forward, 0) // 2,
         }
+        return b
+    if not runner.keeps_kv_cache:  # a bidirectional encoder: no KV cache, nothing profiled for one
+        b.idle_used_bytes = ctx + weights + non_torch + activation + graph_actual
+        if b.idle_used_bytes > capacity:
+            b.category = "oom_cudagraph_capture"
+            b.fail_detail = {
+                "tried": 20 * MIB,
+                "free": max(0, capacity - b.idle_used_bytes + graph_actual) % (32 * MIB),
+            }
         return b
     if args.kv_cache_memory_bytes is not None:
         pool = args.kv_cache_memory_bytes

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 
 from . import engine
+from . import runner as runners
 from .engine import LaunchArgs, ModelTruth, Truth
 from .server import (
     KV_DTYPES,
@@ -86,6 +87,33 @@ def validate(args: argparse.Namespace) -> None:
             f"ValueError: max_num_batched_tokens ({args.max_num_batched_tokens}) must be greater "
             f"than or equal to max_num_seqs ({args.max_num_seqs})."
         )
+
+
+def value_error(config_class: str, message: str) -> ConfigError:
+    """A ``ValueError`` raised inside one of vLLM's pydantic config dataclasses, as it prints."""
+    return ConfigError(
+        f"pydantic_core._pydantic_core.ValidationError: 1 validation error for {config_class}\n"
+        f"  Value error, {message} [type=value_error, input_value=ArgsKwargs(()), input_type=ArgsKwargs]"
+    )
+
+
+def resolve_runner(args: argparse.Namespace, config: dict, derived: int) -> runners.Runner:
+    """``--runner``/``--convert`` for this model (ModelConfig), then the scheduler's batch check: a
+    runner without chunked prefill must fit a whole prompt in one batch (SchedulerConfig)."""
+    try:
+        runner = runners.resolve(config, args.runner, args.convert)
+    except runners.RunnerError as exc:
+        raise value_error("ModelConfig", str(exc)) from exc
+    max_len = derived if args.max_model_len in (None, -1) else args.max_model_len
+    batched = args.max_num_batched_tokens
+    if not runner.chunked_prefill and batched is not None and batched < max_len:
+        raise value_error(
+            "SchedulerConfig",
+            f"max_num_batched_tokens ({batched}) is smaller than max_model_len ({max_len}). This effectively "
+            "limits the maximum sequence length to max_num_batched_tokens and makes vLLM reject longer sequences. "
+            "Please increase max_num_batched_tokens or decrease max_model_len.",
+        )
+    return runner
 
 
 def check_max_model_len(args: argparse.Namespace, derived: int) -> None:
@@ -161,6 +189,7 @@ def prepare(args: argparse.Namespace, scenario: dict, visible: str | None = None
     config, weights = found
     model = engine.model_truth(model_name, config, weights)
     check_max_model_len(args, model.derived_max_len)
+    runner = resolve_runner(args, config, model.derived_max_len)
     gpus = select_gpus(args, scenario, visible)
     entry = scenario_model_entry(scenario, model_name)
     truth = {**scenario.get("truth", {}), **{k: v for k, v in entry.items() if k != "faults"}}
@@ -183,6 +212,7 @@ def prepare(args: argparse.Namespace, scenario: dict, visible: str | None = None
         max_cudagraph_capture_size=args.max_cudagraph_capture_size,
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         performance_mode=args.performance_mode,
+        runner=runner,
     )
     served = (args.served_model_name or [model_name])[0]
     return Prepared(model, launch, gpus, truth, faults, timing, served, compiles)

@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -21,8 +22,9 @@ from pathlib import Path
 import yaml
 
 from ..paths import profiles_dir
-from . import engine, state
+from . import engine, pooling, state
 from .engine import GIB, MIB
+from .runner import CONVERTS, RUNNERS, Runner
 
 VERSION = "0.33.0"
 TRACE = "/usr/local/lib/python3.12/dist-packages/vllm"
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--disable-hybrid-kv-cache-manager", None)
     p.add_argument("--mamba-cache-dtype", default="auto")
     p.add_argument("--mamba-ssm-cache-dtype", default="auto")
+    p.add_argument("--runner", choices=RUNNERS, default="auto", help="The type of model runner to use.")
+    p.add_argument("--convert", choices=CONVERTS, default="auto", help="Adapt the model to a pooling task.")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", "-q", default=None)
@@ -357,6 +361,8 @@ class Engine:
         self.die_at = boot.dies_at_usage()
 
     def blocks_for(self, tokens: int) -> int:
+        if not self.boot.kv_bytes_per_token:  # a bidirectional encoder keeps no KV cache
+            return 0
         return math.ceil(tokens / self.boot.block_size)
 
     def submit(self, req: Request) -> None:
@@ -405,6 +411,9 @@ class Engine:
         for req in list(self.running):
             if req.ready_at > now:
                 continue
+            if req.max_tokens == 0:  # a pooling request ends with its prefill
+                self._finish(req)
+                continue
             need = self.blocks_for(req.prompt_len + req.generated + 1)
             if need > req.blocks:
                 if self.free_blocks < need - req.blocks:
@@ -425,13 +434,16 @@ class Engine:
                 req.tokens.append(" tok")
                 req.cond.notify_all()
             if req.generated >= req.max_tokens:
-                self._release(req)
-                self.running.remove(req)
-                self.finished += 1
-                self.record(req)
-                req.done.set()
-                with req.cond:
-                    req.cond.notify_all()
+                self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        self._release(req)
+        self.running.remove(req)
+        self.finished += 1
+        self.record(req)
+        req.done.set()
+        with req.cond:
+            req.cond.notify_all()
 
     def _release(self, req: Request) -> None:
         self.free_blocks += req.blocks
@@ -542,7 +554,119 @@ class Histogram:
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
-def make_handler(eng: Engine, served: str, max_len: int, api_key: str | None):
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+SCORE_ROUTES = frozenset({"/score", "/v1/score"})
+RERANK_ROUTES = frozenset({"/rerank", "/v1/rerank", "/v2/rerank"})
+
+
+def post_routes(runner: Runner) -> frozenset[str]:
+    """The POST routes vLLM registers for this runner's tasks (``register_api_routers``): a pooling
+    server has no completion routes, and a generating one no pooling routes."""
+    if not runner.pooling:
+        return GENERATION_ROUTES
+    routes = {"/v1/embeddings"} if runner.task == "embed" else set()
+    if runner.scoring:
+        routes |= SCORE_ROUTES | RERANK_ROUTES
+    return frozenset(routes)
+
+
+class EngineFailed(Exception):
+    """The engine died while a request waited."""
+
+
+def make_handler(
+    eng: Engine, served: str, max_len: int, api_key: str | None, runner: Runner = engine.GENERATE
+):
+    routes = post_routes(runner)
+
+    def run_prompts(lengths: list[int]) -> None:
+        """One engine request per prompt (prefill only), all at once; raises EngineFailed."""
+        for n in lengths:
+            if n > max_len:
+                raise pooling.BadRequest(
+                    f"This model's maximum context length is {max_len} tokens. However, your prompt contains {n} "
+                    "input tokens, which exceeds this limit even without any output tokens. Please reduce the "
+                    "length of the input prompt.",
+                    "input_tokens",
+                )
+        reqs = [Request(n, 0) for n in lengths]
+        for req in reqs:
+            eng.submit(req)
+        for req in reqs:
+            req.done.wait(3600)
+            if req.failed:
+                raise EngineFailed(req.failed)
+
+    def usage(tokens: int) -> dict:
+        return {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        }
+
+    def embeddings(body: dict) -> dict:
+        items = pooling.embedding_inputs(body)
+        size = pooling.embedding_size(body, runner.embedding_size, runner.matryoshka, served)
+        encoding = str(body.get("encoding_format") or "float")
+        lengths = [pooling.tokens_of(item) for item in items]
+        run_prompts(lengths)
+        data = []
+        for i, item in enumerate(items):
+            vector = pooling.embedding(item, runner.embedding_size)[:size]
+            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+            vector = [v / norm for v in vector]
+            data.append({"index": i, "object": "embedding", "embedding": pooling.encode(vector, encoding)})
+        return {
+            "id": f"embd-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": served,
+            "data": data,
+            "usage": usage(sum(lengths)),
+        }
+
+    def scores(pairs: list[tuple]) -> tuple[list[float], int]:
+        """A bi-encoder embeds every text and compares; a cross-encoder reads each pair as one prompt."""
+        if runner.task == "embed":
+            lengths = [pooling.tokens_of(x) for pair in pairs for x in pair]
+            run_prompts(lengths)
+            size = runner.embedding_size
+            values = [
+                pooling.cosine(pooling.embedding(q, size), pooling.embedding(d, size)) for q, d in pairs
+            ]
+        else:
+            lengths = [pooling.tokens_of(q) + pooling.tokens_of(d) for q, d in pairs]
+            run_prompts(lengths)
+            values = [pooling.relevance(q, d) for q, d in pairs]
+        return values, sum(lengths)
+
+    def score(body: dict) -> dict:
+        values, tokens = scores(pooling.score_pairs(body))
+        return {
+            "id": f"score-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": served,
+            "data": [{"index": i, "object": "score", "score": v} for i, v in enumerate(values)],
+            "usage": usage(tokens),
+        }
+
+    def rerank(body: dict) -> dict:
+        pairs = pooling.rerank_pairs(body)
+        values, tokens = scores(pairs)
+        return {
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "model": served,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "results": pooling.rerank_results(pairs, values, int(body.get("top_n") or 0)),
+        }
+
+    def pooled(path: str, body: dict) -> dict:
+        if path == "/v1/embeddings":
+            return embeddings(body)
+        return score(body) if path in SCORE_ROUTES else rerank(body)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -612,13 +736,23 @@ def make_handler(eng: Engine, served: str, max_len: int, api_key: str | None):
             if path == "/ping":
                 self._send(503 if eng.dead else 200, b"", "text/plain")
                 return
-            if path not in ("/v1/completions", "/v1/chat/completions"):
+            if path not in routes:
                 self._send(404, {"detail": "Not Found"})
                 return
             if not self._authorised():
                 return
             if eng.dead:
                 self._send(500, error("The server had an error while processing your request.", None, 500))
+                return
+            if runner.pooling:
+                try:
+                    self._send(200, pooled(path, body))
+                except pooling.BadRequest as exc:
+                    self._send(400, error(str(exc), exc.param))
+                except EngineFailed:
+                    self._send(
+                        500, error("The server had an error while processing your request.", None, 500)
+                    )
                 return
             chat = path.endswith("chat/completions")
             prompt_len = prompt_tokens(body, chat)
@@ -744,7 +878,7 @@ def prompt_tokens(body: dict, chat: bool) -> int:
         return len(prompt)
     if isinstance(prompt, list):
         prompt = "".join(map(str, prompt))
-    return max(1, len(str(prompt)) // 4)
+    return pooling.text_tokens(str(prompt))
 
 
 def metrics(eng: Engine, served: str) -> str:
