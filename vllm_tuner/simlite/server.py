@@ -23,6 +23,7 @@ import yaml
 from ..paths import profiles_dir
 from . import engine, state
 from .engine import GIB, MIB
+from .hfconfig import dict_or_str
 
 VERSION = "0.33.0"
 TRACE = "/usr/local/lib/python3.12/dist-packages/vllm"
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-parser", default=None)
     p.add_argument("--generation-config", default="auto")
     p.add_argument("--kv-transfer-config", default=None)
+    p.add_argument(
+        "--hf-overrides", type=dict_or_str, default=None, help="JSON: arguments for the HF config."
+    )
     p.add_argument("--profiler-config", default=None)
     p.add_argument(
         "--performance-mode", choices=["balanced", "interactivity", "throughput"], default="balanced"
