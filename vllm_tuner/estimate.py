@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .models import KvLayers, ModelSpec
+from .rope import beyond_native, with_hf_overrides
 from .serveconfig import ServeConfig
 
 GIB = 1 << 30
@@ -452,15 +453,13 @@ def estimate(
     util = config.gpu_memory_utilization or DEFAULT_UTILIZATION
     if not 0 < util <= 1:
         raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {util}", "pass e.g. 0.9")
+    spec = with_hf_overrides(spec, config.hf_overrides)  # the config vLLM reads (a YaRN override's length)
     derived = spec.derived_max_model_len
     auto_len = config.max_model_len is not None and config.max_model_len < 0
     max_len = derived if (config.max_model_len is None or auto_len) else config.max_model_len
     notes: list[str] = list(spec.notes)
     if max_len > derived:
-        notes.append(
-            f"--max-model-len {max_len} exceeds the model's derived {derived}: vLLM refuses it "
-            "unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"
-        )
+        notes.append(beyond_native(spec, max_len))
     seqs, batched = resolved_limits(spec, config, total, gpu_name, max_len)
     layout = kv_layout(spec, tp, pp, config.kv_cache_dtype)
 
@@ -523,7 +522,7 @@ def estimate(
     concurrency = blocks / per_request if per_request else 0.0
     tokens = int(concurrency * max_len)
     fits = pool > 0 and fit_len >= max_len
-    if not fits:
+    if not fits and max_len <= derived:  # past the model's length, the note above says why
         notes.append(
             f"one request of {max_len} tokens needs {probe.kv_bytes_for(max_len, 1) / GIB:.2f} GiB of KV "
             f"cache, the pool has {pool / GIB:.2f} GiB (vLLM: estimated maximum model length is {fit_len})"
