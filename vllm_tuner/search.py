@@ -638,7 +638,9 @@ class Policy:
         if self.request.objective == "targets":
             util = round((cfg.gpu_memory_utilization or 0.92) - UTIL_STEP * step, 2)
             return cfg.replace(gpu_memory_utilization=util) if util >= self.request.util_floor else None
-        ceiling = self._ceiling(("rope-scaling",) if cfg.hf_overrides == self.request.rope_overrides else ())
+        # a config with the YaRN override shrinks from the YaRN length
+        yarn = bool(cfg.hf_overrides) and cfg.hf_overrides == self.request.rope_overrides
+        ceiling = self._ceiling(("rope-scaling",) if yarn else ())
         ctx = self._round_len(int((cfg.max_model_len or 0) * factor), ceiling)
         return cfg.replace(max_model_len=ctx) if ctx >= self.request.block_size else None
 
