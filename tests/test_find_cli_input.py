@@ -366,7 +366,7 @@ def test_headroom_takes_gib_or_a_size(dry_run, refuse):
 def test_a_context_floor_above_the_models_maximum_is_refused(refuse, args):
     message = refuse(*QWEN, *args)
     assert f"{args[0]} {args[1]} is longer than Qwen/Qwen2.5-7B-Instruct takes (32768 tokens" in message
-    assert message.endswith(f"use {args[0]} 32768 or less")
+    assert f"; use {args[0]} 32768 or less, or --allow rope-scaling for YaRN ×" in message
 
 
 def test_an_objective_and_fixed_targets_together_are_refused(refuse):

@@ -666,8 +666,10 @@ def _arg_error(k: _Known) -> list[Advice]:
     if isinstance(derived, int):
         out.append(
             Advice(
-                f"the model supports {derived} tokens: use --max-model-len {derived} (or set "
-                "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 with RoPE scaling, at your own risk)",
+                f"the model takes {derived} tokens: use --max-model-len {derived}, or stretch its RoPE with "
+                "YaRN ('vllm-tune find --allow rope-scaling' writes the --hf-overrides this vLLM needs; static "
+                "YaRN can degrade short texts); VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 only lifts the check, the model "
+                "then sees positions it never saw",
                 {"--max-model-len": derived},
             )
         )

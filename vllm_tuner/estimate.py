@@ -20,6 +20,7 @@ from .devices import CUDA, DeviceKind
 from .errors import UsageError
 from .models import KvLayers, ModelSpec
 from .pooling import GENERATE, RunnerChoice, runner_of
+from .rope import beyond_native, with_hf_overrides
 from .serveconfig import ServeConfig
 
 GIB = 1 << 30
@@ -488,15 +489,13 @@ def estimate(
     util = config.gpu_memory_utilization or DEFAULT_UTILIZATION
     if not 0 < util <= 1:
         raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {util}", "pass e.g. 0.9")
+    spec = with_hf_overrides(spec, config.hf_overrides)  # the config vLLM reads (a YaRN override's length)
     derived = spec.derived_max_model_len
     auto_len = config.max_model_len is not None and config.max_model_len < 0
     max_len = derived if (config.max_model_len is None or auto_len) else config.max_model_len
     notes: list[str] = list(spec.notes)
     if max_len > derived:
-        notes.append(
-            f"--max-model-len {max_len} exceeds the model's derived {derived}: vLLM refuses it "
-            "unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"
-        )
+        notes.append(beyond_native(spec, max_len))
     runner = runner_of(spec.config, config.extra_args)
     seqs, batched = resolved_limits(
         spec, config, total, gpu_name, max_len, device, chunked_prefill=runner.chunked_prefill
@@ -578,7 +577,7 @@ def estimate(
         concurrency, tokens = float(seqs), 0
         fits = requested >= non_kv + graphs
         notes.append("a bidirectional encoder on a pooling runner: vLLM allocates no KV cache")
-    elif not fits:
+    elif not fits and max_len <= derived:  # past the model's length, the note above says why
         notes.append(
             f"one request of {max_len} tokens needs {probe.kv_bytes_for(max_len, 1) / GIB:.2f} GiB of KV "
             f"cache, the pool has {pool / GIB:.2f} GiB (vLLM: estimated maximum model length is {fit_len})"

@@ -20,17 +20,20 @@ from .devices import CUDA, DeviceKind, device_kind
 from .errors import GpuError, UsageError, VllmError
 from .probe import LoadReport
 from .progress import Progress
-from .search import GIB, MAX_SEQS, Finish, Launch, Observation, Policy, ProbeSummary, Request
+from .rope import describe
+from .search import GIB, LOSSY_COST, MAX_SEQS, Finish, Launch, Observation, Policy, ProbeSummary, Request
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
 # The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "swap/offload"
 # rung is weight offload through --cpu-offload-gb (KV offload to CPU does not shrink the GPU pool).
+# rope-scaling is a YaRN override (rope.extension) for a context past the model's own length.
 LOSSY_FLAGS = {
     "eager": "--enforce-eager",
     "fp8-kv": "--kv-cache-dtype",
     "offload": "--cpu-offload-gb",
+    "rope-scaling": "--hf-overrides",
 }
 
 
@@ -254,6 +257,7 @@ class Finder:
             allow -= {knob for knob, flag in LOSSY_FLAGS.items() if not info.accepts(flag)}
         kind = r.device_kind
         allow -= set(kind.missing_knobs)  # a knob that does nothing on this device is never tried
+        rope = self._rope_extension(allow)
         return Request(
             objective=r.objective,
             min_seqs=r.min_seqs,
@@ -272,7 +276,20 @@ class Finder:
             else None,
             block_size=64 if getattr(self.spec, "is_mla", False) else 16,
             device_unit=kind.unit,
+            rope_overrides=rope.flag_value if rope else None,
+            rope_max_len=rope.length if rope else None,
         )
+
+    def _rope_extension(self, allow: set[str]):
+        """The YaRN override of the rope-scaling rung, where it is allowed and a floor is past the model's
+        own length (rope.extension refuses a model whose positions YaRN cannot stretch)."""
+        from .rope import extension
+
+        r = self.request
+        longest = max(r.target_context or 0, r.min_context or 0)
+        if "rope-scaling" not in allow or longest <= self.spec.derived_max_model_len:
+            return None
+        return extension(self.spec, longest, option="--context" if r.target_context else "--min-context")
 
     def _free_memory_util_cap(self) -> float | None:
         """vLLM refuses to start unless util × total is free after its own CUDA context: cap it up front."""
@@ -537,17 +554,24 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
             lines.append(f"{u:.2f} failed ({cat}), {util_words} stable{head}")
         else:
             lines.append(f"--gpu-memory-utilization {util_words} stable{head}")
+        yarn = describe(cfg.hf_overrides)
         lossy = [
             name
             for name, on in (
                 ("--enforce-eager", cfg.enforce_eager),
                 ("--kv-cache-dtype fp8", cfg.kv_cache_dtype != "auto"),
                 ("--cpu-offload-gb", bool(cfg.cpu_offload_gb)),
+                (f"--hf-overrides ({yarn})", bool(yarn)),
             )
             if on
         ]
         if lossy:
             lines.append("lossy knobs used because they were allowed and needed: " + ", ".join(lossy))
+        if yarn:
+            lines.append(
+                f"{yarn} serves a length past the model's own: {LOSSY_COST['rope-scaling']}, which can "
+                "degrade short texts (serve short traffic from a server without it)"
+            )
     lines.append(f"{result.launches} launch(es); {result.reason}")
     lines.extend(result.missing)
     lines.extend(f"not allowed: {gain}" for gain in result.gains)
@@ -639,6 +663,7 @@ def _config_record(cfg: ServeConfig) -> dict:
         "cpu_offload_gb": cfg.cpu_offload_gb,
         "kv_offloading_size": cfg.kv_offloading_size,
         "load_format": cfg.load_format,
+        **({"hf_overrides": cfg.hf_overrides} if cfg.hf_overrides else {}),
         "extra_args": list(cfg.extra_args),
     }
 
@@ -745,9 +770,9 @@ def validate_request(req: FindRequest) -> None:
         raise UsageError(
             f"--max-launches must be at least 1, got {req.max_launches}", "use e.g. --max-launches 12"
         )
-    unknown = req.allow - {"eager", "fp8-kv", "offload"}
+    unknown = req.allow - set(LOSSY_FLAGS)
     if unknown:
         raise UsageError(
             f"unknown lossy knob(s) in --allow: {', '.join(sorted(unknown))}",
-            "choose from eager, fp8-kv, offload",
+            f"choose from {', '.join(LOSSY_FLAGS)}",
         )

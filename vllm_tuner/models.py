@@ -69,8 +69,11 @@ MLA_MODEL_TYPES = frozenset(
     }
 )
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp16": 2, "bf16": 2}
-# RoPE types whose factor vLLM does not apply to the derived max length (§1 --max-model-len).
-UNSCALED_ROPE = frozenset({"yarn", "llama3", "longrope", "su", "default", "mrope"})
+# RoPE types whose factor vLLM does not apply to the derived max length (§1 --max-model-len; vLLM 0.32's
+# _get_and_verify_max_len: their max_position_embeddings is taken as already scaled).
+UNSCALED_ROPE = frozenset(
+    {"yarn", "deepseek_yarn", "deepseek_llama_scaling", "llama3", "longrope", "su", "default", "mrope"}
+)
 
 
 @dataclass(frozen=True)
@@ -415,7 +418,7 @@ def derived_max_model_len(text: Mapping, model_type: str, tokenizer_max_len: int
     """The smallest length key, scaled by the RoPE factor where vLLM scales it, capped by the tokenizer."""
     values = [int(text[k]) for k in MAX_LEN_KEYS if isinstance(text.get(k), (int, float)) and text[k] > 0]
     derived = min(values) if values else 2048
-    rope = text.get("rope_scaling")
+    rope = text.get("rope_scaling") or text.get("rope_parameters")
     if isinstance(rope, Mapping) and not model_type.startswith("gemma3"):
         kind = _rope_type(rope)
         if kind not in UNSCALED_ROPE and rope.get("factor"):

@@ -383,7 +383,7 @@ def config_from_args(model: str, argv: Sequence[str], **given: object) -> ServeC
 def _convert(name: str, flag: str, value: str) -> object:
     default = ServeConfig.__dataclass_fields__[name].default
     try:
-        if name in ("kv_cache_dtype", "load_format"):
+        if name in ("kv_cache_dtype", "load_format", "hf_overrides"):
             return value
         if name in ("cpu_offload_gb", "kv_offloading_size") or isinstance(default, float):
             return float(value)

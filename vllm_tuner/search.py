@@ -25,11 +25,14 @@ from .serveconfig import ServeConfig
 
 GIB = 1 << 30
 UTIL_STEP = 0.01
-LOSSY_ORDER = ("eager", "fp8-kv", "offload")
+# rope-scaling comes last: it buys no memory (it costs some), only a context past the model's own length, and
+# it changes every request, short ones too; a floor past that length needs it whatever the other knobs do
+LOSSY_ORDER = ("eager", "fp8-kv", "offload", "rope-scaling")
 LOSSY_COST = {  # what each lossy knob costs, for the line that says what it would buy
     "eager": "no CUDA graphs: slower decoding",
     "fp8-kv": "an fp8 KV cache: some accuracy",
     "offload": "weights read from CPU memory: much slower",
+    "rope-scaling": "static YaRN: every request's positions scaled, short ones too",
 }
 OBJECTIVES = ("context", "concurrency", "targets")
 MAX_SEQS = 1024
@@ -89,12 +92,15 @@ class Request:
     offload_flag: str | None = "--cpu-offload-gb"
     near_optimum: float = 0.02  # a booted config within this fraction of the computed best is probed
     device_unit: str = "GPU"  # one device in messages: "GPU", or "NUMA node" on vLLM's CPU backend
+    # the rope-scaling rung, where a floor is past native_max_len: the --hf-overrides value and its length
+    rope_overrides: str | None = None
+    rope_max_len: int | None = None
 
     def floor_context(self) -> int:
         if self.objective == "targets":
             return self.target_context or self.native_max_len
         if self.objective == "concurrency":
-            return min(self.min_context or 8192, self.native_max_len)
+            return min(self.min_context or 8192, max(self.native_max_len, self.rope_max_len or 0))
         return self.min_context or self.block_size
 
     def floor_seqs(self) -> int:
@@ -310,7 +316,7 @@ class Policy:
     def _lossy_needed(self, history: Sequence[Observation], caps: _Caps) -> tuple[str, ...]:
         """The cheapest allowed set of lossy knobs that reaches the goal: fewest knobs first, then
         the earliest in the knob order. If none reaches it, every allowed knob (the most they buy)."""
-        allowed = [k for k in self.lossy_order() if k in self.request.allow]
+        allowed = [k for k in self.lossy_order() if k in self.request.allow and self._has_rung(k)]
         subsets = [()]
         for size in range(1, len(allowed) + 1):
             subsets += list(itertools.combinations(allowed, size))
@@ -338,12 +344,15 @@ class Policy:
         elif req.objective == "targets":
             steps = [f"max-model-len {req.floor_context()} and max-num-seqs {req.floor_seqs()}: fixed"]
         else:
+            rope = f" ({req.rope_max_len} with rope-scaling)" if req.rope_max_len else ""
             steps = [
                 f"max-num-seqs: --min-seqs {req.floor_seqs()} (more only at the model's full length)",
-                f"max-model-len: what the measured KV pool holds, up to {req.native_max_len}",
+                f"max-model-len: what the measured KV pool holds, up to {req.native_max_len}{rope}",
             ]
         steps.append(f"gpu-memory-utilization: {util}")
         for knob in self.lossy_order():
+            if not self._has_rung(knob):
+                continue  # rope-scaling: no length past the model's own was asked for
             if knob in skipped:
                 steps.append(f"{knob}: skipped on {device} ({skipped[knob]})")
             elif knob in req.allow:
@@ -362,6 +371,16 @@ class Policy:
         named = [alias.get(k, k) for k in self.request.knob_order]
         ordered = [k for k in named if k in LOSSY_ORDER]
         return list(dict.fromkeys(ordered + list(LOSSY_ORDER)))
+
+    def _has_rung(self, knob: str) -> bool:
+        """rope-scaling is a rung only where the request needs a length past the model's own."""
+        return knob != "rope-scaling" or bool(self.request.rope_overrides and self.request.rope_max_len)
+
+    def _ceiling(self, lossy: tuple[str, ...]) -> int:
+        """The longest --max-model-len vLLM takes with these lossy knobs."""
+        if "rope-scaling" in lossy and self._has_rung("rope-scaling"):
+            return self.request.rope_max_len or self.request.native_max_len
+        return self.request.native_max_len
 
     # -- the goal -------------------------------------------------------------------------------
     def _reaches_goal(self, context: int, seqs: int) -> bool:
@@ -383,6 +402,8 @@ class Policy:
             enforce_eager=self.base.enforce_eager or "eager" in lossy,
             kv_cache_dtype="fp8" if "fp8-kv" in lossy else self.base.kv_cache_dtype,
         )
+        if "rope-scaling" in lossy and self._has_rung("rope-scaling"):
+            cfg = cfg.replace(hf_overrides=self.request.rope_overrides)
         if caps.batched_tokens:
             cfg = cfg.replace(max_num_batched_tokens=max(caps.batched_tokens, seqs))
         return cfg
@@ -409,8 +430,11 @@ class Policy:
     ) -> tuple[int, int] | None:
         """The (max_model_len, max_num_seqs) the objective wants at these caps, or None if nothing fits."""
         req = self.request
+        ceiling = self._ceiling(lossy)
+        if req.floor_context() > ceiling:
+            return None  # past the model's length: only the rope-scaling rung reaches it
         # size memory at a realistic length: vLLM's batched tokens (activation) shrink with tiny contexts
-        sizing_len = req.native_max_len if req.objective == "context" else req.floor_context()
+        sizing_len = ceiling if req.objective == "context" else req.floor_context()
         probe_cfg = self._config(caps, lossy, sizing_len, req.floor_seqs())
         probe_cfg = self._with_offload(probe_cfg, lossy, history, caps)
         est = self._estimate(probe_cfg, self._calibration(history, probe_cfg))
@@ -425,11 +449,11 @@ class Policy:
         else:
             seqs = min(seq_cap, req.floor_seqs())
             measured = self._measured_context(history, probe_cfg.replace(max_num_seqs=seqs), seqs)
-            context = min(req.native_max_len, measured if measured is not None else est.max_context(seqs))
-            if context >= req.native_max_len:
-                context = req.native_max_len
+            context = min(ceiling, measured if measured is not None else est.max_context(seqs))
+            if context >= ceiling:
+                context = ceiling
                 seqs = max(seqs, min(seq_cap, est.max_seqs(context)))
-        context = self._round_len(context)
+        context = self._round_len(context, ceiling)
         if context < req.block_size or seqs < 1:
             return None
         return context, seqs
@@ -489,13 +513,15 @@ class Policy:
         return (
             f"nothing meets the requested floor of {seqs} sequence(s) of {ctx} tokens: at "
             f"--gpu-memory-utilization {caps.util:.2f} the {source} KV pool holds {est.max_seqs(ctx)} "
-            f"sequence(s) of {ctx} tokens, or {self._round_len(est.max_context(seqs))} tokens for {seqs}{short}"
+            f"sequence(s) of {ctx} tokens, or {self._round_len(est.max_context(seqs), self._ceiling(caps.lossy))} "
+            f"tokens for {seqs}{short}"
         )
 
-    def _round_len(self, context: int) -> int:
+    def _round_len(self, context: int, ceiling: int | None = None) -> int:
         bs = self.request.block_size
-        if context >= self.request.native_max_len:
-            return self.request.native_max_len
+        ceiling = ceiling or self.request.native_max_len
+        if context >= ceiling:
+            return ceiling
         return max(bs, context // bs * bs)
 
     def _with_offload(self, cfg: ServeConfig, lossy: tuple[str, ...], history, caps) -> ServeConfig:
@@ -612,7 +638,10 @@ class Policy:
         if self.request.objective == "targets":
             util = round((cfg.gpu_memory_utilization or 0.92) - UTIL_STEP * step, 2)
             return cfg.replace(gpu_memory_utilization=util) if util >= self.request.util_floor else None
-        ctx = self._round_len(int((cfg.max_model_len or 0) * factor))
+        # a config with the YaRN override shrinks from the YaRN length
+        yarn = bool(cfg.hf_overrides) and cfg.hf_overrides == self.request.rope_overrides
+        ceiling = self._ceiling(("rope-scaling",) if yarn else ())
+        ctx = self._round_len(int((cfg.max_model_len or 0) * factor), ceiling)
         return cfg.replace(max_model_len=ctx) if ctx >= self.request.block_size else None
 
     def what_would_help(self, history: Sequence[Observation], beyond: ServeConfig | None = None) -> list[str]:

@@ -28,10 +28,13 @@ TUNED_FLAGS: dict[str, str] = {
     "cpu_offload_gb": "--cpu-offload-gb",
     "kv_offloading_size": "--kv-offloading-size",
     "load_format": "--load-format",
+    "hf_overrides": "--hf-overrides",
 }
 
 # Flags whose change invalidates vLLM's torch.compile cache (ModelConfig/SchedulerConfig hashes).
-RECOMPILE_FIELDS = frozenset({"max_model_len", "max_num_seqs", "max_num_batched_tokens", "enforce_eager"})
+RECOMPILE_FIELDS = frozenset(
+    {"max_model_len", "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "hf_overrides"}
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ServeConfig:
     cpu_offload_gb: float = 0.0
     kv_offloading_size: float | None = None
     load_format: str | None = None
+    hf_overrides: str | None = None  # JSON text (a YaRN override: rope.Extension.flag_value)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def replace(self, **changes: object) -> ServeConfig:

@@ -13,6 +13,7 @@ from ..serveconfig import ServeConfig
 GIB = 1 << 30
 CONTEXT_ROWS = (8192, 32768, 65536, 131072)
 MARGIN = 1.25  # "fits with margin": at least 25% more KV blocks than the row needs
+ROPE_ROW_REACH = 4  # rows past the model's length go to 4x it with YaRN (the factor model cards give)
 
 
 @click.command("estimate")
@@ -35,6 +36,15 @@ MARGIN = 1.25  # "fits with margin": at least 25% more KV blocks than the row ne
 @click.option("--gpu-memory-utilization", "util", type=float, default=None)
 @click.option("--kv-cache-dtype", default="auto", show_default=True)
 @click.option("--enforce-eager", is_flag=True)
+@click.option(
+    "--allow",
+    type=click.Choice(["rope-scaling"]),
+    default=None,
+    help="A --max-model-len past the model's own length with YaRN (the --hf-overrides find would use).",
+)
+@click.option(
+    "--hf-overrides", default=None, metavar="JSON", help="vLLM's --hf-overrides, e.g. a YaRN override."
+)
 @click.option("--json", "json_", is_flag=True, help="Print one JSON object.")
 @click.option(
     "--simulate",
@@ -55,14 +65,23 @@ def command(
     util,
     kv_cache_dtype,
     enforce_eager,
+    allow,
+    hf_overrides,
     json_,
     simulate,
 ) -> None:
     """Estimate per-GPU memory and what context x concurrency fits."""
     from ..gpus import resolve_gpus
     from ..models import resolve_model
+    from ..rope import parse_hf_overrides
     from .find import _check_heads  # the same refusal of a TP size the heads cannot take
 
+    if allow and hf_overrides:
+        raise UsageError(
+            "--allow rope-scaling writes the --hf-overrides itself", "pass one of --allow and --hf-overrides"
+        )
+    if hf_overrides:
+        parse_hf_overrides(hf_overrides)  # refused as vLLM refuses it, before anything is resolved
     if util is not None and not 0 < util <= 1:
         raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {util}", "pass e.g. 0.9")
     for flag, value in (("--tensor-parallel-size", tp), ("--max-num-seqs", max_num_seqs)):
@@ -98,8 +117,9 @@ def command(
             gpu_memory_utilization=entry.get("gpu-memory-utilization") or flags["gpu_memory_utilization"],
             kv_cache_dtype=str(entry.get("kv-cache-dtype") or kv_cache_dtype),
             enforce_eager=bool(entry.get("enforce-eager") or enforce_eager),
+            hf_overrides=hf_overrides,
         )
-        pairs.append((spec, cfg))
+        pairs.append((spec, _with_rope_scaling(spec, cfg) if allow else cfg))
     if len(pairs) == 1:
         _single(*pairs[0], gpu, json_)
     else:
@@ -143,21 +163,50 @@ def _gib(value: int) -> str:
     return f"{value / GIB:.2f} GiB"
 
 
-def _context_rows(est, spec) -> list[dict]:
-    lengths = sorted(
-        {n for n in CONTEXT_ROWS if n < spec.derived_max_model_len} | {spec.derived_max_model_len}
-    )
+def _with_rope_scaling(spec, cfg: ServeConfig) -> ServeConfig:
+    """``--allow rope-scaling``: a length past the model's own gets the YaRN override find would use."""
+    from ..rope import extension
+
+    if cfg.max_model_len is None or cfg.max_model_len <= spec.derived_max_model_len:
+        return cfg
+    return cfg.replace(hf_overrides=extension(spec, cfg.max_model_len).flag_value)
+
+
+def _context_rows(est, spec, cfg: ServeConfig, run) -> list[dict]:
+    """The guides' context table: the usual lengths up to the model's own, then (where its RoPE takes YaRN)
+    the ones up to 4x it, each with the YaRN factor that serves it and its own estimate."""
+    from ..rope import extension, yarn_of
+
+    native = spec.derived_max_model_len
+    lengths = {n for n in CONTEXT_ROWS if n < native} | {native}
+    lengths |= {
+        n for n in (*CONTEXT_ROWS, est.derived_max_model_len) if native < n <= ROPE_ROW_REACH * native
+    }
+    if est.derived_max_model_len > native:  # the length a YaRN override in force reaches
+        lengths.add(est.derived_max_model_len)
     rows = []
-    for n in lengths:
-        seqs = est.max_seqs(n)
-        need = est.layout.blocks_per_request(n, est.in_flight_tokens)
+    for n in sorted(lengths):
+        sized, rope = est, None
+        if n > est.derived_max_model_len:
+            try:
+                ext = extension(spec, n)
+            except UsageError:
+                continue  # vLLM cannot serve it: no row
+            sized = run(cfg.replace(max_model_len=n, hf_overrides=ext.flag_value))
+            rope = {"factor": ext.factor, "hf_overrides": ext.flag_value}
+        elif n > native:
+            yarn = yarn_of(cfg.hf_overrides)
+            rope = {"factor": yarn[0] if yarn else None, "hf_overrides": cfg.hf_overrides}
+        seqs = sized.max_seqs(n)
+        need = sized.layout.blocks_per_request(n, sized.in_flight_tokens)
         verdict = "does not fit"
         if seqs >= 1:
-            verdict = "fits with margin" if est.usable_blocks >= need * MARGIN else "tight"
+            verdict = "fits with margin" if sized.usable_blocks >= need * MARGIN else "tight"
         rows.append(
             {
                 "context": n,
-                "kv_gib_per_seq": round(need * est.bytes_per_block / GIB, 3),
+                "rope": rope,
+                "kv_gib_per_seq": round(need * sized.bytes_per_block / GIB, 3),
                 "max_concurrency": seqs,
                 "verdict": verdict,
             }
@@ -173,8 +222,10 @@ def _remedies(spec, cfg: ServeConfig, est, total: int, gpu_name: str) -> list[di
     """When (max_model_len, max_num_seqs) does not fit: the guides' knobs in their order (fewer sequences,
     higher utilization, eager mode, fp8 KV, CPU offload, more GPUs), each row applied on top of the rows
     above, until one fits. The shorter context is the alternative at its place in the order: the longest
-    context the rows above it hold (the rows below keep the context asked for)."""
+    context the rows above it hold (the rows below keep the context asked for). A context past the model's
+    own length starts with the YaRN override of --allow rope-scaling: without it nothing below fits."""
     from ..estimate import estimate
+    from ..rope import extension
 
     def run(changed: ServeConfig):
         return estimate(spec, total, changed, gpu_name=gpu_name)
@@ -201,6 +252,14 @@ def _remedies(spec, cfg: ServeConfig, est, total: int, gpu_name: str) -> list[di
 
     def rungs():
         """(label, changes) of each rung in order, computed from the config the rows above reached."""
+        if now.max_model_len > now.derived_max_model_len:
+            # past the model's own length no memory knob helps: YaRN first, the rows below at its length
+            try:
+                ext = extension(spec, now.max_model_len)
+            except UsageError:
+                yield "shorter context", None
+                return
+            yield f"YaRN ×{ext.factor:g} (--allow rope-scaling)", {"hf_overrides": ext.flag_value}
         seqs = max(1, now.max_num_seqs // 4)
         if seqs < now.max_num_seqs:
             yield f"fewer sequences (--max-num-seqs {seqs})", {"max_num_seqs": seqs}
@@ -265,7 +324,9 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
             "utilization": est.min_utilization(est.max_model_len, seqs),
         },
     }
-    rows = _context_rows(est, spec)
+    rows = _context_rows(
+        est, spec, cfg, lambda changed: estimate(spec, gpu.total_bytes, changed, gpu_name=gpu.name)
+    )
     remedies = [] if est.fits else _remedies(spec, cfg, est, gpu.total_bytes, gpu.name)
     if json_:
         out = {
@@ -274,6 +335,7 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
             "gpu_ids": list(gpu.ids),
             "gpu_source": gpu.source,
             "weights_exact": spec.weights_exact,
+            "hf_overrides": cfg.hf_overrides,
             **est.as_dict(),
             "what_fits": fit,
             "contexts": rows,
@@ -286,6 +348,8 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
         f"{spec.name} ({spec.serve_name}) on {gpu.count} × {gpu.name or 'GPU'} "
         f"({_gib(gpu.total_bytes)} each, {gpu.source}), TP {cfg.tensor_parallel_size}"
     )
+    if cfg.hf_overrides:
+        _echo_overrides(spec, cfg)
     click.echo(f"Per GPU at --gpu-memory-utilization {est.utilization} ({_gib(est.requested_bytes)} budget):")
     for label, value, note in (
         ("weights", est.weights_bytes, w),
@@ -317,11 +381,20 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
         f"  smallest utilization for {est.max_model_len:,} × {seqs}: {u if u is not None else 'none (> 1.0)'}"
     )
     click.echo("Context table:")
-    click.echo(f"  {'context':>9}  {'KV/seq':>9}  {'concurrency':>11}  verdict")
+    click.echo(f"  {'context':>9}  {'positions':<9}  {'KV/seq':>9}  {'concurrency':>11}  verdict")
     for r in rows:
+        rope = f"YaRN ×{r['rope']['factor']:g}" if r["rope"] and r["rope"]["factor"] else "native"
         click.echo(
-            f"  {r['context']:>9,}  {r['kv_gib_per_seq']:>7.2f}G  {r['max_concurrency']:>11}  {r['verdict']}"
+            f"  {r['context']:>9,}  {rope:<9}  {r['kv_gib_per_seq']:>7.2f}G  {r['max_concurrency']:>11}  "
+            f"{r['verdict']}"
         )
+    if (
+        any(r["rope"] for r in rows) and est.max_model_len <= spec.derived_max_model_len
+    ):  # else a note says it
+        from ..rope import extension
+
+        longest = extension(spec, max(r["context"] for r in rows if r["rope"]))
+        click.echo(f"  YaRN rows: vLLM takes them with --allow rope-scaling's --hf-overrides; {longest.cost}")
     for note in est.notes:
         click.echo(f"  note: {note}")
     if remedies:
@@ -337,6 +410,19 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
                 f"  {label:<52} pool {r['kv_pool_gib']:6.2f} GiB  {r['kv_cache_tokens']:>10,} tokens "
                 f"{gained:<12} max len {r['max_model_len_fit']:,}  {state}"
             )
+
+
+def _echo_overrides(spec, cfg: ServeConfig) -> None:
+    """The --hf-overrides in force, and what a YaRN override costs."""
+    import shlex
+
+    from ..rope import describe, extension
+
+    click.echo(f"With --hf-overrides {shlex.quote(cfg.hf_overrides)}")
+    yarn = describe(cfg.hf_overrides)
+    if yarn and cfg.max_model_len and cfg.max_model_len > spec.derived_max_model_len:
+        ext = extension(spec, cfg.max_model_len)
+        click.echo(f"  {yarn} (the model's own length is {spec.derived_max_model_len:,}): {ext.cost}")
 
 
 def _shared(pairs, gpu, json_: bool) -> None:

@@ -33,6 +33,7 @@ KNOBS = (
     "enforce-eager",
     "kv-cache-dtype",
     "offload",
+    "rope-scaling",
 )
 
 
@@ -55,7 +56,12 @@ KNOBS = (
 @click.option(
     "--seqs", "target_seqs", type=int, default=None, help="Fixed target concurrency (with --context)."
 )
-@click.option("--allow", default="", help="Lossy knobs the search may use: eager,fp8-kv,offload.")
+@click.option(
+    "--allow",
+    default="",
+    help="Lossy knobs the search may use: eager,fp8-kv,offload,rope-scaling (YaRN for a --context or "
+    "--min-context past the model's own length).",
+)
 @click.option(
     "--util-ceiling",
     type=float,
@@ -160,7 +166,11 @@ def command(
     tp_size = tp or len(ids)
     _check_heads(spec, tp_size, using_ids=gpu_ids is not None)
     _check_tp_uses_every_gpu(spec, tp_size, ids, gpus_given=gpus is not None, using_ids=gpu_ids is not None)
-    _check_context_fits_model(spec, target_context=target_context, min_context=min_context)
+    _check_context_fits_model(spec, target_context=target_context, min_context=min_context, allowed=allowed)
+    longest = max(target_context or 0, min_context or 0)
+    _check_hf_overrides_passthrough(
+        extra, rope_used="rope-scaling" in allowed and longest > spec.derived_max_model_len
+    )
     req = FindRequest(
         model=model,
         gpu_ids=ids,
@@ -437,16 +447,53 @@ def _check_heads(spec, tp: int, *, using_ids: bool) -> None:
     )
 
 
-def _check_context_fits_model(spec, *, target_context: int | None, min_context: int | None) -> None:
-    """vLLM refuses a --max-model-len above the model's own maximum (without an override env var): a
-    floor above it is out of reach whatever the memory."""
+def _check_context_fits_model(
+    spec, *, target_context: int | None, min_context: int | None, allowed: frozenset[str]
+) -> None:
+    """vLLM refuses a --max-model-len above the model's own maximum: a floor above it is out of reach
+    whatever the memory, unless --allow rope-scaling stretches the model's positions with YaRN (refused
+    here too where its RoPE cannot take YaRN)."""
+    from ..rope import extension
+
     limit = spec.derived_max_model_len
     for option, value in (("--context", target_context), ("--min-context", min_context)):
-        if value and limit and value > limit:
+        if not (value and limit and value > limit):
+            continue
+        ext = extension(spec, value, option=option)  # a UsageError where YaRN cannot serve it
+        if "rope-scaling" not in allowed:
             raise UsageError(
                 f"{option} {value} is longer than {spec.serve_name} takes ({limit} tokens, from its config), "
                 "and vLLM refuses that",
-                f"use {option} {limit} or less",
+                f"use {option} {limit} or less, or --allow rope-scaling for {ext.words} ({ext.cost})",
+            )
+
+
+def _check_hf_overrides_passthrough(extra: Sequence[str], *, rope_used: bool) -> None:
+    """An --hf-overrides after -- that moves the model's length or RoPE would change what vLLM takes behind
+    find's back; any one would replace the rope-scaling rung's own (vLLM keeps the last)."""
+    from ..models import MAX_LEN_KEYS
+    from ..rope import ROPE_KEYS, SUB_CONFIGS, parse_hf_overrides
+
+    words = list(extra)
+    for i, word in enumerate(words):
+        if _long_option(word) != "--hf-overrides":
+            continue
+        value = word.partition("=")[2] if "=" in word else (words[i + 1] if i + 1 < len(words) else "")
+        overrides = parse_hf_overrides(value, "--hf-overrides after --")
+        if rope_used:
+            raise UsageError(
+                "--hf-overrides after -- would replace the YaRN override --allow rope-scaling passes (vLLM keeps "
+                "the last --hf-overrides)",
+                "drop it, or serve the model at its own length without --allow rope-scaling",
+            )
+        scopes = [overrides, *(v for k, v in overrides.items() if k in SUB_CONFIGS and isinstance(v, dict))]
+        moved = sorted({k for scope in scopes for k in scope if k in (*ROPE_KEYS, *MAX_LEN_KEYS)})
+        if moved:
+            raise UsageError(
+                f"--hf-overrides after -- sets {', '.join(moved)}: find sizes the context from the model's "
+                "own length and sets RoPE scaling itself",
+                "drop those keys and use --allow rope-scaling with --context or --min-context past the "
+                "model's length",
             )
 
 

@@ -72,6 +72,7 @@ def serve(args) -> int:
         "convert",
         "served_model_name",
         "api_key",
+        "hf_overrides",
     ):
         value = getattr(args, key)
         default = (None, False, 1) if key.endswith("parallel_size") else (None, False, 0, 0.0, "auto")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 from dataclasses import dataclass
 
-from . import engine
+from . import engine, hfconfig
 from . import runner as runners
 from .engine import LaunchArgs, ModelTruth, Truth
 from .server import (
@@ -74,6 +75,8 @@ def validate(args: argparse.Namespace) -> None:
             "pydantic_core._pydantic_core.ValidationError: 1 validation error for CacheConfig\n"
             f"gpu_memory_utilization\n  Input should be {bound} [type={kind}, input_value={util}, input_type=float]"
         )
+    if isinstance(args.hf_overrides, str):
+        raise ConfigError(hfconfig.not_a_dict(args.hf_overrides))
     if args.kv_cache_dtype not in KV_DTYPES:
         raise ConfigError(
             f"ValueError: Invalid kv_cache_dtype: {args.kv_cache_dtype!r}. Valid values are: {KV_DTYPES}"
@@ -116,12 +119,12 @@ def resolve_runner(args: argparse.Namespace, config: dict, derived: int) -> runn
     return runner
 
 
-def check_max_model_len(args: argparse.Namespace, derived: int) -> None:
+def check_max_model_len(args: argparse.Namespace, derived: int, key: str = "max_position_embeddings") -> None:
     max_len = args.max_model_len
     if max_len is not None and max_len != -1 and max_len > derived:
         raise ConfigError(
             f"ValueError: User-specified max_model_len ({max_len}) is greater than the derived max_model_len "
-            f"(max_position_embeddings={derived} or model_max_length=None in model's config.json). To allow "
+            f"({key}={derived} or model_max_length=None in model's config.json). To allow "
             "overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. VLLM_ALLOW_LONG_MAX_MODEL_LEN "
             "must be used with extreme caution."
         )
@@ -187,9 +190,14 @@ def prepare(args: argparse.Namespace, scenario: dict, visible: str | None = None
             "on 'https://huggingface.co/models'"
         )
     config, weights = found
-    model = engine.model_truth(model_name, config, weights)
-    check_max_model_len(args, model.derived_max_len)
-    runner = resolve_runner(args, config, model.derived_max_len)
+    config = hfconfig.with_overrides(config, args.hf_overrides)
+    try:
+        derived, key = hfconfig.derived_max_len(config)
+    except KeyError as exc:
+        raise ConfigError(f"KeyError: {exc}") from None
+    model = dataclasses.replace(engine.model_truth(model_name, config, weights), derived_max_len=derived)
+    check_max_model_len(args, derived, key)
+    runner = resolve_runner(args, config, derived)
     gpus = select_gpus(args, scenario, visible)
     entry = scenario_model_entry(scenario, model_name)
     truth = {**scenario.get("truth", {}), **{k: v for k, v in entry.items() if k != "faults"}}

@@ -24,6 +24,7 @@ import yaml
 from ..paths import profiles_dir
 from . import engine, pooling, state
 from .engine import GIB, MIB
+from .hfconfig import dict_or_str
 from .runner import CONVERTS, RUNNERS, Runner
 
 VERSION = "0.33.0"
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-parser", default=None)
     p.add_argument("--generation-config", default="auto")
     p.add_argument("--kv-transfer-config", default=None)
+    p.add_argument(
+        "--hf-overrides", type=dict_or_str, default=None, help="JSON: arguments for the HF config."
+    )
     p.add_argument("--profiler-config", default=None)
     p.add_argument(
         "--performance-mode", choices=["balanced", "interactivity", "throughput"], default="balanced"
