@@ -497,3 +497,18 @@ def test_weights_far_from_the_estimate_are_named_and_close_ones_are_not():
         [Observation(cfg.replace(cpu_offload_gb=7.0), "success", {"weights_gib": 0.0})]
     )
     assert "0.00 GiB of weights per GPU, the estimate said 7.00 GiB (100% less)" in gone
+
+
+def test_a_floor_that_is_not_a_whole_number_of_blocks_is_launched_as_given():
+    """Like guide 004's 82000 tokens with MLA's 64-token blocks (81984 + 16): the floor is the user's
+    length, never rounded below itself into a refusal."""
+    estimate, calibrate = toy_model(20 * GIB)
+    for req in (
+        Request(
+            objective="targets", target_context=41000, target_seqs=1, native_max_len=131072, block_size=64
+        ),
+        Request(objective="concurrency", min_context=41000, native_max_len=131072, block_size=64),
+        Request(min_context=41000, min_seqs=1, native_max_len=41010, block_size=64),
+    ):
+        first = Policy(req, BASE, estimate=estimate, calibrate=calibrate).next([])
+        assert isinstance(first, Launch) and first.config.max_model_len >= 41000, req

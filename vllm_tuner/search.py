@@ -358,6 +358,10 @@ class Policy:
         """The estimate of ``config`` before any launch (what ``--dry-run`` shows)."""
         return self._estimate(config, None)
 
+    def estimate_measured(self, history: Sequence[Observation], config: ServeConfig) -> EstimateView:
+        """The estimate of ``config`` calibrated on the launches of ``history``."""
+        return self._estimate(config, self._calibration(history, config))
+
     def lossy_order(self) -> list[str]:
         """The lossy knobs in the user's --knob-order (names as in the guides or as in --allow)."""
         alias = {"enforce-eager": "eager", "kv-cache-dtype": "fp8-kv", "fp8": "fp8-kv", "swap": "offload"}
@@ -439,7 +443,8 @@ class Policy:
             if context >= req.native_max_len:
                 context = req.native_max_len
                 seqs = max(seqs, min(seq_cap, est.max_seqs(context)))
-        context = self._round_len(context)
+            # a computed length, in whole blocks; a --min-context it reaches stays as given
+            context = max(self._round_len(context), min(context, req.floor_context()))
         if context < req.block_size or seqs < 1:
             return None
         return context, seqs
