@@ -155,6 +155,8 @@ def test_weights_far_from_the_estimate_are_said_in_the_result_text_json_and_conf
     assert said.startswith(warning.removeprefix("warning: ")) and "went by vLLM's measurements" in said
     assert result["explanation"][0] == f"warning: {said}"
     assert f"# warning: {said}" in Path(result["config_file"]).read_text()
+    assert main(["history", str(result["run_id"])]) == 0  # and the stored run, read back
+    assert f"  warning: {said}" in capsys.readouterr().out
     # what an unallowed knob would reach comes from the measured pool, not from the estimate's 3 GiB more:
     # fp8 halves the bytes per token, and the measured pool holds as many fp8 requests as the hint names
     winner = result["trials"][-1]

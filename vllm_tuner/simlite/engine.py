@@ -1,7 +1,7 @@
 """Ground truth of the simulated vLLM: what a launch does on the scenario's GPUs. Pure, no I/O.
 
 This deliberately does NOT use vllm_tuner.estimate or vllm_tuner.models: it reads the model config
-with its own small reader and applies the scenario's hidden overheads (weights overhead, activation
+with its own small reader (the weights each GPU holds come from :mod:`.weights`) and applies the scenario's hidden overheads (weights overhead, activation
 factor, CUDA-graph under-estimate, runtime spike), so the tuner's estimate can be wrong the way it is
 on real hardware. The benchmark uses :func:`truth` as an oracle of the true best stable config.
 """
