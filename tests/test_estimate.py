@@ -168,3 +168,19 @@ def test_bad_utilization_raises():
 
     with pytest.raises(UsageError):
         estimate(find_profile("qwen2.5-7b"), R3090, cfg(gpu_memory_utilization=1.5))
+
+
+def test_weights_measured_at_one_offload_carry_to_another():
+    """--cpu-offload-gb moves weights to CPU memory and nothing else: what a launch at 4 GiB loaded tells
+    the weights at 6 GiB (2 GiB fewer) and at none; vLLM's logged offload counts where it is known."""
+    spec = find_profile("glm-4.7-flash")
+    at4 = cfg(max_model_len=8192, tensor_parallel_size=2, gpu_memory_utilization=0.95, cpu_offload_gb=4.0)
+    facts = {"total_gib": 31.36, "gpu_memory_utilization": 0.95, "weights_gib": 24.5, "available_kv_gib": 3.9}
+    cal = Calibration.from_facts(facts, at4)
+    at6 = estimate(spec, int(31.36 * GIB), at4.replace(cpu_offload_gb=6.0), calibration=cal)
+    same = estimate(spec, int(31.36 * GIB), at4, calibration=cal)
+    assert at6.weights_bytes == int(round(22.5 * GIB)) and same.weights_bytes == int(round(24.5 * GIB))
+    assert at6.kv_pool_bytes - same.kv_pool_bytes == 2 * GIB
+    logged = Calibration.from_facts({**facts, "offloaded_gib": 4.37}, at4)  # the last parameter overshot
+    none = estimate(spec, int(31.36 * GIB), at4.replace(cpu_offload_gb=0.0), calibration=logged)
+    assert none.weights_bytes == pytest.approx((24.5 + 4.37) * GIB, abs=2)

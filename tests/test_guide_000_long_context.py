@@ -150,7 +150,7 @@ def test_128k_with_rope_scaling_serves_on_the_simulated_card(sim, capsys):
     assert oracle.truth(scenario, ["serve", "--config", result["config_file"]], [0]).boots
 
 
-def test_the_guides_lower_utilization_takes_128k_further_out_of_reach(sim, capsys):
+def test_the_guides_lower_utilization_leaves_128k_less_room(sim, capsys):
     env = sim(SCENARIO)
     result = find_json(capsys, env, "--context", "131072", "--seqs", "1", "--allow", "rope-scaling")
     winner_util = result["config"]["--gpu-memory-utilization"]
@@ -176,8 +176,10 @@ def test_the_guides_lower_utilization_takes_128k_further_out_of_reach(sim, capsy
     need = kv_request_bytes(131072) + BLOCK * KV_BYTES_PER_TOKEN  # vLLM's check, null block included
     guide = boot(0.85)
     assert (guide.category == "kv_cache_insufficient_for_max_len") == (guide.pool_bytes < need)
-    assert guide.pool_bytes < need  # the guide's 0.85 does not hold one 128K request on this card
-    assert winner_util > 0.85
+    # the guide lowers the fraction to 0.85 "for headroom": with AWQ's 18.3 GiB of weights that pool
+    # still holds one 128K request, by less than the winner's, which find proved under load
+    winner = boot(winner_util)
+    assert winner_util > 0.85 and winner.pool_bytes - need > guide.pool_bytes - need
 
 
 def test_64k_with_rope_scaling_holds_the_sequences_the_pool_has_room_for(sim, capsys):

@@ -288,3 +288,13 @@ def test_launch_flags_from_non_default_args_and_commands() -> None:
         "--max-model-len": 131072,
         "--enforce-eager": True,
     }
+
+
+def test_the_weights_offload_reads_what_vllm_moved_to_cpu_memory() -> None:
+    log = (
+        "(Worker_TP0 pid=7) INFO 01-20 10:00:01 [uva.py:69] Total CPU offloaded parameters: 4.37\n"
+        "(Worker_TP0 pid=7) INFO 01-20 10:00:09 [model_runner.py:429] Model loading took 23.8496 GiB memory "
+        "and 20.000000 seconds\n"
+    )
+    facts = classify(log).facts
+    assert facts["offloaded_gib"] == 4.37 and facts["weights_gib"] == 23.8496

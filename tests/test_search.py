@@ -37,8 +37,13 @@ def toy_model(fixed_bytes: int):
         return ToyEstimate(pool, per_token, weights_bytes=14 * GIB - offload, cudagraph_bytes=graphs)
 
     def calibrate(facts: dict, cfg: ServeConfig) -> int:
+        if "available_kv_gib" not in facts:  # it got as far as the weights: they were that much off
+            return fixed_bytes + int(facts["weights_gib"] * GIB) - (14 * GIB - int(cfg.cpu_offload_gb * GIB))
         graphs = 0 if cfg.enforce_eager else GIB // 2
-        return int(TOTAL * cfg.gpu_memory_utilization) - int(facts["available_kv_gib"] * GIB) - graphs
+        offload = int(cfg.cpu_offload_gb * GIB)
+        return (
+            int(TOTAL * cfg.gpu_memory_utilization) - int(facts["available_kv_gib"] * GIB) - graphs + offload
+        )
 
     return estimate, calibrate
 
@@ -259,7 +264,8 @@ def test_a_winner_comes_with_what_each_lossy_knob_not_allowed_would_add():
     assert finish.gains == ()  # allowed knobs are used where they help, not advertised
 
 
-def test_targets_reached_with_an_allowed_lossy_knob():
+def test_targets_reached_with_the_allowed_lossy_knobs_added_in_the_knob_order():
+    """The guides' ladder: eager first, then an fp8 KV cache (each added on top of the one before)."""
     estimate, calibrate = toy_model(20 * GIB)
     world = World(true_fixed=20 * GIB)
     req = Request(
@@ -272,7 +278,12 @@ def test_targets_reached_with_an_allowed_lossy_knob():
     finish, _ = drive(Policy(req, BASE, estimate=estimate, calibrate=calibrate), world)
     cfg = finish.winner.config
     assert cfg.kv_cache_dtype == "fp8" and cfg.max_model_len == 65536 and cfg.max_num_seqs == 2
-    assert not cfg.enforce_eager  # fp8 alone reaches the target: eager would only cost speed
+    assert cfg.enforce_eager  # eager alone is short, so fp8 KV comes on top of it
+    # --knob-order puts the KV dtype first: fp8 alone reaches the target, eager is never added
+    fp8_first = Request(**{**req.__dict__, "knob_order": ("kv-cache-dtype", "enforce-eager")})
+    finish, _ = drive(Policy(fp8_first, BASE, estimate=estimate, calibrate=calibrate), world)
+    cfg = finish.winner.config
+    assert cfg.kv_cache_dtype == "fp8" and not cfg.enforce_eager
 
 
 def test_weights_that_do_not_fit_end_the_search():
@@ -363,18 +374,18 @@ def test_profiling_oom_halves_batched_tokens_down_to_a_floor_then_stops():
     assert decision.winner is None and "even at 256 batched tokens" in decision.reason
 
 
-def test_offload_grows_by_what_a_launch_loaded_beyond_the_estimate():
-    estimate, calibrate = toy_model(30 * GIB)  # 0.4 GiB of KV left at 0.95: 4096 tokens need 0.5
+def test_offload_is_the_least_that_reaches_the_target_and_grows_by_what_a_launch_loaded_beyond_it():
+    estimate, calibrate = toy_model(30 * GIB)  # -0.1 GiB of KV left at 0.95: 4096 tokens need 0.5
     req = Request(objective="targets", target_context=4096, target_seqs=1, allow=frozenset({"offload"}))
     policy = Policy(req, BASE, estimate=estimate, calibrate=calibrate)
     first = policy.next([])
-    assert first.config.cpu_offload_gb == 4.0  # a quarter of the toy's 14 GiB of weights, rounded up
-    loaded = 14 - 4 + 6  # the weights were 6 GiB larger than estimated
+    assert first.config.cpu_offload_gb == 1.0  # the fewest whole GiB that hold one 4096-token sequence
+    loaded = 14 - 1 + 6  # the weights were 6 GiB larger than estimated
     second = policy.next([Observation(first.config, "oom_during_profiling", {"weights_gib": loaded})])
-    assert second.config.cpu_offload_gb == 4.0 + 6
+    assert second.config.cpu_offload_gb == 1.0 + 6
     floor = Request(objective="targets", target_context=16384, target_seqs=2, allow=frozenset({"offload"}))
     deep = Policy(floor, BASE, estimate=estimate, calibrate=calibrate).next([])
-    assert deep.config.cpu_offload_gb == 6.0  # 4 GiB of KV: a quarter is short, one eighth more fits
+    assert deep.config.cpu_offload_gb == 5.0  # 4 GiB of KV: 4.9 GiB of pool at 5, 3.9 at 4
 
 
 def test_memory_freed_after_the_start_is_climbed_back_from_a_stable_probe():
@@ -418,3 +429,86 @@ def test_lossy_knobs_are_not_used_for_concurrency_past_vllms_usual_default():
     pool = int(TOTAL * 0.95) - 10 * GIB - GIB // 2
     assert first.config.max_num_seqs == pool // (512 * BYTES_PER_TOKEN) > 256  # past 256: no lossy knob
     assert not first.config.enforce_eager and first.config.kv_cache_dtype == "auto"
+
+
+def test_all_three_lossy_knobs_are_added_in_the_guides_order_and_offload_only_as_far_as_needed():
+    """Guide 004's ladder: --enforce-eager, then --kv-cache-dtype fp8, then --cpu-offload-gb, and only as
+    many GiB as the goal needs with the other two on (before: offload alone, a quarter of the weights)."""
+    estimate, calibrate = toy_model(30 * GIB)  # -0.1 GiB of KV at 0.95 with graphs: nothing fits
+    req = Request(native_max_len=32768, allow=frozenset({"eager", "fp8-kv", "offload"}))
+    first = Policy(req, BASE, estimate=estimate, calibrate=calibrate).next([])
+    cfg = first.config
+    assert cfg.enforce_eager and cfg.kv_cache_dtype == "fp8" and cfg.max_model_len == 32768
+    # eager frees the 0.5 GiB of graphs (0.4 GiB of pool), fp8 halves the 4 GiB 32768 tokens need: 2 GiB,
+    # 1.6 GiB short, so 2 whole GiB of offload
+    assert cfg.cpu_offload_gb == 2.0
+    assert first.reason.endswith("using eager, fp8-kv, offload")
+    offload_first = Request(**{**req.__dict__, "knob_order": ("offload", "enforce-eager", "kv-cache-dtype")})
+    cfg = Policy(offload_first, BASE, estimate=estimate, calibrate=calibrate).next([]).config
+    assert not cfg.enforce_eager and cfg.kv_cache_dtype == "auto" and cfg.cpu_offload_gb == 5.0
+
+
+def test_what_an_unallowed_knob_would_reach_comes_from_the_measured_numbers():
+    """The estimate thinks 2 GiB less is held than is: after a launch measured the truth, the eager hint
+    is what eager buys on top of the measurement, not on top of the estimate."""
+    estimate, calibrate = toy_model(18 * GIB)
+    world = World(true_fixed=20 * GIB)
+    req = Request(native_max_len=131072, offload_flag=None)
+    finish, _ = drive(Policy(req, BASE, estimate=estimate, calibrate=calibrate), world)
+    eager = next(line for line in finish.gains if line.startswith("--allow eager"))
+    reached = int(eager.split()[5])
+    measured = (int(TOTAL * 0.95) - 20 * GIB) // BYTES_PER_TOKEN  # the true pool without graphs
+    raw = (int(TOTAL * 0.95) - 18 * GIB) // BYTES_PER_TOKEN  # what the estimate alone would say
+    assert measured * 0.98 <= reached <= measured < raw
+
+
+def test_a_floor_short_by_less_than_the_estimates_error_is_launched_and_then_measured():
+    estimate, calibrate = toy_model(20 * GIB)
+    pool = int(TOTAL * 0.95) - 20 * GIB - GIB // 2  # 9.9 GiB
+    near = pool // BYTES_PER_TOKEN // 16 * 16 + 2048  # 0.25 GiB more than the estimated pool holds
+    req = Request(objective="targets", target_context=near, target_seqs=1, native_max_len=131072)
+    policy = Policy(req, BASE, estimate=estimate, calibrate=calibrate)
+    launch = policy.next([])
+    assert isinstance(launch, Launch) and launch.config.max_model_len == near
+    assert "short, within its own error" in launch.reason and "launched to measure" in launch.reason
+    # the truth is kinder than the estimate: it fits
+    finish, history = drive(policy, World(true_fixed=19 * GIB))
+    assert finish.winner is not None and finish.winner.config.max_model_len == near and len(history) == 1
+    # the truth is as the estimate said: one launch, then the refusal speaks of the measured pool
+    finish, history = drive(policy, World(true_fixed=20 * GIB))
+    assert finish.winner is None and len(history) == 1 and "measured KV pool" in finish.reason
+    # far beyond the estimate's error (5% of the 14.5 GiB of weights and graphs): no launch
+    far = Request(objective="targets", target_context=2 * near, target_seqs=1, native_max_len=131072)
+    assert isinstance(Policy(far, BASE, estimate=estimate, calibrate=calibrate).next([]), Finish)
+
+
+def test_weights_far_from_the_estimate_are_named_and_close_ones_are_not():
+    estimate, calibrate = toy_model(20 * GIB)
+    policy = Policy(Request(native_max_len=131072), BASE, estimate=estimate, calibrate=calibrate)
+    cfg = policy.next([]).config
+    close = Observation(cfg, "success", {"weights_gib": 14 * 1.14})
+    far = Observation(cfg, "success", {"weights_gib": 14 * 1.3})
+    assert policy.misestimates([close]) == ()
+    (warning,) = policy.misestimates([close, far])
+    assert warning.startswith(
+        "vLLM loaded 18.20 GiB of weights per GPU, the estimate said 14.00 GiB (30% more)"
+    )
+    (gone,) = policy.misestimates(
+        [Observation(cfg.replace(cpu_offload_gb=7.0), "success", {"weights_gib": 0.0})]
+    )
+    assert "0.00 GiB of weights per GPU, the estimate said 7.00 GiB (100% less)" in gone
+
+
+def test_a_floor_that_is_not_a_whole_number_of_blocks_is_launched_as_given():
+    """Like guide 004's 82000 tokens with MLA's 64-token blocks (81984 + 16): the floor is the user's
+    length, never rounded below itself into a refusal."""
+    estimate, calibrate = toy_model(20 * GIB)
+    for req in (
+        Request(
+            objective="targets", target_context=41000, target_seqs=1, native_max_len=131072, block_size=64
+        ),
+        Request(objective="concurrency", min_context=41000, native_max_len=131072, block_size=64),
+        Request(min_context=41000, min_seqs=1, native_max_len=41010, block_size=64),
+    ):
+        first = Policy(req, BASE, estimate=estimate, calibrate=calibrate).next([])
+        assert isinstance(first, Launch) and first.config.max_model_len >= 41000, req

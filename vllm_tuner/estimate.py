@@ -193,6 +193,7 @@ class Calibration:
     kv_pool_bytes: int | None = None
     kv_cache_tokens: int | None = None
     kv_bytes_per_token: float | None = None  # measured pool / tokens at config's max_model_len (group-aware)
+    offloaded_bytes: int | None = None  # weights --cpu-offload-gb moved to CPU memory, as vLLM logged it
 
     @classmethod
     def from_facts(cls, facts: Mapping, config: ServeConfig) -> Calibration:
@@ -235,6 +236,7 @@ class Calibration:
             kv_pool_bytes=pool,
             kv_cache_tokens=_int(facts.get("kv_cache_tokens")),
             kv_bytes_per_token=_per_token(pool, facts),
+            offloaded_bytes=gib("offloaded_gib"),
         )
 
     @classmethod
@@ -249,6 +251,7 @@ class Calibration:
             kv_pool_bytes=pool,
             kv_cache_tokens=_int(facts.get("kv_cache_tokens")),
             kv_bytes_per_token=_per_token(pool, facts),
+            offloaded_bytes=int(float(facts["offloaded_gib"]) * GIB) if facts.get("offloaded_gib") else None,
         )
 
 
@@ -613,13 +616,19 @@ def _apply_calibration(
 ):
     """Replace estimated terms by measured ones; shift them by the estimated change since ``cal.config``."""
     base = cal.config or config
-    same_shape = (base.tensor_parallel_size, base.pipeline_parallel_size, base.cpu_offload_gb) == (
+    same_split = (base.tensor_parallel_size, base.pipeline_parallel_size) == (
         config.tensor_parallel_size,
         config.pipeline_parallel_size,
-        config.cpu_offload_gb,
     )
-    if cal.weights_bytes is not None and same_shape:
-        weights = cal.weights_bytes
+    # offload moves weights to CPU memory and nothing else: a launch at another amount measured them too
+    # (what vLLM logged it moved, which a budget past the decoder layers' weights does not reach)
+    offloaded_then = (
+        cal.offloaded_bytes if cal.offloaded_bytes is not None else int(base.cpu_offload_gb * GIB)
+    )
+    moved = 0 if base.cpu_offload_gb == config.cpu_offload_gb else offloaded_then - offload
+    if cal.weights_bytes is not None and same_split:
+        weights = max(0, cal.weights_bytes + moved)
+        moved = weights - cal.weights_bytes
     # activation and graphs at the calibrated config, by the same formulas, to carry the deltas
     base_len = (
         base.max_model_len if base.max_model_len and base.max_model_len > 0 else spec.derived_max_model_len
@@ -637,12 +646,12 @@ def _apply_calibration(
             graphs = 0
         elif not base.enforce_eager and graphs_then:
             graphs = int(cal.cudagraph_bytes * graphs / graphs_then)
-    if cal.non_kv_bytes is not None and same_shape:
+    if cal.non_kv_bytes is not None and same_split:
         if cal.cudagraph_bytes == -1:  # only non_kv + graphs is known: carry the graph delta in it
-            lumped = cal.non_kv_bytes + (activation - act_then) + (graphs - graphs_then)
+            lumped = cal.non_kv_bytes + moved + (activation - act_then) + (graphs - graphs_then)
             non_kv_total = lumped - graphs
         else:
-            non_kv_total = cal.non_kv_bytes + (activation - act_then)
+            non_kv_total = cal.non_kv_bytes + moved + (activation - act_then)
         if cal.activation_bytes is not None:
             activation = max(0, cal.activation_bytes + activation - act_then)
         non_torch = non_kv_total - weights - activation

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,18 @@ from .errors import GpuError, UsageError, VllmError
 from .probe import LoadReport
 from .progress import Progress
 from .rope import describe
-from .search import GIB, LOSSY_COST, MAX_SEQS, Finish, Launch, Observation, Policy, ProbeSummary, Request
+from .search import (
+    GIB,
+    LOSSY_COST,
+    MAX_SEQS,
+    UTIL_STEP,
+    Finish,
+    Launch,
+    Observation,
+    Policy,
+    ProbeSummary,
+    Request,
+)
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 
@@ -102,6 +114,8 @@ class FindResult:
     complete: bool
     missing: tuple[str, ...] = ()
     gains: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # what the trials showed the estimate got badly wrong
+    utilization_step: UtilizationStep | None = None  # what 0.01 of utilization buys (with a winner)
     explanation: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     config_path: Path | None = None
@@ -147,8 +161,10 @@ class FindResult:
             "reason": self.reason,
             "launches": self.launches,
             "explanation": self.explanation,
+            "warnings": list(self.warnings),
             "missing": list(self.missing),
             "lossy_gains": list(self.gains),
+            "utilization_step": self.utilization_step.as_json() if self.utilization_step else None,
             "config_file": str(self.config_path) if self.config_path else None,
             "run_id": self.run_id,
             "trials": [trial_json(t) for t in self.trials],
@@ -348,6 +364,8 @@ class Finder:
             self._record(run_id, env_fp, outcome)  # recorded before anything else can interrupt
             outcomes.append(outcome)
             self.progress.done(outcome.verdict, _outcome_words(outcome))
+            for warning in self.policy.misestimates([self._observation(outcome)]):
+                self.progress.note(f"warning: {warning}")
             if outcome.category == "startup_timeout" and left is not None and self._budget_left(started) <= 0:
                 # cut short by the budget: says nothing about the config (and is not reused)
                 return self._finish(
@@ -477,6 +495,13 @@ class Finder:
     def _budget_finish(self, history: list[Observation], what: str) -> Finish:
         return Finish(self.policy.best(history), f"stopped by the {what}", complete=False)
 
+    def _utilization_step(self, winner: TrialOutcome | None, history) -> UtilizationStep | None:
+        if winner is None:
+            return None
+        per_token = self.policy.estimate_measured(history, winner.config).kv_bytes_per_token
+        kind = self.request.device_kind
+        return UtilizationStep.of(self.gpu.total_bytes, len(self.request.gpu_ids), per_token, kind.unit)
+
     def _finish(
         self,
         run_id: int,
@@ -485,6 +510,7 @@ class Finder:
         launches: int,
         complete: bool = True,
     ) -> FindResult:
+        history = [self._observation(t) for t in outcomes]
         winner = None
         if decision.winner is not None:
             keys = {decision.winner.config.key(), decision.winner.config.replace(load_format=None).key()}
@@ -502,6 +528,8 @@ class Finder:
             complete=complete and decision.complete,
             missing=decision.missing,
             gains=decision.gains,
+            warnings=self.policy.misestimates(history),
+            utilization_step=self._utilization_step(winner, history),
             env=env,
             run_id=run_id,
         )
@@ -524,7 +552,7 @@ def env_parts(spec, gpu, gpu_ids: Sequence[int], vllm_info) -> dict:
 
 def explain(result: FindResult, total_bytes: int) -> list[str]:
     """Why each knob ended where it did, from the trials' own numbers."""
-    lines: list[str] = []
+    lines = [f"warning: {warning}" for warning in result.warnings]
     w = result.winner
     if w is not None:
         cfg, f = w.config, w.facts
@@ -534,6 +562,8 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
                 f"KV pool {pool:.2f} GiB holds {int(tokens):,} tokens; --max-model-len {cfg.max_model_len} "
                 f"at {cfg.max_num_seqs} sequence(s)"
             )
+        if result.utilization_step is not None:
+            lines.append(result.utilization_step.words())
         util_words = f"{cfg.gpu_memory_utilization:.2f}"
         failed = sorted(
             {
@@ -576,6 +606,43 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
     lines.extend(result.missing)
     lines.extend(f"not allowed: {gain}" for gain in result.gains)
     return lines
+
+
+@dataclass(frozen=True)
+class UtilizationStep:
+    """What one 0.01 of --gpu-memory-utilization buys on this machine: 1% of each device's total memory
+    (vLLM's budget is a fraction of the total, device by device) and the KV tokens that holds at the
+    winner's bytes per token on one device (the KV cache is split over TP, or, with MLA, whole on each)."""
+
+    bytes_per_device: int
+    devices: int
+    tokens: int
+    unit: str = "GPU"
+
+    @classmethod
+    def of(cls, total_bytes: int, devices: int, kv_bytes_per_token: int, unit: str) -> UtilizationStep:
+        step = math.ceil(total_bytes * UTIL_STEP)
+        return cls(step, devices, step // max(1, kv_bytes_per_token), unit)
+
+    def words(self) -> str:
+        per = self.bytes_per_device / GIB
+        across = (
+            f" ({per * self.devices:.2f} GiB over the {self.devices} {self.unit}s)"
+            if self.devices > 1
+            else ""
+        )
+        return (
+            f"each 0.01 of --gpu-memory-utilization is {per:.2f} GiB per {self.unit}{across} and holds "
+            f"{self.tokens:,} tokens of KV cache"
+        )
+
+    def as_json(self) -> dict:
+        per = self.bytes_per_device / GIB
+        return {
+            "gib_per_device": round(per, 3),
+            "gib_total": round(per * self.devices, 3),
+            "tokens": self.tokens,
+        }
 
 
 # Failures that say nothing about the config itself: worth launching again on a later run.

@@ -231,6 +231,8 @@ _FACT_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Facts]]] = [
     (re.compile(r"Loading model weights took " + _N + r"\s*(GiB|GB|MiB|MB)"), _sized("weights_gib")),
     (re.compile(r"model weights take " + _N + r"\s*(GiB)"), _sized("weights_gib")),
     (re.compile(r"weights memory: " + _N + r"\s*(GiB)"), _sized("weights_gib")),
+    # --cpu-offload-gb: what UVA offload moved to CPU memory (offloader/uva.py, format_gib: GiB)
+    (re.compile(r"Total CPU offloaded parameters: " + _N), _floats("offloaded_gib")),
     # V0 profiling summaries
     (re.compile(r"Memory profiling results: (?:\w+=-?[\d.]+(?:GiB)?\s*)+"), _v0_profile),
     (
@@ -389,6 +391,7 @@ _FACT_WORDS = (
     "max_seq_len",
     "auto-fit",
     "took",
+    "offloaded parameters",
     "weights take",
     "weights memory",
     "memory profiling",

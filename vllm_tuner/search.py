@@ -15,7 +15,6 @@ Everything here is deterministic given the history, so a resumed search replays 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,11 @@ MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far
 # vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
 # utilization keeps this much back
 PROFILE_NOISE_GIB = 48 / 1024
+# Before any launch, the estimate of what a GPU holds besides the KV cache (weights, CUDA graphs) is good
+# to about this fraction: a floor it puts out of reach by less than that is launched and measured
+ESTIMATE_ERROR = 0.05
+# Weights vLLM loaded further than this from the estimate: the estimate is wrong about the model itself
+WEIGHTS_TOLERANCE = 0.15
 
 # Categories that no flag change within the search can fix.
 HOPELESS = {
@@ -314,17 +318,19 @@ class Policy:
         return best
 
     def _lossy_needed(self, history: Sequence[Observation], caps: _Caps) -> tuple[str, ...]:
-        """The cheapest allowed set of lossy knobs that reaches the goal: fewest knobs first, then
-        the earliest in the knob order. If none reaches it, every allowed knob (the most they buy)."""
-        allowed = [k for k in self.lossy_order() if k in self.request.allow and self._has_rung(k)]
-        subsets = [()]
-        for size in range(1, len(allowed) + 1):
-            subsets += list(itertools.combinations(allowed, size))
-        for subset in subsets:
-            target = self._target(history, caps, subset)
+        """The allowed lossy knobs, added one at a time in the knob order (the guides' ladder: eager,
+        then an fp8 KV cache, then offload), up to the first set that reaches the goal. If none does,
+        every allowed knob (the most they buy). rope-scaling, where the request needs a length past the
+        model's own, is in every set: it buys no memory, only the length."""
+        allowed = tuple(k for k in self.lossy_order() if k in self.request.allow and self._has_rung(k))
+        needed = tuple(k for k in allowed if k == "rope-scaling")
+        memory = tuple(k for k in allowed if k not in needed)
+        for size in range(len(memory) + 1):
+            chosen = tuple(k for k in allowed if k in needed or k in memory[:size])
+            target = self._target(history, caps, chosen)
             if target is not None and self._reaches_goal(*target):
-                return subset
-        return tuple(allowed)
+                return chosen
+        return allowed
 
     def ladder(self, skipped: Mapping[str, str] | None = None, device: str = "cuda") -> list[str]:
         """How the search sets each knob, in the order it gives them up, for ``--dry-run``: the
@@ -365,6 +371,10 @@ class Policy:
         """The estimate of ``config`` before any launch (what ``--dry-run`` shows)."""
         return self._estimate(config, None)
 
+    def estimate_measured(self, history: Sequence[Observation], config: ServeConfig) -> EstimateView:
+        """The estimate of ``config`` calibrated on the launches of ``history``."""
+        return self._estimate(config, self._calibration(history, config))
+
     def lossy_order(self) -> list[str]:
         """The lossy knobs in the user's --knob-order (names as in the guides or as in --allow)."""
         alias = {"enforce-eager": "eager", "kv-cache-dtype": "fp8-kv", "fp8": "fp8-kv", "swap": "offload"}
@@ -394,13 +404,16 @@ class Policy:
     def _meets_floor(self, context: int, seqs: int) -> bool:
         return context >= self.request.floor_context() and seqs >= self.request.floor_seqs()
 
-    def _config(self, caps: _Caps, lossy: tuple[str, ...], context: int, seqs: int) -> ServeConfig:
+    def _config(
+        self, caps: _Caps, lossy: tuple[str, ...], context: int, seqs: int, offload_gib: float = 0.0
+    ) -> ServeConfig:
         cfg = self.base.replace(
             max_model_len=context,
             max_num_seqs=seqs,
             gpu_memory_utilization=caps.util,
             enforce_eager=self.base.enforce_eager or "eager" in lossy,
             kv_cache_dtype="fp8" if "fp8-kv" in lossy else self.base.kv_cache_dtype,
+            cpu_offload_gb=offload_gib if "offload" in lossy else self.base.cpu_offload_gb,
         )
         if "rope-scaling" in lossy and self._has_rung("rope-scaling"):
             cfg = cfg.replace(hf_overrides=self.request.rope_overrides)
@@ -409,19 +422,20 @@ class Policy:
         return cfg
 
     def _calibration(self, history: Sequence[Observation], cfg: ServeConfig):
-        """Calibrate from the most recent launch that printed the KV pool, if its memory terms still
-        apply to ``cfg`` (same TP, KV dtype, eager mode and offload)."""
-        for obs in reversed(history):
-            if "available_kv_gib" not in obs.facts:
-                continue
-            o = obs.config
-            if (o.tensor_parallel_size, o.kv_cache_dtype, o.enforce_eager, o.cpu_offload_gb) != (
-                cfg.tensor_parallel_size,
-                cfg.kv_cache_dtype,
-                cfg.enforce_eager,
-                cfg.cpu_offload_gb,
-            ):
-                continue
+        """Calibrate from the most recent launch that printed the KV pool: one at the same memory
+        settings (TP, KV dtype, eager mode and offload) if there is one, else one at the same TP (the
+        estimate carries what eager mode, the KV dtype and offload change from the measured terms); else
+        from one that got as far as loading the weights. None: nothing measured at this TP."""
+        same_tp = [o for o in reversed(history) if o.config.tensor_parallel_size == cfg.tensor_parallel_size]
+        pooled = [o for o in same_tp if "available_kv_gib" in o.facts]
+        shape = (cfg.kv_cache_dtype, cfg.enforce_eager, cfg.cpu_offload_gb)
+        exact = [
+            o
+            for o in pooled
+            if (o.config.kv_cache_dtype, o.config.enforce_eager, o.config.cpu_offload_gb) == shape
+        ]
+        loaded = [o for o in same_tp if "weights_gib" in o.facts]
+        for obs in (*exact, *pooled, *loaded):
             return self._calibrate(obs.facts, obs.config)
         return None
 
@@ -429,14 +443,18 @@ class Policy:
         self, history: Sequence[Observation], caps: _Caps, lossy: tuple[str, ...]
     ) -> tuple[int, int] | None:
         """The (max_model_len, max_num_seqs) the objective wants at these caps, or None if nothing fits."""
+        return self._target_at(history, caps, lossy, self._offload_gib(history, caps, lossy))
+
+    def _target_at(
+        self, history: Sequence[Observation], caps: _Caps, lossy: tuple[str, ...], offload_gib: float
+    ) -> tuple[int, int] | None:
         req = self.request
         ceiling = self._ceiling(lossy)
         if req.floor_context() > ceiling:
             return None  # past the model's length: only the rope-scaling rung reaches it
         # size memory at a realistic length: vLLM's batched tokens (activation) shrink with tiny contexts
         sizing_len = ceiling if req.objective == "context" else req.floor_context()
-        probe_cfg = self._config(caps, lossy, sizing_len, req.floor_seqs())
-        probe_cfg = self._with_offload(probe_cfg, lossy, history, caps)
+        probe_cfg = self._config(caps, lossy, sizing_len, req.floor_seqs(), offload_gib)
         est = self._estimate(probe_cfg, self._calibration(history, probe_cfg))
         seq_cap = min(req.max_seqs_cap, caps.seqs or req.max_seqs_cap)
         if req.objective == "concurrency":
@@ -453,7 +471,8 @@ class Policy:
             if context >= ceiling:
                 context = ceiling
                 seqs = max(seqs, min(seq_cap, est.max_seqs(context)))
-        context = self._round_len(context, ceiling)
+            # a computed length, in whole blocks; a --min-context it reaches stays as given
+            context = max(self._round_len(context, ceiling), min(context, req.floor_context()))
         if context < req.block_size or seqs < 1:
             return None
         return context, seqs
@@ -499,7 +518,7 @@ class Policy:
         """Why nothing meets the floor, with the numbers: what the (measured or estimated) pool holds."""
         req = self.request
         ctx, seqs = req.floor_context(), req.floor_seqs()
-        cfg = self._with_offload(self._config(caps, caps.lossy, ctx, seqs), caps.lossy, history, caps)
+        cfg = self._config(caps, caps.lossy, ctx, seqs, self._offload_gib(history, caps, caps.lossy))
         calibration = self._calibration(history, cfg)
         est = self._estimate(cfg, calibration)
         source = "measured" if calibration is not None else "estimated"
@@ -517,6 +536,49 @@ class Policy:
             f"tokens for {seqs}{short}"
         )
 
+    def _floor_within_error(self, history: Sequence[Observation], caps: _Caps) -> Launch | None:
+        """The floor itself, when only the estimate puts it out of reach (nothing measured yet at this
+        TP) and by less than the estimate's own error: one launch measures what is true."""
+        req = self.request
+        ctx, seqs = req.floor_context(), req.floor_seqs()
+        cfg = self._config(caps, caps.lossy, ctx, seqs, self._offload_gib(history, caps, caps.lossy))
+        if self._calibration(history, cfg) is not None or any(o.config.key() == cfg.key() for o in history):
+            return None
+        est = self._estimate(cfg, None)
+        need = seqs * ctx * est.kv_bytes_per_token
+        short = need - est.kv_pool_bytes
+        error = ESTIMATE_ERROR * (est.weights_bytes + est.cudagraph_bytes)
+        if short <= 0 or short > error:
+            return None
+        return Launch(
+            cfg,
+            f"the estimate puts {seqs} x {ctx} tokens {short / GIB:.2f} GiB ({short / need:.1%}) short, within "
+            f"its own error ({error / GIB:.2f} GiB): launched to measure",
+        )
+
+    def misestimates(self, history: Sequence[Observation]) -> tuple[str, ...]:
+        """The launch whose measured weights are furthest from the estimate, when further than
+        ``WEIGHTS_TOLERANCE``, in words (the search itself goes by the measurement): an estimate that wrong
+        is wrong about the model, and every result built on it says so."""
+        worst: tuple[float, float, float] | None = None
+        for obs in history:
+            loaded = obs.facts.get("weights_gib")
+            if not isinstance(loaded, (int, float)):
+                continue
+            said = self._estimate(obs.config, None).weights_bytes / GIB
+            off = abs(loaded - said) / said if said else float(loaded > 0)
+            if off > WEIGHTS_TOLERANCE and (worst is None or off > worst[0]):
+                worst = (off, float(loaded), said)
+        if worst is None:
+            return ()
+        off, loaded, said = worst
+        unit = self.request.device_unit
+        return (
+            f"vLLM loaded {loaded:.2f} GiB of weights per {unit}, the estimate said {said:.2f} GiB "
+            f"({off:.0%} {'more' if loaded > said else 'less'}): the estimate is wrong about this model (its "
+            "checkpoint, quantization or architecture); the search went by vLLM's measurements",
+        )
+
     def _round_len(self, context: int, ceiling: int | None = None) -> int:
         bs = self.request.block_size
         ceiling = ceiling or self.request.native_max_len
@@ -524,27 +586,30 @@ class Policy:
             return ceiling
         return max(bs, context // bs * bs)
 
-    def _with_offload(self, cfg: ServeConfig, lossy: tuple[str, ...], history, caps) -> ServeConfig:
-        """``cfg`` with a quarter of the weights (per GPU) offloaded to CPU memory, or as much more as
-        the floor needs (in eighths), up to all of them."""
+    def _offload_gib(self, history: Sequence[Observation], caps: _Caps, lossy: tuple[str, ...]) -> float:
+        """With offload among ``lossy``: the fewest whole GiB of weights per GPU to offload for the goal
+        (with the other knobs of ``lossy``), or all of them if no amount reaches it. 0 without."""
         if "offload" not in lossy or not self.request.offload_flag:
-            return cfg
-        calibration = self._calibration(history, cfg)
-        weights_gib = self._estimate(cfg, calibration).weights_bytes / GIB
-        ctx, seqs = self.request.floor_context(), self.request.floor_seqs()
-        gib = max(1, math.ceil(weights_gib / 4))
-        while gib < weights_gib:
-            est = self._estimate(cfg.replace(cpu_offload_gb=float(gib)), calibration)
-            if est.max_seqs(ctx) >= seqs:
-                break
-            gib = min(math.ceil(weights_gib), gib + max(1, math.ceil(weights_gib / 8)))
-        # a launch that offloaded yet loaded more than the estimate said: the weights are larger by that
-        more = 0.0
-        for obs in history:
-            off, loaded = obs.config.cpu_offload_gb, obs.facts.get("weights_gib")
-            if off and loaded and obs.config.tensor_parallel_size == cfg.tensor_parallel_size:
-                more = max(more, loaded - self._estimate(obs.config, None).weights_bytes / GIB)
-        return cfg.replace(cpu_offload_gb=float(gib + math.ceil(more)))
+            return 0.0
+        req = self.request
+        probe = self._config(caps, lossy, req.floor_context(), req.floor_seqs())
+        weights = self._estimate(probe, self._calibration(history, probe)).weights_bytes
+        most = max(1, math.ceil(weights / GIB))
+
+        def enough(gib: int) -> bool:
+            target = self._target_at(history, caps, lossy, float(gib))
+            return target is not None and self._reaches_goal(*target)
+
+        if not enough(most):
+            return float(most)
+        low, high = 1, most  # the goal is reached at high; find the least amount that reaches it
+        while low < high:
+            mid = (low + high) // 2
+            if enough(mid):
+                high = mid
+            else:
+                low = mid + 1
+        return float(low)
 
     # -- decisions ------------------------------------------------------------------------------
     def next(self, history: Sequence[Observation]) -> Launch | Finish:
@@ -555,9 +620,10 @@ class Policy:
             return self._finish(history, best, caps.stop, suggest=caps.stop_is_memory)
         target = self._target(history, caps, caps.lossy)
         if target is None or not self._meets_floor(*target):
-            return self._finish(history, best, self._short_of_floor(history, caps))
+            close = self._floor_within_error(history, caps)
+            return close or self._finish(history, best, self._short_of_floor(history, caps))
         context, seqs = target
-        cfg = self._with_offload(self._config(caps, caps.lossy, context, seqs), caps.lossy, history, caps)
+        cfg = self._config(caps, caps.lossy, context, seqs, self._offload_gib(history, caps, caps.lossy))
         seen = {o.config.key(): o for o in history}
         step = 0
         while cfg.key() in seen:

@@ -615,7 +615,7 @@ def _print_result(result) -> None:
         click.echo(
             f"✘ No stable config: {result.reason} ({result.launches} launch(es), {format_duration(elapsed)})"
         )
-        for line in result.missing:
+        for line in [f"warning: {w}" for w in result.warnings] + list(result.missing):
             click.echo(f"  {line}")
         return
     status = "Stable config" if result.complete else "Best stable config so far (search cut short)"

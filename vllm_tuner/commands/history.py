@@ -104,6 +104,7 @@ def run_detail(run: RunRecord, trials: list[TrialRecord]) -> str:
         f"run {run.id}: {run.kind} {run.request.get('model', '-')} on {_gpus(run.request)} — {run.status}",
         f"  started {_when(run.started_at)}, finished {_when(run.finished_at)}, {len(trials)} launches",
         f"  result: {_winner(run)}",
+        *(f"  warning: {w}" for w in (run.result or {}).get("warnings") or []),
     ]
     if trials:
         header = ("#", "verdict", "category", "secs", "headroom", "flags")

@@ -65,6 +65,7 @@ def serve(args) -> int:
         "kv_cache_dtype",
         "enforce_eager",
         "cpu_offload_gb",
+        "enable_expert_parallel",
         "kv_cache_memory_bytes",
         "num_gpu_blocks_override",
         "load_format",
@@ -238,6 +239,8 @@ class Walk:
     def load(self) -> int | None:
         b = self.b
         self.worker(f"Starting to load model {self.p.model.name}...", "model_runner.py:402")
+        if b.offloaded_bytes:  # the decoder layers are wrapped as they are built, before the shards load
+            self.worker(f"Total CPU offloaded parameters: {round(b.offloaded_bytes / GIB, 2)}", "uva.py:69")
         load_s = 2.0 if self.args.load_format == "dummy" else self.timing["load_s"]
         load_s += float(self.faults.get("slow_start_s") or 0)
         self.load_s = load_s
@@ -265,6 +268,14 @@ class Walk:
                 in_init=True,
             )
         self.hold(b.context_bytes + b.weights_bytes)
+        if b.local_experts is not None:
+            experts = self.p.model.layout.experts if self.p.model.layout else b.local_experts
+            self.worker(
+                f"[EP Rank 0/{self.launch.tp}] Expert parallelism is enabled. Expert placement strategy: linear. "
+                f"Local/global number of experts: {b.local_experts}/{experts}. Experts local to global index "
+                "map: " + ", ".join(f"{i}->{i}" for i in range(b.local_experts)) + ".",
+                "expert_map_manager.py:251",
+            )
         self.worker(f"Loading weights took {load_s * 0.8:.2f} seconds", "default_loader.py:262")
         self.worker(
             f"Model loading took {b.weights_bytes / GIB:.4f} GiB memory and {load_s:.6f} seconds",

@@ -1,7 +1,7 @@
 """Ground truth of the simulated vLLM: what a launch does on the scenario's GPUs. Pure, no I/O.
 
 This deliberately does NOT use vllm_tuner.estimate or vllm_tuner.models: it reads the model config
-with its own small reader and applies the scenario's hidden overheads (weights overhead, activation
+with its own small reader (the weights each GPU holds come from :mod:`.weights`) and applies the scenario's hidden overheads (weights overhead, activation
 factor, CUDA-graph under-estimate, runtime spike), so the tuner's estimate can be wrong the way it is
 on real hardware. The benchmark uses :func:`truth` as an oracle of the true best stable config.
 """
@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from .runner import Runner
+from .weights import Loaded, WeightLayout, layout
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -57,6 +58,26 @@ class ModelTruth:
     derived_max_len: int
     dtype_bytes: int = 2
     tied_embeddings: bool = False  # the LM head is the embedding matrix: no weights of its own
+    layout: WeightLayout | None = field(default=None, repr=False)  # where each parameter goes
+    checkpoint_sized: bool = False  # weights_bytes is the checkpoint's safetensors size
+
+    def loaded(self, tp: int, pp: int, expert_parallel: bool, offload_bytes: int) -> Loaded:
+        """What the busiest GPU of the group holds after loading: the layout's own sizes, scaled to the
+        checkpoint's size where that is known; a dense checkpoint of known size split evenly."""
+        even = self.layout is None or (self.checkpoint_sized and not self.layout.experts)
+        if even:
+            share = int(self.weights_bytes / (tp * pp))
+            return Loaded(max(0, share - offload_bytes), min(share, offload_bytes))
+        assert self.layout is not None
+        scale = self.weights_bytes / self.layout.total_bytes() if self.checkpoint_sized else 1.0
+        on = self.layout.on_gpu(tp, pp, expert_parallel, int(offload_bytes / scale))
+        return Loaded(int(on.bytes * scale), int(on.offloaded_bytes * scale), on.local_experts)
+
+    def mlp_width(self, tp: int, expert_parallel: bool) -> int:
+        """Elements per token of the widest MLP output on one rank (the profile run's peak)."""
+        if self.layout is None:
+            return 3 * self.intermediate // tp
+        return self.layout.mlp_width(tp, expert_parallel)
 
     def kv_bytes_per_token(self, tp: int, kv_dtype: str) -> int:
         scale = 0.5 if kv_dtype.startswith("fp8") else 1.0
@@ -85,19 +106,8 @@ def model_truth(name: str, config: dict, weights_bytes: int | None) -> ModelTrut
     dtype = str(text.get("torch_dtype") or config.get("torch_dtype") or "").replace("torch.", "")
     if weights_bytes and dtype in ("float32", "float") and not config.get("quantization_config"):
         weights_bytes = int(weights_bytes) // 2  # --dtype auto loads a float32 checkpoint in 16 bits
-    if not weights_bytes:
-        body = layers * (4 * hidden * hidden + 3 * hidden * inter)
-        quant = config.get("quantization_config") or {}
-        bits = (
-            quant.get("bits")
-            or quant.get("w_bit")
-            or (8 if "fp8" in str(quant.get("quant_method", "")) else None)
-        )
-        if str(quant.get("quant_method", "")).lower() in ("nvfp4", "modelopt_fp4"):
-            bits = 4
-        per_param = (float(bits) / 8 * 1.06) if bits else 2.0  # + group scales and zeros
-        weights_bytes = int(body * per_param) + 2 * vocab * hidden * 2
     tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)))
+    params = layout(config)
     return ModelTruth(
         name,
         layers,
@@ -107,9 +117,11 @@ def model_truth(name: str, config: dict, weights_bytes: int | None) -> ModelTrut
         per_token,
         mla,
         kv_heads,
-        int(weights_bytes),
+        int(weights_bytes or params.total_bytes()),
         max_len,
         tied_embeddings=tied,
+        layout=params,
+        checkpoint_sized=bool(weights_bytes),
     )
 
 
@@ -137,6 +149,7 @@ class LaunchArgs:
     num_gpu_blocks_override: int | None = None
     performance_mode: str = "balanced"
     runner: Runner = GENERATE  # --runner / --convert as vLLM resolved them for this model
+    expert_parallel: bool = False  # --enable-expert-parallel
 
     def noise_key(self) -> str:
         return (
@@ -189,6 +202,8 @@ class Boot:
     auto_fit: str = ""  # "", "full" or "reduced" when --max-model-len auto/-1
     blocks_before_override: int = 0
     fail_detail: dict = field(default_factory=dict)
+    offloaded_bytes: int = 0  # weights --cpu-offload-gb moved to CPU memory
+    local_experts: int | None = None  # routed experts per GPU with --enable-expert-parallel
 
     def used_under_load(self, kv_usage: float) -> int:
         return self.idle_used_bytes + int(self.spike_bytes * max(0.0, min(1.0, kv_usage)))
@@ -240,13 +255,14 @@ def boot(
     seqs = min(seqs, batched)
     tp, pp = args.tp, args.pp
     ctx = int(t["context_gib"] * GIB)
-    checkpoint = model.weights_bytes
-    if not runner.builds_lm_head and not model.tied_embeddings:
-        checkpoint -= model.vocab * model.hidden * model.dtype_bytes  # a converted model loads no LM head
-    weights = int(checkpoint * t["weights_factor"] / (tp * pp)) - int(args.cpu_offload_gb * GIB)
-    weights = max(weights, 0)
+    factor = t["weights_factor"]
+    loaded = model.loaded(tp, pp, args.expert_parallel, int(args.cpu_offload_gb * GIB / factor))
+    lm_head = 0
+    if not runner.builds_lm_head and not model.tied_embeddings:  # a converted model loads no LM head
+        lm_head = model.vocab * model.hidden * model.dtype_bytes // (tp * pp)
+    weights = max(0, int((loaded.bytes - lm_head) * factor))
     non_torch = int((t["non_torch_gib"] + (t["nccl_gib"] if tp > 1 else 0)) * GIB)
-    act_per_token = 2 * (4 * model.hidden + 3 * model.intermediate // tp)
+    act_per_token = 2 * (4 * model.hidden + model.mlp_width(tp, args.expert_parallel))
     # the dummy sampler's float32 logits (max_num_seqs x vocab), or a pooler's pooled hidden states
     head_rows = seqs * (model.hidden if runner.pooling else model.vocab) * 4
     sampler = int(head_rows * t["activation_factor"])
@@ -286,6 +302,8 @@ def boot(
         spike_bytes=int(t["runtime_spike_gib"] * GIB),
         sampler_bytes=sampler,
         derived_max_len=derived,
+        offloaded_bytes=int(loaded.offloaded_bytes * factor),
+        local_experts=loaded.local_experts,
     )
     if free_at_start < requested:
         b.category = "startup_free_memory_below_utilization"

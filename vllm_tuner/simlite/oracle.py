@@ -221,6 +221,7 @@ def prepare(args: argparse.Namespace, scenario: dict, visible: str | None = None
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         performance_mode=args.performance_mode,
         runner=runner,
+        expert_parallel=args.enable_expert_parallel,
     )
     served = (args.served_model_name or [model_name])[0]
     return Prepared(model, launch, gpus, truth, faults, timing, served, compiles)

@@ -139,10 +139,10 @@ class EnableDisable(argparse.Action):
                 if name.startswith("--enable-"):
                     names.append("--disable-" + name[len("--enable-") :])
         super().__init__(names, dest, nargs=0, default=default, **kwargs)
-        self.on = option_strings[0]
+        self.on = set(option_strings)  # the flag and its short form (-ep)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, option_string == self.on)
+        setattr(namespace, self.dest, option_string in self.on)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--enable-expert-parallel", "-ep", action=EnableDisable, default=False)
     p.add_argument("--device-ids", default=None, help="Comma-separated physical GPU device IDs or UUIDs.")
     p.add_argument(
         "--max-model-len", type=len_or_auto, default=None, help="Model context length; -1/auto fits it."
