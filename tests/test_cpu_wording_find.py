@@ -115,6 +115,7 @@ class _Est:
     kv_pool_bytes = 4 * GIB
     kv_bytes_per_token = 1 << 17
     weights_bytes = GIB
+    non_kv_bytes = GIB
     cudagraph_bytes = 0
 
     def max_context(self, seqs: int) -> int:

@@ -17,6 +17,7 @@ class ToyEstimate:
     kv_bytes_per_token: int
     weights_bytes: int = 14 * GIB
     cudagraph_bytes: int = GIB // 2
+    non_kv_bytes: int = 15 * GIB
 
     def max_context(self, seqs: int) -> int:
         return max(0, self.kv_pool_bytes // (self.kv_bytes_per_token * seqs))
@@ -34,7 +35,13 @@ def toy_model(fixed_bytes: int):
         per_token = BYTES_PER_TOKEN // (2 if cfg.kv_cache_dtype == "fp8" else 1)
         offload = int(cfg.cpu_offload_gb * GIB)  # weights moved to CPU memory free their GPU bytes
         pool = int(TOTAL * (cfg.gpu_memory_utilization or 0.92)) - fixed - graphs + offload
-        return ToyEstimate(pool, per_token, weights_bytes=14 * GIB - offload, cudagraph_bytes=graphs)
+        return ToyEstimate(
+            pool,
+            per_token,
+            weights_bytes=14 * GIB - offload,
+            cudagraph_bytes=graphs,
+            non_kv_bytes=fixed - offload,
+        )
 
     def calibrate(facts: dict, cfg: ServeConfig) -> int:
         if "available_kv_gib" not in facts:  # it got as far as the weights: they were that much off

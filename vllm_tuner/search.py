@@ -43,8 +43,9 @@ MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far
 # vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
 # utilization keeps this much back
 PROFILE_NOISE_GIB = 48 / 1024
-# Before any launch, the estimate of what a GPU holds besides the KV cache (weights, CUDA graphs) is good
-# to about this fraction: a floor it puts out of reach by less than that is launched and measured
+# Before any launch, the estimate of what a GPU holds besides the KV cache (weights, the worker's runtime
+# and activations, CUDA graphs) is good to about this fraction: a floor it puts out of reach by less than
+# that is launched and measured
 ESTIMATE_ERROR = 0.05
 # Weights vLLM loaded further than this from the estimate: the estimate is wrong about the model itself
 WEIGHTS_TOLERANCE = 0.15
@@ -65,6 +66,7 @@ class EstimateView(Protocol):
     kv_pool_bytes: int
     kv_bytes_per_token: int
     weights_bytes: int
+    non_kv_bytes: int  # weights, non-torch (the worker's runtime) and the activation peak
     cudagraph_bytes: int
 
     def max_context(self, seqs: int) -> int: ...
@@ -547,7 +549,7 @@ class Policy:
         est = self._estimate(cfg, None)
         need = seqs * ctx * est.kv_bytes_per_token
         short = need - est.kv_pool_bytes
-        error = ESTIMATE_ERROR * (est.weights_bytes + est.cudagraph_bytes)
+        error = ESTIMATE_ERROR * (est.non_kv_bytes + est.cudagraph_bytes)
         if short <= 0 or short > error:
             return None
         return Launch(
