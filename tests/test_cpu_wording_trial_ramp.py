@@ -41,7 +41,7 @@ def test_a_probe_short_of_headroom_names_the_numa_node():
 def test_a_ramp_step_its_live_line_and_the_table_name_the_numa_node():
     outcome = TrialOutcome(ServeConfig("m", gpu_memory_utilization=0.2), "success", "unstable", {}, _report())
     step = judge_step(outcome, RampPlan(), "soak", soak_s=30, unit=CPU_UNIT)
-    assert step.failure.startswith("NUMA node 0 had 0.25 GiB free at its peak under load")
+    assert step.failure.startswith("NUMA node 0 had 0.25 GiB headroom under load")
     assert "peak node0 6.00 GiB" in step_words(step, CPU_UNIT)
     assert "peak GiB/node" in summary_table([step], CPU_UNIT)[0]
     assert "peak GiB/GPU" in summary_table([step])[0]

@@ -10,12 +10,13 @@ import pytest
 
 from vllm_tuner.cli import main
 from vllm_tuner.estimate import GIB, Calibration, estimate
-from vllm_tuner.find import _config_from_record, _config_record
 from vllm_tuner.models import find_profile
 from vllm_tuner.ramp import config_from_args
 from vllm_tuner.rope import extension
 from vllm_tuner.search import LOSSY_ORDER, Finish, Launch, Policy, Request
 from vllm_tuner.serveconfig import ServeConfig
+from vllm_tuner.trialrecord import config_from_record as _config_from_record
+from vllm_tuner.trialrecord import config_record as _config_record
 
 SPEC = find_profile("glm-4-32b-awq")
 RTX_5090 = int(31.36 * GIB)

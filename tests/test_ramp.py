@@ -10,9 +10,6 @@ from vllm_tuner.errors import UsageError
 from vllm_tuner.launch import VllmInfo
 from vllm_tuner.probe import LoadReport
 from vllm_tuner.ramp import (
-    HEADROOM,
-    PREEMPTIONS,
-    REQUEST_ERRORS,
     NextStep,
     RampPlan,
     StepResult,
@@ -20,11 +17,11 @@ from vllm_tuner.ramp import (
     config_from_args,
     judge_step,
     parse_serve_command,
-    ramp_env_fingerprint,
     summary_table,
 )
 from vllm_tuner.serveconfig import ServeConfig
-from vllm_tuner.trial import TrialOutcome
+from vllm_tuner.trial import HEADROOM, PREEMPTIONS, REQUEST_ERRORS, TrialOutcome
+from vllm_tuner.trialrecord import env_fingerprint
 
 GIB = 1 << 30
 
@@ -170,7 +167,7 @@ def test_a_healthy_soak_passes_with_its_numbers():
 @pytest.mark.parametrize(
     ("changes", "category", "words"),
     [
-        ({"headroom_bytes": {0: 3 * GIB, 1: GIB // 2}}, HEADROOM, "GPU 1 had 0.50 GiB free"),
+        ({"headroom_bytes": {0: 3 * GIB, 1: GIB // 2}}, HEADROOM, "GPU 1 had 0.50 GiB headroom under load"),
         ({"preemptions": 3}, PREEMPTIONS, "3 preemption(s) under load (limit 0)"),
         ({"errors": {"http_5xx": 2}}, REQUEST_ERRORS, "2 request(s) failed under load (2 http_5xx)"),
         ({"server_died": True, "duration_s": 14.0}, "server_died_under_load", "died under load after 14.0s"),
@@ -242,21 +239,20 @@ def test_the_table_has_a_row_per_step():
 
 
 def test_the_environment_fingerprint_is_pinned():
-    """An interrupted ramp resumes by this exact string: it must not drift."""
+    """An interrupted ramp resumes by this exact string: it must not drift. ramp and find share it (a
+    ramp once read the machine from GPU fields no target had, so its machine part was always empty)."""
     spec = SimpleNamespace(serve_name="Qwen/Qwen2.5-7B-Instruct", weights_bytes=15231233024)
     gpu = SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_bytes=25265000448)
     vllm = VllmInfo("0.33.0", frozenset())
-    assert ramp_env_fingerprint(spec, gpu, (0, 1), vllm) == "7a818ad597dce9f1"
-    bare = ramp_env_fingerprint(SimpleNamespace(serve_name="m"), SimpleNamespace(total_bytes=1), [0], None)
-    assert bare == "87c09546d1607c68"
-    machine = SimpleNamespace(name="X", total_bytes=10, uuids=("GPU-a", "GPU-b"), driver="580")
-    assert ramp_env_fingerprint(spec, machine, [0, 1], vllm) == "e9276d1737a26a25"
+    assert env_fingerprint(spec, gpu, (0, 1), vllm) == "8fa4ad44075bd578"
+    bare = env_fingerprint(SimpleNamespace(serve_name="m"), SimpleNamespace(total_bytes=1), [0], None)
+    assert bare == "17c74cf701b72afd"
 
 
 def test_the_machine_id_from_nvml_tells_two_machines_apart():
     spec = SimpleNamespace(serve_name="Qwen/Qwen2.5-7B-Instruct", weights_bytes=15231233024)
     gpu = SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_bytes=25265000448)
     vllm = VllmInfo("0.33.0", frozenset())
-    here = ramp_env_fingerprint(spec, gpu, (0,), vllm, machine_id="580.1|GPU-a")
-    there = ramp_env_fingerprint(spec, gpu, (0,), vllm, machine_id="580.1|GPU-b")
-    assert len({here, there, ramp_env_fingerprint(spec, gpu, (0,), vllm)}) == 3
+    here = env_fingerprint(spec, gpu, (0,), vllm, machine_id="580.1|GPU-a")
+    there = env_fingerprint(spec, gpu, (0,), vllm, machine_id="580.1|GPU-b")
+    assert len({here, there, env_fingerprint(spec, gpu, (0,), vllm)}) == 3

@@ -13,9 +13,10 @@ from vllm_tuner.launch import LocalLauncher
 from vllm_tuner.models import resolve_model
 from vllm_tuner.nvml import open_nvml
 from vllm_tuner.progress import QuietProgress
-from vllm_tuner.ramp import Ramp, RampPlan, RampRequest, ServeConfig, ramp_env_fingerprint
+from vllm_tuner.ramp import Ramp, RampPlan, RampRequest, ServeConfig
 from vllm_tuner.store import Store
 from vllm_tuner.trial import Timeouts
+from vllm_tuner.trialrecord import env_fingerprint
 
 GIB = 1 << 30
 FLAGS = ["--max-model-len", "16384", "--max-num-seqs", "4"]
@@ -134,7 +135,7 @@ def _ramp(env, store, progress, tmp_path, **plan) -> Ramp:
     )
     return Ramp(
         request,
-        env_fingerprint=ramp_env_fingerprint(spec, gpu, (0,), None),
+        env_fingerprint=env_fingerprint(spec, gpu, (0,), None),
         launcher=LocalLauncher(env.vllm_cmd),
         nvml=nvml,
         store=store,

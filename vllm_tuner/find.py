@@ -11,7 +11,7 @@ import json
 import math
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,6 @@ import yaml
 
 from .devices import CUDA, DeviceKind, device_kind
 from .errors import GpuError, UsageError, VllmError
-from .probe import LoadReport
 from .progress import Progress
 from .rope import describe
 from .search import (
@@ -36,6 +35,7 @@ from .search import (
 )
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
+from .trialrecord import config_from_record, config_record, env_fingerprint, outcome_from_record
 
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
 # The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "swap/offload"
@@ -440,11 +440,7 @@ class Finder:
 
     # -- store ----------------------------------------------------------------------------------
     def env_fingerprint(self) -> str:
-        parts = {
-            **env_parts(self.spec, self.gpu, self.request.gpu_ids, self.vllm_info),
-            "machine": self.machine_id,
-        }
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return env_fingerprint(self.spec, self.gpu, self.request.gpu_ids, self.vllm_info, self.machine_id)
 
     def _open_run(self, env_fp: str):
         req_key = f"{self.request.key()}-{env_fp}"
@@ -453,8 +449,8 @@ class Finder:
         outcomes: list[TrialOutcome] = []
         if prior is not None:
             for rec in self.store.trials(prior.id):
-                cfg = _config_from_record(self.base, rec)
-                outcomes.append(_outcome_from_record(cfg, rec))
+                cfg = config_from_record(self.base, rec)
+                outcomes.append(outcome_from_record(cfg, rec))
                 history.append(self._observation(outcomes[-1]))
             self.store.resume_run(prior.id)
             self.progress.note(f"resuming run {prior.id}: {len(outcomes)} trial(s) already done")
@@ -479,7 +475,7 @@ class Finder:
             }
         self.store.record_trial(
             run_id,
-            config=_config_record(t.config),
+            config=config_record(t.config),
             config_key=t.config.key(),
             env_fingerprint=env_fp,
             category=t.category,
@@ -537,17 +533,6 @@ class Finder:
         status = "done" if winner is not None else "failed"
         self.store.finish_run(run_id, status, result.as_json())
         return result
-
-
-def env_parts(spec, gpu, gpu_ids: Sequence[int], vllm_info) -> dict:
-    """The environment a trial's outcome depends on besides its flags: the model, its weights, the GPUs
-    and the vLLM version. find and ramp each fingerprint these with their own machine parts."""
-    return {
-        "model": spec.serve_name,
-        "weights": getattr(spec, "weights_bytes", None),
-        "gpus": [getattr(gpu, "name", ""), gpu.total_bytes, list(gpu_ids)],
-        "vllm": getattr(vllm_info, "version", ""),
-    }
 
 
 def explain(result: FindResult, total_bytes: int) -> list[str]:
@@ -662,7 +647,7 @@ def _known_failure(cfg: ServeConfig, rec, headroom_bytes: int) -> TrialOutcome |
     that run asked for (a smaller --headroom launches an unstable one again). None: launch it."""
     if rec.category in TRANSIENT:
         return None
-    known = _outcome_from_record(cfg, rec)
+    known = outcome_from_record(cfg, rec)
     known.duration_s = 0.0  # not launched this time
     if rec.verdict == "failed":
         return known
@@ -714,57 +699,6 @@ def _outcome_words(t: TrialOutcome) -> str:
     if "estimated_max_model_len" in f:
         words += f" (vLLM: estimated maximum model length is {int(f['estimated_max_model_len'])})"
     return words
-
-
-def _config_record(cfg: ServeConfig) -> dict:
-    return {
-        "model": cfg.model,
-        "tensor_parallel_size": cfg.tensor_parallel_size,
-        "max_model_len": cfg.max_model_len,
-        "max_num_seqs": cfg.max_num_seqs,
-        "max_num_batched_tokens": cfg.max_num_batched_tokens,
-        "gpu_memory_utilization": cfg.gpu_memory_utilization,
-        "kv_cache_memory_bytes": cfg.kv_cache_memory_bytes,
-        "kv_cache_dtype": cfg.kv_cache_dtype,
-        "enforce_eager": cfg.enforce_eager,
-        "cpu_offload_gb": cfg.cpu_offload_gb,
-        "kv_offloading_size": cfg.kv_offloading_size,
-        "load_format": cfg.load_format,
-        **({"hf_overrides": cfg.hf_overrides} if cfg.hf_overrides else {}),
-        "extra_args": list(cfg.extra_args),
-    }
-
-
-def _config_from_record(base: ServeConfig, rec) -> ServeConfig:
-    data = dict(rec.config)
-    data["extra_args"] = tuple(data.get("extra_args") or ())
-    return base.replace(**{k: v for k, v in data.items() if hasattr(base, k)})
-
-
-def _outcome_from_record(cfg: ServeConfig, rec) -> TrialOutcome:
-    """A stored trial as the outcome it was: its probe's failure and headroom included, so that the
-    result explains a skipped or resumed trial as it explained the launched one."""
-    p = rec.probe or {}
-    report = None
-    if rec.probe:
-        left = p.get("min_headroom_bytes")
-        report = LoadReport(
-            ok=rec.verdict == "stable",
-            server_died=bool(p.get("server_died")),
-            headroom_bytes={0: left} if left is not None else {},
-            peak_used_bytes={int(k): v for k, v in (p.get("peak_used_bytes") or {}).items()},
-            preemptions=p.get("preemptions") or 0,
-        )
-    return TrialOutcome(
-        cfg,
-        rec.category,
-        rec.verdict,
-        dict(rec.facts or {}),
-        probe=report,
-        log_path=Path(rec.log_path) if rec.log_path else None,
-        duration_s=rec.duration_s or 0.0,
-        probe_failure=p.get("failure") or "",
-    )
 
 
 def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int, kind: DeviceKind = CUDA) -> None:

@@ -21,21 +21,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .find import _config_from_record, _config_record, env_parts
 from .progress import Progress
 from .serveconfig import TUNED_FLAGS, ServeConfig, shell_command
 from .store import stable_key
-from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
+from .trial import (
+    SERVER_DIED,
+    ProbePlan,
+    Timeouts,
+    TrialOutcome,
+    TrialSetup,
+    probe_verdict,
+)
+from .trialrecord import config_from_record, config_record
 from .units import format_duration
 
 GIB = 1 << 30
 MAX_CEILING = 0.98
 STRATEGIES = ("linear", "bisect")
 # Ramp-level failure categories (besides the log categories of docs/architecture.md).
-HEADROOM = "headroom_below_minimum"
-PREEMPTIONS = "preemptions_over_limit"
-REQUEST_ERRORS = "request_errors"
-SERVER_DIED = "server_died_under_load"
 
 
 # -- the plan (pure) -----------------------------------------------------------------------------
@@ -297,35 +300,27 @@ def judge_step(
     step.latency_p50_s = report.latency_p50_s
     step.latency_p99_s = report.latency_p99_s
     step.soak_elapsed_s = report.duration_s
-    category, failure = _soak_failure(outcome, report, errors, plan, soak_s, unit)
+    category, failure = _soak_failure(outcome, report, plan, soak_s, unit)
     step.category, step.failure = category, failure
     step.verdict = "pass" if category == "success" else "fail"
     return step
 
 
 def _soak_failure(
-    outcome: TrialOutcome, report, errors: int, plan: RampPlan, soak_s: float | None, unit: str
-):
-    when = f"after {format_duration(report.duration_s)}"
-    if soak_s:
-        when += f" of the {format_duration(soak_s)} soak"
+    outcome: TrialOutcome, report, plan: RampPlan, soak_s: float | None, unit: str
+) -> tuple[str, str]:
+    """A soak fails as a probe does (:func:`trial.probe_verdict`); a death also says when and why."""
     if outcome.category != "success" or report.server_died:
         category = outcome.category if outcome.category != "success" else SERVER_DIED
+        when = f"after {format_duration(report.duration_s)}"
+        if soak_s:
+            when += f" of the {format_duration(soak_s)} soak"
         detail = f": {outcome.evidence.strip()[:160]}" if outcome.evidence else ""
         return category, f"died under load {when} ({category.replace('_', ' ')}){detail}"
-    if errors:
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.errors.items()))
-        return REQUEST_ERRORS, f"{errors} request(s) failed under load ({kinds})"
-    if report.headroom_bytes:
-        gpu, free = min(report.headroom_bytes.items(), key=lambda kv: kv[1])
-        if free < plan.headroom_bytes:
-            return HEADROOM, (
-                f"{unit} {gpu} had {free / GIB:.2f} GiB free at its peak under load, "
-                f"below the {plan.headroom_bytes / GIB:.2f} GiB required"
-            )
-    if plan.max_preemptions is not None and (report.preemptions or 0) > plan.max_preemptions:
-        return PREEMPTIONS, f"{report.preemptions} preemption(s) under load (limit {plan.max_preemptions})"
-    return "success", ""
+    verdict = probe_verdict(
+        report, headroom_bytes=plan.headroom_bytes, max_preemptions=plan.max_preemptions, unit=unit
+    )
+    return verdict.category, verdict.failure
 
 
 def _startup_words(outcome: TrialOutcome) -> str:
@@ -698,7 +693,7 @@ class Ramp:
     def _record(self, outcome: TrialOutcome, step: StepResult) -> None:
         self.store.record_trial(
             self._run_id,
-            config=_config_record(outcome.config),
+            config=config_record(outcome.config),
             config_key=outcome.config.key(),
             env_fingerprint=self.env_fp,
             category=step.category,
@@ -721,7 +716,7 @@ def _step_from_record(rec) -> StepResult:
     data = (rec.probe or {}).get("ramp_step")
     if data:
         return StepResult.from_record(data)
-    cfg = _config_from_record(ServeConfig(model=rec.config.get("model", "")), rec)
+    cfg = config_from_record(ServeConfig(model=rec.config.get("model", "")), rec)
     return StepResult(cfg.gpu_memory_utilization or 0.0, "soak", "fail", rec.category)
 
 
@@ -790,16 +785,3 @@ def summary_table(steps: Sequence[StepResult], unit: str = "GPU") -> list[str]:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-
-
-def ramp_env_fingerprint(spec, gpu, gpu_ids: Sequence[int], vllm_info, *, machine_id: str = "") -> str:
-    """The same environment parts find fingerprints: model, GPUs, vLLM, and the machine (driver and GPU
-    UUIDs, from NVML) when known, so a past failure only applies on the same machine."""
-    parts = {
-        **env_parts(spec, gpu, gpu_ids, vllm_info),
-        "uuids": list(getattr(gpu, "uuids", []) or []),
-        "driver": getattr(gpu, "driver", ""),
-    }
-    if machine_id:
-        parts["machine"] = machine_id
-    return stable_key(parts)

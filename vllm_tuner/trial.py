@@ -279,24 +279,56 @@ def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_
     )
 
 
-def judge_probe(report, plan: ProbePlan, unit: str = "GPU") -> str:
-    """Why a load probe failed, or "" if the config held: alive, no errors, headroom on every device
-    (a ``unit``: "GPU", "NUMA node")."""
+# What a load can show besides a clean pass; a probe (find) and a soak (ramp) are judged the same way.
+SERVER_DIED = "server_died_under_load"
+REQUEST_ERRORS = "request_errors"
+HEADROOM = "headroom_below_minimum"
+PREEMPTIONS = "preemptions_over_limit"
+
+
+@dataclass(frozen=True)
+class ProbeVerdict:
+    """How a config held under a load: ``category`` ("success" or one of the four above) and, when it
+    did not hold, the words that say why."""
+
+    category: str = "success"
+    failure: str = ""
+
+
+def probe_verdict(
+    report, *, headroom_bytes: int, max_preemptions: int | None, unit: str = "GPU"
+) -> ProbeVerdict:
+    """Alive, no failed request, ``headroom_bytes`` left on every device (a ``unit``: "GPU", "NUMA
+    node") and preemptions within ``max_preemptions`` (None: any), in that order."""
     if report.server_died:
-        return "the server died under load"
-    errors = sum(report.errors.values()) if isinstance(report.errors, dict) else int(report.errors or 0)
-    if errors:
-        return f"{errors} request(s) failed under load"
+        return ProbeVerdict(SERVER_DIED, "the server died under load")
+    errors = report.errors if isinstance(report.errors, dict) else {}
+    failed = sum(errors.values()) if errors else int(report.errors or 0)
+    if failed:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(errors.items()))
+        return ProbeVerdict(
+            REQUEST_ERRORS, f"{failed} request(s) failed under load" + (f" ({kinds})" if kinds else "")
+        )
     if report.headroom_bytes:
-        worst_gpu, worst = min(report.headroom_bytes.items(), key=lambda kv: kv[1])
-        if worst < plan.headroom_bytes:
-            return (
-                f"{unit} {worst_gpu} had {worst / GIB:.2f} GiB headroom under load, "
-                f"below the {plan.headroom_bytes / GIB:.2f} GiB required"
+        worst_device, worst = min(report.headroom_bytes.items(), key=lambda kv: kv[1])
+        if worst < headroom_bytes:
+            return ProbeVerdict(
+                HEADROOM,
+                f"{unit} {worst_device} had {worst / GIB:.2f} GiB headroom under load, "
+                f"below the {headroom_bytes / GIB:.2f} GiB required",
             )
-    if plan.max_preemptions is not None and (report.preemptions or 0) > plan.max_preemptions:
-        return f"{report.preemptions} preemptions under load (limit {plan.max_preemptions})"
-    return ""
+    if max_preemptions is not None and (report.preemptions or 0) > max_preemptions:
+        return ProbeVerdict(
+            PREEMPTIONS, f"{report.preemptions} preemption(s) under load (limit {max_preemptions})"
+        )
+    return ProbeVerdict()
+
+
+def judge_probe(report, plan: ProbePlan, unit: str = "GPU") -> str:
+    """Why a load probe failed, or "" if the config held (:func:`probe_verdict`'s words)."""
+    return probe_verdict(
+        report, headroom_bytes=plan.headroom_bytes, max_preemptions=plan.max_preemptions, unit=unit
+    ).failure
 
 
 def _evidence(watcher) -> str:

@@ -344,3 +344,39 @@ def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
     )
     finder.log_dir = find_run_dir(runtime, request, finder.env_fingerprint())
     return finder
+
+
+def device_ids(gpus: int | None, gpu_ids: str | None) -> list[int] | None:
+    """The devices ``--gpus N`` / ``--gpu-ids A,B`` name (None: ``--gpus``, or the default), checked."""
+    if gpus is not None and gpu_ids:
+        raise UsageError("--gpus and --gpu-ids cannot be combined", "use one of them")
+    if gpus is not None and gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {gpus}", "pass e.g. --gpus 1")
+    if gpu_ids is None:
+        return None
+    try:
+        ids = [int(x) for x in gpu_ids.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(
+            f"--gpu-ids must be comma-separated integers, got {gpu_ids!r}", "pass e.g. --gpu-ids 0,2"
+        ) from None
+    if not ids:
+        raise UsageError(f"--gpu-ids names no GPU, got {gpu_ids!r}", "pass e.g. --gpu-ids 0,2")
+    return ids
+
+
+def model_and_devices(runtime, model: str, gpus: int | None, ids: list[int] | None):
+    """The model's spec, the target devices and the open memory reader for ``find`` and ``ramp``."""
+    from ..gpus import resolve_gpus
+    from ..models import resolve_model
+
+    spec = resolve_model(model)
+    nvml = runtime.open_nvml()
+    gpu = resolve_gpus(
+        gpus=gpus if ids is None else None,
+        gpu_ids=ids,
+        gpu_name=None,
+        gpu_memory=None,
+        nvml_opener=lambda: nvml,
+    )
+    return spec, gpu, nvml

@@ -15,10 +15,12 @@ from ..search import GIB
 from ..serveconfig import SHORT_OPTIONS, shell_command
 from ..units import format_duration, parse_duration
 from ._common import (
+    device_ids,
     emit_json,
     extra_argument,
     gpu_uuids,
     headroom_option,
+    model_and_devices,
     path_option,
     runtime_finder,
     runtime_options,
@@ -151,7 +153,7 @@ def command(
         raise UsageError(
             "fixed targets need both --context and --seqs", "pass e.g. --context 131072 --seqs 8"
         )
-    ids = _gpu_ids(gpus, gpu_ids)
+    ids = device_ids(gpus, gpu_ids)
     _check_passthrough(extra, dummy_trials=dummy_trials)
     _check_knob_order(knob_order)
     if write_config is not None:
@@ -161,7 +163,7 @@ def command(
     request_objective = "targets" if target_context else objective
     allowed = _allow(allow)
     _note_missing_knobs(runtime, allowed)
-    spec, gpu, nvml = _model_and_gpus(runtime, model, gpus, ids)
+    spec, gpu, nvml = model_and_devices(runtime, model, gpus, ids)
     ids = tuple(gpu.ids)
     tp_size = tp or len(ids)
     _check_heads(spec, tp_size, using_ids=gpu_ids is not None)
@@ -259,24 +261,6 @@ def _show_default(cmd: click.Command, name: str, text: str) -> None:
 
 
 _show_default(command, "gpus", "1")
-
-
-def _gpu_ids(gpus: int | None, gpu_ids: str | None) -> list[int] | None:
-    if gpus is not None and gpu_ids:
-        raise UsageError("--gpus and --gpu-ids cannot be combined", "use one of them")
-    if gpus is not None and gpus < 1:
-        raise UsageError(f"--gpus must be at least 1, got {gpus}", "pass e.g. --gpus 1")
-    if gpu_ids is None:
-        return None
-    try:
-        ids = [int(x) for x in gpu_ids.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(
-            f"--gpu-ids must be comma-separated integers, got {gpu_ids!r}", "pass e.g. --gpu-ids 0,2"
-        ) from None
-    if not ids:
-        raise UsageError(f"--gpu-ids names no GPU, got {gpu_ids!r}", "pass e.g. --gpu-ids 0,2")
-    return ids
 
 
 # vLLM flags find sets or steers itself, as (why, fix): passed through after ``--`` they would come
@@ -520,22 +504,6 @@ def _check_tp_uses_every_gpu(spec, tp: int, ids: Sequence[int], *, gpus_given: b
     if spec.shards_over(n):
         fix += f", or -tp {n}"
     raise UsageError(problem, fix)
-
-
-def _model_and_gpus(runtime, model: str, gpus: int | None, ids: list[int] | None):
-    from ..gpus import resolve_gpus
-    from ..models import resolve_model
-
-    spec = resolve_model(model)
-    nvml = runtime.open_nvml()
-    gpu = resolve_gpus(
-        gpus=gpus if ids is None else None,
-        gpu_ids=ids,
-        gpu_name=None,
-        gpu_memory=None,
-        nvml_opener=lambda: nvml,
-    )
-    return spec, gpu, nvml
 
 
 def _note_missing_knobs(runtime, allowed: frozenset[str]) -> None:

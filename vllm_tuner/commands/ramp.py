@@ -10,17 +10,18 @@ from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..units import format_duration, parse_duration
 from ._common import (
+    device_ids,
     emit_json,
     extra_argument,
     gpu_uuids,
     headroom_option,
     machine_id,
+    model_and_devices,
     path_option,
     runtime_options,
     target_options,
     timeout_options,
 )
-from .find import _gpu_ids, _model_and_gpus
 
 GIB = 1 << 30
 
@@ -155,8 +156,8 @@ def command(
     if runtime.simulated is not None:  # simulated hours pass as fast as the simulated vLLM's
         plan = RampPlan(**{**plan.__dict__, "soak_s": plan.soak_s / runtime_args.sim_time_scale})
         warmup_s /= runtime_args.sim_time_scale
-    ids = _gpu_ids(gpus, gpu_ids)
-    spec, gpu, nvml = _model_and_gpus(runtime, model, gpus, ids)
+    ids = device_ids(gpus, gpu_ids)
+    spec, gpu, nvml = model_and_devices(runtime, model, gpus, ids)
     ids = tuple(gpu.ids)
     config = config_from_args(
         spec.serve_name,
@@ -203,14 +204,15 @@ def command(
 
 def _run(runtime, request, spec, gpu, nvml):
     from ..launch import detect_vllm
-    from ..ramp import Ramp, ramp_env_fingerprint
+    from ..ramp import Ramp
+    from ..trialrecord import env_fingerprint
 
     vllm_info = detect_vllm(runtime.launcher)
     try:
         with runtime.open_store() as store:
             ramp = Ramp(
                 request,
-                env_fingerprint=ramp_env_fingerprint(
+                env_fingerprint=env_fingerprint(
                     spec, gpu, request.gpu_ids, vllm_info, machine_id=machine_id(nvml, request.gpu_ids)
                 ),
                 launcher=runtime.launcher,
