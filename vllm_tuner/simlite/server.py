@@ -609,6 +609,11 @@ def make_handler(eng: Engine, served: str, max_len: int, api_key: str | None):
             except ValueError:
                 self._send(400, error("Invalid JSON body", "body"))
                 return
+            if path == "/tokenize":
+                from .tokenize import answer
+
+                self._send(*answer(body, served, max_len))
+                return
             if path == "/ping":
                 self._send(503 if eng.dead else 200, b"", "text/plain")
                 return
