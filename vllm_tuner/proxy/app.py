@@ -266,7 +266,7 @@ class Proxy:
             self.metrics.add("compressed_prompt_tokens_after_total", fitted.after, model=model)
             self.metrics.add("compressed_turns_total", fitted.turns, model=model)
             self.log.info(
-                "chat %s: compressed %s (%s, max-model-len %d) -> %s answered %d",
+                "%s: compressed a chat %s (%s, max-model-len %d); %s answered %d",
                 model, fitted.note, fitted.strategy, fitted.max_len, url, response.status_code,
             )  # fmt: skip
 
@@ -278,7 +278,7 @@ class Proxy:
 
     def _too_long(self, model: str, message: str) -> Response:
         self.metrics.add("too_long_total", model=model)
-        self.log.info("chat %s refused: %s", model, message)
+        self.log.info("%s: refused a chat: %s", model, message)
         return error_response(message, "BadRequestError", 400, "input_tokens")
 
     def _upstream_failed(self, url: str, kind: str, message: str, code: int) -> Response:
