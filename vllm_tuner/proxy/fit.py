@@ -14,6 +14,7 @@ from typing import Protocol
 
 from .cache import Lru
 from .context import (
+    MIN_CUT_TOKENS,
     Plan,
     Sizes,
     apply_plan,
@@ -34,7 +35,7 @@ from .upstream import SummaryFailed
 
 ATTEMPTS = 4  # plans, each tighter by what the last one was over, before the least form is tried
 MARGIN_TOKENS = 8  # added to each tightening, so estimates that are off by a little converge
-SUMMARY_PROMPT_TOKENS = 192  # the summarising instruction, its template and the transcript's role labels
+SUMMARY_MARGIN_TOKENS = 32  # for the transcript's role labels and estimates that are off by a little
 
 
 class Counter(Protocol):
@@ -140,8 +141,13 @@ class ContextKeeper:
                 start, summary = n, known
                 self.metrics.add("summary_cache_hits_total", model=model)
                 break
-        room = max_len - 2 * plan.summary_tokens - SUMMARY_PROMPT_TOKENS  # the answer and the summary so far
-        if room < 64:
+        if start == len(wanted):
+            return summary
+        skeleton = summary_prompt("x", "", plan.summary_tokens)  # the instruction and the labels, counted
+        instruction, _ = await self.counter.count_chat(url, tokenize_request({"model": model}, skeleton))
+        # the transcript's room: less the instruction, the answer, the summary so far and a margin
+        room = max_len - instruction - 2 * plan.summary_tokens - SUMMARY_MARGIN_TOKENS
+        if room < MIN_CUT_TOKENS:
             raise SummaryFailed(f"max-model-len {max_len} leaves no room to summarise in")
         position = {i: n for n, i in enumerate(wanted)}
         for chunk in summary_chunks(wanted[start:], sizes, room):
