@@ -81,7 +81,9 @@ async def discover(targets: tuple[str, ...], upstreams: Upstreams, *, strict: bo
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before uvicorn takes it so a port in use is one line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, as getaddrinfo names it for uvicorn's own sockets: asyncio sets TCP_NODELAY only on
+    # connections of such a socket (without it every response waits 40 ms for a delayed ACK)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
