@@ -39,6 +39,14 @@ class Upstream:
             return httpx.Response(200 if self.healthy else 503)
         body = json.loads(request.content)
         self.received.append((path, body, request.headers))
+        if not all(isinstance(m, dict) for m in body.get("messages", [])):  # vLLM's validation error
+            error = {
+                "message": "messages.0: Input should be a valid dictionary",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            }
+            return httpx.Response(400, json={"error": error})
         if path == "/tokenize":
             if not self.tokenize:
                 return httpx.Response(404, json={"detail": "Not Found"})
@@ -292,3 +300,26 @@ def test_an_unknown_model_rereads_the_upstreams_at_most_every_few_seconds():
         assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == ["chat-v2"]
 
     run(upstreams, exchange, clock=lambda: now[0])
+
+
+def test_a_malformed_chat_gets_the_upstreams_own_400_and_counts_nothing():
+    a = Upstream("chat")
+
+    async def exchange(client, proxy):
+        for messages in (["hello"], [{"role": "user", "content": "hi"}, 3]):
+            refused = await client.post("/v1/chat/completions", json={"model": "chat", "messages": messages})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["message"] == "messages.0: Input should be a valid dictionary"
+        # /tokenize refuses it (both flags): the upstream's chat route answers for itself, no warning
+        both = {"add_generation_prompt": True, "continue_final_message": True}
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], **both}
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        assert proxy.metrics.value("uncounted_total", model="chat") == 0 and not proxy.uncounted
+
+    run({A: a}, exchange)
+    assert [p for p, _, _ in a.received] == [
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/v1/chat/completions",
+    ]

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from .fit import MARGIN_TOKENS, ContextKeeper, Fitted, TooLong, length_error
 from .metrics import ProxyMetrics
 from .routing import RoutingTable, pick
-from .upstream import CountUnavailable, Upstreams
+from .upstream import CountRefused, CountUnavailable, Upstreams
 
 CHAT = "/v1/chat/completions"
 RELAYED = (CHAT, "/v1/completions", "/v1/embeddings")
@@ -180,7 +180,8 @@ class Proxy:
         if url is None:
             names = ", ".join(self.router.table.names())
             message = f"The model `{model}` does not exist. Valid aliases: {names}."
-            return self._count(route, model, error_response(message, "NotFoundError", 404, "model"))
+            # counted without the name: a client's made-up names must not make a series each
+            return self._count(route, "", error_response(message, "NotFoundError", 404, "model"))
         self.router.begin(url)
         answered: Response | None = None
         try:
@@ -207,7 +208,13 @@ class Proxy:
         self, route: str, url: str, model: str, body: dict, raw: bytes, headers: Mapping[str, str]
     ) -> Response:
         fitted: Fitted | None = None
-        if route == CHAT and isinstance(body.get("messages"), list) and body["messages"]:
+        messages = body.get("messages")
+        if (
+            route == CHAT
+            and isinstance(messages, list)
+            and messages
+            and all(isinstance(m, dict) for m in messages)
+        ):
             try:
                 fitted = await self._fit(url, model, body)
             except TooLong as exc:
@@ -238,6 +245,8 @@ class Proxy:
         """The chat fitted to ``url``'s context; None when it cannot be counted (sent as it came)."""
         try:
             return await self.keeper.fit(url, body, tighter_by=tighter_by)
+        except CountRefused:  # the request is malformed: the upstream's own answer will say how
+            return None
         except CountUnavailable as exc:
             self.metrics.add("uncounted_total", model=model)
             if url not in self.uncounted:

@@ -37,6 +37,10 @@ class CountUnavailable(Exception):
     """An upstream's ``/tokenize`` did not count (not vLLM, ``--skip-tokenizer-init``, an error)."""
 
 
+class CountRefused(CountUnavailable):
+    """``/tokenize`` refused the request as malformed (400, 422): the chat request is."""
+
+
 class SummaryFailed(Exception):
     """The upstream model did not write a summary."""
 
@@ -101,9 +105,8 @@ class Upstreams:
         except ValueError:
             answer = None
         if response.status_code != 200 or not isinstance(answer, dict):
-            raise CountUnavailable(
-                f"{url}/tokenize answered HTTP {response.status_code} {response.text[:200]!r}"
-            )
+            refused = CountRefused if response.status_code in (400, 422) else CountUnavailable
+            raise refused(f"{url}/tokenize answered HTTP {response.status_code} {response.text[:200]!r}")
         if not isinstance(answer.get("count"), int) or not isinstance(answer.get("max_model_len"), int):
             raise CountUnavailable(f"{url}/tokenize answered without count and max_model_len")
         return answer
