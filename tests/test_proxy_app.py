@@ -258,7 +258,7 @@ def test_an_upstream_that_cannot_count_gets_the_chat_as_it_came():
 
 def test_an_unreachable_upstream_is_a_502_and_a_bug_a_500_never_a_traceback():
     class Broken(ContextKeeper):
-        async def fit(self, url, body, *, tighter_by=0):
+        async def fit(self, url, model, body, *, tighter_by=0):
             raise RuntimeError("boom")
 
     async def exchange(client, proxy):

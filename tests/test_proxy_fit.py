@@ -70,7 +70,7 @@ def tokens(messages: list[dict]) -> int:
 def test_a_chat_that_fits_goes_as_it_came_after_one_count():
     counter = Counter()
     fitted = asyncio.run(
-        keeper(counter).fit("u", {"model": "m", "messages": conversation(2), "max_tokens": 64})
+        keeper(counter).fit("u", "m", {"model": "m", "messages": conversation(2), "max_tokens": 64})
     )
     assert fitted.messages is None and fitted.before == fitted.after == tokens(conversation(2))
     assert len(counter.chats) == 1
@@ -80,7 +80,9 @@ def test_trim_fits_a_conversation_three_times_the_context():
     messages = conversation(12)
     assert tokens(messages) > 3 * MAX_LEN
     counter = Counter()
-    fitted = asyncio.run(keeper(counter).fit("u", {"model": "m", "messages": messages, "max_tokens": 100}))
+    fitted = asyncio.run(
+        keeper(counter).fit("u", "m", {"model": "m", "messages": messages, "max_tokens": 100})
+    )
     assert fitted.messages is not None and fitted.strategy == "trim"
     assert fitted.after == tokens(fitted.messages) <= MAX_LEN - 100
     assert fitted.before == tokens(messages)
@@ -94,7 +96,7 @@ def test_summarize_writes_a_summary_and_a_growing_chat_reuses_it():
     counter = Counter()
     kept = keeper(counter, "summarize")
     messages = conversation(12)
-    fitted = asyncio.run(kept.fit("u", {"model": "m", "messages": messages, "max_tokens": 100}))
+    fitted = asyncio.run(kept.fit("u", "m", {"model": "m", "messages": messages, "max_tokens": 100}))
     assert fitted.strategy == "summarize" and fitted.after <= MAX_LEN - 100
     assert fitted.messages[0]["content"].startswith(messages[0]["content"])
     assert f"{SUMMARY_HEADER}\nthe gist" in fitted.messages[0]["content"]
@@ -110,7 +112,7 @@ def test_summarize_writes_a_summary_and_a_growing_chat_reuses_it():
         {"role": "user", "content": "really?"},
     ]
     metrics = kept.metrics
-    fitted = asyncio.run(kept.fit("u", {"model": "m", "messages": grown, "max_tokens": 100}))
+    fitted = asyncio.run(kept.fit("u", "m", {"model": "m", "messages": grown, "max_tokens": 100}))
     assert fitted.strategy == "summarize" and fitted.after <= MAX_LEN - 100
     assert metrics.value("summary_cache_hits_total", model="m") >= 1
     assert len(counter.summaries) - first <= 1  # only what was added since is summarised
@@ -120,12 +122,11 @@ def test_a_summary_that_cannot_be_written_trims_instead():
     metrics = ProxyMetrics()
     counter = Counter(summary=None)
     fitted = asyncio.run(
-        keeper(counter, "summarize", metrics).fit(
-            "u", {"model": "m", "messages": conversation(12), "max_tokens": 100}
-        )
+        keeper(counter, "summarize", metrics).fit("u", "m", {"messages": conversation(12), "max_tokens": 100})
     )
     assert fitted.strategy == "trim" and fitted.after <= MAX_LEN - 100
-    assert metrics.value("summary_failures_total", model="m") >= 1
+    assert metrics.value("summary_failures_total", model="m") == 1
+    assert len(counter.summaries) == 1  # not asked again for the same chat
 
 
 def test_a_latest_message_that_cannot_fit_is_refused_saying_by_how_much():
@@ -133,7 +134,7 @@ def test_a_latest_message_that_cannot_fit_is_refused_saying_by_how_much():
     messages[-1]["content"] = "word " * 1000  # 1250 tokens alone
     least = tokens([messages[0], messages[-1]])
     with pytest.raises(TooLong) as refused:
-        asyncio.run(keeper(Counter()).fit("u", {"model": "m", "messages": messages, "max_tokens": 50}))
+        asyncio.run(keeper(Counter()).fit("u", "m", {"model": "m", "messages": messages, "max_tokens": 50}))
     over = least + 50 - MAX_LEN
     assert f"your messages take {least} input tokens" in str(refused.value)
     assert f"{over} tokens too many" in str(refused.value)
@@ -144,14 +145,16 @@ def test_tighter_compresses_a_chat_the_count_said_fits():
     count = tokens(messages)
     assert count + 100 <= MAX_LEN
     fitted = asyncio.run(
-        keeper(Counter()).fit("u", {"model": "m", "messages": messages, "max_tokens": 100}, tighter_by=300)
+        keeper(Counter()).fit(
+            "u", "m", {"model": "m", "messages": messages, "max_tokens": 100}, tighter_by=300
+        )
     )
     assert fitted.messages is not None and fitted.after <= MAX_LEN - 100 - 300
 
 
 def test_a_reply_as_long_as_the_context_is_left_to_the_upstream_to_refuse():
     fitted = asyncio.run(
-        keeper(Counter()).fit("u", {"model": "m", "messages": conversation(12), "max_tokens": MAX_LEN})
+        keeper(Counter()).fit("u", "m", {"model": "m", "messages": conversation(12), "max_tokens": MAX_LEN})
     )
     assert fitted.messages is None
 
@@ -162,4 +165,4 @@ def test_a_counter_that_cannot_count_says_so():
             raise CountUnavailable("u/tokenize answered HTTP 404")
 
     with pytest.raises(CountUnavailable):
-        asyncio.run(keeper(Uncounting()).fit("u", {"model": "m", "messages": conversation(1)}))
+        asyncio.run(keeper(Uncounting()).fit("u", "m", {"model": "m", "messages": conversation(1)}))

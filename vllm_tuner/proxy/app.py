@@ -244,7 +244,7 @@ class Proxy:
     async def _fit(self, url: str, model: str, body: dict, *, tighter_by: int = 0) -> Fitted | None:
         """The chat fitted to ``url``'s context; None when it cannot be counted (sent as it came)."""
         try:
-            return await self.keeper.fit(url, body, tighter_by=tighter_by)
+            return await self.keeper.fit(url, model, body, tighter_by=tighter_by)
         except CountRefused:  # the request is malformed: the upstream's own answer will say how
             return None
         except CountUnavailable as exc:

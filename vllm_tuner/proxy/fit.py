@@ -81,9 +81,9 @@ class ContextKeeper:
         self.metrics = metrics
         self.log = log
 
-    async def fit(self, url: str, body: dict, *, tighter_by: int = 0) -> Fitted:
-        """``body``'s chat as it fits ``url``'s context (``tighter_by`` tokens short of it). Raises
-        TooLong, and the counter's CountUnavailable."""
+    async def fit(self, url: str, model: str, body: dict, *, tighter_by: int = 0) -> Fitted:
+        """``body``'s chat (for ``model``) as it fits ``url``'s context, ``tighter_by`` tokens short of
+        it. Raises TooLong, and the counter's CountUnavailable."""
         messages = body["messages"]
         count, max_len = await self.counter.count_chat(url, tokenize_request(body, messages))
         reply = reply_tokens(body, max_len)
@@ -92,17 +92,19 @@ class ContextKeeper:
             return Fitted(None, count, count, 0, max_len)
         texts = await self.counter.count_texts(url, body.get("model"), [message_text(m) for m in messages])
         shape, sizes = conversation_shape(messages), Sizes.of(messages, texts, count)
-        budget = limit
+        budget, strategy = limit, self.strategy
         for _ in range(ATTEMPTS):
-            plan = plan_fit(shape, sizes, budget, self.strategy)
+            plan = plan_fit(shape, sizes, budget, strategy)
             if plan.excess:
                 break
-            strategy, compressed = await self._compressed(url, body, plan, sizes, budget, max_len)
+            used, compressed = await self._compressed(url, model, messages, plan, sizes, budget, max_len)
             if compressed is None:
                 break
+            if plan.summarized and used == "trim":  # the summary failed: trim from now on
+                strategy = "trim"
             after, _ = await self.counter.count_chat(url, tokenize_request(body, compressed))
             if after <= limit:
-                return Fitted(compressed, count, after, plan.turns, max_len, strategy)
+                return Fitted(compressed, count, after, plan.turns, max_len, used)
             budget -= after - limit + MARGIN_TOKENS
         least = minimal_plan(shape, sizes)
         compressed = apply_plan(messages, least, sizes)
@@ -112,17 +114,17 @@ class ContextKeeper:
         raise TooLong(too_long_message(max_len, after, reply, names_reply(body), tighter_by))
 
     async def _compressed(
-        self, url: str, body: dict, plan: Plan, sizes: Sizes, budget: int, max_len: int
+        self, url: str, model: str, messages: list[dict], plan: Plan, sizes: Sizes, budget: int, max_len: int
     ) -> tuple[str, list[dict] | None]:
-        """(the strategy used, the messages) of a plan: its summary written, or trimmed when it cannot be."""
-        messages = body["messages"]
+        """(the strategy used, the messages) of a plan: its summary written, or trimmed when it cannot
+        be; no messages when even trimmed it cannot fit."""
         if not plan.summarized:
             return "trim", apply_plan(messages, plan, sizes)
         try:
-            summary = await self._summary(url, str(body.get("model") or ""), messages, plan, sizes, max_len)
+            summary = await self._summary(url, model, messages, plan, sizes, max_len)
         except SummaryFailed as exc:
-            self.metrics.add("summary_failures_total", model=str(body.get("model")))
-            self.log.warning("summary of %s failed (%s): trimming instead", body.get("model"), exc)
+            self.metrics.add("summary_failures_total", model=model)
+            self.log.warning("%s: a summary could not be written (%s): trimming instead", model, exc)
             trimmed = plan_fit(conversation_shape(messages), sizes, budget, "trim")
             return "trim", None if trimmed.excess else apply_plan(messages, trimmed, sizes)
         return "summarize", apply_plan(messages, plan, sizes, summary)
