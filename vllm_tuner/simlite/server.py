@@ -545,7 +545,7 @@ class Histogram:
 def make_handler(eng: Engine, served: str, max_len: int, api_key: str | None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # TCP_NODELAY as asyncio sets it for vLLM: no 40 ms stall before a body
+        disable_nagle_algorithm = True  # TCP_NODELAY, as asyncio sets it for vLLM's server
 
         def log_message(self, *args) -> None:
             pass
