@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "deploy",
         "Write a deployment as shell, compose, systemd, Kubernetes, Helm, LiteLLM, router or Ray files.",
     ),
+    "proxy": ("proxy", "One OpenAI endpoint for vLLM servers: route by model, keep chats in context."),
 }
 
 

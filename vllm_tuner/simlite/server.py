@@ -674,6 +674,7 @@ def make_handler(
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # TCP_NODELAY, as asyncio sets it for vLLM's server
 
         def log_message(self, *args) -> None:
             pass
@@ -737,6 +738,11 @@ def make_handler(
                 body = json.loads(self.rfile.read(length) or b"{}")
             except ValueError:
                 self._send(400, error("Invalid JSON body", "body"))
+                return
+            if path == "/tokenize":
+                from .tokenize import answer
+
+                self._send(*answer(body, served, max_len))
                 return
             if path == "/ping":
                 self._send(503 if eng.dead else 200, b"", "text/plain")
