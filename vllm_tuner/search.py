@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import failures
+from .failures import Response
 from .serveconfig import ServeConfig
 
 GIB = 1 << 30
@@ -49,15 +51,6 @@ PROFILE_NOISE_GIB = 48 / 1024
 ESTIMATE_ERROR = 0.05
 # Weights vLLM loaded further than this from the estimate: the estimate is wrong about the model itself
 WEIGHTS_TOLERANCE = 0.15
-
-# Categories that no flag change within the search can fix.
-HOPELESS = {
-    "unsupported_flag_or_arg_error": "vLLM rejected the command line",
-    "engine_core_died_other": "vLLM died for a reason that is not memory",
-    "port_in_use": "another process holds the server's port",
-    "startup_timeout": "vLLM did not become ready in time",
-    "unknown": "vLLM stopped without a recognisable cause",
-}
 
 
 class EstimateView(Protocol):
@@ -167,6 +160,17 @@ class Finish:
 
 
 @dataclass
+class _Seen:
+    """What the walk over the history carries from one launch to the next (``Policy.caps``)."""
+
+    stable: bool = False  # a stable probe so far
+    graph_failures: int = 0
+    runtime_cap: float | None = None  # the utilization the failures under load allow
+    lowest_unstable: float = 1.0
+    free_since_stable: float = 1.0  # what a start found free after the last stable probe: the lift's limit
+
+
+@dataclass
 class _Caps:
     """What the history has taught: upper bounds and escalations, derived fresh on every decision."""
 
@@ -215,60 +219,18 @@ class Policy:
         if self._start_util_cap is not None:
             util = min(util, self._start_util_cap)
         caps = _Caps(util=_round_util(util))
-        graph_failures = 0
-        runtime_cap: float | None = None
-        lowest_unstable = 1.0
-        seen_stable = False
-        free_since_stable = 1.0  # what a start found free after the last stable probe: the lift's limit
+        seen = _Seen()
         for obs in history:
-            cat, facts, cfg = obs.category, obs.facts, obs.config
-            used_util = cfg.gpu_memory_utilization or 0.92
-            seen_stable = seen_stable or obs.stable
-            if cat == "startup_free_memory_below_utilization":
-                free, total = facts.get("free_gib"), facts.get("total_gib")
-                cap = free / total if free and total else used_util - 0.05  # floored to 0.01 below
-                caps.util = min(caps.util, _round_util(cap))
-                if seen_stable:
-                    free_since_stable = min(free_since_stable, _round_util(cap))
-                caps.notes.append(f"only {free} GiB of {total} GiB was free at startup")
-            elif cat == "oom_cudagraph_capture":
-                graph_failures += 1
-                caps.util = min(caps.util, round(used_util - UTIL_STEP * graph_failures, 2))
-                caps.notes.append(f"{used_util:.2f} failed in CUDA-graph capture")
-            elif cat == "oom_at_runtime" or (obs.booted and obs.probe and not obs.probe.ok):
-                after = self._util_after_runtime_failure(obs)
-                runtime_cap = after if runtime_cap is None else min(runtime_cap, after)
-                lowest_unstable = min(lowest_unstable, used_util)
-                caps.notes.append(f"{used_util:.2f} was not stable under load ({_probe_words(obs)})")
-            elif cat == "oom_during_profiling":
-                tokens = cfg.max_num_batched_tokens or facts.get("max_num_batched_tokens") or 8192
-                if int(tokens) <= MIN_BATCHED_TOKENS:
-                    caps.stop = (
-                        f"profiling ran out of memory even at {tokens} batched tokens: the weights and "
-                        "vLLM's own memory leave no room"
-                    )
-                caps.batched_tokens = max(cfg.max_num_seqs or 1, MIN_BATCHED_TOKENS, int(tokens) // 2)
-                caps.notes.append(f"profiling ran out of memory at {tokens} batched tokens")
-            elif cat == "mamba_blocks_below_max_num_seqs":
-                limit = facts.get("max_num_seqs_limit")
-                if limit:
-                    caps.seqs = min(caps.seqs or limit, int(limit))
-            elif cat == "no_kv_cache_memory":
-                caps.notes.append(f"no memory was left for the KV cache at {used_util:.2f}")
-            elif cat == "oom_weights_load":
-                caps.stop = f"the weights alone do not fit on the {req.device_unit}s"
-            elif cat in HOPELESS:
-                caps.stop, caps.stop_is_memory = HOPELESS[cat], False
-            elif cat == "profiling_memory_changed" and _count(history, cat) >= 2:
-                caps.stop = (
-                    f"another process changed {req.device_unit} memory while vLLM was profiling, twice"
-                )
+            seen.stable = seen.stable or obs.stable
+            learn = self._LEARN[failures.category(obs.category).response]
+            learn(self, caps, seen, obs, history)
         lift = self._util_lift(history)
+        runtime_cap = seen.runtime_cap
         if runtime_cap is not None:
             # the step down after a failure under load is conservative; a stable probe's own headroom
             # may show that a higher step holds the headroom too (never the step that failed)
             if lift is not None:
-                runtime_cap = max(runtime_cap, min(lift, round(lowest_unstable - UTIL_STEP, 2)))
+                runtime_cap = max(runtime_cap, min(lift, round(seen.lowest_unstable - UTIL_STEP, 2)))
             caps.util = min(caps.util, runtime_cap)
         elif lift is not None and lift > caps.util:
             # memory another process held when the search began (or at a failed start) was freed: a
@@ -278,7 +240,7 @@ class Policy:
             top = min(
                 [
                     req.util_ceiling,
-                    free_since_stable,
+                    seen.free_since_stable,
                     *(round(u - UTIL_STEP, 2) for u in failed if u > caps.util),
                 ]
             )
@@ -290,6 +252,93 @@ class Policy:
                 f"the usable --gpu-memory-utilization fell below {self.request.util_floor:.2f}"
             )
         return caps
+
+    # one handler per failures.Response: what a launch that ended so teaches the caps
+    def _learn_booted(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        if obs.probe and not obs.probe.ok:
+            self._learn_headroom(caps, seen, obs, history)
+
+    def _learn_free_memory(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        free, total = obs.facts.get("free_gib"), obs.facts.get("total_gib")
+        cap = free / total if free and total else _used_util(obs) - 0.05  # floored to 0.01 below
+        caps.util = min(caps.util, _round_util(cap))
+        if seen.stable:
+            seen.free_since_stable = min(seen.free_since_stable, _round_util(cap))
+        caps.notes.append(f"only {free} GiB of {total} GiB was free at startup")
+
+    def _learn_graph_capture(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        used_util = _used_util(obs)
+        seen.graph_failures += 1
+        caps.util = min(caps.util, round(used_util - UTIL_STEP * seen.graph_failures, 2))
+        caps.notes.append(f"{used_util:.2f} failed in CUDA-graph capture")
+
+    def _learn_headroom(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        used_util = _used_util(obs)
+        after = self._util_after_runtime_failure(obs)
+        seen.runtime_cap = after if seen.runtime_cap is None else min(seen.runtime_cap, after)
+        seen.lowest_unstable = min(seen.lowest_unstable, used_util)
+        caps.notes.append(f"{used_util:.2f} was not stable under load ({_probe_words(obs)})")
+
+    def _learn_batched_tokens(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        cfg = obs.config
+        tokens = cfg.max_num_batched_tokens or obs.facts.get("max_num_batched_tokens") or 8192
+        if int(tokens) <= MIN_BATCHED_TOKENS:
+            caps.stop = (
+                f"profiling ran out of memory even at {tokens} batched tokens: the weights and "
+                "vLLM's own memory leave no room"
+            )
+        caps.batched_tokens = max(cfg.max_num_seqs or 1, MIN_BATCHED_TOKENS, int(tokens) // 2)
+        caps.notes.append(f"profiling ran out of memory at {tokens} batched tokens")
+
+    def _learn_seqs_limit(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        limit = obs.facts.get("max_num_seqs_limit")
+        if limit:
+            caps.seqs = min(caps.seqs or limit, int(limit))
+
+    def _learn_pool(self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]) -> None:
+        # the pool it printed calibrates the next estimate (_calibration)
+        caps.notes.append(f"no memory was left for the KV cache at {_used_util(obs):.2f}")
+
+    def _learn_length(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        pass  # vLLM's estimated maximum model length is read where the length is computed (_measured_context)
+
+    def _learn_retry(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        if _count(history, obs.category) >= 2:
+            caps.stop = failures.category(obs.category).stop_reason(self.request.device_unit)
+
+    def _learn_stop(self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]) -> None:
+        category = failures.category(obs.category)
+        caps.stop = category.stop_reason(self.request.device_unit)
+        caps.stop_is_memory = caps.stop_is_memory and category.memory
+
+    _LEARN: Mapping[Response, Callable[[Policy, _Caps, _Seen, Observation, Sequence[Observation]], None]] = {
+        Response.BOOTED: _learn_booted,
+        Response.CAP_UTIL_AT_FREE: _learn_free_memory,
+        Response.STEP_UTIL_DOWN: _learn_graph_capture,
+        Response.LOWER_UTIL_FOR_HEADROOM: _learn_headroom,
+        Response.HALVE_BATCHED_TOKENS: _learn_batched_tokens,
+        Response.CAP_SEQS_AT_LIMIT: _learn_seqs_limit,
+        Response.REMEASURE_POOL: _learn_pool,
+        Response.REMEASURE_LENGTH: _learn_length,
+        Response.RETRY_ONCE: _learn_retry,
+        Response.STOP: _learn_stop,
+    }
 
     def _util_after_runtime_failure(self, obs: Observation) -> float:
         used = obs.config.gpu_memory_utilization or 0.92
@@ -632,7 +681,10 @@ class Policy:
             prior = seen[cfg.key()]
             if prior.stable:
                 return self._finish(history, best, "the computed best config is proven stable")
-            if prior.category == "profiling_memory_changed" and _count(history, prior.category) < 2:
+            if (
+                failures.category(prior.category).response is Response.RETRY_ONCE
+                and _count(history, prior.category) < 2
+            ):
                 break  # a co-tenant moved memory once: the same launch is worth one retry
             # The model says it fits but it failed before: shrink the objective's knob by 5%.
             step += 1
@@ -749,12 +801,18 @@ class Policy:
 def _usable_tokens(obs: Observation, block_size: int) -> int | None:
     """The tokens of context one sequence could use, as one launch of vLLM reported them."""
     facts = obs.facts
-    if obs.category == "kv_cache_insufficient_for_max_len" and facts.get("estimated_max_model_len"):
+    if failures.category(obs.category).response is Response.REMEASURE_LENGTH and facts.get(
+        "estimated_max_model_len"
+    ):
         return int(facts["estimated_max_model_len"])
     if obs.booted and facts.get("kv_cache_tokens") and obs.config.max_model_len:
         length = obs.config.max_model_len
         return int(facts["kv_cache_tokens"]) * math.ceil(length / block_size) * block_size // length
     return None
+
+
+def _used_util(obs: Observation) -> float:
+    return obs.config.gpu_memory_utilization or 0.92
 
 
 def _count(history: Sequence[Observation], category: str) -> int:
