@@ -22,10 +22,11 @@ from typing import Protocol
 
 from . import failures
 from .failures import Response
+from .objectives import Objective, Sizing, named
+from .objectives.base import UTIL_STEP, round_length
 from .serveconfig import ServeConfig
 
 GIB = 1 << 30
-UTIL_STEP = 0.01
 # rope-scaling comes last: it buys no memory (it costs some), only a context past the model's own length, and
 # it changes every request, short ones too; a floor past that length needs it whatever the other knobs do
 LOSSY_ORDER = ("eager", "fp8-kv", "offload", "rope-scaling")
@@ -35,11 +36,7 @@ LOSSY_COST = {  # what each lossy knob costs, for the line that says what it wou
     "offload": "weights read from CPU memory: much slower",
     "rope-scaling": "static YaRN: every request's positions scaled, short ones too",
 }
-OBJECTIVES = ("context", "concurrency", "targets")
 MAX_SEQS = 1024
-LOSSY_SEQS_GOAL = (
-    256  # vLLM's default --max-num-seqs on most GPUs: past it, concurrency is not worth a lossy knob
-)
 MIN_BATCHED_TOKENS = 256  # halving --max-num-batched-tokens after a profiling OOM stops here
 MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far under what vLLM reported
 # vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
@@ -95,17 +92,16 @@ class Request:
     rope_overrides: str | None = None
     rope_max_len: int | None = None
 
+    @property
+    def goal(self) -> Objective:
+        """The objective this request names (``vllm_tuner.objectives``)."""
+        return named(self.objective)
+
     def floor_context(self) -> int:
-        if self.objective == "targets":
-            return self.target_context or self.native_max_len
-        if self.objective == "concurrency":
-            return min(self.min_context or 8192, max(self.native_max_len, self.rope_max_len or 0))
-        return self.min_context or self.block_size
+        return self.goal.floor(self)[0]
 
     def floor_seqs(self) -> int:
-        if self.objective == "targets":
-            return self.target_seqs or 1
-        return self.min_seqs
+        return self.goal.floor(self)[1]
 
 
 @dataclass(frozen=True)
@@ -126,6 +122,9 @@ class Observation:
     category: str
     facts: dict = field(default_factory=dict)
     probe: ProbeSummary | None = None
+    # what a launch measured besides the log's facts (e.g. a probe's throughput), for an objective that
+    # ranks results by it (``Objective.rank``)
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def booted(self) -> bool:
@@ -204,8 +203,7 @@ class Policy:
         calibrate: CalibrateFn,
         start_util_cap: float | None = None,
     ) -> None:
-        if request.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {request.objective!r}")
+        self.objective = request.goal  # ValueError for an objective not registered
         self.request = request
         self.base = base
         self._estimate = estimate
@@ -393,19 +391,7 @@ class Policy:
         util = (
             f"from {self.caps(()).util:.2f} down by 0.01 on memory failures, to {req.util_floor:.2f} at least"
         )
-        if req.objective == "concurrency":
-            steps = [
-                f"max-model-len: --min-context {req.floor_context()}",
-                f"max-num-seqs: what the measured KV pool holds at that length, up to {req.max_seqs_cap}",
-            ]
-        elif req.objective == "targets":
-            steps = [f"max-model-len {req.floor_context()} and max-num-seqs {req.floor_seqs()}: fixed"]
-        else:
-            rope = f" ({req.rope_max_len} with rope-scaling)" if req.rope_max_len else ""
-            steps = [
-                f"max-num-seqs: --min-seqs {req.floor_seqs()} (more only at the model's full length)",
-                f"max-model-len: what the measured KV pool holds, up to {req.native_max_len}{rope}",
-            ]
+        steps = self.objective.ladder(req)
         steps.append(f"gpu-memory-utilization: {util}")
         for knob in self.lossy_order():
             if not self._has_rung(knob):
@@ -445,12 +431,7 @@ class Policy:
 
     # -- the goal -------------------------------------------------------------------------------
     def _reaches_goal(self, context: int, seqs: int) -> bool:
-        req = self.request
-        if req.objective == "context":
-            return context >= req.native_max_len and seqs >= req.floor_seqs()
-        if req.objective == "concurrency":  # lossy knobs buy sequences up to vLLM's usual default only
-            return seqs >= min(req.max_seqs_cap, LOSSY_SEQS_GOAL) and context >= req.floor_context()
-        return context >= req.floor_context() and seqs >= req.floor_seqs()
+        return self.objective.reaches_goal(self.request, context, seqs)
 
     def _meets_floor(self, context: int, seqs: int) -> bool:
         return context >= self.request.floor_context() and seqs >= self.request.floor_seqs()
@@ -503,27 +484,22 @@ class Policy:
         ceiling = self._ceiling(lossy)
         if req.floor_context() > ceiling:
             return None  # past the model's length: only the rope-scaling rung reaches it
-        # size memory at a realistic length: vLLM's batched tokens (activation) shrink with tiny contexts
-        sizing_len = ceiling if req.objective == "context" else req.floor_context()
-        probe_cfg = self._config(caps, lossy, sizing_len, req.floor_seqs(), offload_gib)
-        est = self._estimate(probe_cfg, self._calibration(history, probe_cfg))
-        seq_cap = min(req.max_seqs_cap, caps.seqs or req.max_seqs_cap)
-        if req.objective == "concurrency":
-            context = req.floor_context()
-            seqs = min(seq_cap, est.max_seqs(context))
-        elif req.objective == "targets":
-            context, seqs = req.floor_context(), req.floor_seqs()
-            if est.max_seqs(context) < seqs:
-                return None
-        else:
-            seqs = min(seq_cap, req.floor_seqs())
-            measured = self._measured_context(history, probe_cfg.replace(max_num_seqs=seqs), seqs)
-            context = min(ceiling, measured if measured is not None else est.max_context(seqs))
-            if context >= ceiling:
-                context = ceiling
-                seqs = max(seqs, min(seq_cap, est.max_seqs(context)))
-            # a computed length, in whole blocks; a --min-context it reaches stays as given
-            context = max(self._round_len(context, ceiling), min(context, req.floor_context()))
+        probe_cfg = self._config(
+            caps, lossy, self.objective.sizing_length(req, ceiling), req.floor_seqs(), offload_gib
+        )
+        sizing = Sizing(
+            request=req,
+            ceiling=ceiling,
+            seq_cap=min(req.max_seqs_cap, caps.seqs or req.max_seqs_cap),
+            estimate=self._estimate(probe_cfg, self._calibration(history, probe_cfg)),
+            measured_context=lambda seqs: self._measured_context(
+                history, probe_cfg.replace(max_num_seqs=seqs), seqs
+            ),
+        )
+        aim = self.objective.aim(sizing)
+        if aim is None:
+            return None
+        context, seqs = aim
         if context < req.block_size or seqs < 1:
             return None
         return context, seqs
@@ -631,11 +607,7 @@ class Policy:
         )
 
     def _round_len(self, context: int, ceiling: int | None = None) -> int:
-        bs = self.request.block_size
-        ceiling = ceiling or self.request.native_max_len
-        if context >= ceiling:
-            return ceiling
-        return max(bs, context // bs * bs)
+        return round_length(context, self.request.block_size, ceiling or self.request.native_max_len)
 
     def _offload_gib(self, history: Sequence[Observation], caps: _Caps, lossy: tuple[str, ...]) -> float:
         """With offload among ``lossy``: the fewest whole GiB of weights per GPU to offload for the goal
@@ -693,7 +665,7 @@ class Policy:
             cfg = self._shrink(cfg, step)
             if cfg is None or not self._meets_floor(cfg.max_model_len or 0, cfg.max_num_seqs or 0):
                 return self._finish(history, best, "every config that meets the floor has failed")
-        if best and not self._better(cfg, best.config):
+        if best and not self._better(cfg, best):
             return self._finish(
                 history,
                 best,
@@ -718,53 +690,31 @@ class Policy:
         return fits and near
 
     # -- results --------------------------------------------------------------------------------
-    def _objective_key(self, cfg: ServeConfig) -> tuple:
-        ctx, seqs = cfg.max_model_len or 0, cfg.max_num_seqs or 0
-        lossless = -sum(
-            1 for flag in (cfg.enforce_eager, cfg.kv_cache_dtype != "auto", cfg.cpu_offload_gb) if flag
-        )
-        if self.request.objective == "concurrency":
-            return (seqs, ctx, lossless, cfg.gpu_memory_utilization or 0)
-        if self.request.objective == "targets":
-            return (lossless, -(cfg.gpu_memory_utilization or 0), ctx, seqs)
-        return (ctx, seqs, lossless, cfg.gpu_memory_utilization or 0)
-
-    def _better(self, cfg: ServeConfig, than: ServeConfig) -> bool:
-        """Worth a launch: beats ``than`` on the objective by more than ``near_optimum``."""
-        a, b = self._objective_key(cfg), self._objective_key(than)
-        if self.request.objective == "targets":
-            return a > b
-        slack = 1 + self.request.near_optimum
-        return a[0] > b[0] * slack or (a[0] >= b[0] and a[1] > b[1] * slack)
+    def _better(self, cfg: ServeConfig, than: Observation) -> bool:
+        """Worth a launch: beats the proven ``than`` on the objective (by more than ``near_optimum``)."""
+        return self.objective.beats(cfg, than, self.request.near_optimum)
 
     def best(self, history: Sequence[Observation]) -> Observation | None:
         stable = [o for o in history if o.stable]
-        return max(stable, key=lambda o: self._objective_key(o.config)) if stable else None
+        return max(stable, key=self.objective.rank) if stable else None
 
     def _finish(self, history, best: Observation | None, reason: str, *, suggest: bool = True) -> Finish:
         missing: list[str] = []
         gains: list[str] = []
         if best is None and suggest:
             missing = self.what_would_help(history)
-        elif best is not None and self.request.objective != "targets":
-            gains = self.what_would_help(history, beyond=best.config)
+        elif best is not None and self.objective.wants_more:
+            gains = self.what_would_help(history, beyond=best)
         return Finish(best, reason, complete=True, missing=tuple(missing), gains=tuple(gains))
 
     def _shrink(self, cfg: ServeConfig, step: int) -> ServeConfig | None:
-        factor = 1 - 0.05 * step
-        if self.request.objective == "concurrency":
-            seqs = int((cfg.max_num_seqs or 1) * factor)
-            return cfg.replace(max_num_seqs=seqs) if seqs >= 1 else None
-        if self.request.objective == "targets":
-            util = round((cfg.gpu_memory_utilization or 0.92) - UTIL_STEP * step, 2)
-            return cfg.replace(gpu_memory_utilization=util) if util >= self.request.util_floor else None
         # a config with the YaRN override shrinks from the YaRN length
         yarn = bool(cfg.hf_overrides) and cfg.hf_overrides == self.request.rope_overrides
-        ceiling = self._ceiling(("rope-scaling",) if yarn else ())
-        ctx = self._round_len(int((cfg.max_model_len or 0) * factor), ceiling)
-        return cfg.replace(max_model_len=ctx) if ctx >= self.request.block_size else None
+        return self.objective.shrink(
+            self.request, cfg, step, self._ceiling(("rope-scaling",) if yarn else ())
+        )
 
-    def what_would_help(self, history: Sequence[Observation], beyond: ServeConfig | None = None) -> list[str]:
+    def what_would_help(self, history: Sequence[Observation], beyond: Observation | None = None) -> list[str]:
         """What each lossy knob not allowed would buy, from the (calibrated) estimate: any change
         from what the allowed knobs reach, or, ``beyond`` a winner, only more than it has."""
         caps = self.caps(history)
