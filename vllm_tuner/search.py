@@ -658,7 +658,7 @@ class Policy:
                 and _count(history, prior.category) < 2
             ):
                 break  # a co-tenant moved memory once: the same launch is worth one retry
-            # The model says it fits but it failed before: shrink the objective's knob by 5%.
+            # The model says it fits but it failed before: the objective shrinks it (5% of its knob, a step).
             step += 1
             if step > 20:
                 return self._finish(history, best, "no untried config is left below the failures")
