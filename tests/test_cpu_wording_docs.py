@@ -9,7 +9,7 @@ import pytest
 
 import vllm_tuner
 from vllm_tuner.devices import CPU, CUDA, KINDS, DeviceKind
-from vllm_tuner.logparse import CATEGORIES
+from vllm_tuner.failures import NAMES
 
 DOC = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
 PACKAGE = Path(vllm_tuner.__file__).parent
@@ -35,9 +35,9 @@ def test_the_module_map_names_every_module_and_package() -> None:
     assert names - modules - packages - {"commands/<name>.py", "commands/_common.py"} == set()  # none gone
 
 
-def test_the_categories_are_logparses() -> None:
+def test_the_categories_are_the_declared_ones() -> None:
     text = DOC[DOC.index("A **category** is") : DOC.index("- **Facts**")]
-    assert tuple(re.findall(r"`([a-z_0-9]+)`", text)) == CATEGORIES
+    assert tuple(re.findall(r"`([a-z_0-9]+)`", text)) == NAMES
 
 
 def test_the_facts_name_the_platform() -> None:

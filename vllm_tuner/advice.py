@@ -26,24 +26,6 @@ LENGTH_STEP = 256  # suggested context lengths are rounded down to this
 UTIL_CEILING = 0.98  # never suggest more than this
 UTIL_MARGIN = 0.01
 
-TITLES: dict[str, str] = {
-    "success": "the server started",
-    "oom_weights_load": "out of GPU memory while loading the weights",
-    "kv_cache_insufficient_for_max_len": "the KV cache cannot hold one request of --max-model-len tokens",
-    "no_kv_cache_memory": "no memory left for the KV cache inside --gpu-memory-utilization",
-    "startup_free_memory_below_utilization": "less memory is free than --gpu-memory-utilization asks for",
-    "oom_cudagraph_capture": "out of GPU memory while capturing CUDA graphs",
-    "oom_during_profiling": "out of GPU memory during the startup profile run",
-    "oom_at_runtime": "out of GPU memory while serving requests",
-    "mamba_blocks_below_max_num_seqs": "fewer Mamba cache blocks than --max-num-seqs",
-    "profiling_memory_changed": "free GPU memory changed while vLLM was profiling (another process)",
-    "unsupported_flag_or_arg_error": "vLLM rejected a flag or its value",
-    "port_in_use": "another process already listens on the server's port",
-    "startup_timeout": "the server did not become ready in time",
-    "engine_core_died_other": "the engine died for a reason that is not GPU memory",
-    "unknown": "no vLLM failure or startup found in the log",
-}
-
 # Flags that newer vLLM no longer accepts, and what to use instead.
 REMOVED_FLAGS: dict[str, str] = {
     "--swap-space": "use --kv-offloading-size GIB (CPU KV cache) or --cpu-offload-gb GIB (weights) instead",

@@ -19,6 +19,7 @@ import yaml
 
 from .devices import CUDA, DeviceKind, device_kind
 from .errors import GpuError, UsageError, VllmError
+from .failures import TRANSIENT
 from .progress import Progress
 from .rope import describe
 from .search import (
@@ -630,22 +631,12 @@ class UtilizationStep:
         }
 
 
-# Failures that say nothing about the config itself: worth launching again on a later run.
-TRANSIENT = {
-    "startup_timeout",
-    "profiling_memory_changed",
-    "engine_core_died_other",
-    "port_in_use",
-    "unknown",
-}
-
-
 def _known_failure(cfg: ServeConfig, rec, headroom_bytes: int) -> TrialOutcome | None:
     """The outcome an earlier trial of the same flags on the same machine says this launch would have,
     when it would fail: a start that failed for a reason of its own, a server that died under the load,
     or one that left less memory under the load than the headroom asked for now, whatever headroom
     that run asked for (a smaller --headroom launches an unstable one again). None: launch it."""
-    if rec.category in TRANSIENT:
+    if rec.category in TRANSIENT:  # says nothing about the config: launch it again
         return None
     known = outcome_from_record(cfg, rec)
     known.duration_s = 0.0  # not launched this time

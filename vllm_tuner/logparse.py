@@ -27,25 +27,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from .failures import NAMES
+
 GIB = 1 << 30
 
-CATEGORIES: tuple[str, ...] = (
-    "success",
-    "oom_weights_load",
-    "kv_cache_insufficient_for_max_len",
-    "no_kv_cache_memory",
-    "startup_free_memory_below_utilization",
-    "oom_cudagraph_capture",
-    "oom_during_profiling",
-    "oom_at_runtime",
-    "mamba_blocks_below_max_num_seqs",
-    "profiling_memory_changed",
-    "unsupported_flag_or_arg_error",
-    "port_in_use",
-    "startup_timeout",
-    "engine_core_died_other",
-    "unknown",
-)
+# every category a diagnosis can name (declared, with what each means to the tuner, in failures.py)
+CATEGORIES: tuple[str, ...] = NAMES
 
 PHASES: tuple[str, ...] = ("starting", "loading", "profiling", "capturing", "serving")
 
@@ -429,9 +416,14 @@ _FACT_WORDS = (
     "compute capability",
     "unrecognized arguments",
 )
-# Every fatal pattern contains one of these.
+# Every text a fatal pattern matches contains one of these (tests/test_failures.py checks each pattern).
 _FATAL_WORDS = (
     "memory",
+    "kv cache is needed",
+    "less than",
+    "errno",
+    "address already in use",
+    "unrecognized arguments",
     "max seq len",
     "mamba",
     "error",

@@ -20,10 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import failures
+from .failures import Response
+from .objectives import Objective, Sizing, named
+from .objectives.base import UTIL_STEP, round_length
 from .serveconfig import ServeConfig
 
 GIB = 1 << 30
-UTIL_STEP = 0.01
 # rope-scaling comes last: it buys no memory (it costs some), only a context past the model's own length, and
 # it changes every request, short ones too; a floor past that length needs it whatever the other knobs do
 LOSSY_ORDER = ("eager", "fp8-kv", "offload", "rope-scaling")
@@ -33,11 +36,7 @@ LOSSY_COST = {  # what each lossy knob costs, for the line that says what it wou
     "offload": "weights read from CPU memory: much slower",
     "rope-scaling": "static YaRN: every request's positions scaled, short ones too",
 }
-OBJECTIVES = ("context", "concurrency", "targets")
 MAX_SEQS = 1024
-LOSSY_SEQS_GOAL = (
-    256  # vLLM's default --max-num-seqs on most GPUs: past it, concurrency is not worth a lossy knob
-)
 MIN_BATCHED_TOKENS = 256  # halving --max-num-batched-tokens after a profiling OOM stops here
 MEASURED_MARGIN = 0.005  # launches of one config differ a little; stay this far under what vLLM reported
 # vLLM's profiled activation peak differs by some MiB between configs: a pool carried to another
@@ -49,15 +48,6 @@ PROFILE_NOISE_GIB = 48 / 1024
 ESTIMATE_ERROR = 0.05
 # Weights vLLM loaded further than this from the estimate: the estimate is wrong about the model itself
 WEIGHTS_TOLERANCE = 0.15
-
-# Categories that no flag change within the search can fix.
-HOPELESS = {
-    "unsupported_flag_or_arg_error": "vLLM rejected the command line",
-    "engine_core_died_other": "vLLM died for a reason that is not memory",
-    "port_in_use": "another process holds the server's port",
-    "startup_timeout": "vLLM did not become ready in time",
-    "unknown": "vLLM stopped without a recognisable cause",
-}
 
 
 class EstimateView(Protocol):
@@ -102,17 +92,16 @@ class Request:
     rope_overrides: str | None = None
     rope_max_len: int | None = None
 
+    @property
+    def goal(self) -> Objective:
+        """The objective this request names (``vllm_tuner.objectives``)."""
+        return named(self.objective)
+
     def floor_context(self) -> int:
-        if self.objective == "targets":
-            return self.target_context or self.native_max_len
-        if self.objective == "concurrency":
-            return min(self.min_context or 8192, max(self.native_max_len, self.rope_max_len or 0))
-        return self.min_context or self.block_size
+        return self.goal.floor(self)[0]
 
     def floor_seqs(self) -> int:
-        if self.objective == "targets":
-            return self.target_seqs or 1
-        return self.min_seqs
+        return self.goal.floor(self)[1]
 
 
 @dataclass(frozen=True)
@@ -133,6 +122,9 @@ class Observation:
     category: str
     facts: dict = field(default_factory=dict)
     probe: ProbeSummary | None = None
+    # what a launch measured besides the log's facts (e.g. a probe's throughput), for an objective that
+    # ranks results by it (``Objective.rank``)
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def booted(self) -> bool:
@@ -164,6 +156,17 @@ class Finish:
     complete: bool = True
     missing: tuple[str, ...] = ()  # no winner: what each lossy knob not allowed would reach
     gains: tuple[str, ...] = ()  # a winner: what each lossy knob not allowed would add to it
+
+
+@dataclass
+class _Seen:
+    """What the walk over the history carries from one launch to the next (``Policy.caps``)."""
+
+    stable: bool = False  # a stable probe so far
+    graph_failures: int = 0
+    runtime_cap: float | None = None  # the utilization the failures under load allow
+    lowest_unstable: float = 1.0
+    free_since_stable: float = 1.0  # what a start found free after the last stable probe: the lift's limit
 
 
 @dataclass
@@ -200,8 +203,7 @@ class Policy:
         calibrate: CalibrateFn,
         start_util_cap: float | None = None,
     ) -> None:
-        if request.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {request.objective!r}")
+        self.objective = request.goal  # ValueError for an objective not registered
         self.request = request
         self.base = base
         self._estimate = estimate
@@ -215,60 +217,18 @@ class Policy:
         if self._start_util_cap is not None:
             util = min(util, self._start_util_cap)
         caps = _Caps(util=_round_util(util))
-        graph_failures = 0
-        runtime_cap: float | None = None
-        lowest_unstable = 1.0
-        seen_stable = False
-        free_since_stable = 1.0  # what a start found free after the last stable probe: the lift's limit
+        seen = _Seen()
         for obs in history:
-            cat, facts, cfg = obs.category, obs.facts, obs.config
-            used_util = cfg.gpu_memory_utilization or 0.92
-            seen_stable = seen_stable or obs.stable
-            if cat == "startup_free_memory_below_utilization":
-                free, total = facts.get("free_gib"), facts.get("total_gib")
-                cap = free / total if free and total else used_util - 0.05  # floored to 0.01 below
-                caps.util = min(caps.util, _round_util(cap))
-                if seen_stable:
-                    free_since_stable = min(free_since_stable, _round_util(cap))
-                caps.notes.append(f"only {free} GiB of {total} GiB was free at startup")
-            elif cat == "oom_cudagraph_capture":
-                graph_failures += 1
-                caps.util = min(caps.util, round(used_util - UTIL_STEP * graph_failures, 2))
-                caps.notes.append(f"{used_util:.2f} failed in CUDA-graph capture")
-            elif cat == "oom_at_runtime" or (obs.booted and obs.probe and not obs.probe.ok):
-                after = self._util_after_runtime_failure(obs)
-                runtime_cap = after if runtime_cap is None else min(runtime_cap, after)
-                lowest_unstable = min(lowest_unstable, used_util)
-                caps.notes.append(f"{used_util:.2f} was not stable under load ({_probe_words(obs)})")
-            elif cat == "oom_during_profiling":
-                tokens = cfg.max_num_batched_tokens or facts.get("max_num_batched_tokens") or 8192
-                if int(tokens) <= MIN_BATCHED_TOKENS:
-                    caps.stop = (
-                        f"profiling ran out of memory even at {tokens} batched tokens: the weights and "
-                        "vLLM's own memory leave no room"
-                    )
-                caps.batched_tokens = max(cfg.max_num_seqs or 1, MIN_BATCHED_TOKENS, int(tokens) // 2)
-                caps.notes.append(f"profiling ran out of memory at {tokens} batched tokens")
-            elif cat == "mamba_blocks_below_max_num_seqs":
-                limit = facts.get("max_num_seqs_limit")
-                if limit:
-                    caps.seqs = min(caps.seqs or limit, int(limit))
-            elif cat == "no_kv_cache_memory":
-                caps.notes.append(f"no memory was left for the KV cache at {used_util:.2f}")
-            elif cat == "oom_weights_load":
-                caps.stop = f"the weights alone do not fit on the {req.device_unit}s"
-            elif cat in HOPELESS:
-                caps.stop, caps.stop_is_memory = HOPELESS[cat], False
-            elif cat == "profiling_memory_changed" and _count(history, cat) >= 2:
-                caps.stop = (
-                    f"another process changed {req.device_unit} memory while vLLM was profiling, twice"
-                )
+            seen.stable = seen.stable or obs.stable
+            learn = self._LEARN[failures.category(obs.category).response]
+            learn(self, caps, seen, obs, history)
         lift = self._util_lift(history)
+        runtime_cap = seen.runtime_cap
         if runtime_cap is not None:
             # the step down after a failure under load is conservative; a stable probe's own headroom
             # may show that a higher step holds the headroom too (never the step that failed)
             if lift is not None:
-                runtime_cap = max(runtime_cap, min(lift, round(lowest_unstable - UTIL_STEP, 2)))
+                runtime_cap = max(runtime_cap, min(lift, round(seen.lowest_unstable - UTIL_STEP, 2)))
             caps.util = min(caps.util, runtime_cap)
         elif lift is not None and lift > caps.util:
             # memory another process held when the search began (or at a failed start) was freed: a
@@ -278,7 +238,7 @@ class Policy:
             top = min(
                 [
                     req.util_ceiling,
-                    free_since_stable,
+                    seen.free_since_stable,
                     *(round(u - UTIL_STEP, 2) for u in failed if u > caps.util),
                 ]
             )
@@ -290,6 +250,93 @@ class Policy:
                 f"the usable --gpu-memory-utilization fell below {self.request.util_floor:.2f}"
             )
         return caps
+
+    # one handler per failures.Response: what a launch that ended so teaches the caps
+    def _learn_booted(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        if obs.probe and not obs.probe.ok:
+            self._learn_headroom(caps, seen, obs, history)
+
+    def _learn_free_memory(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        free, total = obs.facts.get("free_gib"), obs.facts.get("total_gib")
+        cap = free / total if free and total else _used_util(obs) - 0.05  # floored to 0.01 below
+        caps.util = min(caps.util, _round_util(cap))
+        if seen.stable:
+            seen.free_since_stable = min(seen.free_since_stable, _round_util(cap))
+        caps.notes.append(f"only {free} GiB of {total} GiB was free at startup")
+
+    def _learn_graph_capture(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        used_util = _used_util(obs)
+        seen.graph_failures += 1
+        caps.util = min(caps.util, round(used_util - UTIL_STEP * seen.graph_failures, 2))
+        caps.notes.append(f"{used_util:.2f} failed in CUDA-graph capture")
+
+    def _learn_headroom(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        used_util = _used_util(obs)
+        after = self._util_after_runtime_failure(obs)
+        seen.runtime_cap = after if seen.runtime_cap is None else min(seen.runtime_cap, after)
+        seen.lowest_unstable = min(seen.lowest_unstable, used_util)
+        caps.notes.append(f"{used_util:.2f} was not stable under load ({_probe_words(obs)})")
+
+    def _learn_batched_tokens(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        cfg = obs.config
+        tokens = cfg.max_num_batched_tokens or obs.facts.get("max_num_batched_tokens") or 8192
+        if int(tokens) <= MIN_BATCHED_TOKENS:
+            caps.stop = (
+                f"profiling ran out of memory even at {tokens} batched tokens: the weights and "
+                "vLLM's own memory leave no room"
+            )
+        caps.batched_tokens = max(cfg.max_num_seqs or 1, MIN_BATCHED_TOKENS, int(tokens) // 2)
+        caps.notes.append(f"profiling ran out of memory at {tokens} batched tokens")
+
+    def _learn_seqs_limit(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        limit = obs.facts.get("max_num_seqs_limit")
+        if limit:
+            caps.seqs = min(caps.seqs or limit, int(limit))
+
+    def _learn_pool(self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]) -> None:
+        # the pool it printed calibrates the next estimate (_calibration)
+        caps.notes.append(f"no memory was left for the KV cache at {_used_util(obs):.2f}")
+
+    def _learn_length(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        pass  # vLLM's estimated maximum model length is read where the length is computed (_measured_context)
+
+    def _learn_retry(
+        self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
+    ) -> None:
+        if _count(history, obs.category) >= 2:
+            caps.stop = failures.category(obs.category).stop_reason(self.request.device_unit)
+
+    def _learn_stop(self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]) -> None:
+        category = failures.category(obs.category)
+        caps.stop = category.stop_reason(self.request.device_unit)
+        caps.stop_is_memory = caps.stop_is_memory and category.memory
+
+    _LEARN: Mapping[Response, Callable[[Policy, _Caps, _Seen, Observation, Sequence[Observation]], None]] = {
+        Response.BOOTED: _learn_booted,
+        Response.CAP_UTIL_AT_FREE: _learn_free_memory,
+        Response.STEP_UTIL_DOWN: _learn_graph_capture,
+        Response.LOWER_UTIL_FOR_HEADROOM: _learn_headroom,
+        Response.HALVE_BATCHED_TOKENS: _learn_batched_tokens,
+        Response.CAP_SEQS_AT_LIMIT: _learn_seqs_limit,
+        Response.REMEASURE_POOL: _learn_pool,
+        Response.REMEASURE_LENGTH: _learn_length,
+        Response.RETRY_ONCE: _learn_retry,
+        Response.STOP: _learn_stop,
+    }
 
     def _util_after_runtime_failure(self, obs: Observation) -> float:
         used = obs.config.gpu_memory_utilization or 0.92
@@ -344,19 +391,7 @@ class Policy:
         util = (
             f"from {self.caps(()).util:.2f} down by 0.01 on memory failures, to {req.util_floor:.2f} at least"
         )
-        if req.objective == "concurrency":
-            steps = [
-                f"max-model-len: --min-context {req.floor_context()}",
-                f"max-num-seqs: what the measured KV pool holds at that length, up to {req.max_seqs_cap}",
-            ]
-        elif req.objective == "targets":
-            steps = [f"max-model-len {req.floor_context()} and max-num-seqs {req.floor_seqs()}: fixed"]
-        else:
-            rope = f" ({req.rope_max_len} with rope-scaling)" if req.rope_max_len else ""
-            steps = [
-                f"max-num-seqs: --min-seqs {req.floor_seqs()} (more only at the model's full length)",
-                f"max-model-len: what the measured KV pool holds, up to {req.native_max_len}{rope}",
-            ]
+        steps = self.objective.ladder(req)
         steps.append(f"gpu-memory-utilization: {util}")
         for knob in self.lossy_order():
             if not self._has_rung(knob):
@@ -396,12 +431,7 @@ class Policy:
 
     # -- the goal -------------------------------------------------------------------------------
     def _reaches_goal(self, context: int, seqs: int) -> bool:
-        req = self.request
-        if req.objective == "context":
-            return context >= req.native_max_len and seqs >= req.floor_seqs()
-        if req.objective == "concurrency":  # lossy knobs buy sequences up to vLLM's usual default only
-            return seqs >= min(req.max_seqs_cap, LOSSY_SEQS_GOAL) and context >= req.floor_context()
-        return context >= req.floor_context() and seqs >= req.floor_seqs()
+        return self.objective.reaches_goal(self.request, context, seqs)
 
     def _meets_floor(self, context: int, seqs: int) -> bool:
         return context >= self.request.floor_context() and seqs >= self.request.floor_seqs()
@@ -454,27 +484,22 @@ class Policy:
         ceiling = self._ceiling(lossy)
         if req.floor_context() > ceiling:
             return None  # past the model's length: only the rope-scaling rung reaches it
-        # size memory at a realistic length: vLLM's batched tokens (activation) shrink with tiny contexts
-        sizing_len = ceiling if req.objective == "context" else req.floor_context()
-        probe_cfg = self._config(caps, lossy, sizing_len, req.floor_seqs(), offload_gib)
-        est = self._estimate(probe_cfg, self._calibration(history, probe_cfg))
-        seq_cap = min(req.max_seqs_cap, caps.seqs or req.max_seqs_cap)
-        if req.objective == "concurrency":
-            context = req.floor_context()
-            seqs = min(seq_cap, est.max_seqs(context))
-        elif req.objective == "targets":
-            context, seqs = req.floor_context(), req.floor_seqs()
-            if est.max_seqs(context) < seqs:
-                return None
-        else:
-            seqs = min(seq_cap, req.floor_seqs())
-            measured = self._measured_context(history, probe_cfg.replace(max_num_seqs=seqs), seqs)
-            context = min(ceiling, measured if measured is not None else est.max_context(seqs))
-            if context >= ceiling:
-                context = ceiling
-                seqs = max(seqs, min(seq_cap, est.max_seqs(context)))
-            # a computed length, in whole blocks; a --min-context it reaches stays as given
-            context = max(self._round_len(context, ceiling), min(context, req.floor_context()))
+        probe_cfg = self._config(
+            caps, lossy, self.objective.sizing_length(req, ceiling), req.floor_seqs(), offload_gib
+        )
+        sizing = Sizing(
+            request=req,
+            ceiling=ceiling,
+            seq_cap=min(req.max_seqs_cap, caps.seqs or req.max_seqs_cap),
+            estimate=self._estimate(probe_cfg, self._calibration(history, probe_cfg)),
+            measured_context=lambda seqs: self._measured_context(
+                history, probe_cfg.replace(max_num_seqs=seqs), seqs
+            ),
+        )
+        aim = self.objective.aim(sizing)
+        if aim is None:
+            return None
+        context, seqs = aim
         if context < req.block_size or seqs < 1:
             return None
         return context, seqs
@@ -582,11 +607,7 @@ class Policy:
         )
 
     def _round_len(self, context: int, ceiling: int | None = None) -> int:
-        bs = self.request.block_size
-        ceiling = ceiling or self.request.native_max_len
-        if context >= ceiling:
-            return ceiling
-        return max(bs, context // bs * bs)
+        return round_length(context, self.request.block_size, ceiling or self.request.native_max_len)
 
     def _offload_gib(self, history: Sequence[Observation], caps: _Caps, lossy: tuple[str, ...]) -> float:
         """With offload among ``lossy``: the fewest whole GiB of weights per GPU to offload for the goal
@@ -632,16 +653,19 @@ class Policy:
             prior = seen[cfg.key()]
             if prior.stable:
                 return self._finish(history, best, "the computed best config is proven stable")
-            if prior.category == "profiling_memory_changed" and _count(history, prior.category) < 2:
+            if (
+                failures.category(prior.category).response is Response.RETRY_ONCE
+                and _count(history, prior.category) < 2
+            ):
                 break  # a co-tenant moved memory once: the same launch is worth one retry
-            # The model says it fits but it failed before: shrink the objective's knob by 5%.
+            # The model says it fits but it failed before: the objective shrinks it (5% of its knob, a step).
             step += 1
             if step > 20:
                 return self._finish(history, best, "no untried config is left below the failures")
             cfg = self._shrink(cfg, step)
             if cfg is None or not self._meets_floor(cfg.max_model_len or 0, cfg.max_num_seqs or 0):
                 return self._finish(history, best, "every config that meets the floor has failed")
-        if best and not self._better(cfg, best.config):
+        if best and not self._better(cfg, best):
             return self._finish(
                 history,
                 best,
@@ -666,53 +690,31 @@ class Policy:
         return fits and near
 
     # -- results --------------------------------------------------------------------------------
-    def _objective_key(self, cfg: ServeConfig) -> tuple:
-        ctx, seqs = cfg.max_model_len or 0, cfg.max_num_seqs or 0
-        lossless = -sum(
-            1 for flag in (cfg.enforce_eager, cfg.kv_cache_dtype != "auto", cfg.cpu_offload_gb) if flag
-        )
-        if self.request.objective == "concurrency":
-            return (seqs, ctx, lossless, cfg.gpu_memory_utilization or 0)
-        if self.request.objective == "targets":
-            return (lossless, -(cfg.gpu_memory_utilization or 0), ctx, seqs)
-        return (ctx, seqs, lossless, cfg.gpu_memory_utilization or 0)
-
-    def _better(self, cfg: ServeConfig, than: ServeConfig) -> bool:
-        """Worth a launch: beats ``than`` on the objective by more than ``near_optimum``."""
-        a, b = self._objective_key(cfg), self._objective_key(than)
-        if self.request.objective == "targets":
-            return a > b
-        slack = 1 + self.request.near_optimum
-        return a[0] > b[0] * slack or (a[0] >= b[0] and a[1] > b[1] * slack)
+    def _better(self, cfg: ServeConfig, than: Observation) -> bool:
+        """Worth a launch: beats the proven ``than`` on the objective (by more than ``near_optimum``)."""
+        return self.objective.beats(cfg, than, self.request.near_optimum)
 
     def best(self, history: Sequence[Observation]) -> Observation | None:
         stable = [o for o in history if o.stable]
-        return max(stable, key=lambda o: self._objective_key(o.config)) if stable else None
+        return max(stable, key=self.objective.rank) if stable else None
 
     def _finish(self, history, best: Observation | None, reason: str, *, suggest: bool = True) -> Finish:
         missing: list[str] = []
         gains: list[str] = []
         if best is None and suggest:
             missing = self.what_would_help(history)
-        elif best is not None and self.request.objective != "targets":
-            gains = self.what_would_help(history, beyond=best.config)
+        elif best is not None and self.objective.wants_more:
+            gains = self.what_would_help(history, beyond=best)
         return Finish(best, reason, complete=True, missing=tuple(missing), gains=tuple(gains))
 
     def _shrink(self, cfg: ServeConfig, step: int) -> ServeConfig | None:
-        factor = 1 - 0.05 * step
-        if self.request.objective == "concurrency":
-            seqs = int((cfg.max_num_seqs or 1) * factor)
-            return cfg.replace(max_num_seqs=seqs) if seqs >= 1 else None
-        if self.request.objective == "targets":
-            util = round((cfg.gpu_memory_utilization or 0.92) - UTIL_STEP * step, 2)
-            return cfg.replace(gpu_memory_utilization=util) if util >= self.request.util_floor else None
         # a config with the YaRN override shrinks from the YaRN length
         yarn = bool(cfg.hf_overrides) and cfg.hf_overrides == self.request.rope_overrides
-        ceiling = self._ceiling(("rope-scaling",) if yarn else ())
-        ctx = self._round_len(int((cfg.max_model_len or 0) * factor), ceiling)
-        return cfg.replace(max_model_len=ctx) if ctx >= self.request.block_size else None
+        return self.objective.shrink(
+            self.request, cfg, step, self._ceiling(("rope-scaling",) if yarn else ())
+        )
 
-    def what_would_help(self, history: Sequence[Observation], beyond: ServeConfig | None = None) -> list[str]:
+    def what_would_help(self, history: Sequence[Observation], beyond: Observation | None = None) -> list[str]:
         """What each lossy knob not allowed would buy, from the (calibrated) estimate: any change
         from what the allowed knobs reach, or, ``beyond`` a winner, only more than it has."""
         caps = self.caps(history)
@@ -749,12 +751,18 @@ class Policy:
 def _usable_tokens(obs: Observation, block_size: int) -> int | None:
     """The tokens of context one sequence could use, as one launch of vLLM reported them."""
     facts = obs.facts
-    if obs.category == "kv_cache_insufficient_for_max_len" and facts.get("estimated_max_model_len"):
+    if failures.category(obs.category).response is Response.REMEASURE_LENGTH and facts.get(
+        "estimated_max_model_len"
+    ):
         return int(facts["estimated_max_model_len"])
     if obs.booted and facts.get("kv_cache_tokens") and obs.config.max_model_len:
         length = obs.config.max_model_len
         return int(facts["kv_cache_tokens"]) * math.ceil(length / block_size) * block_size // length
     return None
+
+
+def _used_util(obs: Observation) -> float:
+    return obs.config.gpu_memory_utilization or 0.92
 
 
 def _count(history: Sequence[Observation], category: str) -> int:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
-from ..advice import TITLES, Advice, advise
+from ..advice import Advice, advise
 from ..errors import UsageError
+from ..failures import title as category_title
 from ..logparse import Diagnosis, classify, launch_flags
 
 # Facts shown in the human output, in this order, with their labels and units.
@@ -132,7 +133,7 @@ def report(diagnosis: Diagnosis, advice: list[Advice], flags: dict[str, object])
     """The ``--json`` document."""
     return {
         "category": diagnosis.category,
-        "title": TITLES.get(diagnosis.category, diagnosis.category),
+        "title": category_title(diagnosis.category),
         "evidence": diagnosis.evidence,
         "inferred": diagnosis.inferred,
         "phase": diagnosis.phase,
@@ -148,7 +149,7 @@ def _jsonable(value: object) -> bool:
 
 def render(diagnosis: Diagnosis, advice: list[Advice]) -> str:
     """The human report: category in words, the evidence, the numbers, the advice."""
-    title = TITLES.get(diagnosis.category, diagnosis.category)
+    title = category_title(diagnosis.category)
     lines = [f"{title} ({diagnosis.category})"]
     if diagnosis.inferred:
         lines.append("  inferred: the log has no error message; judged from where the stack trace stopped")

@@ -11,6 +11,7 @@ import click
 
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
+from ..objectives import BY_FLAG
 from ..search import GIB
 from ..serveconfig import SHORT_OPTIONS, shell_command
 from ..units import format_duration, parse_duration
@@ -43,7 +44,7 @@ KNOBS = (
 @target_options(required=True)
 @click.option(
     "--objective",
-    type=click.Choice(["context", "concurrency"]),
+    type=click.Choice(BY_FLAG),
     default="context",
     show_default=True,
     help="Longest --max-model-len keeping --min-seqs, or most --max-num-seqs keeping --min-context.",
