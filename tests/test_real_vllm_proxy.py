@@ -41,9 +41,9 @@ LENGTH_PARAMS = ("input_tokens", "input_text")
 KV_BYTES = 256 << 20  # each server's KV pool, set explicitly: two servers beside the test on one node
 
 
-@pytest.fixture
-def real(tmp_path):
-    real = RealVllm(home=tmp_path / "home")
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    real = RealVllm(home=tmp_path_factory.mktemp("proxy-home"))
     yield real
     try:
         real.assert_nothing_left()
@@ -68,9 +68,11 @@ def chat_model(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def servers(real, chat_model, tmp_path):
-    """``{served name: base URL}`` of two real vLLM servers of the tiny model, tiny-a and tiny-b."""
+@pytest.fixture(scope="module")
+def servers(real, chat_model, tmp_path_factory):
+    """``{served name: base URL}`` of two real vLLM servers of the tiny model, tiny-a and tiny-b, shared
+    by the module's tests (each test starts its own proxy; two starts of vLLM cost ~100 s on two cores)."""
+    tmp_path = tmp_path_factory.mktemp("proxy-servers")
     started: dict[str, tuple[str, subprocess.Popen]] = {}
     try:
         for name, max_len in MAX_LEN.items():
