@@ -1,7 +1,8 @@
 """``up``, ``status``, ``down`` and phase switches for a planned deployment.
 
 The instances must outlive the CLI, so each is spawned detached in its own session (``setsid``),
-logging to a file, and recorded in the state file. ``up`` starts them one after another: each only once
+under a detached reaper (:mod:`vllm_tuner.procgroup`, the same process-group code as a trial's
+server), logging to a file, and recorded in the state file. ``up`` starts them one after another: each only once
 the previous answers ``/health`` and its GPU memory has settled, and only if the memory free at that
 moment passes vLLM's startup check for the planned utilization. Every collaborator comes in as an
 argument: ``spawn`` (argv, env, log) -> pid, ``nvml`` (:class:`vllm_tuner.nvml.Nvml`), ``http`` (an
@@ -18,7 +19,6 @@ import math
 import os
 import re
 import shlex
-import signal
 import socket
 import threading
 import time
@@ -29,6 +29,15 @@ from pathlib import Path
 from ..devices import CUDA, DeviceKind
 from ..errors import DeployError, TunerError
 from ..paths import data_dir
+from ..procgroup import (
+    RELEASE_TOLERANCE_BYTES,
+    cannot_run,
+    end_group,
+    reap_if_child,
+    reaper_argv,
+    spawn_detached,
+    wait_released,
+)
 from ..serveconfig import vllm_argv
 from .containers import DockerCli, container_name, docker_run_argv
 from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
@@ -47,7 +56,6 @@ from .state import (
 MIB = 1 << 20
 ALERT_LEVELS = ((0.95, "critical"), (0.90, "major"), (0.80, "warning"))
 SETTLE_TOLERANCE_BYTES = 64 * MIB
-RELEASE_TOLERANCE_BYTES = 256 * MIB
 
 Spawn = Callable[[list[str], dict[str, str], Path], int]
 BindCheck = Callable[[str, int], str | None]  # (host, port) -> why it cannot be bound, or None
@@ -63,25 +71,6 @@ def cannot_bind(host: str, port: int) -> str | None:
         except OSError as exc:
             return exc.strerror or str(exc)
     return None
-
-
-def spawn_detached(argv: list[str], env: dict[str, str], log_path: Path) -> int:
-    """Start ``argv`` in its own session, stdout+stderr to ``log_path``; returns the pid (= pgid)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    actions = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
-        (os.POSIX_SPAWN_DUP2, 1, 2),
-    ]
-    try:
-        return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True)
-    except OSError as exc:
-        raise DeployError(
-            f"cannot start {argv[0]!r}: {exc.strerror}",
-            "install docker, or drop --docker-image to run vLLM locally"
-            if argv[0] == "docker"
-            else "check --vllm-cmd (e.g. --vllm-cmd /opt/venv/bin/vllm)",
-        ) from exc
 
 
 VERIFY_PROMPT = list(range(100, 132))  # 32 token ids, inside any vocabulary
@@ -221,7 +210,16 @@ class Runner:
         where = f" in container {container}" if container else ""
         self.note(f"starting {inst.name} on GPU {','.join(map(str, inst.gpu_ids))} port {inst.port}{where}")
         started = self.clock()
-        pid = self.spawn(argv, env, log_path)
+        why = cannot_run(argv[0], env)
+        if why is not None:
+            raise DeployError(
+                f"cannot start {argv[0]!r}: {why}",
+                "install docker, or drop --docker-image to run vLLM locally"
+                if argv[0] == "docker"
+                else "check --vllm-cmd (e.g. --vllm-cmd /opt/venv/bin/vllm)",
+            )
+        # under the reaper like a trial's server, detached: it outlives this command, ends with `down`
+        pid = self.spawn(reaper_argv(None, argv, grace_s=self.settings.stop_grace_s), env, log_path)
         record = InstanceState(
             name=inst.name,
             pid=pid,
@@ -569,37 +567,39 @@ class Runner:
         # a recycled pid, or a process that died (a zombie nobody reaped still matches its identity)
         # leaving nothing of its session behind: nothing to stop
         if not is_ours(inst) or (not is_alive(inst) and not session_pids(inst.pgid)):
-            _reap(inst.pid)
+            reap_if_child(inst.pid)
             return "already gone"
-        _signal_group(inst.pgid, signal.SIGTERM)
-        deadline = self.clock() + self.settings.stop_grace_s
-        while self.clock() < deadline and session_pids(inst.pgid):
-            _reap(inst.pid)
-            self.sleep(min(self.settings.poll_s, 0.2))
-        if session_pids(inst.pgid):
-            _signal_group(inst.pgid, signal.SIGKILL)
-            for _ in range(50):
-                _reap(inst.pid)
-                if not session_pids(inst.pgid):
-                    break
-                self.sleep(0.1)
-            _reap(inst.pid)
-            return "killed"
-        _reap(inst.pid)
-        return "stopped"
+
+        def gone() -> bool:
+            reap_if_child(inst.pid)
+            return not session_pids(inst.pgid)
+
+        outcome = end_group(
+            inst.pgid,
+            gone=gone,
+            grace_s=self.settings.stop_grace_s,
+            kill_wait_s=5.0,
+            poll_s=min(self.settings.poll_s, 0.2),
+            clock=self.clock,
+            sleep=self.sleep,
+        )
+        reap_if_child(inst.pid)
+        return outcome
 
     def _wait_released(self, expected: dict[int, int]) -> str:
         """Until each GPU's used memory is back down to ``expected`` (bytes, per GPU id)."""
-        deadline = self.clock() + self.settings.release_timeout_s
-        while True:
-            high = {g: self.nvml.memory(g).used - want for g, want in expected.items()}
-            high = {g: extra for g, extra in high.items() if extra > RELEASE_TOLERANCE_BYTES}
-            if not high:
-                return "released"
-            if self.clock() > deadline:
-                g, extra = next(iter(high.items()))
-                return f"GPU {g} still holds {extra / GIB:.2f} GiB more than before"
-            self.sleep(self.settings.poll_s)
+        high = wait_released(
+            lambda: {g: self.nvml.memory(g).used for g in expected},
+            expected,
+            timeout_s=self.settings.release_timeout_s,
+            poll_s=self.settings.poll_s,
+            clock=self.clock,
+            sleep=self.sleep,
+        )
+        if not high:
+            return "released"
+        g, extra = next(iter(high.items()))
+        return f"GPU {g} still holds {extra / GIB:.2f} GiB more than before"
 
     # ------------------------------------------------------------------------------------------- status
 
@@ -790,21 +790,6 @@ def _no_such_route(response) -> bool:
         return response.json() == {"detail": "Not Found"}
     except ValueError:
         return False
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _reap(pid: int) -> None:
-    """Collect our own child's exit status (when ``up`` and ``down`` run in one process, e.g. tests)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _log_cause(log_path: str) -> str:
