@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shlex
 import socket
 import threading
@@ -29,6 +28,7 @@ from pathlib import Path
 from ..devices import CUDA, DeviceKind
 from ..errors import DeployError, TunerError
 from ..paths import data_dir
+from ..probe import kv_usage_from_metrics
 from ..procgroup import (
     RELEASE_TOLERANCE_BYTES,
     cannot_run,
@@ -757,14 +757,6 @@ def alert_level(fraction: float) -> str:
         if fraction >= threshold:
             return level
     return ""
-
-
-_KV_USAGE = re.compile(r"^vllm:kv_cache_usage_perc(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
-
-
-def kv_usage_from_metrics(text: str) -> float | None:
-    values = [float(v) for v in _KV_USAGE.findall(text)]
-    return max(values) if values else None
 
 
 def _kv_usage(http, port: int) -> float | None:
