@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 from vllm_tuner.deploy.plan import GIB, GpuInfo, ModelCost, make_plan
-from vllm_tuner.deploy.run import Runner, Settings, alert_level
+from vllm_tuner.deploy.run import Runner, Settings
 from vllm_tuner.deploy.spec import parse_deployment
 from vllm_tuner.deploy.state import load_state, proc_cmdline, session_pids, state_path
+from vllm_tuner.deploy.status import alert_level
 from vllm_tuner.errors import DeployError
 from vllm_tuner.nvml import GpuMemory, GpuProcess
 from vllm_tuner.probe import kv_usage_from_metrics
