@@ -14,11 +14,14 @@ import httpx
 import pytest
 
 from vllm_tuner.deploy.plan import GIB, GpuInfo, ModelCost, make_plan
-from vllm_tuner.deploy.run import Runner, Settings, alert_level, kv_usage_from_metrics, spawn_detached
+from vllm_tuner.deploy.run import Runner, Settings
 from vllm_tuner.deploy.spec import parse_deployment
-from vllm_tuner.deploy.state import load_state, state_path
+from vllm_tuner.deploy.state import load_state, proc_cmdline, session_pids, state_path
+from vllm_tuner.deploy.status import alert_level
 from vllm_tuner.errors import DeployError
 from vllm_tuner.nvml import GpuMemory, GpuProcess
+from vllm_tuner.probe import kv_usage_from_metrics
+from vllm_tuner.procgroup import spawn_detached
 
 FAKE_VLLM = r"""
 import http.server, os, signal, sys, time
@@ -138,6 +141,11 @@ def env(tmp_path, monkeypatch):
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
+
+
+def holders(nvml, state) -> list[str]:
+    """The instances whose processes hold GPU 0 (vLLM runs under its reaper, in the instance's session)."""
+    return [i.name for p in nvml.processes(0) for i in state.instances if p.pid in session_pids(i.pgid)]
 
 
 def free_port() -> int:
@@ -325,7 +333,7 @@ def test_phases_switch_with_cooldown_and_report_the_switch_time(env):
     switched = runner.switch_phase(plan, report.state, "generate")
     assert switched.started == ["gen"] and switched.switch_s >= 0.1
     assert [i.name for i in switched.state.instances] == ["gen"]
-    assert [p.pid for p in nvml.processes(0)] == [switched.state.instances[0].pid]
+    assert holders(nvml, switched.state) == ["gen"]
     runner.stop_all(switched.state)
 
 
@@ -346,7 +354,7 @@ def test_a_phase_that_does_not_start_brings_the_previous_phase_back(env):
     assert [i.name for i in state.instances] == ["embed"] and state.instances[0].pid != first_pid
     status = runner.status(state)
     assert status.healthy and status.phase == "embed"
-    assert [p.pid for p in nvml.processes(0)] == [state.instances[0].pid]  # gen is gone, embed is back
+    assert holders(nvml, state) == ["embed"]  # gen is gone, embed is back
     runner.stop_all(state)
 
 
@@ -418,3 +426,18 @@ def test_down_reports_an_instance_that_died_unreaped_as_already_gone(env):
         "coder": "stopped",
         "_released": "released",
     }
+
+
+def test_an_instance_runs_under_a_detached_reaper_and_down_ends_its_whole_group(env):
+    runner, nvml, _ = env
+    runner.settings.verify = False
+    report = runner.up(plan_for(["coder"]))
+    inst = report.state.instances[0]
+    assert proc_cmdline(inst.pid)[1:4] == ["-m", "vllm_tuner._reaper", "detached"]
+    assert (
+        proc_cmdline(inst.pid)[proc_cmdline(inst.pid).index("--") + 1 :] == inst.argv
+    )  # what the state records
+    session = session_pids(inst.pgid)
+    assert len(session) == 2 and holders(nvml, report.state) == ["coder"]  # the reaper and the vLLM it runs
+    assert runner.stop_all(report.state) == {"coder": "stopped", "_released": "released"}
+    assert not session_pids(inst.pgid) and nvml.memory(0).used == nvml.baseline

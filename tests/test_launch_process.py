@@ -14,8 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-from vllm_tuner.launch import LocalLauncher, ServerProcess, reaper_argv
+from vllm_tuner.launch import LocalLauncher, ServerProcess
 from vllm_tuner.logparse import LogWatcher
+from vllm_tuner.procgroup import reaper_argv
 from vllm_tuner.serveconfig import ServeConfig
 
 FAKE = Path(__file__).parent / "fakes" / "server.py"

@@ -10,7 +10,15 @@ import httpx
 import pytest
 
 from vllm_tuner.nvml import open_nvml
-from vllm_tuner.probe import parse_metrics, probe_prompt, run_load_probe, unique_prompt
+from vllm_tuner.probe import (
+    MetricSample,
+    kv_usage_from_metrics,
+    metric_samples,
+    parse_metrics,
+    probe_prompt,
+    run_load_probe,
+    unique_prompt,
+)
 from vllm_tuner.serveconfig import ServeConfig
 
 SAMPLE = """\
@@ -37,6 +45,15 @@ def test_parse_metrics():
     assert "vllm:e2e_request_latency_seconds_bucket" not in metrics
     assert metrics["num_gpu_blocks"] == 2278
     assert "vllm:cache_config_info" not in metrics
+
+
+def test_one_reader_of_the_metrics_text_serves_the_probe_and_deploy_status():
+    samples = metric_samples(SAMPLE)
+    assert samples[0] == MetricSample("vllm:kv_cache_usage_perc", {"engine": "0", "model_name": "m"}, 0.25)
+    assert [s.name for s in samples].count("vllm:e2e_request_latency_seconds_bucket") == 1
+    assert not any(s.name.startswith(("#", "garbage")) for s in samples)
+    assert kv_usage_from_metrics(SAMPLE) == 0.5  # the fullest engine, where parse_metrics sums them
+    assert kv_usage_from_metrics("nothing here") is None
 
 
 def test_every_request_has_its_own_first_block_so_prefix_caching_cannot_share_kv():

@@ -1,12 +1,16 @@
 """Watchdog that runs one vLLM server and guarantees it dies with the tuner.
 
-    python -m vllm_tuner._reaper PARENT_PID [--grace S] [--cleanup 'docker rm -f NAME'] -- vllm serve ...
+    python -m vllm_tuner._reaper PARENT_PID|detached [--grace S] [--cleanup 'docker rm -f NAME'] -- vllm serve ...
 
 The tuner starts this in a new session, so the reaper leads the process group that vLLM and all its
 workers inherit. If the tuner disappears (even by SIGKILL), the kernel sends the reaper SIGUSR1
 (PR_SET_PDEATHSIG, Linux) or the reaper notices its parent changed; either way it ends the whole group:
 SIGTERM, a grace period (``--grace``, default 5 s), the ``--cleanup`` command if one was given (a docker container outlives its
-killed ``docker run`` client), then SIGKILL. It never touches any other group.
+killed ``docker run`` client), then SIGKILL. It never touches any other group. SIGTERM or SIGINT to the
+reaper ends the group the same way, and when vLLM exits on its own the reaper kills what it left behind.
+
+``detached`` instead of a parent pid watches no parent: the group outlives whoever started it (a
+deployment's instance, which its ``down`` ends by signalling the group).
 
 The death signal fires when the *thread* that started the reaper exits, not only the process, so on
 SIGUSR1 the reaper checks that its parent really changed before ending anything: a tuner that starts a
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 GRACE_S = 5.0
 CLEANUP_S = 30.0
 PR_SET_PDEATHSIG = 1
+DETACHED = "detached"
 
 
 def _die_with_parent() -> None:
@@ -39,7 +44,7 @@ def _die_with_parent() -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    parent: int
+    parent: int | None  # None: detached, no parent to outlive
     grace_s: float
     cleanup: list[str]
     command: list[str]
@@ -79,8 +84,8 @@ def _kill_stragglers() -> None:
 
 
 def _parse(argv: list[str]) -> Plan | None:
-    """``PARENT_PID [--grace S] [--cleanup CMD] -- COMMAND...``, or None when malformed."""
-    if not argv or not argv[0].isdigit() or "--" not in argv:
+    """``PARENT_PID|detached [--grace S] [--cleanup CMD] -- COMMAND...``, or None when malformed."""
+    if not argv or not (argv[0].isdigit() or argv[0] == DETACHED) or "--" not in argv:
         return None
     split = argv.index("--")
     options, command = argv[1:split], argv[split + 1 :]
@@ -93,14 +98,15 @@ def _parse(argv: list[str]) -> Plan | None:
         grace = float(values.get("--grace", GRACE_S))
     except ValueError:
         return None
-    return Plan(int(argv[0]), grace, shlex.split(values.get("--cleanup", "")), command)
+    parent = None if argv[0] == DETACHED else int(argv[0])
+    return Plan(parent, grace, shlex.split(values.get("--cleanup", "")), command)
 
 
 def main(argv: list[str]) -> int:
     plan = _parse(argv)
     if plan is None:
         print(
-            "usage: python -m vllm_tuner._reaper PARENT_PID [--grace S] [--cleanup CMD] -- COMMAND...",
+            "usage: python -m vllm_tuner._reaper PARENT_PID|detached [--grace S] [--cleanup CMD] -- COMMAND...",
             file=sys.stderr,
         )
         return 2
@@ -112,16 +118,21 @@ def main(argv: list[str]) -> int:
             _end_group(running[0], plan)
         os.killpg(os.getpgid(0), signal.SIGKILL)  # a child caught half-started by Popen, and us
 
+    def orphaned() -> bool:
+        """The process (not just the thread) that started us is gone; never when detached."""
+        return parent is not None and os.getppid() != parent
+
     def on_parent_death(_sig: int, _frame: object) -> None:
-        if os.getppid() != parent:  # the process, not just the thread that started us, is gone
+        if orphaned():
             end()
 
     # Python-level handlers reset to the default in the child at exec, so vLLM sees plain signals.
     signal.signal(signal.SIGTERM, end)
     signal.signal(signal.SIGINT, end)
-    signal.signal(signal.SIGUSR1, on_parent_death)
-    _die_with_parent()
-    if os.getppid() != parent:  # the tuner died before we got here
+    if parent is not None:
+        signal.signal(signal.SIGUSR1, on_parent_death)
+        _die_with_parent()
+    if orphaned():  # the tuner died before we got here
         return 1
     try:
         running.append(subprocess.Popen(command))
@@ -133,7 +144,7 @@ def main(argv: list[str]) -> int:
         try:
             code = child.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
-            if os.getppid() != parent:
+            if orphaned():
                 end()
             continue
         _kill_stragglers()

@@ -1,8 +1,8 @@
 """Launching vLLM: launchers (local command, docker), what the installed vLLM accepts, and
 :class:`ServerProcess`, one server in its own process group with its log captured and parsed live.
 
-Every server runs under ``vllm_tuner._reaper`` so it dies with the tuner, even if the tuner is killed.
-The tuner only ever signals process groups it started.
+Every server runs under ``vllm_tuner._reaper`` so it dies with the tuner, even if the tuner is killed;
+starting, ending and waiting for the release of its group is :mod:`vllm_tuner.procgroup`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,11 +29,11 @@ import httpx
 from .devices import CUDA, DeviceKind, uses_kv_connector
 from .errors import GpuError, LaunchError, VllmError
 from .paths import data_dir
+from .procgroup import end_group, reaper_argv, signal_group, wait_released
 from .serveconfig import API_SERVER_MODULE, ServeConfig, is_api_server_form, vllm_argv
 
 GIB = 1 << 30
 HOST = "127.0.0.1"
-RELEASE_TOLERANCE_BYTES = 256 << 20
 
 
 # -- launchers ----------------------------------------------------------------------------------
@@ -697,11 +696,14 @@ class ServerProcess:
                 # cannot be reused, so every signal below reaches only the group this tuner started.
                 # A second Ctrl-C during the grace period leaves proc unreaped: calling stop() again
                 # (as __exit__ does) signals the same group safely.
-                _signal_group(proc.pid, signal.SIGTERM)
-                if not _exited_unreaped(proc.pid, self.grace_s):
-                    _signal_group(proc.pid, signal.SIGKILL)
-                    _exited_unreaped(proc.pid, 30.0)
-                _signal_group(proc.pid, signal.SIGKILL)  # stragglers that outlived the reaper
+                end_group(
+                    proc.pid,
+                    gone=lambda: _exited_unreaped(proc.pid),
+                    grace_s=self.grace_s,
+                    kill_wait_s=30.0,
+                    poll_s=0.02,
+                )
+                signal_group(proc.pid, signal.SIGKILL)  # stragglers that outlived the reaper
                 proc.wait()
             _run_cleanup(self.launcher.cleanup_argv(self.name))
             self._join_reader(5.0)
@@ -712,22 +714,22 @@ class ServerProcess:
     def wait_released(self) -> None:
         if self.nvml is None or not self._baseline:
             return
-        deadline = self.clock() + self.release_timeout_s
-        while True:
-            used = self.used_memory() or {}
-            held = {i: b - self._baseline.get(i, 0) for i, b in used.items()}
-            if all(extra <= RELEASE_TOLERANCE_BYTES for extra in held.values()):
-                return
-            if self.clock() > deadline:
-                worst = max(held, key=held.get)
-                unit = getattr(self.nvml, "unit", "GPU")
-                raise GpuError(
-                    f"{unit} {worst} still holds {held[worst] / GIB:.2f} GiB more than before the trial "
-                    f"{self.release_timeout_s:g}s after vLLM stopped ({self._holders(worst)})",
-                    f"stop that process (see {getattr(self.nvml, 'inspect_with', 'nvidia-smi')}) "
-                    f"or choose other {unit}s with --gpu-ids",
-                )
-            time.sleep(0.1)
+        held = wait_released(
+            lambda: self.used_memory() or {},
+            self._baseline,
+            timeout_s=self.release_timeout_s,
+            poll_s=0.1,
+            clock=self.clock,
+        )
+        if held:
+            worst = max(held, key=held.__getitem__)
+            unit = getattr(self.nvml, "unit", "GPU")
+            raise GpuError(
+                f"{unit} {worst} still holds {held[worst] / GIB:.2f} GiB more than before the trial "
+                f"{self.release_timeout_s:g}s after vLLM stopped ({self._holders(worst)})",
+                f"stop that process (see {getattr(self.nvml, 'inspect_with', 'nvidia-smi')}) "
+                f"or choose other {unit}s with --gpu-ids",
+            )
 
     def _holders(self, index: int) -> str:
         """Who holds memory on device ``index``, as its reader sees it: "pid 4242 uses 3.10 GiB, ..."."""
@@ -750,38 +752,18 @@ class ServerProcess:
             return None
 
 
-def reaper_argv(
-    parent_pid: int, command: Sequence[str], cleanup: Sequence[str] = (), *, grace_s: float | None = None
-) -> list[str]:
-    """``python -m vllm_tuner._reaper PARENT [--grace S] [--cleanup CMD] -- COMMAND...``"""
-    options = ["--grace", f"{grace_s:g}"] if grace_s is not None else []
-    options += ["--cleanup", shlex.join(cleanup)] if cleanup else []
-    return [sys.executable, "-m", "vllm_tuner._reaper", str(parent_pid), *options, "--", *command]
-
-
 def _run_cleanup(argv: list[str]) -> None:
     if argv:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
 
 
-def _exited_unreaped(pid: int, timeout_s: float) -> bool:
-    """Wait until child ``pid`` has exited, without reaping it (its pid stays reserved)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:
-            return True  # already reaped elsewhere
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def _exited_unreaped(pid: int) -> bool:
+    """Child ``pid`` has exited; it is not reaped (its pid, the group id, stays reserved)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # already reaped elsewhere
 
 
 def _healthy(client: httpx.Client, base_url: str) -> bool:

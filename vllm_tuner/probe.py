@@ -29,30 +29,51 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
+@dataclass(frozen=True)
+class MetricSample:
+    """One sample line of Prometheus text: ``name{labels} value``."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def metric_samples(text: str) -> list[MetricSample]:
+    """Every sample of a ``/metrics`` page, in order (comments and unreadable lines skipped): the
+    one reader of vLLM's Prometheus text."""
+    out = []
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        out.append(MetricSample(m.group(1), dict(_LABEL.findall(m.group(2) or "")), value))
+    return out
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text → ``{name: value}`` summed over label sets (histogram buckets skipped);
     ``num_gpu_blocks`` is read from ``vllm:cache_config_info``'s labels."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
+    for sample in metric_samples(text):
+        if sample.name.endswith("_bucket"):
             continue
-        m = _SAMPLE.match(line)
-        if not m:
+        if sample.name == "vllm:cache_config_info":
+            blocks = sample.labels.get("num_gpu_blocks", "")
+            if blocks.isdigit():
+                out["num_gpu_blocks"] = float(blocks)
             continue
-        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
-        if name.endswith("_bucket"):
-            continue
-        try:
-            number = float(value)
-        except ValueError:
-            continue
-        if name == "vllm:cache_config_info":
-            for key, val in _LABEL.findall(labels):
-                if key == "num_gpu_blocks" and val.isdigit():
-                    out["num_gpu_blocks"] = float(val)
-            continue
-        out[name] = out.get(name, 0.0) + number
+        out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
+
+
+def kv_usage_from_metrics(text: str) -> float | None:
+    """``vllm:kv_cache_usage_perc`` (0..1) of the fullest engine, None when the page has none."""
+    values = [s.value for s in metric_samples(text) if s.name == "vllm:kv_cache_usage_perc"]
+    return max(values) if values else None
 
 
 @dataclass

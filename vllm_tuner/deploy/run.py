@@ -1,7 +1,9 @@
-"""``up``, ``status``, ``down`` and phase switches for a planned deployment.
+"""``up``, phase switches and ``down`` of a planned deployment: :class:`Runner`, the flow that starts,
+verifies, switches and stops its instances (their processes: :mod:`.instances`; ``status``: :mod:`.status`).
 
 The instances must outlive the CLI, so each is spawned detached in its own session (``setsid``),
-logging to a file, and recorded in the state file. ``up`` starts them one after another: each only once
+under a detached reaper (:mod:`vllm_tuner.procgroup`, the same process-group code as a trial's
+server), logging to a file, and recorded in the state file. ``up`` starts them one after another: each only once
 the previous answers ``/health`` and its GPU memory has settled, and only if the memory free at that
 moment passes vLLM's startup check for the planned utilization. Every collaborator comes in as an
 argument: ``spawn`` (argv, env, log) -> pid, ``nvml`` (:class:`vllm_tuner.nvml.Nvml`), ``http`` (an
@@ -16,9 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shlex
-import signal
 import socket
 import threading
 import time
@@ -29,27 +29,17 @@ from pathlib import Path
 from ..devices import CUDA, DeviceKind
 from ..errors import DeployError, TunerError
 from ..paths import data_dir
+from ..procgroup import spawn_detached
 from ..serveconfig import vllm_argv
 from .containers import DockerCli, container_name, docker_run_argv
+from .instances import InstanceProcesses, Spawn, start_detached
 from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
-from .state import (
-    DeploymentState,
-    InstanceState,
-    descendant_pids,
-    is_alive,
-    is_ours,
-    proc_start_time,
-    remove_state,
-    save_state,
-    session_pids,
-)
+from .state import DeploymentState, InstanceState, is_alive, proc_start_time, remove_state, save_state
+from .status import StatusReport, deployment_status, http_status
 
 MIB = 1 << 20
-ALERT_LEVELS = ((0.95, "critical"), (0.90, "major"), (0.80, "warning"))
 SETTLE_TOLERANCE_BYTES = 64 * MIB
-RELEASE_TOLERANCE_BYTES = 256 * MIB
 
-Spawn = Callable[[list[str], dict[str, str], Path], int]
 BindCheck = Callable[[str, int], str | None]  # (host, port) -> why it cannot be bound, or None
 
 
@@ -63,25 +53,6 @@ def cannot_bind(host: str, port: int) -> str | None:
         except OSError as exc:
             return exc.strerror or str(exc)
     return None
-
-
-def spawn_detached(argv: list[str], env: dict[str, str], log_path: Path) -> int:
-    """Start ``argv`` in its own session, stdout+stderr to ``log_path``; returns the pid (= pgid)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    actions = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
-        (os.POSIX_SPAWN_DUP2, 1, 2),
-    ]
-    try:
-        return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True)
-    except OSError as exc:
-        raise DeployError(
-            f"cannot start {argv[0]!r}: {exc.strerror}",
-            "install docker, or drop --docker-image to run vLLM locally"
-            if argv[0] == "docker"
-            else "check --vllm-cmd (e.g. --vllm-cmd /opt/venv/bin/vllm)",
-        ) from exc
 
 
 VERIFY_PROMPT = list(range(100, 132))  # 32 token ids, inside any vocabulary
@@ -221,7 +192,7 @@ class Runner:
         where = f" in container {container}" if container else ""
         self.note(f"starting {inst.name} on GPU {','.join(map(str, inst.gpu_ids))} port {inst.port}{where}")
         started = self.clock()
-        pid = self.spawn(argv, env, log_path)
+        pid = start_detached(self.spawn, argv, env, log_path, grace_s=self.settings.stop_grace_s)
         record = InstanceState(
             name=inst.name,
             pid=pid,
@@ -245,7 +216,7 @@ class Runner:
             self._wait_healthy(record)
             self._wait_settled(record)
         except BaseException:
-            self._stop_instance(record)
+            self.processes.stop(record)
             raise
         record.ready_s = round(self.clock() - started, 3)
         self.note(f"{inst.name} is healthy after {record.ready_s:.1f}s")
@@ -302,7 +273,7 @@ class Runner:
         over: list[tuple[InstanceState, int]] = []
         ours_bytes = 0
         for inst in (i for i in state.instances if g in i.gpu_ids):
-            measured = sum(held.get(pid, 0) for pid in self._pids(inst))
+            measured = sum(held.get(pid, 0) for pid in self.processes.pids(inst))
             ours_bytes += measured or inst.footprint_bytes
             if measured - inst.footprint_bytes > SETTLE_TOLERANCE_BYTES:
                 over.append((inst, measured))
@@ -359,7 +330,7 @@ class Runner:
                     f"{inst.name} exited while starting: {_log_cause(inst.log_path)}",
                     f"see {inst.log_path}; 'vllm-tune diagnose {inst.log_path}' explains it",
                 )
-            if _get_status(self.http, url) == 200:
+            if http_status(self.http, url) == 200:
                 return
             if self.clock() > deadline:
                 raise DeployError(
@@ -437,7 +408,7 @@ class Runner:
                 return None
             if not _no_such_route(response):
                 return response.status_code
-        return _get_status(self.http, base + "/health")
+        return http_status(self.http, base + "/health")
 
     # ------------------------------------------------------------------------------------------- phases
 
@@ -462,10 +433,10 @@ class Runner:
 
     def _unload(self, state: DeploymentState, leaving: Sequence[InstanceState]) -> None:
         """Stop ``leaving`` and wait until their memory is released."""
-        expected = self.used_without(leaving)
+        expected = self.processes.used_without(leaving)
         for inst in reversed(leaving):
-            self._stop_instance(inst)
-        self._wait_released(expected)
+            self.processes.stop(inst)
+        self.processes.wait_released(expected)
         state.instances = [i for i in state.instances if i not in leaving]
         save_state(state)
 
@@ -511,275 +482,39 @@ class Runner:
 
     # --------------------------------------------------------------------------------------------- down
 
+    def used_without(self, leaving: Sequence[InstanceState]) -> dict[int, int]:
+        """Per GPU, the used memory expected once ``leaving`` is gone (what a running deployment is
+        re-planned against, its own instances left out)."""
+        return self.processes.used_without(leaving)
+
     def stop_all(self, state: DeploymentState) -> dict[str, str]:
         """Stop every instance ``up`` recorded (never a process whose identity changed); wait for release."""
         outcome: dict[str, str] = {}
         for inst in reversed(state.instances):
-            outcome[inst.name] = self._stop_instance(inst)
+            outcome[inst.name] = self.processes.stop(inst)
         gpus = {g for i in state.instances for g in i.gpu_ids}
-        outcome["_released"] = self._wait_released({g: state.baseline_used.get(str(g), 0) for g in gpus})
+        outcome["_released"] = self.processes.wait_released(
+            {g: state.baseline_used.get(str(g), 0) for g in gpus}
+        )
         return outcome
-
-    def used_without(self, leaving: Sequence[InstanceState]) -> dict[int, int]:
-        """Per GPU, the used memory expected once ``leaving`` is gone: now minus what NVML says their
-        processes hold (their planned footprint when NVML does not report per-process usage). Also
-        what a running deployment is re-planned against, its own instances left out."""
-        expected: dict[int, int] = {}
-        for g in sorted({g for i in leaving for g in i.gpu_ids}):
-            held = {p.pid: p.used for p in self.nvml.processes(g)}
-            freed = 0
-            for inst in leaving:
-                if g in inst.gpu_ids:
-                    measured = sum(held.get(pid, 0) for pid in self._pids(inst))
-                    freed += measured or inst.footprint_bytes
-            expected[g] = self.nvml.memory(g).used - freed
-        return expected
-
-    def _pids(self, inst: InstanceState) -> set[int]:
-        """The processes of one instance: its session, and for a container the container's processes
-        (which docker starts outside the session of the ``docker run`` client)."""
-        pids = set(session_pids(inst.pgid)) if is_ours(inst) else set()
-        if inst.container:
-            main = self.docker.pid(inst.container)
-            if main is not None:
-                pids.update(descendant_pids(main))
-        return pids
-
-    def _alive(self, inst: InstanceState) -> bool:
-        """A container is alive while docker runs it (its name is unique to this start); a process
-        while its pid, start time and command line still match."""
-        if inst.container:
-            return self.docker.pid(inst.container) is not None
-        return is_alive(inst)
-
-    def _stop_instance(self, inst: InstanceState) -> str:
-        if inst.container:
-            return self._stop_container(inst)
-        return self._stop_process(inst)
-
-    def _stop_container(self, inst: InstanceState) -> str:
-        """``docker stop`` (SIGTERM, SIGKILL after the grace period) and ``docker rm -f`` of exactly the
-        name ``up`` recorded; then its ``docker run`` client, which exits with the container."""
-        stopped = self.docker.stop(inst.container, self.settings.stop_grace_s)
-        self.docker.remove(inst.container)
-        client = self._stop_process(inst)
-        return "stopped" if stopped else client
-
-    def _stop_process(self, inst: InstanceState) -> str:
-        # a recycled pid, or a process that died (a zombie nobody reaped still matches its identity)
-        # leaving nothing of its session behind: nothing to stop
-        if not is_ours(inst) or (not is_alive(inst) and not session_pids(inst.pgid)):
-            _reap(inst.pid)
-            return "already gone"
-        _signal_group(inst.pgid, signal.SIGTERM)
-        deadline = self.clock() + self.settings.stop_grace_s
-        while self.clock() < deadline and session_pids(inst.pgid):
-            _reap(inst.pid)
-            self.sleep(min(self.settings.poll_s, 0.2))
-        if session_pids(inst.pgid):
-            _signal_group(inst.pgid, signal.SIGKILL)
-            for _ in range(50):
-                _reap(inst.pid)
-                if not session_pids(inst.pgid):
-                    break
-                self.sleep(0.1)
-            _reap(inst.pid)
-            return "killed"
-        _reap(inst.pid)
-        return "stopped"
-
-    def _wait_released(self, expected: dict[int, int]) -> str:
-        """Until each GPU's used memory is back down to ``expected`` (bytes, per GPU id)."""
-        deadline = self.clock() + self.settings.release_timeout_s
-        while True:
-            high = {g: self.nvml.memory(g).used - want for g, want in expected.items()}
-            high = {g: extra for g, extra in high.items() if extra > RELEASE_TOLERANCE_BYTES}
-            if not high:
-                return "released"
-            if self.clock() > deadline:
-                g, extra = next(iter(high.items()))
-                return f"GPU {g} still holds {extra / GIB:.2f} GiB more than before"
-            self.sleep(self.settings.poll_s)
 
     # ------------------------------------------------------------------------------------------- status
 
     def status(self, state: DeploymentState) -> StatusReport:
-        rows = []
-        per_pid: dict[int, dict[int, int]] = {}
-        gpus = sorted({g for i in state.instances for g in i.gpu_ids})
-        for g in gpus:
-            per_pid[g] = {p.pid: p.used for p in self.nvml.processes(g)}
-        for inst in state.instances:
-            alive = self._alive(inst)
-            health = _get_status(self.http, f"http://127.0.0.1:{inst.port}/health") if alive else None
-            pids = self._pids(inst) if alive else set()
-            used = {g: sum(v for pid, v in per_pid[g].items() if pid in pids) for g in inst.gpu_ids}
-            kv = _kv_usage(self.http, inst.port) if health == 200 else None
-            rows.append(
-                InstanceStatus(
-                    inst.name,
-                    inst.port,
-                    inst.gpu_ids,
-                    alive,
-                    health,
-                    used,
-                    kv,
-                    inst.footprint_bytes,
-                    inst.phase,
-                )
-            )
-        recorded = {i.name for i in state.instances}
-        for name in state.planned:  # what should run and was never started (a failed switch and rollback)
-            if name not in recorded:
-                rows.append(
-                    InstanceStatus(name, None, [], False, None, {}, None, 0, state.phase, started=False)
-                )
-        cards = []
-        for g in gpus:
-            mem = self.nvml.memory(g)
-            # what the plan itself puts on the card: what was there before 'up', and each instance's footprint
-            planned = state.baseline_used.get(str(g), 0) + sum(
-                i.footprint_bytes for i in state.instances if g in i.gpu_ids
-            )
-            as_planned = mem.used <= planned + RELEASE_TOLERANCE_BYTES
-            cards.append(GpuStatus(g, mem.total, mem.used, alert_level(mem.used / mem.total), as_planned))
-        return StatusReport(state.name, state.phase, rows, cards)
-
-
-@dataclass
-class InstanceStatus:
-    name: str
-    port: int | None  # None: not started
-    gpu_ids: list[int]
-    alive: bool
-    health: int | None  # HTTP status of /health, None if unreachable or the process is gone
-    used_bytes: dict[int, int]  # NVML per-process usage of its session, per GPU
-    kv_usage: float | None  # vllm:kv_cache_usage_perc (0..1)
-    planned_bytes: int
-    phase: str | None = None
-    started: bool = True  # False: its phase should run it, and no process of it was started
+        return deployment_status(state, nvml=self.nvml, http=self.http, processes=self.processes)
 
     @property
-    def state(self) -> str:
-        if not self.started:
-            return "not running"
-        if not self.alive:
-            return "dead"
-        return "healthy" if self.health == 200 else f"unhealthy ({self.health or 'no answer'})"
-
-
-@dataclass
-class GpuStatus:
-    id: int
-    total_bytes: int
-    used_bytes: int
-    alert: str  # "" | warning | major | critical
-    as_planned: bool = False  # no more than the plan puts there: an alert says the plan fills the card
-
-    @property
-    def fraction(self) -> float:
-        return self.used_bytes / self.total_bytes if self.total_bytes else 0.0
-
-
-@dataclass
-class StatusReport:
-    name: str
-    phase: str | None
-    instances: list[InstanceStatus]
-    gpus: list[GpuStatus]
-
-    @property
-    def healthy(self) -> bool:
-        """Every instance that should run answers /health; a deployment that runs nothing is not healthy."""
-        return bool(self.instances) and all(i.state == "healthy" for i in self.instances)
-
-    def as_dict(self) -> dict:
-        return {
-            "deployment": self.name,
-            "phase": self.phase,
-            "healthy": self.healthy,
-            "instances": [
-                {
-                    "name": i.name,
-                    "state": i.state,
-                    "port": i.port,
-                    "gpu_ids": i.gpu_ids,
-                    "used_bytes": {str(k): v for k, v in i.used_bytes.items()},
-                    "planned_bytes": i.planned_bytes,
-                    "kv_usage": i.kv_usage,
-                    "phase": i.phase,
-                }
-                for i in self.instances
-            ],
-            "gpus": [
-                {
-                    "id": g.id,
-                    "total_bytes": g.total_bytes,
-                    "used_bytes": g.used_bytes,
-                    "fraction": round(g.fraction, 4),
-                    "alert": g.alert,
-                    "as_planned": g.as_planned,
-                }
-                for g in self.gpus
-            ],
-        }
-
-    def render(self) -> str:
-        phase = f"  phase {self.phase}" if self.phase else ""
-        lines = [
-            f"Deployment {self.name}{phase}: {'healthy' if self.healthy else 'NOT healthy'}",
-            "",
-            f"  {'instance':<16}{'state':<20}{'port':>6}  {'GPU':<5}{'used GiB':>9}{'planned':>9}{'KV use':>8}",
-        ]
-        for i in self.instances:
-            used = sum(i.used_bytes.values()) / GIB
-            kv = f"{i.kv_usage * 100:.0f}%" if i.kv_usage is not None else "-"
-            port = i.port if i.port is not None else "-"
-            gpus = ",".join(map(str, i.gpu_ids)) or "-"
-            lines.append(
-                f"  {i.name:<16}{i.state:<20}{port:>6}  {gpus:<5}{used:>9.1f}{i.planned_bytes / GIB:>9.1f}{kv:>8}"
-            )
-        lines.append("")
-        for g in self.gpus:
-            alert = f"  ALERT {g.alert}" if g.alert else ""
-            if g.alert and g.as_planned:
-                alert += " (as planned: the plan fills the card)"
-            lines.append(
-                f"  GPU {g.id}: {g.used_bytes / GIB:.1f} / {g.total_bytes / GIB:.1f} GiB "
-                f"({g.fraction * 100:.0f}%){alert}"
-            )
-        return "\n".join(lines) + "\n"
-
-
-def alert_level(fraction: float) -> str:
-    """``critical`` at 95% of the card, ``major`` at 90%, ``warning`` at 80%, else ""."""
-    for threshold, level in ALERT_LEVELS:
-        if fraction >= threshold:
-            return level
-    return ""
-
-
-_KV_USAGE = re.compile(r"^vllm:kv_cache_usage_perc(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
-
-
-def kv_usage_from_metrics(text: str) -> float | None:
-    values = [float(v) for v in _KV_USAGE.findall(text)]
-    return max(values) if values else None
-
-
-def _kv_usage(http, port: int) -> float | None:
-    try:
-        response = http.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
-    except Exception:
-        return None
-    return kv_usage_from_metrics(response.text) if response.status_code == 200 else None
-
-
-def _get_status(http, url: str) -> int | None:
-    try:
-        return http.get(url, timeout=5.0).status_code
-    except Exception:  # connection refused while booting, timeouts: "no answer"
-        return None
+    def processes(self) -> InstanceProcesses:
+        """The instances' processes, stopped and waited for as ``settings`` says now."""
+        return InstanceProcesses(
+            nvml=self.nvml,
+            docker=self.docker,
+            stop_grace_s=self.settings.stop_grace_s,
+            poll_s=self.settings.poll_s,
+            release_timeout_s=self.settings.release_timeout_s,
+            clock=self.clock,
+            sleep=self.sleep,
+        )
 
 
 def _no_such_route(response) -> bool:
@@ -790,21 +525,6 @@ def _no_such_route(response) -> bool:
         return response.json() == {"detail": "Not Found"}
     except ValueError:
         return False
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _reap(pid: int) -> None:
-    """Collect our own child's exit status (when ``up`` and ``down`` run in one process, e.g. tests)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _log_cause(log_path: str) -> str:
