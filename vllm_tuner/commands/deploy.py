@@ -258,6 +258,14 @@ def emit_command(target, fmt, out, image, vllm_cmd, tuned):
     default=None,
     help="What the models run on [default: the file's gpus.device, else cuda].",
 )
+@click.option(
+    "--proxy",
+    "proxy_port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    metavar="PORT",
+    help="Also start 'vllm-tune proxy' on PORT in front of the models ('down' stops it).",
+)
 def up_command(
     file,
     phase,
@@ -272,12 +280,14 @@ def up_command(
     simulate,
     sim_time_scale,
     device,
+    proxy_port,
 ):
     """Start a deployment's models one after another and verify them together.
 
     \b
     Examples:
       vllm-tune up profiles/deployments/coder-general-96gb.yaml
+      vllm-tune up deploy.yaml --proxy 9000         (one endpoint for all models on port 9000)
       vllm-tune up deploy.yaml --tune               (run 'find' per instance within its share first)
       vllm-tune up deploy.yaml --docker-image vllm/vllm-openai:v0.33.0
       vllm-tune up rag.yaml --phase rerank        (switch a running phased deployment)
@@ -304,6 +314,13 @@ def up_command(
             raise DeployError(
                 f"--tune needs the GPUs to itself, but deployment {deployment.name!r} is already up",
                 f"'vllm-tune down {deployment.name}' first, then 'vllm-tune up {_arg(file)} --tune{again}'",
+            )
+        if proxy_port is not None:
+            raise DeployError(
+                f"--proxy starts with the deployment, but deployment {deployment.name!r} is already up",
+                f"'vllm-tune down {deployment.name}' first, then 'vllm-tune up {_arg(file)} --proxy {proxy_port}{again}'"
+                if running.proxy is None
+                else f"its proxy already serves {running.proxy.url}/v1: drop --proxy",
             )
         if phase is None:
             raise DeployError(
@@ -335,7 +352,8 @@ def up_command(
             save_state(report.state)
         else:
             plan = _refuse_live(_plan_live(deployment, session.nvml))
-            session.runner.check_ports(plan, plan.instances)  # before --tune's minutes, not after them
+            # before --tune's minutes, not after them
+            session.runner.check_ports(plan, plan.instances, proxy_port=proxy_port)
             tuned: dict[str, dict] = {}
             if tune:
                 find_one = _find_one(
@@ -351,7 +369,7 @@ def up_command(
                     ).items()
                 }
                 plan = apply_tuning(plan, tuned)
-            report = session.runner.up(plan, phase=phase, tuned=tuned)
+            report = session.runner.up(plan, phase=phase, tuned=tuned, proxy_port=proxy_port)
     _print_up(report, json_)
 
 
@@ -529,6 +547,9 @@ def _print_up(report, json_: bool) -> None:
                     for i in state.instances
                 ],
                 "tuned": state.tuned,  # every tuned instance, those of phases not loaded now too
+                "proxy": None
+                if state.proxy is None
+                else {"url": f"{state.proxy.url}/v1", "pid": state.proxy.pid, "log": state.proxy.log_path},
             }
         )
         return
@@ -541,6 +562,8 @@ def _print_up(report, json_: bool) -> None:
             f"{inst.name:<16} {where} http://127.0.0.1:{inst.port}  GPU "
             f"{','.join(map(str, inst.gpu_ids))}  ready in {inst.ready_s:.1f}s  log {inst.log_path}"
         )
+    if state.proxy is not None:
+        click.echo(f"{'proxy':<16} pid {state.proxy.pid:<8} {state.proxy.url}/v1  log {state.proxy.log_path}")
     if report.switch_s is not None:
         click.echo(f"switched to phase {state.phase} in {report.switch_s:.1f}s")
     if report.verified:
@@ -686,7 +709,8 @@ def status_command(target, json_, simulate, sim_time_scale):
 @click.command()
 @_running_deployment_options
 def down_command(target, json_, simulate, sim_time_scale):
-    """Stop what 'vllm-tune up' started (only those processes) and wait for GPU memory release.
+    """Stop what 'vllm-tune up' started (only those processes): its proxy, then its models; wait for
+    GPU memory release.
 
     \b
     Example:
@@ -705,12 +729,15 @@ def down_command(target, json_, simulate, sim_time_scale):
         emit_json(
             {
                 "deployment": state.name,
-                "instances": {k: v for k, v in outcome.items() if k != "_released"},
+                "proxy": outcome.get("_proxy"),
+                "instances": {k: v for k, v in outcome.items() if not k.startswith("_")},
                 "gpu_memory": outcome["_released"],
             }
         )
         return
+    if "_proxy" in outcome:
+        click.echo(f"proxy: {outcome['_proxy']}")
     for name, what in outcome.items():
-        if name != "_released":
+        if not name.startswith("_"):
             click.echo(f"{name}: {what}")
     click.echo(f"GPU memory: {outcome['_released']}")

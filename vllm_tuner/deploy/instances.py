@@ -1,7 +1,7 @@
-"""The processes of a deployment's instances: each started detached under the reaper (the same
-process-group code as a trial's server, :mod:`vllm_tuner.procgroup`), so it outlives ``up``; found
-again by its recorded identity (:mod:`.state`), stopped (its process group, or its container), and the
-GPU memory it held waited for.
+"""The processes of a deployment's instances (and of its proxy): each started detached under the
+reaper (the same process-group code as a trial's server, :mod:`vllm_tuner.procgroup`), so it outlives
+``up``; found again by its recorded identity (:mod:`.state`), stopped (its process group, or its
+container), and the GPU memory it held waited for.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..errors import DeployError
 from ..procgroup import cannot_run, end_group, reap_if_child, reaper_argv
 from .containers import DockerCli
 from .plan import GIB
-from .state import InstanceState, descendant_pids, is_alive, is_ours, session_pids
+from .state import InstanceState, ProxyState, descendant_pids, is_alive, is_ours, session_pids
 
 Spawn = Callable[[list[str], dict[str, str], Path], int]  # (argv, env, log file) -> pid, in its own session
 
@@ -85,17 +85,19 @@ class InstanceProcesses:
         """End one instance: "stopped", "killed" (SIGKILL after the grace period) or "already gone"."""
         if inst.container:
             return self._stop_container(inst)
-        return self._stop_process(inst)
+        return self.stop_process(inst)
 
     def _stop_container(self, inst: InstanceState) -> str:
         """``docker stop`` (SIGTERM, SIGKILL after the grace period) and ``docker rm -f`` of exactly the
         name ``up`` recorded; then its ``docker run`` client, which exits with the container."""
         stopped = self.docker.stop(inst.container, self.stop_grace_s)
         self.docker.remove(inst.container)
-        client = self._stop_process(inst)
+        client = self.stop_process(inst)
         return "stopped" if stopped else client
 
-    def _stop_process(self, inst: InstanceState) -> str:
+    def stop_process(self, inst: InstanceState | ProxyState) -> str:
+        """End the process group ``up`` recorded (an instance's, or the proxy's), only while it is still
+        that very process: "stopped", "killed" or "already gone"."""
         # a recycled pid, or a process that died (a zombie nobody reaped still matches its identity)
         # leaving nothing of its session behind: nothing to stop
         if not is_ours(inst) or (not is_alive(inst) and not session_pids(inst.pgid)):

@@ -20,6 +20,7 @@ import math
 import os
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,15 @@ from ..serveconfig import vllm_argv
 from .containers import DockerCli, container_name, docker_run_argv
 from .instances import InstanceProcesses, Spawn, start_detached
 from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
-from .state import DeploymentState, InstanceState, is_alive, proc_start_time, remove_state, save_state
+from .state import (
+    DeploymentState,
+    InstanceState,
+    ProxyState,
+    is_alive,
+    proc_start_time,
+    remove_state,
+    save_state,
+)
 from .status import StatusReport, deployment_status, http_status
 
 MIB = 1 << 20
@@ -63,6 +72,7 @@ class Settings:
     vllm_cmd: str = "vllm"
     env: dict[str, str] = field(default_factory=dict)  # added to every instance (simulator, HF_HOME, ...)
     ready_timeout_s: float = 1800.0
+    proxy_ready_timeout_s: float = 60.0  # 'up --proxy': its /health once the instances are healthy
     settle_timeout_s: float = 120.0
     poll_s: float = 1.0
     release_timeout_s: float = 120.0
@@ -110,9 +120,17 @@ class Runner:
 
     # -------------------------------------------------------------------------------------------- up
 
-    def up(self, plan: Plan, *, phase: str | None = None, tuned: dict[str, dict] | None = None) -> UpReport:
-        """Start the plan's instances (always-on, then ``phase`` or the first one) one after another.
-        ``tuned`` (what ``up --tune`` measured, by instance) is recorded in the state file."""
+    def up(
+        self,
+        plan: Plan,
+        *,
+        phase: str | None = None,
+        tuned: dict[str, dict] | None = None,
+        proxy_port: int | None = None,
+    ) -> UpReport:
+        """Start the plan's instances (always-on, then ``phase`` or the first one) one after another,
+        then (``proxy_port``) ``vllm-tune proxy`` in front of them. ``tuned`` (what ``up --tune``
+        measured, by instance) is recorded in the state file."""
         if not plan.fits:
             raise DeployError(
                 f"deployment {plan.deployment.name!r} does not fit: {plan.problems[0]}",
@@ -120,7 +138,7 @@ class Runner:
             )
         dep = plan.deployment
         dep.check_phase(phase)
-        self.check_ports(plan, plan.instances)
+        self.check_ports(plan, plan.instances, proxy_port=proxy_port)
         gpu_ids = sorted({g for i in plan.instances for g in i.gpu_ids})
         state = DeploymentState(
             dep.name,
@@ -143,6 +161,8 @@ class Runner:
                 save_state(state)
                 started.append(inst.name)
             verified = self.verify(state) if self.settings.verify else {}
+            if proxy_port is not None:
+                self._start_proxy(state, proxy_port)
         except BaseException:
             self.note("stopping what this 'up' started")
             self.stop_all(state)
@@ -150,10 +170,20 @@ class Runner:
             raise
         return UpReport(state, started, verified)
 
-    def check_ports(self, plan: Plan, instances: Sequence[Instance]) -> None:
-        """Before anything starts (and before tuning): every instance's port must be free on the host
-        it will serve on; a port another process holds would only show once the instances before it
-        had started, as a failed start."""
+    def check_ports(
+        self, plan: Plan, instances: Sequence[Instance], *, proxy_port: int | None = None
+    ) -> None:
+        """Before anything starts (and before tuning): every instance's port, and the proxy's, must be
+        free on the host it will serve on; a port another process holds would only show once the
+        instances before it had started, as a failed start."""
+        if proxy_port is not None:
+            clash = next((i.name for i in plan.instances if i.port == proxy_port), None)
+            why = f"{clash} serves on it" if clash else self.bind_check(SERVE_HOST, proxy_port)
+            if why is not None:
+                raise DeployError(
+                    f"--proxy port {proxy_port} cannot be bound on {SERVE_HOST} ({why}); nothing was started",
+                    f"choose another --proxy port, or stop what holds port {proxy_port}",
+                )
         for inst in instances:
             why = self.bind_check(SERVE_HOST, inst.port)
             if why is not None:
@@ -221,6 +251,49 @@ class Runner:
         record.ready_s = round(self.clock() - started, 3)
         self.note(f"{inst.name} is healthy after {record.ready_s:.1f}s")
         return record
+
+    def _start_proxy(self, state: DeploymentState, port: int) -> None:
+        """``vllm-tune proxy NAME --port PORT`` (this interpreter), detached under the reaper as the
+        instances are, recorded in the state file once it answers ``/health``. It reads the instances
+        from the state file, so it follows a phase switch."""
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm_tuner",
+            "proxy",
+            state.name,
+            "--host",
+            SERVE_HOST,
+            "--port",
+            str(port),
+        ]
+        log_dir = self.settings.log_dir or data_dir() / "deployments" / state.name
+        log_path = log_dir / "proxy.log"
+        self.note(f"starting the proxy on port {port}")
+        pid = start_detached(self.spawn, argv, dict(os.environ), log_path, grace_s=self.settings.stop_grace_s)
+        state.proxy = ProxyState(
+            pid=pid,
+            pgid=pid,
+            port=port,
+            argv=argv,
+            log_path=str(log_path),
+            proc_start=proc_start_time(pid) or "",
+            started_at=self.wall_clock(),
+        )
+        save_state(state)  # recorded before waiting: a failure below stops it with the instances
+        deadline = self.clock() + self.settings.proxy_ready_timeout_s
+        while http_status(self.http, f"{state.proxy.url}/health") != 200:
+            if not is_alive(state.proxy):
+                raise DeployError(
+                    f"the proxy exited while starting: {_last_line(log_path)}", f"see {log_path}"
+                )
+            if self.clock() > deadline:
+                raise DeployError(
+                    f"the proxy did not answer /health within {self.settings.proxy_ready_timeout_s:.0f}s",
+                    f"see {log_path}",
+                )
+            self.sleep(min(self.settings.poll_s, 0.2))
+        self.note(f"the proxy answers on {state.proxy.url}/v1")
 
     def _checked_utilization(self, plan: Plan, inst: Instance, state: DeploymentState | None = None) -> float:
         """The planned utilization if the memory free right now passes vLLM's check, else a lower one
@@ -487,9 +560,20 @@ class Runner:
         re-planned against, its own instances left out)."""
         return self.processes.used_without(leaving)
 
+    def stop_proxy(self, state: DeploymentState) -> str | None:
+        """Stop the proxy ``up --proxy`` recorded (never a process whose identity changed); None when
+        there is none."""
+        if state.proxy is None:
+            return None
+        return self.processes.stop_process(state.proxy)
+
     def stop_all(self, state: DeploymentState) -> dict[str, str]:
-        """Stop every instance ``up`` recorded (never a process whose identity changed); wait for release."""
+        """Stop the proxy, then every instance ``up`` recorded (never a process whose identity changed);
+        wait for release."""
         outcome: dict[str, str] = {}
+        proxy = self.stop_proxy(state)
+        if proxy is not None:
+            outcome["_proxy"] = proxy
         for inst in reversed(state.instances):
             outcome[inst.name] = self.processes.stop(inst)
         gpus = {g for i in state.instances for g in i.gpu_ids}
@@ -525,6 +609,15 @@ def _no_such_route(response) -> bool:
         return response.json() == {"detail": "Not Found"}
     except ValueError:
         return False
+
+
+def _last_line(log_path: Path) -> str:
+    """The last non-empty line of a log (a CLI's one-line error), or "no log"."""
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "empty log"
 
 
 def _log_cause(log_path: str) -> str:

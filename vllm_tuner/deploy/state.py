@@ -41,6 +41,24 @@ class InstanceState:
 
 
 @dataclass
+class ProxyState:
+    """The ``vllm-tune proxy`` that ``up --proxy PORT`` started in front of the instances (detached, under
+    the reaper like them); identified for ``down`` as an instance is (:func:`is_ours`)."""
+
+    pid: int
+    pgid: int
+    port: int
+    argv: list[str]
+    log_path: str
+    proc_start: str
+    started_at: float
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
 class DeploymentState:
     name: str
     source: str
@@ -57,6 +75,7 @@ class DeploymentState:
     device: str = "cuda"  # what its instances run on: status and down read that device's memory
     # the instances the current phase should run (always-on ones too): status names those not running
     planned: list[str] = field(default_factory=list)
+    proxy: ProxyState | None = None  # 'up --proxy PORT'; absent from state files written before it
 
     def recorded_simulation(self) -> dict:
         """The simulation the deployment runs on ({} for real GPUs): ``status``, ``down`` and a phase
@@ -101,6 +120,8 @@ class DeploymentState:
     def from_json(cls, text: str) -> DeploymentState:
         raw = json.loads(text)
         raw["instances"] = [InstanceState(**i) for i in raw.get("instances", [])]
+        if raw.get("proxy") is not None:
+            raw["proxy"] = ProxyState(**raw["proxy"])
         return cls(**raw)
 
 
@@ -171,7 +192,7 @@ def proc_cmdline(pid: int) -> list[str]:
     return [w.decode(errors="replace") for w in raw.split(b"\0") if w]
 
 
-def is_ours(inst: InstanceState) -> bool:
+def is_ours(inst: InstanceState | ProxyState) -> bool:
     """Still the very process ``up`` started: same pid, same start time, same port on its command line."""
     if proc_start_time(inst.pid) != inst.proc_start:
         return False
@@ -181,7 +202,7 @@ def is_ours(inst: InstanceState) -> bool:
     return not cmdline or str(inst.port) in cmdline
 
 
-def is_alive(inst: InstanceState) -> bool:
+def is_alive(inst: InstanceState | ProxyState) -> bool:
     return is_ours(inst) and proc_state(inst.pid) not in (None, "Z", "X")
 
 

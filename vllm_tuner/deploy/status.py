@@ -1,5 +1,6 @@
-"""``status`` of a running deployment: each instance's process, ``/health`` and KV-cache use, each
-GPU's memory against what the plan puts there and its alert level; rendered as a table or a dict.
+"""``status`` of a running deployment: each instance's process, ``/health`` and KV-cache use, the
+proxy ``up --proxy`` started (its process and ``/health``), each GPU's memory against what the plan puts
+there and its alert level; rendered as a table or a dict.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from ..probe import kv_usage_from_metrics
 from ..procgroup import RELEASE_TOLERANCE_BYTES
 from .instances import InstanceProcesses
 from .plan import GIB
-from .state import DeploymentState
+from .state import DeploymentState, is_alive
 
 ALERT_LEVELS = ((0.95, "critical"), (0.90, "major"), (0.80, "warning"))
 
@@ -54,7 +55,12 @@ def deployment_status(state: DeploymentState, *, nvml, http, processes: Instance
         )
         as_planned = mem.used <= planned + RELEASE_TOLERANCE_BYTES
         cards.append(GpuStatus(g, mem.total, mem.used, alert_level(mem.used / mem.total), as_planned))
-    return StatusReport(state.name, state.phase, rows, cards)
+    proxy = None
+    if state.proxy is not None:
+        alive = is_alive(state.proxy)
+        health = http_status(http, f"{state.proxy.url}/health") if alive else None
+        proxy = ProxyStatus(state.proxy.url, state.proxy.port, alive, health)
+    return StatusReport(state.name, state.phase, rows, cards, proxy)
 
 
 @dataclass
@@ -80,6 +86,20 @@ class InstanceStatus:
 
 
 @dataclass
+class ProxyStatus:
+    url: str
+    port: int
+    alive: bool
+    health: int | None  # HTTP status of its /health (200: every upstream healthy), None if no answer
+
+    @property
+    def state(self) -> str:
+        if not self.alive:
+            return "dead"
+        return "healthy" if self.health == 200 else f"unhealthy ({self.health or 'no answer'})"
+
+
+@dataclass
 class GpuStatus:
     id: int
     total_bytes: int
@@ -98,11 +118,14 @@ class StatusReport:
     phase: str | None
     instances: list[InstanceStatus]
     gpus: list[GpuStatus]
+    proxy: ProxyStatus | None = None
 
     @property
     def healthy(self) -> bool:
-        """Every instance that should run answers /health; a deployment that runs nothing is not healthy."""
-        return bool(self.instances) and all(i.state == "healthy" for i in self.instances)
+        """Every instance that should run answers /health, and so does its proxy if it has one; a
+        deployment that runs nothing is not healthy."""
+        proxy_ok = self.proxy is None or self.proxy.state == "healthy"
+        return bool(self.instances) and all(i.state == "healthy" for i in self.instances) and proxy_ok
 
     def as_dict(self) -> dict:
         return {
@@ -133,6 +156,9 @@ class StatusReport:
                 }
                 for g in self.gpus
             ],
+            "proxy": None
+            if self.proxy is None
+            else {"url": f"{self.proxy.url}/v1", "port": self.proxy.port, "state": self.proxy.state},
         }
 
     def render(self) -> str:
@@ -150,6 +176,8 @@ class StatusReport:
             lines.append(
                 f"  {i.name:<16}{i.state:<20}{port:>6}  {gpus:<5}{used:>9.1f}{i.planned_bytes / GIB:>9.1f}{kv:>8}"
             )
+        if self.proxy is not None:
+            lines.append(f"  {'proxy':<16}{self.proxy.state:<20}{self.proxy.port:>6}  {self.proxy.url}/v1")
         lines.append("")
         for g in self.gpus:
             alert = f"  ALERT {g.alert}" if g.alert else ""
