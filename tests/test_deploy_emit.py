@@ -227,3 +227,72 @@ def test_ray_on_one_machine_keeps_the_planned_gpu_ids():
     )
     text = only(emit(plan, "ray"))
     assert "CUDA_VISIBLE_DEVICES=2 setsid" in text and "CUDA_VISIBLE_DEVICES=3 setsid" in text
+
+
+# ------------------------------------------------------------------------------------------ emit --proxy
+
+
+def test_compose_with_a_proxy_runs_it_after_every_model_is_healthy(flat):
+    doc = yaml.safe_load(only(emit(flat, "compose", proxy_port=9000)))
+    names = [i.name for i in flat.start_order()]
+    assert list(doc["services"]) == [*names, "vllm-tune-proxy"]
+    proxy = doc["services"]["vllm-tune-proxy"]
+    assert proxy["entrypoint"] == ["vllm-tune"]
+    urls = [f"http://{i.name}:{i.port}" for i in flat.start_order()]
+    assert proxy["command"] == ["proxy", *urls, "--host", "0.0.0.0", "--port", "9000"]
+    assert proxy["depends_on"] == {n: {"condition": "service_healthy"} for n in names}
+    assert proxy["ports"] == ["9000:9000"] and "9000/health" in " ".join(proxy["healthcheck"]["test"])
+    assert "vllm-tune-proxy" not in only(emit(flat, "compose"))
+
+
+def test_systemd_with_a_proxy_adds_a_unit_after_the_models_in_the_target(flat):
+    files = emit(flat, "systemd", proxy_port=9000)
+    models = [f"vllm-pair-{i.name}.service" for i in flat.start_order()]
+    unit = configparser.ConfigParser(interpolation=None)
+    unit.read_string(files["vllm-pair-proxy.service"])
+    assert unit["Unit"]["After"].split()[1:] == models and unit["Unit"]["Requires"].split() == models
+    urls = " ".join(f"http://127.0.0.1:{i.port}" for i in flat.start_order())
+    assert unit["Service"]["ExecStart"] == f"/usr/local/bin/vllm-tune proxy {urls} --host 0.0.0.0 --port 9000"
+    assert unit["Install"]["WantedBy"] == "pair.target"
+    target = configparser.ConfigParser(interpolation=None)
+    target.read_string(files["pair.target"])
+    assert target["Unit"]["Wants"].split() == [*models, "vllm-pair-proxy.service"]
+    assert "vllm-pair-proxy.service" not in emit(flat, "systemd")
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["--format", "kubernetes", "--proxy", "9000"],
+            "--proxy is written by --format compose and systemd, not kubernetes",
+        ),
+        (
+            ["--format", "compose", "--proxy", "9000"],
+            "--proxy: deployment 'rag-16gb-phased' has phases, whose servers come and go",
+        ),
+    ],
+)
+def test_emit_proxy_refusals_are_one_line(capsys, args, said):
+    from vllm_tuner.cli import main
+
+    path = profiles_dir() / "deployments" / "rag-16gb-phased.yaml"
+    assert main(["emit", str(path), *args]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"vllm-tune: error: {said}")
+
+
+def test_emit_proxy_on_a_models_port_is_refused(tmp_path, capsys):
+    from vllm_tuner.cli import main
+
+    path = tmp_path / "d.yaml"
+    path.write_text(
+        "name: d\ngpus: {count: 1, profile: rtx-pro-6000}\nmodels:\n"
+        "  - {name: a, model: qwen2.5-7b, port: 8001, needs: {min_context: 4096}}\n"
+    )
+    assert main(["emit", str(path), "--format", "systemd", "--proxy", "8001"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "vllm-tune: error: --proxy port 8001 is a's port; choose another --proxy port"
+    )
+    assert main(["emit", str(path), "--format", "systemd", "--proxy", "9000"]) == 0
+    assert "vllm-d-proxy.service" in capsys.readouterr().out

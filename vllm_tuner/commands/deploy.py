@@ -175,7 +175,15 @@ def _deployment_file(target: str) -> Path:
     is_flag=True,
     help="Write the numbers 'up --tune' measured (read from the running deployment's state).",
 )
-def emit_command(target, fmt, out, image, vllm_cmd, tuned):
+@click.option(
+    "--proxy",
+    "proxy_port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    metavar="PORT",
+    help="Also write 'vllm-tune proxy' on PORT in front of the models, started after them (compose, systemd).",
+)
+def emit_command(target, fmt, out, image, vllm_cmd, tuned, proxy_port):
     """Write a deployment as shell, compose, systemd, Kubernetes, Helm, router or Ray files.
 
     \b
@@ -185,12 +193,20 @@ def emit_command(target, fmt, out, image, vllm_cmd, tuned):
       vllm-tune emit deploy.yaml --format litellm      (one endpoint routing by model name)
       vllm-tune emit deploy.yaml --tuned --format compose   (after 'vllm-tune up deploy.yaml --tune')
       vllm-tune emit coder-general-96gb --tuned              (a running deployment, by name)
+      vllm-tune emit deploy.yaml --format systemd --proxy 9000   (one endpoint for all models too)
     """
-    from ..deploy.emit import emit
+    from ..deploy.emit import PROXY_FORMATS, emit
 
+    if proxy_port is not None and fmt not in PROXY_FORMATS:
+        raise UsageError(
+            f"--proxy is written by --format {' and '.join(PROXY_FORMATS)}, not {fmt}",
+            f"use --format compose or systemd, or drop --proxy and run 'vllm-tune proxy' next to the {fmt} files",
+        )
     file = _deployment_file(target)
     plan = _plan(file)
     _refuse(plan)
+    if proxy_port is not None:
+        _check_emitted_proxy(plan, proxy_port)
     if tuned:
         plan = _tuned_plan(plan, file)
     options: dict[str, object] = {}
@@ -198,6 +214,8 @@ def emit_command(target, fmt, out, image, vllm_cmd, tuned):
         options["image"] = image
     if vllm_cmd and fmt in ("shell", "systemd", "ray"):
         options["vllm_cmd"] = vllm_cmd
+    if proxy_port is not None:
+        options["proxy_port"] = proxy_port
     files = emit(plan, fmt, **options)
     if out is None:
         for name, text in files.items():
@@ -212,6 +230,22 @@ def emit_command(target, fmt, out, image, vllm_cmd, tuned):
         if name.endswith(".sh"):
             path.chmod(0o755)
         click.echo(f"wrote {path}", err=True)
+
+
+def _check_emitted_proxy(plan, port: int) -> None:
+    """The emitted proxy starts once with fixed upstreams: a phased deployment's servers come and go,
+    and its port must not be a model's."""
+    name = plan.deployment.name
+    if plan.deployment.phases:
+        raise UsageError(
+            f"--proxy: deployment {name!r} has phases, whose servers come and go; an emitted proxy starts "
+            "with fixed upstreams",
+            "drop --proxy and run 'vllm-tune proxy URL...' for the phase that runs, or "
+            f"'vllm-tune up {_arg(plan.deployment.source)} --proxy {port}', whose proxy follows phase switches",
+        )
+    clash = next((i.name for i in plan.instances if i.port == port), None)
+    if clash:
+        raise UsageError(f"--proxy port {port} is {clash}'s port", "choose another --proxy port")
 
 
 @click.command()

@@ -2,7 +2,8 @@
 
 Every emitter carries the planned memory numbers as comments, starts the instances in the plan's order
 (each after the previous one answers ``/health``), and passes ``--kv-cache-memory-bytes`` and the
-start-order ``--gpu-memory-utilization`` exactly as planned. Each returns ``{filename: text}``.
+start-order ``--gpu-memory-utilization`` exactly as planned. Each returns ``{filename: text}``. Compose
+and systemd also write ``vllm-tune proxy`` in front of the instances when given ``proxy_port``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .report import gib, render_budget
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.33.0"
 HEALTH_TIMEOUT_S = 1800
 SETTLE_S = 10
+PROXY_IMAGE = "${VLLM_TUNE_IMAGE:-vllm-tune}"  # compose: an image with vllm-tune installed
+PROXY_FORMATS = ("compose", "systemd")  # the formats that can write the proxy
 FORMATS = ("shell", "compose", "systemd", "kubernetes", "helm", "litellm", "router", "ray")
 
 
@@ -59,6 +62,11 @@ def _ordered(plan: Plan) -> list[Instance]:
             if inst not in seen:
                 seen.append(inst)
     return seen
+
+
+def proxy_argv(urls: list[str], port: int) -> list[str]:
+    """``vllm-tune proxy URL... --host 0.0.0.0 --port PORT`` (after the command itself)."""
+    return ["proxy", *urls, "--host", "0.0.0.0", "--port", str(port)]
 
 
 def _argv(inst: Instance, *, ray: bool = False) -> list[str]:
@@ -246,7 +254,7 @@ def local_model_dir(inst: Instance) -> str | None:
     return None
 
 
-def emit_compose(plan: Plan, *, image: str = DEFAULT_IMAGE) -> dict[str, str]:
+def emit_compose(plan: Plan, *, image: str = DEFAULT_IMAGE, proxy_port: int | None = None) -> dict[str, str]:
     services: dict[str, dict] = {}
     previous: str | None = None
     for inst in _ordered(plan):
@@ -310,14 +318,56 @@ def emit_compose(plan: Plan, *, image: str = DEFAULT_IMAGE) -> dict[str, str]:
     header = memory_comment(plan) + "".join(f"# {instance_comment(i)}\n" for i in _ordered(plan))
     if plan.deployment.phases:
         header += "# Phases are compose profiles: `docker compose --profile <phase> up -d` after stopping the last.\n"
+    if proxy_port is not None:
+        services[PROXY_SERVICE] = _compose_proxy(plan, proxy_port)
+        header += (
+            f"# {PROXY_SERVICE}: one OpenAI endpoint for every model on port {proxy_port}, started once they\n"
+            "# are healthy; its image needs vllm-tune installed (set VLLM_TUNE_IMAGE, e.g. an image built\n"
+            "# FROM python:3.12-slim with `pip install vllm-tune`).\n"
+        )
     body = yaml.safe_dump({"name": plan.deployment.name, "services": services}, sort_keys=False, width=200)
     return {"compose.yaml": header + body}
+
+
+PROXY_SERVICE = "vllm-tune-proxy"
+
+
+def _compose_proxy(plan: Plan, port: int) -> dict:
+    """The proxy's service: reaches each instance by its service name, after every one is healthy."""
+    urls = [f"http://{inst.name}:{inst.port}" for inst in _ordered(plan)]
+    return {
+        "image": PROXY_IMAGE,
+        "entrypoint": ["vllm-tune"],
+        "command": proxy_argv(urls, port),
+        "ports": [f"{port}:{port}"],
+        "depends_on": {inst.name: {"condition": "service_healthy"} for inst in _ordered(plan)},
+        "healthcheck": {
+            "test": [
+                "CMD",
+                "python3",
+                "-c",
+                f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health')",
+            ],
+            "interval": "10s",
+            "timeout": "5s",
+            "retries": 3,
+        },
+        "restart": "unless-stopped",
+        "labels": {"vllm-tune.deployment": plan.deployment.name},
+    }
 
 
 # ------------------------------------------------------------------------------------------------- systemd
 
 
-def emit_systemd(plan: Plan, *, vllm_cmd: str = "/usr/local/bin/vllm", user: str = "vllm") -> dict[str, str]:
+def emit_systemd(
+    plan: Plan,
+    *,
+    vllm_cmd: str = "/usr/local/bin/vllm",
+    user: str = "vllm",
+    proxy_port: int | None = None,
+    vllm_tune_cmd: str = "/usr/local/bin/vllm-tune",
+) -> dict[str, str]:
     files: dict[str, str] = {}
     previous: str | None = None
     always = [i for i in _ordered(plan) if i.phase is None]
@@ -371,13 +421,18 @@ def emit_systemd(plan: Plan, *, vllm_cmd: str = "/usr/local/bin/vllm", user: str
         files[f"{unit}.service"] = "\n".join(lines) + "\n"
         if inst.phase is None:
             previous = unit
+    wanted = [f"{_unit(plan, i)}.service" for i in always]
+    if proxy_port is not None:
+        proxy_unit = f"vllm-{plan.deployment.name}-proxy.service"
+        files[proxy_unit] = _systemd_proxy(plan, proxy_port, vllm_tune_cmd=vllm_tune_cmd, user=user)
+        wanted.append(proxy_unit)
     files[f"{plan.deployment.name}.target"] = (
         "\n".join(
             [
                 f"# Starts every always-on model of {plan.deployment.name}, in order.",
                 "[Unit]",
                 f"Description=vLLM deployment {plan.deployment.name}",
-                "Wants=" + " ".join(f"{_unit(plan, i)}.service" for i in always),
+                "Wants=" + " ".join(wanted),
                 "",
                 "[Install]",
                 "WantedBy=multi-user.target",
@@ -399,6 +454,32 @@ def emit_systemd(plan: Plan, *, vllm_cmd: str = "/usr/local/bin/vllm", user: str
             + "\n"
         )
     return files
+
+
+def _systemd_proxy(plan: Plan, port: int, *, vllm_tune_cmd: str, user: str) -> str:
+    """The proxy's unit: started after every model's unit (whose start waits for its /health)."""
+    models = " ".join(f"{_unit(plan, i)}.service" for i in _ordered(plan))
+    urls = [f"http://127.0.0.1:{inst.port}" for inst in _ordered(plan)]
+    lines = [
+        f"# One OpenAI endpoint for every model of {plan.deployment.name} on port {port} (vllm-tune proxy).",
+        "[Unit]",
+        f"Description=vllm-tune proxy of deployment {plan.deployment.name}",
+        f"After=network-online.target {models}",
+        f"Requires={models}",
+        "",
+        "[Service]",
+        "Type=exec",
+        f"User={user}",
+        "ExecStart=" + shlex.join([vllm_tune_cmd, *proxy_argv(urls, port)]),
+        "KillMode=control-group",
+        "TimeoutStopSec=30",
+        "Restart=on-failure",
+        "RestartSec=10",
+        "",
+        "[Install]",
+        f"WantedBy={plan.deployment.name}.target",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- kubernetes
