@@ -28,6 +28,7 @@ from real_vllm import (
     RealVllm,
     free_port,
     node_total_bytes,
+    small_fraction,
     start_command,
     stop_group,
     tiny_llama,
@@ -70,7 +71,7 @@ def _kv_tokens_in(log: Path) -> int:
 
 def test_find_converges_and_its_command_serves_on_its_own(real, model, tmp_path):
     done = real.tune(
-        "find", "--model", model, "--context", "2048", "--seqs", "4", "--util-ceiling", "0.3", "--json",
+        "find", "--model", model, "--context", "2048", "--seqs", "4", "--util-ceiling", str(small_fraction()), "--json",
         "--", *DUMMY,
     )  # fmt: skip
     result = json.loads(done.stdout)
@@ -181,8 +182,8 @@ def test_device_cpu_with_a_gpu_build_of_vllm_is_refused_in_one_line(real, model,
 
 def test_the_tuner_stopped_mid_trial_leaves_no_vllm_and_the_next_run_works(real, model):
     # Ctrl-C, then SIGKILL of a second run, each mid-trial; one complete run after both
-    args = ("find", "--model", model, "--context", "2048", "--seqs", "2", "--util-ceiling", "0.25", "--json",
-            "--", *DUMMY)  # fmt: skip
+    args = ("find", "--model", model, "--context", "2048", "--seqs", "2", "--util-ceiling", str(small_fraction()),
+            "--json", "--", *DUMMY)  # fmt: skip
     for sig in (signal.SIGINT, signal.SIGKILL):
         tuner = real.start_tuner(*args)
         try:
@@ -204,14 +205,16 @@ def test_the_tuner_stopped_mid_trial_leaves_no_vllm_and_the_next_run_works(real,
 
 
 def test_ramp_two_steps_reads_real_metrics(real, model):
+    start = small_fraction()
+    top = round(start + 0.01, 2)
     done = real.tune(
         "ramp", "--model", model, "--max-model-len", "2048", "--max-num-seqs", "4",
-        "--start", "0.2", "--step", "0.01", "--ceiling", "0.21", "--soak", "10s", "--json",
+        "--start", str(start), "--step", "0.01", "--ceiling", str(top), "--soak", "10s", "--json",
         "--", *DUMMY,
     )  # fmt: skip
     result = json.loads(done.stdout)
     soaked = [s for s in result["steps"] if s["phase"] == "soak"]
-    assert [s["utilization"] for s in soaked] == [0.2, 0.21]
+    assert [s["utilization"] for s in soaked] == [start, top]
     for step in soaked:
         assert step["verdict"] == "pass", step
         assert step["kv_cache_tokens"] > 0
