@@ -109,6 +109,11 @@ CPU = DeviceKind(
 KINDS = {k.name: k for k in (CUDA, CPU)}
 
 
+def unit_of(reader) -> str:
+    """One device in messages as a memory reader names it ("GPU", "NUMA node"); "GPU" without one."""
+    return getattr(reader, "unit", "GPU")
+
+
 def device_kind(name: str) -> DeviceKind:
     try:
         return KINDS[name]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .devices import unit_of
 from .errors import GpuError, UsageError
 from .nvml import GIB, open_nvml
 from .paths import profiles_dir
@@ -180,7 +181,7 @@ def _from_nvml(nvml, ids: tuple[int, ...]) -> GpuTarget:
     """The target from an open memory reader: NVML's GPUs, or on ``--device cpu`` the NUMA nodes (whose
     ids need not be 0..N-1: a node without memory is no device). ``unit`` names one device of the reader
     ("GPU" where it has none)."""
-    unit = getattr(nvml, "unit", "GPU")
+    unit = unit_of(nvml)
     count = nvml.device_count()
     node_ids = getattr(nvml, "node_ids", None)
     present = list(node_ids()) if node_ids is not None else list(range(count))

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import httpx
 
-from .devices import CUDA, DeviceKind, uses_kv_connector
+from .devices import CUDA, DeviceKind, unit_of, uses_kv_connector
 from .errors import GpuError, LaunchError, VllmError
 from .paths import data_dir
 from .procgroup import end_group, reaper_argv, signal_group, wait_released
@@ -723,7 +723,7 @@ class ServerProcess:
         )
         if held:
             worst = max(held, key=held.__getitem__)
-            unit = getattr(self.nvml, "unit", "GPU")
+            unit = unit_of(self.nvml)
             raise GpuError(
                 f"{unit} {worst} still holds {held[worst] / GIB:.2f} GiB more than before the trial "
                 f"{self.release_timeout_s:g}s after vLLM stopped ({self._holders(worst)})",

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .devices import unit_of
 from .errors import UsageError
 from .progress import Progress
 from .serveconfig import TUNED_FLAGS, ServeConfig, shell_command
@@ -565,7 +566,7 @@ class Ramp:
         self.log_dir = log_dir
         self.vocab_size = vocab_size
         self.trials = TrialSetup(launcher, nvml, request.gpu_ids, progress, request.timeouts, vocab_size)
-        self.unit = getattr(nvml, "unit", "GPU")  # one device in messages: "GPU", "NUMA node"
+        self.unit = unit_of(nvml)  # one device in messages: "GPU", "NUMA node"
         self.soak_runner = soak_runner or self._workload_runner
         self._run_id = 0
 

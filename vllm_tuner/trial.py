@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .devices import unit_of
 from .progress import Progress
 from .serveconfig import ServeConfig
 
@@ -196,7 +197,7 @@ def run_trial(
                 "the server died under load",
                 plan,
             )
-        failure = judge_probe(report, plan, getattr(nvml, "unit", "GPU"))
+        failure = judge_probe(report, plan, unit_of(nvml))
         verdict = "unstable" if failure else "stable"
         return TrialOutcome(
             config,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..devices import unit_of
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..units import format_duration, parse_duration
@@ -190,7 +191,7 @@ def command(
         max_launches=max_launches,
         vllm_cmd=runtime_args.serve_vllm_cmd,
     )
-    unit = getattr(nvml, "unit", "GPU")  # one device in messages: "GPU", "NUMA node"
+    unit = unit_of(nvml)  # one device in messages: "GPU", "NUMA node"
     result = _run(runtime, request, spec, gpu, nvml)
     run_dir = runtime.log_root / f"ramp-{request.key()}"
     result.chart_path = _write_chart(result, chart_path or run_dir / "ramp-chart.html", gpu.total_bytes, unit)
