@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from vllm_tuner.cli import main
-from vllm_tuner.deploy.containers import DockerCli, container_name, docker_run_argv
+from vllm_tuner.deploy.containers import DockerCli, container_name, instance_run_argv
 from vllm_tuner.deploy.state import state_path
 from vllm_tuner.launch import free_port
 
@@ -169,7 +169,7 @@ def deployment(tmp_path, names=("coder", "general")) -> Path:
 
 
 def test_docker_run_argv_follows_the_launcher_and_compose():
-    argv = docker_run_argv(
+    argv = instance_run_argv(
         ["serve", "Qwen/Qwen2.5-7B-Instruct", "--max-num-seqs", "4", "--host", "0.0.0.0", "--port", "8001"],
         image=IMAGE,
         name="vllm-tune-pair-coder-0a1b2c3d",

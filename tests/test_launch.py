@@ -236,6 +236,8 @@ def test_served_model_name_and_a_unique_server_name(tmp_path):
     assert first.name != second.name and first.name.startswith(f"vllm-tune-{os.getpid()}-")
     assert name("--served-model-name", "chat", "--trust-remote-code") == "chat"
     assert name("--served-model-name=chat2") == "chat2"
+    assert name("--served_model_name", "chat3") == "chat3"  # vLLM reads underscores as dashes
+    assert name("--served-model-name", "a", "--served-model-name", "b") == "b"  # and the last one given
 
 
 def test_local_stamp_changes_when_the_executable_changes(tmp_path):

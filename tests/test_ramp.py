@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from vllm_tuner.ramp import (
     config_from_args,
     judge_step,
     parse_serve_command,
+    read_find_result,
     summary_table,
 )
 from vllm_tuner.serveconfig import ServeConfig
@@ -225,6 +227,20 @@ def test_a_find_command_is_read_back():
     assert found.model == "Qwen/Qwen2.5-7B-Instruct" and found.gpu_ids == (0, 1)
     assert found.vllm_cmd == "uv run vllm"
     assert found.args == ("--tensor-parallel-size", "2", "--max-model-len", "32768", "--trust-remote-code")
+
+
+def test_a_find_command_in_the_server_module_form_is_read_back(tmp_path):
+    # find prints the form --vllm-cmd gave it: the module takes --model MODEL, not serve MODEL
+    command = (
+        "CUDA_VISIBLE_DEVICES=1 /opt/venv/bin/python -m vllm.entrypoints.openai.api_server --model org/m "
+        "--max-model-len 8192 --gpu-memory-utilization=0.91 --trust-remote-code"
+    )
+    result = tmp_path / "found.json"
+    result.write_text(json.dumps({"command": command}))
+    found = read_find_result(result)
+    assert found.model == "org/m" and found.gpu_ids == (1,)
+    assert found.vllm_cmd == "/opt/venv/bin/python -m vllm.entrypoints.openai.api_server"
+    assert found.args == ("--max-model-len", "8192", "--trust-remote-code")  # the ramp sets the fraction
 
 
 def test_the_table_has_a_row_per_step():

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from vllm_tuner.find import FindRequest, FindResult
-from vllm_tuner.serveconfig import ServeConfig, args_mapping
+from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.trial import TrialOutcome
+from vllm_tuner.vllmargv import args_mapping
 
 PASSED = ("--trust-remote-code", "--tool-call-parser", "glm47", "--served-model-name", "my model")
 

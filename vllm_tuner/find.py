@@ -34,9 +34,10 @@ from .search import (
     ProbeSummary,
     Request,
 )
-from .serveconfig import ServeConfig, shell_command
+from .serveconfig import ServeConfig
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 from .trialrecord import config_from_record, config_record, env_fingerprint, outcome_from_record
+from .vllmargv import shell_command
 
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
 # The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "swap/offload"

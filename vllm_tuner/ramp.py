@@ -23,7 +23,7 @@ from pathlib import Path
 from .devices import unit_of
 from .errors import UsageError
 from .progress import Progress
-from .serveconfig import TUNED_FLAGS, ServeConfig, shell_command
+from .serveconfig import TUNED_FLAGS, ServeConfig
 from .store import stable_key
 from .trial import (
     SERVER_DIED,
@@ -35,6 +35,7 @@ from .trial import (
 )
 from .trialrecord import config_from_record, config_record
 from .units import format_duration
+from .vllmargv import options, parse_command, shell_command, without
 
 GIB = 1 << 30
 MAX_CEILING = 0.98
@@ -333,7 +334,6 @@ def _startup_words(outcome: TrialOutcome) -> str:
 
 # -- the flags of the ramped config (pure) -----------------------------------------------------
 _FLAG_FIELDS = {flag: name for name, flag in TUNED_FLAGS.items()}
-_FLAG_ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size"}
 _BOOL_FIELDS = {"enforce_eager"}
 
 
@@ -344,15 +344,13 @@ def config_from_args(model: str, argv: Sequence[str], **given: object) -> ServeC
     fields: dict[str, object] = {}
     extra: list[str] = []
     words = list(argv)
-    i = 0
-    while i < len(words):
-        word = words[i]
-        flag, eq, inline = word.partition("=")
-        flag = _FLAG_ALIASES.get(flag, flag.replace("_", "-") if flag.startswith("--") else flag)
-        name = _FLAG_FIELDS.get(flag)
+    at = 0
+    for option in options(words):
+        extra += words[at : option.start]  # positional words
+        at = option.stop
+        name = _FLAG_FIELDS.get(option.name) if not option.key else None
         if name is None:
-            extra.append(word)
-            i += 1
+            extra += words[option.start : option.stop]
             continue
         if name == "gpu_memory_utilization":
             raise UsageError(
@@ -361,17 +359,11 @@ def config_from_args(model: str, argv: Sequence[str], **given: object) -> ServeC
             )
         if name in _BOOL_FIELDS:
             fields[name] = True
-            i += 1
             continue
-        if eq:
-            value = inline
-        elif i + 1 < len(words):
-            value = words[i + 1]
-            i += 1
-        else:
-            raise UsageError(f"{flag} needs a value", f"pass e.g. {flag} 8")
-        fields[name] = _convert(name, flag, value)
-        i += 1
+        if option.value is None:
+            raise UsageError(f"{option.name} needs a value", f"pass e.g. {option.name} 8")
+        fields[name] = _convert(name, option.name, option.value)
+    extra += words[at:]
     fields.update({k: v for k, v in given.items() if v is not None})
     return ServeConfig(model=model, extra_args=tuple(extra), **fields)
 
@@ -417,41 +409,26 @@ def read_find_result(path: Path) -> FindFlags:
 
 def _without_utilization(args: Sequence[str]) -> tuple[str, ...]:
     """The flags less ``--gpu-memory-utilization`` (find's value; the ramp sets its own)."""
-    out: list[str] = []
-    skip = False
-    for word in args:
-        if skip:
-            skip = False
-            continue
-        if word == "--gpu-memory-utilization":
-            skip = True
-            continue
-        if not word.startswith("--gpu-memory-utilization="):
-            out.append(word)
-    return tuple(out)
+    return tuple(without(args, "--gpu-memory-utilization"))
 
 
 def parse_serve_command(command: str) -> FindFlags:
-    """``ENV=... <vllm cmd> serve MODEL --flags`` → model, flags, ``CUDA_VISIBLE_DEVICES``, the vLLM command."""
-    words = shlex.split(command)
-    env: dict[str, str] = {}
-    while words and "=" in words[0] and not words[0].startswith("-"):
-        key, _, value = words.pop(0).partition("=")
-        env[key] = value
-    if "serve" not in words or words.index("serve") + 1 >= len(words):
+    """``ENV=... <vllm cmd> serve MODEL --flags`` (or the server module's ``--model MODEL`` form) → model,
+    flags, ``CUDA_VISIBLE_DEVICES``, the vLLM command."""
+    found = parse_command(shlex.split(command))
+    if found is None or len(found.serve_args) < 2:
         raise UsageError(f"not a vllm serve command: {command[:80]!r}", "pass the output of 'find --json'")
-    at = words.index("serve")
     ids = None
-    if env.get("CUDA_VISIBLE_DEVICES"):
+    if found.env.get("CUDA_VISIBLE_DEVICES"):
         try:
-            ids = tuple(int(x) for x in env["CUDA_VISIBLE_DEVICES"].split(",") if x.strip())
+            ids = tuple(int(x) for x in found.env["CUDA_VISIBLE_DEVICES"].split(",") if x.strip())
         except ValueError:
             ids = None
     return FindFlags(
-        model=words[at + 1],
-        args=tuple(words[at + 2 :]),
+        model=found.serve_args[1],
+        args=found.serve_args[2:],
         gpu_ids=ids,
-        vllm_cmd=shlex.join(words[:at]) or None,
+        vllm_cmd=shlex.join(found.vllm_words) or None,
     )
 
 

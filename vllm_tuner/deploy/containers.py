@@ -1,10 +1,10 @@
 """Deployment instances as containers of vLLM's official image (``up --docker-image``).
 
-The ``docker run`` command line follows :class:`vllm_tuner.launch.DockerLauncher` (``--gpus
+The ``docker run`` command line is a trial's (:func:`vllm_tuner.vllmargv.docker_run_argv`: ``--gpus
 "device=..."``, ``--ipc=host``, the HF cache mounted, ``HF_TOKEN`` passed through, the image's
-``vllm serve`` entrypoint given the model and flags) and ``emit --format compose`` (the port published
-on every interface, the ``vllm-tune.deployment`` label), so a container serves exactly what a local
-``up`` would. Its name is unique per started instance (``vllm-tune-<deployment>-<instance>-<token>``):
+``vllm serve`` entrypoint given the model and flags) with what ``emit --format compose`` writes (the
+port published on every interface, the ``vllm-tune.deployment`` label), so a container serves exactly
+what a local ``up`` would. Its name is unique per started instance (``vllm-tune-<deployment>-<instance>-<token>``):
 ``down`` stops and removes only the names ``up`` recorded, never another container.
 
 :class:`DockerCli` is the only caller of ``docker stop/rm/inspect``; it takes the command runner as an
@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-CONTAINER_HF_CACHE = "/root/.cache/huggingface/hub"
+from ..vllmargv import docker_run_argv
 
 # argv -> (exit code, stdout + stderr)
 DockerRun = Callable[[list[str]], tuple[int, str]]
@@ -30,7 +30,7 @@ def container_name(deployment: str, instance: str, token: str | None = None) -> 
     return f"vllm-tune-{deployment}-{instance}-{token or secrets.token_hex(4)}"
 
 
-def docker_run_argv(
+def instance_run_argv(
     serve_args: Sequence[str],
     *,
     image: str,
@@ -43,38 +43,19 @@ def docker_run_argv(
     env_keys: Iterable[str] = (),
 ) -> list[str]:
     """``docker run`` for one instance. ``serve_args`` is ``["serve", MODEL, flags..., "--host",
-    "0.0.0.0", "--port", PORT]`` (as :meth:`Instance.serve_args` builds it); the image's entrypoint is
-    ``vllm serve``, so everything after ``serve`` follows the image name. Environment variables are
-    passed by name only (``-e KEY``): docker copies their values from its own environment, so no
-    secret lands in the command line or the state file."""
-    devices = ",".join(str(g) for g in gpu_ids)
-    argv = [
-        "docker",
-        "run",
-        "--rm",
-        "--name",
-        name,
-        "--label",
-        f"vllm-tune.deployment={deployment}",
-        "--label",
-        f"vllm-tune.instance={instance}",
-        "--gpus",
-        f'"device={devices}"',  # docker reads --gpus as CSV: the quotes keep "0,1" one value
-        "--ipc=host",
-        "-p",
-        f"{port}:{port}",  # every interface, like a local `up` serving on 0.0.0.0 and compose's ports
-        "-e",
-        "HF_TOKEN",  # passed through when set, for gated models
-    ]
-    for key in dict.fromkeys(env_keys):
-        if key != "HF_TOKEN":
-            argv += ["-e", key]
-    if hf_cache:
-        argv += ["-v", f"{hf_cache}:{CONTAINER_HF_CACHE}"]
-    args = list(serve_args)
-    if args and args[0] == "serve":
-        args = args[1:]
-    return [*argv, image, *args]
+    "0.0.0.0", "--port", PORT]`` (as :meth:`Instance.serve_args` builds it). The port is published on every interface, like a local ``up`` serving on 0.0.0.0 and
+    compose's ports; the labels name the deployment and the instance; ``HF_TOKEN`` and ``env_keys`` are
+    passed by name only, so no secret lands in the command line or the state file."""
+    return docker_run_argv(
+        serve_args,
+        image=image,
+        name=name,
+        publish=f"{port}:{port}",
+        gpu_ids=gpu_ids,
+        env_keys=["HF_TOKEN", *env_keys],
+        labels=[f"vllm-tune.deployment={deployment}", f"vllm-tune.instance={instance}"],
+        hf_cache=hf_cache,
+    )
 
 
 def run_docker(argv: list[str], *, timeout_s: float = 120.0) -> tuple[int, str]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import yaml
 
-from ..serveconfig import shell_command
+from ..vllmargv import shell_command
 from .plan import Instance, Plan
 from .report import gib, render_budget
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..devices import device_kind
-from ..serveconfig import shell_command
+from ..vllmargv import shell_command
 from .plan import GIB, GpuBudget, Instance, Plan
 
 RULE = "─"

@@ -31,8 +31,8 @@ from ..devices import CUDA, DeviceKind
 from ..errors import DeployError, TunerError
 from ..paths import data_dir
 from ..procgroup import spawn_detached
-from ..serveconfig import vllm_argv
-from .containers import DockerCli, container_name, docker_run_argv
+from ..vllmargv import vllm_argv, with_value
+from .containers import DockerCli, container_name, instance_run_argv
 from .instances import InstanceProcesses, Spawn, start_detached
 from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
 from .state import (
@@ -194,14 +194,13 @@ class Runner:
 
     def _start_one(self, plan: Plan, inst: Instance, state: DeploymentState | None = None) -> InstanceState:
         util = self._checked_utilization(plan, inst, state)
-        serve = inst.serve_args()
-        serve[serve.index("--gpu-memory-utilization") + 1] = f"{util:.2f}"
+        serve = with_value(inst.serve_args(), "--gpu-memory-utilization", f"{util:.2f}")
         env = {**os.environ, **self.settings.env, **dict(inst.entry.env)}
         recorded = [*self.settings.env, *dict(inst.entry.env)]
         container = ""
         if self.settings.docker_image:
             container = container_name(plan.deployment.name, inst.name)
-            argv = docker_run_argv(
+            argv = instance_run_argv(
                 serve,
                 image=self.settings.docker_image,
                 name=container,
