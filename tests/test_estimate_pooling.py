@@ -11,10 +11,11 @@ from vllm_tuner.deploy.plan import GIB, GpuInfo, make_plan
 from vllm_tuner.deploy.spec import parse_deployment
 from vllm_tuner.estimate import estimate
 from vllm_tuner.models import find_profile, spec_from_config
-from vllm_tuner.pooling import flag_value, runner_of
+from vllm_tuner.pooling import runner_of
 from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.simlite import oracle
 from vllm_tuner.simlite.activate import load_scenario_file, resolve
+from vllm_tuner.vllmargv import value_of
 
 CARD = int(15.7 * GIB)  # a 16 GB card, guide 003's
 POOLING = ("--runner", "pooling")
@@ -43,7 +44,7 @@ def test_the_runner_follows_the_flags_and_the_architecture():
     assert not runner_of(embedder, [*POOLING, "--runner", "generate"]).pooling  # the last one wins
     bge = runner_of(BGE_M3)
     assert bge.pooling and bge.encoder_only and not bge.converted and not bge.keeps_kv_cache
-    assert flag_value(["--runner_type", "x", "--runner", "pooling"], "--runner") == "pooling"
+    assert value_of(["--runner_type", "x", "--runner", "pooling"], "--runner") == "pooling"
 
 
 def test_a_decoder_embedder_keeps_its_kv_cache_and_warms_a_pooler_not_the_sampler():

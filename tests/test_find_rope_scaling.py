@@ -158,6 +158,21 @@ def test_an_hf_overrides_after_the_dashes_that_would_fight_the_rung_is_refused(c
     assert words in line
 
 
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["--hf-overrides.max_position_embeddings", "65536"],
+        ["--hf_overrides.text_config.rope_scaling.rope_type=yarn"],
+        ['--hf-overrides={"max_position_embeddings": 65536}'],
+    ],
+)
+def test_an_hf_overrides_in_any_shape_is_read(capsys, words):
+    # vLLM merges dotted keys into one --hf-overrides JSON, and reads --hf_overrides as --hf-overrides
+    args = [*FIND, "--context", "32768", "--seqs", "1", "--allow", "rope-scaling", "--dry-run"]
+    line = one_line(capsys, main([*args, "--", *words]))
+    assert "--hf-overrides after -- sets" in line
+
+
 def test_other_hf_overrides_pass_through(capsys):
     args = [*FIND, "--context", "32768", "--seqs", "1", "--dry-run", "--"]
     assert main([*args, "--hf-overrides", '{"architectures": ["Glm4ForCausalLM"]}']) == 0

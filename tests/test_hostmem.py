@@ -108,8 +108,14 @@ def test_the_device_kinds_set_their_own_environment():
         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
         "CUDA_VISIBLE_DEVICES": "0,1",
     }
-    # vLLM refuses expandable segments with a KV connector, in either flag shape
-    for extra in (("--kv-transfer-config", "{}"), ("--kv-transfer-config={}",)):
+    # vLLM refuses expandable segments with a KV connector, in any flag shape (dotted keys are merged into it)
+    for extra in (
+        ("--kv-transfer-config", "{}"),
+        ("--kv-transfer-config={}",),
+        ("--kv_transfer_config", "{}"),
+        ("--kv-transfer-config.kv_connector", "OffloadingConnector"),
+        ("--kv-transfer-config.kv_role=kv_both",),
+    ):
         assert "PYTORCH_CUDA_ALLOC_CONF" not in CUDA.serve_env([0], ServeConfig("m", extra_args=extra))
     assert CPU.util_floor < 0.1 < CUDA.util_floor
     assert set(CPU.missing_knobs) == {"eager", "offload"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .errors import GpuError, UsageError
 from .serveconfig import ServeConfig
+from .vllmargv import has
 
 GIB = 1 << 30
 
@@ -149,8 +150,6 @@ def nvml_sees_a_gpu() -> bool:
 
 
 def uses_kv_connector(config: ServeConfig) -> bool:
-    """A KV connector is configured (``--kv-transfer-config v``, ``--kv-transfer-config=v``, or the
+    """A KV connector is configured (``--kv-transfer-config`` in any shape, its dotted keys too, or the
     offloading size, which vLLM turns into one)."""
-    return bool(config.kv_offloading_size) or any(
-        a == "--kv-transfer-config" or a.startswith("--kv-transfer-config=") for a in config.extra_args
-    )
+    return bool(config.kv_offloading_size) or has(config.extra_args, "--kv-transfer-config")

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .vllmargv import value_of
+
 # vLLM's _SUFFIX_TO_DEFAULTS, first match wins: does an architecture of this suffix generate?
 _GENERATES = (
     ("ForCausalLM", True),
@@ -70,21 +72,6 @@ class RunnerChoice:
 GENERATE = RunnerChoice()
 
 
-def flag_value(args: Sequence[str], flag: str) -> str | None:
-    """The value of ``flag`` in an argv (``--flag value`` or ``--flag=value``; the last one wins)."""
-    value = None
-    words = list(args)
-    for i, word in enumerate(words):
-        name, eq, rest = word.partition("=")
-        if name.replace("_", "-") != flag:
-            continue
-        if eq:
-            value = rest
-        elif i + 1 < len(words):
-            value = words[i + 1]
-    return value
-
-
 def generates_natively(config: Mapping) -> bool:
     for arch in config.get("architectures") or []:
         for suffix, generates in _GENERATES:
@@ -95,8 +82,8 @@ def generates_natively(config: Mapping) -> bool:
 
 def runner_of(config: Mapping, args: Sequence[str] = ()) -> RunnerChoice:
     """The runner of a model (its HF config) served with ``args`` (``--runner``, ``--convert``)."""
-    runner = flag_value(args, "--runner") or "auto"
-    convert = flag_value(args, "--convert") or "auto"
+    runner = value_of(args, "--runner") or "auto"
+    convert = value_of(args, "--convert") or "auto"
     generative = generates_natively(config)
     auto = not generative or convert not in ("auto", "none")  # a --convert picks the pooling runner
     pooling = auto if runner == "auto" else runner == "pooling"

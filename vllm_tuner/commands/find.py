@@ -13,8 +13,8 @@ from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..objectives import BY_FLAG
 from ..search import GIB
-from ..serveconfig import SHORT_OPTIONS, shell_command
 from ..units import format_duration, parse_duration
+from ..vllmargv import options, shell_command
 from ._common import (
     device_ids,
     emit_json,
@@ -290,15 +290,6 @@ TUNED_PASSTHROUGH = {
 }
 
 
-def _long_option(word: str) -> str:
-    """The option a passed-through word names, as vLLM reads it: ``--max_model_len=8`` and
-    ``--max-model-len`` are both ``--max-model-len``; ``-tp`` is ``--tensor-parallel-size``."""
-    option = word.partition("=")[0]
-    if option in SHORT_OPTIONS:
-        return "--" + SHORT_OPTIONS[option]
-    return "--" + option[2:].replace("_", "-") if option.startswith("--") else option
-
-
 def _check_at_least_one(**values: int | None) -> None:
     """Refuse a count below 1 (None: not given)."""
     examples = {
@@ -317,8 +308,8 @@ def _check_at_least_one(**values: int | None) -> None:
 
 def _check_passthrough(extra: Sequence[str], *, dummy_trials: bool) -> None:
     """Refuse a flag after ``--`` that find sets itself (``--flag value`` and ``--flag=value``)."""
-    for word in extra:
-        option = _long_option(word)
+    for given in options(extra):
+        option, word = given.name, extra[given.start]
         if option == "--load-format":
             # passed through as given, dummy included (a config without weights: scripts/gpu-e2e.sh)
             if dummy_trials:
@@ -329,7 +320,7 @@ def _check_passthrough(extra: Sequence[str], *, dummy_trials: bool) -> None:
             continue
         if option in TUNED_PASSTHROUGH:
             why, fix = TUNED_PASSTHROUGH[option]
-            shown = word.partition("=")[0]
+            shown = given.written
             named = shown if shown == option else f"{shown} ({option})"
             raise UsageError(f"{named} cannot be passed through after --: {why}", fix)
 
@@ -355,13 +346,10 @@ def _check_vllm_takes(vllm_info, extra: Sequence[str]) -> None:
     with its replacement where vLLM removed it."""
     from ..advice import REMOVED_FLAGS
 
-    for word in extra:
-        if not word.startswith("--") or word == "--":
+    for given in options(extra):
+        option, shown = given.name, given.written
+        if not shown.startswith("--") or vllm_info.accepts(option):
             continue
-        option = _long_option(word)
-        if vllm_info.accepts(option):
-            continue
-        shown = word.partition("=")[0]
         replacement = (
             REMOVED_IN_FIND[option](vllm_info) if option in REMOVED_IN_FIND else REMOVED_FLAGS.get(option)
         )
@@ -459,12 +447,18 @@ def _check_hf_overrides_passthrough(extra: Sequence[str], *, rope_used: bool) ->
     from ..models import MAX_LEN_KEYS
     from ..rope import ROPE_KEYS, SUB_CONFIGS, parse_hf_overrides
 
-    words = list(extra)
-    for i, word in enumerate(words):
-        if _long_option(word) != "--hf-overrides":
+    for given in options(extra):
+        if given.name != "--hf-overrides":
             continue
-        value = word.partition("=")[2] if "=" in word else (words[i + 1] if i + 1 < len(words) else "")
-        overrides = parse_hf_overrides(value, "--hf-overrides after --")
+        if given.key:  # --hf-overrides.rope_scaling.factor 4: one key of the JSON, as vLLM nests it
+            overrides: dict = {}
+            *path, last = given.key.split(".")
+            node = overrides
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = given.value
+        else:
+            overrides = parse_hf_overrides(given.value or "", "--hf-overrides after --")
         if rope_used:
             raise UsageError(
                 "--hf-overrides after -- would replace the YaRN override --allow rope-scaling passes (vLLM keeps "
