@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from vllm_tuner.deploy.costs import model_costs, plan_gpus
+from vllm_tuner.deploy.costs import estimated_cost, model_costs, plan_gpus
 from vllm_tuner.deploy.plan import (
     CUDA_CONTEXT_BYTES,
     GIB,
@@ -55,6 +56,9 @@ def two_models(coder_seqs=4):
         ),
         (lambda d: d["models"][0].update(flags=["--gpu-memory-utilization", "0.5"]), "is set by the plan"),
         (lambda d: d["models"][0].update(flags={"max-model-len": 4096}), "use needs.min_context instead"),
+        # planned flags in every shape vLLM reads
+        (lambda d: d["models"][0].update(flags=["-tp", "2"]), "--tensor-parallel-size is set by the plan"),
+        (lambda d: d["models"][0].update(flags=["--max_model_len=4096"]), "use needs.min_context instead"),
         (
             lambda d: d["models"][0].update(needs={"objective": "speed"}),
             "needs.objective: 'speed' is not an objective",
@@ -87,6 +91,7 @@ def test_flags_mapping_becomes_argv_words():
                     "quantization": "awq",
                     "enforce_eager": False,
                     "hf-overrides": {"a": 1},
+                    "compilation_config.cudagraph_mode": "PIECEWISE",
                 },
             )
         ]
@@ -98,7 +103,32 @@ def test_flags_mapping_becomes_argv_words():
         "--no-enforce-eager",
         "--hf-overrides",
         '{"a":1}',
+        "--compilation-config.cudagraph_mode",  # vLLM keeps a dotted key's own spelling
+        "PIECEWISE",
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "eager"),
+    [
+        (["--enforce-eager"], True),
+        (["--enforce_eager"], True),
+        (["--enforce-eager", "--no-enforce-eager"], False),
+    ],
+)
+def test_the_estimate_of_a_model_sees_its_eager_flag_as_vllm_reads_it(flags, eager):
+    seen = []
+
+    def estimate_fn(spec, total, config, **_):
+        seen.append(config.enforce_eager)
+        return SimpleNamespace(
+            non_torch_bytes=0, activation_bytes=0, cudagraph_bytes=0, weights_bytes=GIB, kv_bytes_per_token=1
+        )
+
+    entry = deployment([model("b", 8001, flags=flags)]).models[0]
+    spec = SimpleNamespace(derived_max_model_len=4096, serve_name="m")
+    estimated_cost(entry, 80 * GIB, resolve=lambda _: spec, estimate_fn=estimate_fn)
+    assert seen == [eager]
 
 
 def test_sizes():

@@ -288,6 +288,14 @@ def test_launch_flags_from_non_default_args_and_commands() -> None:
         "--max-model-len": 131072,
         "--enforce-eager": True,
     }
+    # short forms by their long names, as vLLM reads them
+    assert launch_flags(
+        "python -m vllm.entrypoints.openai.api_server --model m -tp 2 -O0 --max_num_seqs 4"
+    ) == {
+        "--tensor-parallel-size": 2,
+        "--optimization-level": 0,
+        "--max-num-seqs": 4,
+    }
 
 
 def test_the_weights_offload_reads_what_vllm_moved_to_cpu_memory() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from vllm_tuner.vllmargv import (
     API_SERVER_MODULE,
+    as_option,
     docker_run_argv,
     flag_words,
     has,
@@ -109,6 +110,20 @@ def test_a_flag_is_given_in_any_shape(args, flag, given):
 )
 def test_a_boolean_and_its_no_form(args, state):
     assert switch_of(args, "--enforce-eager") is state
+
+
+@pytest.mark.parametrize(
+    ("name", "option"),
+    [
+        ("max_model_len", "--max-model-len"),
+        ("--enforce-eager", "--enforce-eager"),
+        ("hf_overrides.rope_theta", "--hf-overrides.rope_theta"),
+        ("compilation_config.cudagraph_capture_sizes", "--compilation-config.cudagraph_capture_sizes"),
+    ],
+)
+def test_a_config_style_name_as_the_option_vllm_reads(name, option):
+    assert as_option(name) == option
+    assert long_name(option) == long_name(option.replace("_", "-").split(".")[0])
 
 
 def test_options_keep_where_they_were_and_how_they_were_written():

@@ -100,7 +100,7 @@ class _Known:
     @property
     def eager(self) -> bool:
         """Already without CUDA graphs (--enforce-eager, -O0): suggesting it again changes nothing."""
-        level = self.flags.get("--optimization-level", self.flags.get("-O"))
+        level = self.flags.get("--optimization-level")
         return self.flags.get("--enforce-eager") is True or (level is not None and str(level) == "0")
 
     @property
@@ -130,7 +130,7 @@ class _Known:
         return int(value) if value else None
 
     def tp(self) -> int:
-        value = self.flags.get("--tensor-parallel-size") or self.flags.get("-tp") or 1
+        value = self.flags.get("--tensor-parallel-size") or 1
         return int(value) if isinstance(value, (int, float)) else 1
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .failures import NAMES
+from .vllmargv import options
 
 GIB = 1 << 30
 
@@ -1011,22 +1012,11 @@ def launch_flags(text: str) -> dict[str, object]:
 
 
 def _command_flags(command: str) -> dict[str, object]:
-    words = command.replace("\\", " ").split()
     flags: dict[str, object] = {}
-    index = 0
-    while index < len(words):
-        word = words[index]
-        index += 1
-        if not word.startswith("--"):
+    for option in options(command.replace("\\", " ").split()):
+        if option.key or not option.name.startswith("--") or option.name[2:].replace("-", "_") in _SKIP_ARGS:
             continue
-        name, _eq, value = word.partition("=")
-        name = name.replace("_", "-")
-        if not _eq and index < len(words) and not words[index].startswith("--"):
-            value = words[index]
-            index += 1
-        if name[2:].replace("-", "_") in _SKIP_ARGS:
-            continue
-        flags[name] = _literal(value) if (_eq or value) else True
+        flags[option.name] = True if option.value is None else _literal(option.value)
     return flags
 
 

@@ -97,6 +97,13 @@ def long_name(word: str) -> str:
     return SHORT_OPTIONS.get(head, head)
 
 
+def as_option(name: str) -> str:
+    """A config-style name as the option vLLM reads: ``max_model_len`` is ``--max-model-len``, a dotted
+    ``hf_overrides.rope_theta`` is ``--hf-overrides.rope_theta`` (vLLM keeps the key's own spelling)."""
+    head, dot, key = name.lstrip("-").partition(".")
+    return "--" + head.replace("_", "-") + dot + key
+
+
 def options(args: Sequence[str], *, switches: Iterable[str] = SWITCHES) -> list[Option]:
     """The options of an argv in order; positional words (a model) are skipped."""
     switch_set = frozenset(switches)

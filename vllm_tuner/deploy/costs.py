@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from ..errors import DeployError, TunerError
 from ..serveconfig import ServeConfig
+from ..vllmargv import switch_of
 from .plan import GpuInfo, ModelCost, min_context_of
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, GpuSpec, ModelEntry
 
@@ -78,7 +79,7 @@ def estimated_cost(
         max_model_len=context,
         max_num_seqs=entry.min_seqs,
         kv_cache_dtype=entry.kv_cache_dtype,
-        enforce_eager="--enforce-eager" in entry.flags,
+        enforce_eager=switch_of(entry.flags, "--enforce-eager") is True,
         extra_args=tuple(entry.flags),  # --runner pooling / --convert change what vLLM budgets
     )
     est = estimate_fn(spec, gpu_total_bytes, config, gpu_name=gpu_name)

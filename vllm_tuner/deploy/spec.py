@@ -27,6 +27,7 @@ import yaml
 
 from ..errors import DeployError
 from ..units import parse_duration
+from ..vllmargv import as_option, flag_words, options
 
 GIB = 1 << 30
 DEFAULT_HEADROOM_BYTES = GIB
@@ -455,23 +456,11 @@ def _parse_flags(ctx: _Ctx, value: object, key: str) -> tuple[str, ...]:
     words: list[str] = []
     if isinstance(value, dict):
         for flag, arg in value.items():
-            name = "--" + str(flag).lstrip("-").replace("_", "-")
-            if arg is True:
-                words.append(name)
-            elif arg is False:
-                words.append("--no-" + name[2:])
-            elif isinstance(arg, (dict, list)):
-                import json
-
-                words += [name, json.dumps(arg, separators=(",", ":"))]
-            else:
-                words += [name, str(arg)]
+            words += flag_words(as_option(str(flag)), arg)
     else:
         words = [str(w) for w in ctx.list_(value, key)]
-    for word in words:
-        if not word.startswith("-"):
-            continue
-        flag = word.lstrip("-").split("=", 1)[0].replace("_", "-")
+    for option in options(words):
+        flag = option.name[2:]
         if flag in PLANNED_FLAGS:
             ctx.fail(key, f"--{flag} is set by the plan", f"use {PLANNED_FLAGS[flag]} instead")
     return tuple(words)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import DeployError
 from ..paths import data_dir
+from ..vllmargv import parse_command
 
 SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")  # what --simulate sets
 
@@ -86,11 +87,11 @@ class DeploymentState:
         for inst in self.instances:
             folder = inst.env.get(SIM_ENV_KEYS[0])
             if folder:
-                cut = inst.argv.index("serve") if "serve" in inst.argv else len(inst.argv)
+                command = parse_command(inst.argv)
                 return {
                     "scenario": Path(folder).name,  # --simulate keeps its state in data_dir()/sim/<scenario>
                     "state_dir": folder,
-                    "vllm_cmd": shlex.join(inst.argv[:cut]),
+                    "vllm_cmd": shlex.join(command.vllm_words if command else inst.argv),
                     "env": {k: inst.env[k] for k in SIM_ENV_KEYS if k in inst.env},
                 }
         return {}
