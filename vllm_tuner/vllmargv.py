@@ -75,9 +75,9 @@ def is_option(word: str) -> bool:
 class Option:
     """One option of an argv: its words are ``argv[start:stop]``."""
 
-    name: str  # the long name vLLM reads: "--max-model-len" for --max_model_len, -tp 8 for -tp, -O3 for -O
+    name: str  # the long name vLLM reads: "--max-model-len" for --max_model_len, "--tensor-parallel-size" for -tp
     value: str | None  # None: given bare
-    written: str  # the option as written, without its value: "--max_model_len", "-tp", "-O3"
+    written: str  # the option as written, without its value: "--max_model_len", "-tp", "-O" (for -O3 too)
     start: int
     stop: int
     key: str = ""  # the dotted key of a JSON option: "kv_connector" in --kv-transfer-config.kv_connector
@@ -104,9 +104,8 @@ def as_option(name: str) -> str:
     return "--" + head.replace("_", "-") + dot + key
 
 
-def options(args: Sequence[str], *, switches: Iterable[str] = SWITCHES) -> list[Option]:
+def options(args: Sequence[str]) -> list[Option]:
     """The options of an argv in order; positional words (a model) are skipped."""
-    switch_set = frozenset(switches)
     words = list(args)
     out: list[Option] = []
     i = 0
@@ -130,7 +129,7 @@ def options(args: Sequence[str], *, switches: Iterable[str] = SWITCHES) -> list[
         if eq:
             out.append(Option(name, inline, head, i, i + 1, key, inline=True))
             i += 1
-        elif name in switch_set or name.startswith("--no-"):
+        elif name in SWITCHES or name.startswith("--no-"):
             out.append(Option(name, None, head, i, i + 1, key))
             i += 1
         elif i + 1 < len(words) and not is_option(words[i + 1]):
