@@ -250,14 +250,6 @@ def test_create_merges_overrides_and_builds_the_environment(tmp_path):
     assert len(env.scenario["gpus"]) == 2 and env.scenario["gpus"][0]["total_bytes"] > 31 << 30
 
 
-def test_sim_alias_package():
-    from vllm_tuner.sim import activate as alias_activate
-    from vllm_tuner.sim import truth
-
-    assert alias_activate.create is create
-    assert truth is oracle.truth
-
-
 def test_a_machine_that_servers_still_run_on_is_joined_not_reset(tmp_path):
     folder = tmp_path / "s"
     create("rtx-5090", state_dir=folder)
