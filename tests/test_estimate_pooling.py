@@ -134,10 +134,10 @@ def test_a_deployment_sizes_a_pooling_model_from_its_flags():
 def test_a_float32_checkpoint_is_served_in_16_bits_by_the_estimate_and_the_simulator():
     """vLLM's --dtype auto (_resolve_auto_dtype) downcasts float32 checkpoints, as many sentence-transformers
     encoders are: float16 for a pooling model, bfloat16 for a generator, two bytes either way."""
-    from vllm_tuner.simlite import engine
+    from vllm_tuner.simlite import groundtruth
 
     on_disk = 2_271_145_984  # bge-m3's float32 tensors
     spec = spec_from_config("BAAI/bge-m3", BGE_M3, weights_bytes=on_disk)
     assert (spec.weights_bytes, spec.dtype_bytes) == (on_disk // 2, 2)
     assert spec_from_config("BAAI/bge-m3", BGE_M3).dtype_bytes == 2
-    assert engine.model_truth("bge-m3", BGE_M3, on_disk).weights_bytes == on_disk // 2
+    assert groundtruth.model_truth("bge-m3", BGE_M3, on_disk).weights_bytes == on_disk // 2
