@@ -2,8 +2,10 @@
 
 This is the composition root: it builds the launcher, the store, NVML access and the progress
 reporter from the command line and hands them to the domain code, which never builds its own.
-``--simulate`` is wired here and only here: it points ``--vllm-cmd`` at the simulated vLLM and puts
-the simulated ``pynvml`` first on the import path — exactly the seams real vLLM and NVML use.
+``--simulate`` of find, ramp and up is wired here: it points ``--vllm-cmd`` at the simulated vLLM and
+puts the simulated ``pynvml`` first on the import path — exactly the seams real vLLM and NVML use.
+(``estimate --simulate`` and a simulated deployment's ``status``/``down`` attach in their own commands;
+nothing below ``commands/`` knows about the simulator.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The simulated ``vllm`` executable: argument parsing, the startup walk, the HTTP API and load.
+"""The simulated ``vllm``'s parts: log lines, argument parsing, the running engine, the HTTP API and load.
 
 Logs use vLLM 0.33's format and messages (see shared/research/vllm-internals.md §3–§5); times are
 slept divided by ``$VLLM_TUNE_SIM_TIME_SCALE`` but logged at their realistic values.
