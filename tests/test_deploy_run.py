@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from vllm_tuner.deploy.plan import GIB, GpuInfo, ModelCost, make_plan
-from vllm_tuner.deploy.run import Runner, Settings
+from vllm_tuner.deploy.run import Runner, Settings, StopReport
 from vllm_tuner.deploy.spec import parse_deployment
 from vllm_tuner.deploy.state import load_state, proc_cmdline, session_pids, state_path
 from vllm_tuner.deploy.status import alert_level
@@ -211,8 +211,8 @@ def test_up_starts_in_order_status_is_healthy_and_down_restores_the_gpu(env, nam
     assert not runner.status(state).gpus[0].as_planned
     nvml.baseline -= 1 << 30
 
-    outcome = runner.stop_all(state)
-    assert outcome["_released"] == "released"
+    stopped = runner.stop_all(state)
+    assert stopped.released == "released" and stopped.proxy is None
     assert nvml.memory(0).used == nvml.baseline  # back to what it was before up
 
 
@@ -239,7 +239,7 @@ def test_an_instance_that_dies_is_reported_by_status(env):
     status = runner.status(report.state)
     assert not status.healthy
     assert {i.name: i.state for i in status.instances} == {"coder": "healthy", "general": "dead"}
-    assert runner.stop_all(report.state)["general"] == "already gone"
+    assert runner.stop_all(report.state).instances["general"] == "already gone"
 
 
 def test_down_never_signals_a_process_whose_identity_changed(env):
@@ -249,10 +249,10 @@ def test_down_never_signals_a_process_whose_identity_changed(env):
     inst = report.state.instances[0]
     real_start = inst.proc_start
     inst.proc_start = "1"  # as if the pid had been recycled by another program
-    assert runner.stop_all(report.state)["coder"] == "already gone"
+    assert runner.stop_all(report.state).instances["coder"] == "already gone"
     assert Path(f"/proc/{inst.pid}").exists()
     inst.proc_start = real_start
-    assert runner.stop_all(report.state)["coder"] == "stopped"
+    assert runner.stop_all(report.state).instances["coder"] == "stopped"
 
 
 def test_a_failing_start_is_diagnosed_and_rolls_back(env, monkeypatch):
@@ -421,11 +421,9 @@ def test_down_reports_an_instance_that_died_unreaped_as_already_gone(env):
     while Path(f"/proc/{victim.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert runner.stop_all(report.state) == {
-        "general": "already gone",
-        "coder": "stopped",
-        "_released": "released",
-    }
+    stopped = runner.stop_all(report.state)
+    assert stopped == StopReport({"general": "already gone", "coder": "stopped"}, "released")
+    assert list(stopped.instances) == ["general", "coder"]  # the last started stops first
 
 
 def test_an_instance_runs_under_a_detached_reaper_and_down_ends_its_whole_group(env):
@@ -439,5 +437,5 @@ def test_an_instance_runs_under_a_detached_reaper_and_down_ends_its_whole_group(
     )  # what the state records
     session = session_pids(inst.pgid)
     assert len(session) == 2 and holders(nvml, report.state) == ["coder"]  # the reaper and the vLLM it runs
-    assert runner.stop_all(report.state) == {"coder": "stopped", "_released": "released"}
+    assert runner.stop_all(report.state) == StopReport({"coder": "stopped"}, "released")
     assert not session_pids(inst.pgid) and nvml.memory(0).used == nvml.baseline

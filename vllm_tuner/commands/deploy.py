@@ -757,21 +757,20 @@ def down_command(target, json_, simulate, sim_time_scale):
     with _session(
         simulate=None, attach=attach, sim_time_scale=sim_time_scale, device=state.device
     ) as session:
-        outcome = session.runner.stop_all(state)
+        stopped = session.runner.stop_all(state)
     remove_state(state.name)
     if json_:
         emit_json(
             {
                 "deployment": state.name,
-                "proxy": outcome.get("_proxy"),
-                "instances": {k: v for k, v in outcome.items() if not k.startswith("_")},
-                "gpu_memory": outcome["_released"],
+                "proxy": stopped.proxy,
+                "instances": stopped.instances,
+                "gpu_memory": stopped.released,
             }
         )
         return
-    if "_proxy" in outcome:
-        click.echo(f"proxy: {outcome['_proxy']}")
-    for name, what in outcome.items():
-        if not name.startswith("_"):
-            click.echo(f"{name}: {what}")
-    click.echo(f"GPU memory: {outcome['_released']}")
+    if stopped.proxy is not None:
+        click.echo(f"proxy: {stopped.proxy}")
+    for name, what in stopped.instances.items():
+        click.echo(f"{name}: {what}")
+    click.echo(f"GPU memory: {stopped.released}")

@@ -93,6 +93,17 @@ class UpReport:
     switch_s: float | None = None
 
 
+@dataclass(frozen=True)
+class StopReport:
+    """What :meth:`Runner.stop_all` did: how each instance ended, by name in stop order ("stopped",
+    "already gone", ...), whether the GPU memory came back ("released", or what is still held), and how
+    the proxy ended (None when ``up`` started none)."""
+
+    instances: dict[str, str]
+    released: str
+    proxy: str | None = None
+
+
 class Runner:
     """Starts, watches and stops one deployment's instances."""
 
@@ -567,20 +578,14 @@ class Runner:
             return None
         return self.processes.stop_process(state.proxy)
 
-    def stop_all(self, state: DeploymentState) -> dict[str, str]:
+    def stop_all(self, state: DeploymentState) -> StopReport:
         """Stop the proxy, then every instance ``up`` recorded (never a process whose identity changed);
         wait for release."""
-        outcome: dict[str, str] = {}
         proxy = self.stop_proxy(state)
-        if proxy is not None:
-            outcome["_proxy"] = proxy
-        for inst in reversed(state.instances):
-            outcome[inst.name] = self.processes.stop(inst)
+        instances = {inst.name: self.processes.stop(inst) for inst in reversed(state.instances)}
         gpus = {g for i in state.instances for g in i.gpu_ids}
-        outcome["_released"] = self.processes.wait_released(
-            {g: state.baseline_used.get(str(g), 0) for g in gpus}
-        )
-        return outcome
+        released = self.processes.wait_released({g: state.baseline_used.get(str(g), 0) for g in gpus})
+        return StopReport(instances=instances, released=released, proxy=proxy)
 
     # ------------------------------------------------------------------------------------------- status
 
