@@ -329,8 +329,11 @@ def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
     the store, and the machine id of the request's GPUs."""
     from ..estimate import Calibration, estimate
     from ..find import Finder
+    from ..trialrecord import env_fingerprint
 
-    finder = Finder(
+    machine = machine_id(nvml, list(request.gpu_ids))
+    fingerprint = env_fingerprint(spec, gpu, request.gpu_ids, vllm_info, machine)
+    return Finder(
         request,
         spec=spec,
         gpu=gpu,
@@ -341,11 +344,9 @@ def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
         nvml=nvml,
         store=store,
         progress=runtime.progress,
-        log_dir=runtime.log_root,
-        machine_id=machine_id(nvml, list(request.gpu_ids)),
+        log_dir=find_run_dir(runtime, request, fingerprint),
+        machine_id=machine,
     )
-    finder.log_dir = find_run_dir(runtime, request, finder.env_fingerprint())
-    return finder
 
 
 def device_ids(gpus: int | None, gpu_ids: str | None) -> list[int] | None:
