@@ -41,12 +41,13 @@ def _plan(file: Path, device: str | None = None):
 def _as_before_up(name: str):
     """An NVML opener reporting each GPU's used memory as it was before ``up`` started deployment
     ``name``, or None (live NVML) when it is not running."""
-    from ..deploy.state import load_state, state_path
+    from ..deploy.state import deployment_states
 
-    if not state_path(name).exists():
+    states = deployment_states()
+    if not states.exists(name):
         return None
     try:
-        state = load_state(name)
+        state = states.load(name)
     except DeployError:
         return None
     before = {int(g): used for g, used in state.baseline_used.items()}
@@ -73,12 +74,12 @@ def _refuse(plan) -> None:
 def _tuned_plan(plan, file: Path):
     """``plan`` with the numbers ``up --tune`` measured, which live in the deployment's state file
     until ``down``."""
-    from ..deploy.state import load_state
+    from ..deploy.state import deployment_states
     from ..deploy.tune import apply_tuning
 
     name = plan.deployment.name
     try:
-        state = load_state(name)
+        state = deployment_states().load(name)
     except DeployError as exc:
         raise DeployError(
             f"--tuned: no running deployment named {name!r}, so no tuned numbers to write",
@@ -131,10 +132,11 @@ def _deployment_file(target: str) -> Path:
     path = Path(target)
     if path.is_file():
         return path
-    from ..deploy.state import load_state, state_path
+    from ..deploy.state import deployment_states
 
-    if state_path(target).exists():
-        state = load_state(target)
+    states = deployment_states()
+    if states.exists(target):
+        state = states.load(target)
         found = state.source_path()
         if found is not None:
             return found
@@ -327,7 +329,7 @@ def up_command(
       vllm-tune up rag.yaml --phase rerank        (switch a running phased deployment)
     """
     from ..deploy.spec import load_deployment
-    from ..deploy.state import load_state, save_state, state_path
+    from ..deploy.state import deployment_states
     from ..deploy.tune import apply_tuning, tune_plan
     from ..units import parse_duration
 
@@ -340,7 +342,8 @@ def up_command(
     deployment.check_phase(phase)  # before anything (tuning takes minutes)
     # the state records where the file is, absolute: 'emit NAME' and the hints work from any folder
     deployment = replace(deployment, source=os.path.abspath(file))
-    running = load_state(deployment.name) if state_path(deployment.name).exists() else None
+    states = deployment_states()
+    running = states.load(deployment.name) if states.exists(deployment.name) else None
     attach: dict | None = None
     if running is not None:
         again = _sim_flag(running.recorded_simulation())
@@ -383,7 +386,7 @@ def up_command(
             own_left_out = session.runner.used_without(running.instances)
             plan = _refuse_live(_plan_live(deployment, session.nvml, used=own_left_out))
             report = session.runner.switch_phase(apply_tuning(plan, running.tuned), running, phase)
-            save_state(report.state)
+            states.save(report.state)
         else:
             plan = _refuse_live(_plan_live(deployment, session.nvml))
             # before --tune's minutes, not after them
@@ -633,6 +636,7 @@ def _session(
     import httpx
 
     from ..deploy.run import Runner, Settings
+    from ..deploy.state import deployment_states
 
     runtime = build_runtime(
         vllm_cmd=vllm_cmd,
@@ -677,7 +681,8 @@ def _session(
     nvml = runtime.open_nvml()
     try:
         with httpx.Client() as http:
-            yield _Session(runtime, Runner(nvml=nvml, http=http, settings=settings, note=note), nvml)
+            runner = Runner(nvml=nvml, http=http, states=deployment_states(), settings=settings, note=note)
+            yield _Session(runtime, runner, nvml)
     finally:
         nvml.close()
 
@@ -720,9 +725,9 @@ def status_command(target, json_, simulate, sim_time_scale):
       vllm-tune status coder-general-96gb
       vllm-tune status profiles/deployments/coder-general-96gb.yaml --json
     """
-    from ..deploy.state import load_state
+    from ..deploy.state import deployment_states
 
-    state = load_state(_state_name(target))
+    state = deployment_states().load(_state_name(target))
     attach = _simulation_of(state, simulate)
     with _session(
         simulate=None, attach=attach, sim_time_scale=sim_time_scale, device=state.device
@@ -750,15 +755,16 @@ def down_command(target, json_, simulate, sim_time_scale):
     Example:
       vllm-tune down coder-general-96gb
     """
-    from ..deploy.state import load_state, remove_state
+    from ..deploy.state import deployment_states
 
-    state = load_state(_state_name(target))
+    states = deployment_states()
+    state = states.load(_state_name(target))
     attach = _simulation_of(state, simulate)
     with _session(
         simulate=None, attach=attach, sim_time_scale=sim_time_scale, device=state.device
     ) as session:
         stopped = session.runner.stop_all(state)
-    remove_state(state.name)
+    states.remove(state.name)
     if json_:
         emit_json(
             {

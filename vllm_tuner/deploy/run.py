@@ -6,8 +6,8 @@ under a detached reaper (:mod:`vllm_tuner.procgroup`, the same process-group cod
 server), logging to a file, and recorded in the state file. ``up`` starts them one after another: each only once
 the previous answers ``/health`` and its GPU memory has settled, and only if the memory free at that
 moment passes vLLM's startup check for the planned utilization. Every collaborator comes in as an
-argument: ``spawn`` (argv, env, log) -> pid, ``nvml`` (:class:`vllm_tuner.nvml.Nvml`), ``http`` (an
-``httpx.Client``), ``docker`` (:class:`vllm_tuner.deploy.containers.DockerCli`), ``clock``/``sleep``.
+argument: ``states`` (:class:`.state.StateFiles`: the state file, the logs' folder), ``spawn`` (argv,
+env, log) -> pid, ``nvml`` (:class:`vllm_tuner.nvml.Nvml`), ``http`` (an ``httpx.Client``), ``docker`` (:class:`vllm_tuner.deploy.containers.DockerCli`), ``clock``/``sleep``.
 
 With ``Settings.docker_image`` each instance is a container of that image instead: the detached process
 is its ``docker run`` client (which logs the container's output and exits with it), the container has a
@@ -29,7 +29,6 @@ from pathlib import Path
 
 from ..devices import CUDA, DeviceKind
 from ..errors import DeployError, TunerError
-from ..paths import data_dir
 from ..procgroup import spawn_detached
 from ..serveconfig import vllm_argv
 from .containers import DockerCli, container_name, docker_run_argv
@@ -39,10 +38,9 @@ from .state import (
     DeploymentState,
     InstanceState,
     ProxyState,
+    StateFiles,
     is_alive,
     proc_start_time,
-    remove_state,
-    save_state,
 )
 from .status import StatusReport, deployment_status, http_status
 
@@ -112,6 +110,7 @@ class Runner:
         *,
         nvml,
         http,
+        states: StateFiles,
         spawn: Spawn = spawn_detached,
         docker: DockerCli | None = None,
         settings: Settings | None = None,
@@ -123,6 +122,7 @@ class Runner:
     ) -> None:
         self.nvml = nvml
         self.http = http
+        self.states = states
         self.spawn = spawn
         self.bind_check = bind_check
         self.docker = docker or DockerCli()
@@ -169,7 +169,7 @@ class Runner:
         try:
             for inst in order:
                 state.instances.append(self._start_one(plan, inst, state))
-                save_state(state)
+                self.states.save(state)
                 started.append(inst.name)
             verified = self.verify(state) if self.settings.verify else {}
             if proxy_port is not None:
@@ -177,7 +177,7 @@ class Runner:
         except BaseException:
             self.note("stopping what this 'up' started")
             self.stop_all(state)
-            remove_state(dep.name)
+            self.states.remove(dep.name)
             raise
         return UpReport(state, started, verified)
 
@@ -228,7 +228,7 @@ class Runner:
             device_env = self.settings.device.serve_env(inst.gpu_ids, inst.config)
             env.update(device_env)
             recorded[:0] = list(device_env)
-        log_dir = self.settings.log_dir or data_dir() / "deployments" / plan.deployment.name
+        log_dir = self.settings.log_dir or self.states.log_dir(plan.deployment.name)
         log_path = log_dir / f"{inst.name}.log"
         where = f" in container {container}" if container else ""
         self.note(f"starting {inst.name} on GPU {','.join(map(str, inst.gpu_ids))} port {inst.port}{where}")
@@ -278,7 +278,7 @@ class Runner:
             "--port",
             str(port),
         ]
-        log_dir = self.settings.log_dir or data_dir() / "deployments" / state.name
+        log_dir = self.settings.log_dir or self.states.log_dir(state.name)
         log_path = log_dir / "proxy.log"
         self.note(f"starting the proxy on port {port}")
         pid = start_detached(self.spawn, argv, dict(os.environ), log_path, grace_s=self.settings.stop_grace_s)
@@ -291,7 +291,7 @@ class Runner:
             proc_start=proc_start_time(pid) or "",
             started_at=self.wall_clock(),
         )
-        save_state(state)  # recorded before waiting: a failure below stops it with the instances
+        self.states.save(state)  # recorded before waiting: a failure below stops it with the instances
         deadline = self.clock() + self.settings.proxy_ready_timeout_s
         while http_status(self.http, f"{state.proxy.url}/health") != 200:
             if not is_alive(state.proxy):
@@ -522,13 +522,13 @@ class Runner:
             self.processes.stop(inst)
         self.processes.wait_released(expected)
         state.instances = [i for i in state.instances if i not in leaving]
-        save_state(state)
+        self.states.save(state)
 
     def _load(self, plan: Plan, state: DeploymentState, phase: str | None) -> list[str]:
         """Cool down, then start what ``phase`` has that is not running; the state names it first."""
         state.phase = phase
         state.planned = [i.name for i in plan.resident(phase)]
-        save_state(state)
+        self.states.save(state)
         if state.cooldown_s:
             self.sleep(state.cooldown_s)
         present = {i.name for i in state.instances}
@@ -537,7 +537,7 @@ class Runner:
             if inst.name not in present:
                 state.instances.append(self._start_one(plan, inst, state))
                 started.append(inst.name)
-                save_state(state)
+                self.states.save(state)
         return started
 
     def _roll_back(

@@ -125,42 +125,55 @@ class DeploymentState:
         return cls(**raw)
 
 
-def state_dir() -> Path:
-    return data_dir() / "deployments"
+@dataclass(frozen=True)
+class StateFiles:
+    """The state files of running deployments, ``<name>.json`` in ``folder``; each deployment's instance
+    logs go in ``folder/<name>/``. The CLI's is :func:`deployment_states`; tests hand it a folder."""
+
+    folder: Path
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def log_dir(self, name: str) -> Path:
+        return self.folder / name
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def save(self, state: DeploymentState) -> Path:
+        path = self.path(state.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(state.to_json())
+        os.replace(tmp, path)
+        return path
+
+    def load(self, name: str) -> DeploymentState:
+        path = self.path(name)
+        try:
+            return DeploymentState.from_json(path.read_text())
+        except FileNotFoundError as exc:
+            known = sorted(p.stem for p in self.folder.glob("*.json")) if self.folder.is_dir() else []
+            hint = (
+                f"running deployments: {', '.join(known)}" if known else "start it with 'vllm-tune up FILE'"
+            )
+            raise DeployError(f"no running deployment named {name!r} (no {path})", hint) from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DeployError(
+                f"the state file {path} is damaged: {exc}", f"remove {path} after checking nvidia-smi"
+            ) from exc
+
+    def remove(self, name: str) -> None:
+        try:
+            self.path(name).unlink()
+        except FileNotFoundError:
+            pass
 
 
-def state_path(name: str) -> Path:
-    return state_dir() / f"{name}.json"
-
-
-def save_state(state: DeploymentState) -> Path:
-    path = state_path(state.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(state.to_json())
-    os.replace(tmp, path)
-    return path
-
-
-def load_state(name: str) -> DeploymentState:
-    path = state_path(name)
-    try:
-        return DeploymentState.from_json(path.read_text())
-    except FileNotFoundError as exc:
-        known = sorted(p.stem for p in state_dir().glob("*.json")) if state_dir().is_dir() else []
-        hint = f"running deployments: {', '.join(known)}" if known else "start it with 'vllm-tune up FILE'"
-        raise DeployError(f"no running deployment named {name!r} (no {path})", hint) from exc
-    except (ValueError, TypeError, KeyError) as exc:
-        raise DeployError(
-            f"the state file {path} is damaged: {exc}", f"remove {path} after checking nvidia-smi"
-        ) from exc
-
-
-def remove_state(name: str) -> None:
-    try:
-        state_path(name).unlink()
-    except FileNotFoundError:
-        pass
+def deployment_states() -> StateFiles:
+    """The user's running deployments: ``data_dir()/deployments``."""
+    return StateFiles(data_dir() / "deployments")
 
 
 # ------------------------------------------------------------------------------------------ process identity
