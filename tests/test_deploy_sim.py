@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from vllm_tuner.cli import main
+from vllm_tuner.commands.deploy import recorded_simulation
 from vllm_tuner.deploy.spec import load_deployment
 from vllm_tuner.deploy.state import deployment_states
 from vllm_tuner.launch import free_port
@@ -191,7 +192,7 @@ def test_a_deployment_on_real_gpus_refuses_simulate_and_an_older_state_file_name
         "vllm-tune: error: deployment 'real' runs on real GPUs (it was started without --simulate), "
         f"not on --simulate {SCENARIO}; drop --simulate"
     )
-    assert deployment_states().load("real").recorded_simulation() == {}
+    assert recorded_simulation(deployment_states().load("real")) == {}
 
     # written before 'simulation' was recorded: the simulator's state folder is in the instances' env
     instance["env"].update(VLLM_TUNE_SIM_STATE="/home/u/.local/share/vllm-tune/sim/h100", PYTHONPATH="/shim")
@@ -200,7 +201,7 @@ def test_a_deployment_on_real_gpus_refuses_simulate_and_an_older_state_file_name
             {"name": "old", "source": "o.yaml", "started_at": 0, "baseline_used": {}, "instances": [instance]}
         )
     )
-    assert deployment_states().load("old").recorded_simulation() == {
+    assert recorded_simulation(deployment_states().load("old")) == {
         "scenario": "h100",
         "state_dir": "/home/u/.local/share/vllm-tune/sim/h100",
         "vllm_cmd": "/venv/bin/python -m vllm_tuner.simlite",
@@ -314,3 +315,15 @@ def test_a_second_deployment_on_the_same_simulated_card_sees_the_first_one(tmp_p
     finally:
         for name in names:
             kill_leftovers(name)
+
+
+def test_a_state_file_that_names_its_simulation_simulation_is_read_as_attach():
+    """State files written before the record was named ``attach`` (the deploy code does not know it is a
+    simulation; only the CLI's --simulate wiring reads it) still reach their simulated machine."""
+    from vllm_tuner.deploy.state import DeploymentState
+
+    sim = {"scenario": "h100", "state_dir": "/s/h100", "vllm_cmd": "python -m vllm_tuner.simlite", "env": {}}
+    old = {"name": "o", "source": "o.yaml", "started_at": 0, "baseline_used": {}, "simulation": sim}
+    state = DeploymentState.from_json(json.dumps(old))
+    assert state.attach == sim and recorded_simulation(state) == sim
+    assert "simulation" not in json.loads(state.to_json()) and json.loads(state.to_json())["attach"] == sim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -51,7 +52,7 @@ def _as_before_up(name: str):
     except DeployError:
         return None
     before = {int(g): used for g, used in state.baseline_used.items()}
-    simulation = state.recorded_simulation()
+    simulation = recorded_simulation(state)
 
     def opener():
         from ..devices import device_kind, open_devices
@@ -346,7 +347,7 @@ def up_command(
     running = states.load(deployment.name) if states.exists(deployment.name) else None
     attach: dict | None = None
     if running is not None:
-        again = _sim_flag(running.recorded_simulation())
+        again = _sim_flag(recorded_simulation(running))
         if tune:
             raise DeployError(
                 f"--tune needs the GPUs to itself, but deployment {deployment.name!r} is already up",
@@ -421,8 +422,6 @@ def _on_device(deployment, device: str | None):
 
 def _arg(value) -> str:
     """``value`` as one shell word, for a hint the user can paste."""
-    import shlex
-
     return shlex.quote(str(value))
 
 
@@ -431,10 +430,33 @@ def _sim_flag(simulation: dict) -> str:
     return f" --simulate {_arg(simulation['scenario'])}" if simulation else ""
 
 
+SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")  # what --simulate sets
+
+
+def recorded_simulation(state) -> dict:
+    """The simulation a deployment runs on, ``{"scenario", "state_dir", "vllm_cmd", "env"}`` ({} for real
+    GPUs), as ``up --simulate`` recorded it in the state (``attach``): ``status``, ``down`` and a phase
+    switch must read that simulated machine. A state file written before it was recorded still names it
+    in its instances' environment (the simulator's state folder)."""
+    if state.attach:
+        return state.attach
+    for inst in state.instances:
+        folder = inst.env.get(SIM_ENV_KEYS[0])
+        if folder:
+            cut = inst.argv.index("serve") if "serve" in inst.argv else len(inst.argv)
+            return {
+                "scenario": Path(folder).name,  # --simulate keeps its state in data_dir()/sim/<scenario>
+                "state_dir": folder,
+                "vllm_cmd": shlex.join(inst.argv[:cut]),
+                "env": {k: inst.env[k] for k in SIM_ENV_KEYS if k in inst.env},
+            }
+    return {}
+
+
 def _simulation_of(state, simulate: str | None) -> dict:
     """The simulation a running deployment was started on ({} for real GPUs): what ``status``, ``down``
     and ``up --phase`` read and start on. ``--simulate`` may only repeat it."""
-    recorded = state.recorded_simulation()
+    recorded = recorded_simulation(state)
     if simulate is None:
         return recorded
     if not recorded:
@@ -674,7 +696,7 @@ def _session(
         verify=verify,
         docker_image=docker_image,
         hf_cache=getattr(runtime.launcher, "hf_cache", None) if docker_image else None,
-        simulation=simulation,
+        attach=simulation,
         device=runtime.device,
     )
     note = (lambda _t: None) if quiet else (lambda t: click.echo(t, err=True))

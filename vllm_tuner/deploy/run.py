@@ -79,7 +79,7 @@ class Settings:
     log_dir: Path | None = None
     docker_image: str | None = None  # start containers of this image instead of local `vllm serve`
     hf_cache: Path | None = None  # mounted into every container (the host's HF hub cache)
-    simulation: dict = field(default_factory=dict)  # recorded in the state file (DeploymentState.simulation)
+    attach: dict = field(default_factory=dict)  # recorded as it is in the state file (DeploymentState.attach)
     device: DeviceKind = CUDA  # what the instances run on (recorded in the state file)
 
 
@@ -160,7 +160,7 @@ class Runner:
             cooldown_s=dep.cooldown_s,
             headroom_bytes=dep.headroom_bytes,
             tuned=dict(tuned or {}),
-            simulation=dict(self.settings.simulation),
+            attach=dict(self.settings.attach),
             device=self.settings.device.name,
         )
         order = plan.start_order(state.phase)

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import DeployError
 from ..paths import data_dir
-
-SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")  # what --simulate sets
 
 
 @dataclass
@@ -70,30 +67,13 @@ class DeploymentState:
     headroom_bytes: int = 0
     # what 'up --tune' measured per instance (every phase's): re-applied when a phase switch starts one
     tuned: dict[str, dict] = field(default_factory=dict)
-    # what 'up --simulate' started it on: {"scenario", "state_dir", "vllm_cmd", "env"}; {} on real GPUs
-    simulation: dict = field(default_factory=dict)
+    # what the CLI needs to reach the machine it started on again ('up --simulate': the simulated one);
+    # opaque here, {} on real GPUs
+    attach: dict = field(default_factory=dict)
     device: str = "cuda"  # what its instances run on: status and down read that device's memory
     # the instances the current phase should run (always-on ones too): status names those not running
     planned: list[str] = field(default_factory=list)
     proxy: ProxyState | None = None  # 'up --proxy PORT'; absent from state files written before it
-
-    def recorded_simulation(self) -> dict:
-        """The simulation the deployment runs on ({} for real GPUs): ``status``, ``down`` and a phase
-        switch must read that simulated machine. A state file written before ``simulation`` was
-        recorded still names it in its instances' environment (the simulator's state folder)."""
-        if self.simulation:
-            return self.simulation
-        for inst in self.instances:
-            folder = inst.env.get(SIM_ENV_KEYS[0])
-            if folder:
-                cut = inst.argv.index("serve") if "serve" in inst.argv else len(inst.argv)
-                return {
-                    "scenario": Path(folder).name,  # --simulate keeps its state in data_dir()/sim/<scenario>
-                    "state_dir": folder,
-                    "vllm_cmd": shlex.join(inst.argv[:cut]),
-                    "env": {k: inst.env[k] for k in SIM_ENV_KEYS if k in inst.env},
-                }
-        return {}
 
     def source_path(self) -> Path | None:
         """The deployment file it was started from, wherever this runs, or None when it cannot be found.
@@ -119,6 +99,8 @@ class DeploymentState:
     @classmethod
     def from_json(cls, text: str) -> DeploymentState:
         raw = json.loads(text)
+        if "simulation" in raw:  # written before it was named attach
+            raw["attach"] = raw.pop("simulation")
         raw["instances"] = [InstanceState(**i) for i in raw.get("instances", [])]
         if raw.get("proxy") is not None:
             raw["proxy"] = ProxyState(**raw["proxy"])
