@@ -33,7 +33,7 @@ from ..procgroup import spawn_detached
 from ..serveconfig import vllm_argv
 from .containers import DockerCli, container_name, docker_run_argv
 from .instances import InstanceProcesses, Spawn, start_detached
-from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
+from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, DeploymentPlan, Instance, passes_startup_check
 from .state import (
     DeploymentState,
     InstanceState,
@@ -133,7 +133,7 @@ class Runner:
 
     def up(
         self,
-        plan: Plan,
+        plan: DeploymentPlan,
         *,
         phase: str | None = None,
         tuned: dict[str, dict] | None = None,
@@ -182,7 +182,7 @@ class Runner:
         return UpReport(state, started, verified)
 
     def check_ports(
-        self, plan: Plan, instances: Sequence[Instance], *, proxy_port: int | None = None
+        self, plan: DeploymentPlan, instances: Sequence[Instance], *, proxy_port: int | None = None
     ) -> None:
         """Before anything starts (and before tuning): every instance's port, and the proxy's, must be
         free on the host it will serve on; a port another process holds would only show once the
@@ -203,7 +203,9 @@ class Runner:
                     f"change {inst.name}'s port: in {plan.deployment.source}, or stop what holds port {inst.port}",
                 )
 
-    def _start_one(self, plan: Plan, inst: Instance, state: DeploymentState | None = None) -> InstanceState:
+    def _start_one(
+        self, plan: DeploymentPlan, inst: Instance, state: DeploymentState | None = None
+    ) -> InstanceState:
         util = self._checked_utilization(plan, inst, state)
         serve = inst.serve_args()
         serve[serve.index("--gpu-memory-utilization") + 1] = f"{util:.2f}"
@@ -306,7 +308,9 @@ class Runner:
             self.sleep(min(self.settings.poll_s, 0.2))
         self.note(f"the proxy answers on {state.proxy.url}/v1")
 
-    def _checked_utilization(self, plan: Plan, inst: Instance, state: DeploymentState | None = None) -> float:
+    def _checked_utilization(
+        self, plan: DeploymentPlan, inst: Instance, state: DeploymentState | None = None
+    ) -> float:
         """The planned utilization if the memory free right now passes vLLM's check, else a lower one
         that still covers the instance's own share, else a refusal with the numbers and their cause:
         an instance this deployment started holding more than planned, or other processes."""
@@ -329,7 +333,7 @@ class Runner:
         return util
 
     def _short_of_memory(
-        self, plan: Plan, state: DeploymentState | None, g: int, mem, short: str
+        self, plan: DeploymentPlan, state: DeploymentState | None, g: int, mem, short: str
     ) -> DeployError:
         """Why GPU ``g`` has less free than planned, each cause with its size, the largest one's fix first:
         a smaller card than the plan's, the instances this deployment already started there holding more
@@ -496,7 +500,7 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------- phases
 
-    def switch_phase(self, plan: Plan, state: DeploymentState, phase: str) -> UpReport:
+    def switch_phase(self, plan: DeploymentPlan, state: DeploymentState, phase: str) -> UpReport:
         """Unload the current phase, wait for its memory, cool down, load ``phase``; time the switch.
 
         When ``phase`` does not start, what it started is stopped and the phase before it is loaded
@@ -524,7 +528,7 @@ class Runner:
         state.instances = [i for i in state.instances if i not in leaving]
         self.states.save(state)
 
-    def _load(self, plan: Plan, state: DeploymentState, phase: str | None) -> list[str]:
+    def _load(self, plan: DeploymentPlan, state: DeploymentState, phase: str | None) -> list[str]:
         """Cool down, then start what ``phase`` has that is not running; the state names it first."""
         state.phase = phase
         state.planned = [i.name for i in plan.resident(phase)]
@@ -541,7 +545,7 @@ class Runner:
         return started
 
     def _roll_back(
-        self, plan: Plan, state: DeploymentState, failed: str, previous: str | None, exc: Exception
+        self, plan: DeploymentPlan, state: DeploymentState, failed: str, previous: str | None, exc: Exception
     ) -> DeployError:
         """Phase ``failed`` did not start: stop what it started, load ``previous`` again; the error to raise."""
         why = exc.problem if isinstance(exc, TunerError) else f"{type(exc).__name__}: {exc}"
