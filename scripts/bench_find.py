@@ -4,12 +4,12 @@
 For every scenario of SUITE (a model, a GPU scenario of profiles/sim, a GPU count, truth overrides):
   oracle:    the true best stable config under find's objective ("context": the longest --max-model-len
              at 1 sequence; at the model's native maximum, the most full-length sequences), searched with
-             the simulator's ground truth (vllm_tuner.simlite.engine.truth) and the >= 1 GiB headroom rule;
+             the simulator's ground truth (vllm_tuner.simlite.groundtruth.truth) and the >= 1 GiB headroom rule;
   baselines: the guides' manual ladder, vLLM's auto_tune.sh ramp and vllm-fit's ladder, run purely
              against the same ground truth (no processes), each stopping at the first config that boots;
   find:      the real CLI, `vllm-tune find --simulate <scenario> --json`, one subprocess per scenario.
 
-Costs are simulated GPU-seconds from the simulator's timing model (engine.DEFAULT_TIMING): a launch pays
+Costs are simulated GPU-seconds from the simulator's timing model (groundtruth.DEFAULT_TIMING): a launch pays
 load + compile (cached when max_model_len / max_num_seqs / max_num_batched_tokens were seen before) +
 profile + capture + server start, cut short where the launch fails; a load probe pays its prefill and
 decode (the load find's JSON reports).
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from vllm_tuner.serveconfig import ServeConfig  # noqa: E402
-from vllm_tuner.simlite import activate, engine, server  # noqa: E402
+from vllm_tuner.simlite import activate, groundtruth, server  # noqa: E402
 from vllm_tuner.trial import ProbePlan  # noqa: E402
 
 GIB = 1 << 30
@@ -136,7 +136,7 @@ SUITE: list[dict] = [
 # -- the simulated machine of a scenario ----------------------------------------------------------
 @dataclass(frozen=True)
 class Machine:
-    model: engine.ModelTruth
+    model: groundtruth.ModelTruth
     tp: int
     total_bytes: int
     others_bytes: int
@@ -172,14 +172,14 @@ def machine_for(case: dict) -> Machine:
     if found is None:
         raise SystemExit(f"bench_find: no bundled profile for {case['model']}")
     config, weights = found
-    model = engine.model_truth(name, config, weights)
+    model = groundtruth.model_truth(name, config, weights)
     gpus = list(range(case["gpus"]))
     others = max(sum(f["bytes"] for f in scenario["foreign"] if f["gpu"] == g) for g in gpus)
     entry = server.scenario_model_entry(
         scenario, name
     )  # the simulator's own lookup: any of the model's names
     truth = {**scenario.get("truth", {}), **{k: v for k, v in entry.items() if k != "faults"}}
-    timing = {**engine.DEFAULT_TIMING, **scenario.get("timing", {})}
+    timing = {**groundtruth.DEFAULT_TIMING, **scenario.get("timing", {})}
     gpu = scenario["gpus"][0]
     return Machine(model, case["gpus"], gpu["total_bytes"], others, gpu["name"], truth, timing)
 
@@ -195,8 +195,8 @@ class Verdict:
     headroom_gib: float
 
 
-def judge(m: Machine, args: engine.LaunchArgs) -> Verdict:
-    b = engine.boot(
+def judge(m: Machine, args: groundtruth.LaunchArgs) -> Verdict:
+    b = groundtruth.boot(
         m.model,
         args,
         total_bytes=m.total_bytes,
@@ -206,7 +206,7 @@ def judge(m: Machine, args: engine.LaunchArgs) -> Verdict:
     )
     if b.category != "success":
         return Verdict(False, b.category, False, b.max_model_len, 0, 0.0)
-    t = engine.truth(
+    t = groundtruth.truth(
         m.model,
         args,
         total_bytes=m.total_bytes,
@@ -221,7 +221,9 @@ def judge(m: Machine, args: engine.LaunchArgs) -> Verdict:
 
 
 def _fits(m: Machine, length: int, seqs: int, util: float) -> bool:
-    args = engine.LaunchArgs(tp=m.tp, max_model_len=length, max_num_seqs=seqs, gpu_memory_utilization=util)
+    args = groundtruth.LaunchArgs(
+        tp=m.tp, max_model_len=length, max_num_seqs=seqs, gpu_memory_utilization=util
+    )
     v = judge(m, args)
     return v.stable and v.seqs >= seqs
 
@@ -286,7 +288,7 @@ def gap_pct(best: Best | None, length: int, seqs: int) -> float:
 
 # -- the timing model ------------------------------------------------------------------------------
 def launch_seconds(
-    m: Machine, args: engine.LaunchArgs, category: str, compiled: set, dummy: bool = False
+    m: Machine, args: groundtruth.LaunchArgs, category: str, compiled: set, dummy: bool = False
 ) -> float:
     """Simulated seconds one launch holds the GPUs, cut where it fails (simlite/__main__.walk's order)."""
     t = m.timing
@@ -296,7 +298,7 @@ def launch_seconds(
     if category == "oom_weights_load":
         return secs
     if not args.enforce_eager:
-        b = engine.boot(
+        b = groundtruth.boot(
             m.model,
             args,
             total_bytes=m.total_bytes,
@@ -373,7 +375,7 @@ def _ladder(
     holds, and the ladder goes on while it fails."""
     run, cfg, compiled = Run(name + ("+verify" if verify else "")), dict(start), set()
     while run.launches < BASELINE_MAX_LAUNCHES:
-        args = engine.LaunchArgs(
+        args = groundtruth.LaunchArgs(
             tp=m.tp,
             max_model_len=cfg["len"],
             max_num_seqs=cfg["seqs"],
@@ -473,11 +475,11 @@ BASELINES = (manual_ladder, auto_tune, vllm_fit)
 
 
 # -- find, the real CLI ----------------------------------------------------------------------------
-def _args_from_flags(m: Machine, flags: dict) -> engine.LaunchArgs:
+def _args_from_flags(m: Machine, flags: dict) -> groundtruth.LaunchArgs:
     def get(name, default=None):
         return flags.get(name, default)
 
-    return engine.LaunchArgs(
+    return groundtruth.LaunchArgs(
         tp=int(get("--tensor-parallel-size", m.tp)),
         max_model_len=get("--max-model-len"),
         max_num_seqs=get("--max-num-seqs"),
@@ -569,7 +571,7 @@ class Row:
 def score(case: dict, m: Machine, best: Best | None, run: Run) -> Row:
     w, gap, stable, winner = run.winner, None, None, "-"
     if w:
-        args = engine.LaunchArgs(
+        args = groundtruth.LaunchArgs(
             tp=m.tp,
             max_model_len=w["max_model_len"],
             max_num_seqs=w["max_num_seqs"],

@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from vllm_tuner.simlite import engine
+from vllm_tuner.simlite import groundtruth
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_find.py"
 spec = importlib.util.spec_from_file_location("bench_find", SCRIPT)
@@ -18,7 +18,9 @@ CASE = {"name": "t", "model": "llama-3.1-8b", "scenario": "rtx-4090", "gpus": 1,
 
 
 def _stable(m, length: int, seqs: int, util: float) -> bool:
-    args = engine.LaunchArgs(tp=m.tp, max_model_len=length, max_num_seqs=seqs, gpu_memory_utilization=util)
+    args = groundtruth.LaunchArgs(
+        tp=m.tp, max_model_len=length, max_num_seqs=seqs, gpu_memory_utilization=util
+    )
     return bench.judge(m, args).stable
 
 
@@ -62,7 +64,7 @@ def test_gap_is_relative_to_the_objective():
 
 def test_compile_cache_makes_a_relaunch_cheaper():
     m = bench.machine_for(CASE)
-    args = engine.LaunchArgs(tp=1, max_model_len=8192, max_num_seqs=4, gpu_memory_utilization=0.9)
+    args = groundtruth.LaunchArgs(tp=1, max_model_len=8192, max_num_seqs=4, gpu_memory_utilization=0.9)
     compiled: set = set()
     first = bench.launch_seconds(m, args, "success", compiled)
     again = bench.launch_seconds(m, args, "success", compiled)

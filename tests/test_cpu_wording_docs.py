@@ -37,6 +37,38 @@ def test_the_module_map_names_every_module_and_package() -> None:
     assert names - modules - packages - inside - {"commands/<name>.py"} == set()  # none gone
 
 
+def _map_rows() -> list[tuple[str, str]]:
+    """(first cell without its backticks, the rest of the row) of every row of the module map."""
+    rows = re.findall(r"^\| `([^`]+)` \|(.*)$", _section("Module map"), re.M)
+    return [(first, rest) for first, rest in rows]
+
+
+def _named_in_map(module: str, rows: list[tuple[str, str]]) -> bool:
+    """``module`` (``deploy/spec.py``) has a row of its own, or the row of a folder above it
+    (``deploy/``, ``commands/<name>.py``) names it by its path inside that folder (`` `spec.py` ``)."""
+    for first, rest in rows:
+        if first == module:
+            return True
+        folder = first.split("<")[0].rsplit("/", 1)[0] + "/" if "/" in first else None
+        if folder and module.startswith(folder) and f"`{module[len(folder) :]}`" in first + rest:
+            return True
+    return False
+
+
+def test_the_module_map_names_every_module_in_every_package() -> None:
+    rows = _map_rows()
+    modules = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+    assert len(modules) > 60  # the subpackages' modules are counted, not only the top level
+    assert [m for m in modules if not _named_in_map(m, rows)] == []
+
+
+def test_a_module_missing_from_the_map_is_found() -> None:
+    rows = [("deploy/", " the file (`spec.py`) | mixed |"), ("commands/<name>.py", " `find.py` |")]
+    assert _named_in_map("deploy/spec.py", rows) and _named_in_map("commands/find.py", rows)
+    assert not _named_in_map("deploy/plan.py", rows) and not _named_in_map("commands/ramp.py", rows)
+    assert not _named_in_map("spec.py", rows)
+
+
 def test_the_categories_are_the_declared_ones() -> None:
     text = DOC[DOC.index("A **category** is") : DOC.index("- **Facts**")]
     assert tuple(re.findall(r"`([a-z_0-9]+)`", text)) == NAMES

@@ -20,7 +20,7 @@ import pytest
 
 from vllm_tuner.cli import main
 from vllm_tuner.deploy.containers import DockerCli, container_name, instance_run_argv
-from vllm_tuner.deploy.state import state_path
+from vllm_tuner.deploy.state import deployment_states
 from vllm_tuner.launch import free_port
 
 IMAGE = "vllm/vllm-openai:v0.33.0"
@@ -267,7 +267,7 @@ def test_up_starts_containers_status_sees_them_and_down_stops_only_them(sim, doc
     touched = {c[-1] for c in calls() if c[0] in ("stop", "rm", "kill")}
     assert touched == set(ours.values())  # exactly the containers this deployment started
     assert stranger.poll() is None and neighbour.poll() is None
-    assert not state_path("boxed").exists()
+    assert not deployment_states().path("boxed").exists()
 
 
 def test_status_and_down_follow_the_container_not_its_client(sim, docker, tmp_path, capsys):
@@ -316,7 +316,7 @@ def test_docker_image_without_docker_is_one_line(sim, tmp_path, monkeypatch, cap
     assert main(["up", str(deployment(tmp_path)), "--docker-image", IMAGE]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "vllm-tune: error: docker not found; install docker, or run vLLM locally with --vllm-cmd"
-    assert not state_path("boxed").exists()
+    assert not deployment_states().path("boxed").exists()
 
 
 def test_tune_with_docker_runs_every_trial_and_instance_as_a_container(sim, docker, tmp_path, capsys):

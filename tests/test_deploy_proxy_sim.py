@@ -11,7 +11,7 @@ import socket
 import httpx
 from test_deploy_sim import SCENARIO, cli, deployment_file, distinct_ports, kill_leftovers, needs_sim
 
-from vllm_tuner.deploy.state import DeploymentState, ProxyState, is_alive, load_state, state_path
+from vllm_tuner.deploy.state import DeploymentState, ProxyState, deployment_states, is_alive
 
 
 @needs_sim
@@ -23,7 +23,7 @@ def test_up_with_a_proxy_routes_through_it_status_shows_it_and_down_stops_everyt
         assert up.returncode == 0, up.stderr
         url = f"http://127.0.0.1:{port}"
         assert f"{url}/v1" in up.stdout
-        state = load_state("sim-pair")
+        state = deployment_states().load("sim-pair")
         assert state.proxy is not None and state.proxy.port == port and is_alive(state.proxy)
 
         for model in ("coder", "general"):
@@ -47,9 +47,9 @@ def test_up_with_a_proxy_routes_through_it_status_shows_it_and_down_stops_everyt
             "GPU memory: released",
         ]
         assert not is_alive(state.proxy) and not any(is_alive(i) for i in state.instances)
-        assert not state_path("sim-pair").exists()
+        assert not deployment_states().path("sim-pair").exists()
     finally:
-        left = load_state("sim-pair") if state_path("sim-pair").exists() else None
+        left = deployment_states().load("sim-pair") if deployment_states().path("sim-pair").exists() else None
         kill_leftovers("sim-pair")
         if left is not None and left.proxy is not None and is_alive(left.proxy):
             os.killpg(left.proxy.pgid, signal.SIGKILL)
@@ -68,7 +68,7 @@ def test_a_proxy_port_in_use_is_one_line_and_starts_nothing(tmp_path):
         f"vllm-tune: error: --proxy port {port} cannot be bound on 0.0.0.0 (Address already in use); "
         f"nothing was started; choose another --proxy port, or stop what holds port {port}"
     ]
-    assert not state_path("sim-pair").exists()
+    assert not deployment_states().path("sim-pair").exists()
 
 
 def test_a_proxy_port_an_instance_serves_on_is_refused(tmp_path):

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from vllm_tuner.deploy.plan import GIB, GpuInfo, ModelCost, make_plan
-from vllm_tuner.deploy.run import Runner, Settings
+from vllm_tuner.deploy.run import Runner, Settings, StopReport
 from vllm_tuner.deploy.spec import parse_deployment
-from vllm_tuner.deploy.state import load_state, proc_cmdline, session_pids, state_path
+from vllm_tuner.deploy.state import StateFiles, proc_cmdline, session_pids
 from vllm_tuner.deploy.status import alert_level
 from vllm_tuner.errors import DeployError
 from vllm_tuner.nvml import GpuMemory, GpuProcess
@@ -130,7 +130,9 @@ def env(tmp_path, monkeypatch):
     )
     nvml = FakeNvml(claims)
     with httpx.Client() as http:
-        runner = Runner(nvml=nvml, http=http, spawn=spawn, settings=settings)
+        runner = Runner(
+            nvml=nvml, http=http, states=StateFiles(tmp_path / "deployments"), spawn=spawn, settings=settings
+        )
         yield runner, nvml, extra
     for pid in spawned:  # never leave a process behind, whatever the test did
         try:
@@ -191,8 +193,9 @@ def test_up_starts_in_order_status_is_healthy_and_down_restores_the_gpu(env, nam
     report = runner.up(plan)
     assert report.started == [i.name for i in plan.start_order()]
     assert set(report.verified) == set(names)
-    state = load_state("pair")
+    state = runner.states.load("pair")  # the state file and the logs are where the runner was told
     assert [i.name for i in state.instances] == report.started
+    assert all(Path(i.log_path).parent == runner.states.log_dir("pair") for i in state.instances)
     times = [log_times(i.log_path) for i in state.instances]
     for before, after in zip(times, times[1:], strict=False):
         assert after["started"] >= before["ready"]  # each starts only once the one before is healthy
@@ -211,8 +214,8 @@ def test_up_starts_in_order_status_is_healthy_and_down_restores_the_gpu(env, nam
     assert not runner.status(state).gpus[0].as_planned
     nvml.baseline -= 1 << 30
 
-    outcome = runner.stop_all(state)
-    assert outcome["_released"] == "released"
+    stopped = runner.stop_all(state)
+    assert stopped.released == "released" and stopped.proxy is None
     assert nvml.memory(0).used == nvml.baseline  # back to what it was before up
 
 
@@ -239,7 +242,7 @@ def test_an_instance_that_dies_is_reported_by_status(env):
     status = runner.status(report.state)
     assert not status.healthy
     assert {i.name: i.state for i in status.instances} == {"coder": "healthy", "general": "dead"}
-    assert runner.stop_all(report.state)["general"] == "already gone"
+    assert runner.stop_all(report.state).instances["general"] == "already gone"
 
 
 def test_down_never_signals_a_process_whose_identity_changed(env):
@@ -249,10 +252,10 @@ def test_down_never_signals_a_process_whose_identity_changed(env):
     inst = report.state.instances[0]
     real_start = inst.proc_start
     inst.proc_start = "1"  # as if the pid had been recycled by another program
-    assert runner.stop_all(report.state)["coder"] == "already gone"
+    assert runner.stop_all(report.state).instances["coder"] == "already gone"
     assert Path(f"/proc/{inst.pid}").exists()
     inst.proc_start = real_start
-    assert runner.stop_all(report.state)["coder"] == "stopped"
+    assert runner.stop_all(report.state).instances["coder"] == "stopped"
 
 
 def test_a_failing_start_is_diagnosed_and_rolls_back(env, monkeypatch):
@@ -261,7 +264,7 @@ def test_a_failing_start_is_diagnosed_and_rolls_back(env, monkeypatch):
     extra["FAKE_DIE_ON"] = str(plan.instance("general").port)
     with pytest.raises(DeployError, match="general exited while starting"):
         runner.up(plan)
-    assert not state_path("pair").exists()
+    assert not runner.states.path("pair").exists()
     deadline = time.monotonic() + 5
     while nvml.memory(0).used != nvml.baseline and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -274,7 +277,7 @@ def test_up_refuses_when_the_card_is_busier_than_planned(env):
     nvml.baseline = 22 * GIB  # someone else took the card after planning
     with pytest.raises(DeployError, match="GiB free before starting coder"):
         runner.up(plan)
-    assert not state_path("pair").exists()
+    assert not runner.states.path("pair").exists()
 
 
 def test_an_instance_holding_more_than_planned_is_named_as_the_cause_and_tune_suggested(env):
@@ -290,7 +293,7 @@ def test_an_instance_holding_more_than_planned_is_named_as_the_cause_and_tune_su
     assert f"{first.name} took 18.0 GiB more than the plan" in text
     assert "other processes" not in text and "nvidia-smi" not in text
     assert "--tune" in err.value.fix
-    assert not state_path("pair").exists()
+    assert not runner.states.path("pair").exists()
 
 
 def test_a_plan_for_a_larger_card_is_named_as_the_cause(env):
@@ -349,7 +352,7 @@ def test_a_phase_that_does_not_start_brings_the_previous_phase_back(env):
         runner.switch_phase(plan, report.state, "generate")
     assert "phase generate did not start: gen exited while starting" in err.value.problem
     assert err.value.problem.endswith("phase embed runs again (embed)")
-    state = load_state("pair")  # what the next 'status' reads
+    state = runner.states.load("pair")  # what the next 'status' reads
     assert state.phase == "embed" and state.planned == ["embed"]
     assert [i.name for i in state.instances] == ["embed"] and state.instances[0].pid != first_pid
     status = runner.status(state)
@@ -367,7 +370,7 @@ def test_status_names_the_phase_that_runs_nothing_when_the_rollback_fails_too(en
     with pytest.raises(DeployError, match="and phase embed did not start again") as err:
         runner.switch_phase(plan, report.state, "generate")
     assert "'vllm-tune status pair'" in err.value.fix and "--phase embed" in err.value.fix
-    state = load_state("pair")
+    state = runner.states.load("pair")
     assert (state.phase, state.planned, state.instances) == ("embed", ["embed"], [])
     status = runner.status(state)
     assert not status.healthy
@@ -421,11 +424,9 @@ def test_down_reports_an_instance_that_died_unreaped_as_already_gone(env):
     while Path(f"/proc/{victim.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert runner.stop_all(report.state) == {
-        "general": "already gone",
-        "coder": "stopped",
-        "_released": "released",
-    }
+    stopped = runner.stop_all(report.state)
+    assert stopped == StopReport({"general": "already gone", "coder": "stopped"}, "released")
+    assert list(stopped.instances) == ["general", "coder"]  # the last started stops first
 
 
 def test_an_instance_runs_under_a_detached_reaper_and_down_ends_its_whole_group(env):
@@ -439,5 +440,5 @@ def test_an_instance_runs_under_a_detached_reaper_and_down_ends_its_whole_group(
     )  # what the state records
     session = session_pids(inst.pgid)
     assert len(session) == 2 and holders(nvml, report.state) == ["coder"]  # the reaper and the vLLM it runs
-    assert runner.stop_all(report.state) == {"coder": "stopped", "_released": "released"}
+    assert runner.stop_all(report.state) == StopReport({"coder": "stopped"}, "released")
     assert not session_pids(inst.pgid) and nvml.memory(0).used == nvml.baseline

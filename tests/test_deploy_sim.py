@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from vllm_tuner.cli import main
+from vllm_tuner.commands.deploy import recorded_simulation
 from vllm_tuner.deploy.spec import load_deployment
-from vllm_tuner.deploy.state import load_state, state_path
+from vllm_tuner.deploy.state import deployment_states
 from vllm_tuner.launch import free_port
 from vllm_tuner.paths import profiles_dir
 from vllm_tuner.simlite.activate import SHIM_DIR
@@ -108,8 +109,8 @@ def hints(text: str) -> list[list[str]]:
 
 
 def kill_leftovers(name: str) -> None:
-    if state_path(name).exists():
-        for inst in json.loads(state_path(name).read_text())["instances"]:
+    if deployment_states().path(name).exists():
+        for inst in json.loads(deployment_states().path(name).read_text())["instances"]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(inst["pgid"], signal.SIGKILL)
 
@@ -156,7 +157,7 @@ def test_status_down_and_a_phase_switch_follow_the_deployments_own_simulation_as
         down = cli(*down_hint)
         assert down.returncode == 0, down.stderr
         assert down.stdout.splitlines() == ["two: stopped", "GPU memory: released"]
-        assert not state_path("hinted").exists()
+        assert not deployment_states().path("hinted").exists()
     finally:
         kill_leftovers("hinted")
 
@@ -174,8 +175,8 @@ def test_a_deployment_on_real_gpus_refuses_simulate_and_an_older_state_file_name
         "proc_start": "1",
         "started_at": 0,
     }
-    state_path("real").parent.mkdir(parents=True)
-    state_path("real").write_text(
+    deployment_states().path("real").parent.mkdir(parents=True)
+    deployment_states().path("real").write_text(
         json.dumps(
             {
                 "name": "real",
@@ -191,16 +192,16 @@ def test_a_deployment_on_real_gpus_refuses_simulate_and_an_older_state_file_name
         "vllm-tune: error: deployment 'real' runs on real GPUs (it was started without --simulate), "
         f"not on --simulate {SCENARIO}; drop --simulate"
     )
-    assert load_state("real").recorded_simulation() == {}
+    assert recorded_simulation(deployment_states().load("real")) == {}
 
     # written before 'simulation' was recorded: the simulator's state folder is in the instances' env
     instance["env"].update(VLLM_TUNE_SIM_STATE="/home/u/.local/share/vllm-tune/sim/h100", PYTHONPATH="/shim")
-    state_path("old").write_text(
+    deployment_states().path("old").write_text(
         json.dumps(
             {"name": "old", "source": "o.yaml", "started_at": 0, "baseline_used": {}, "instances": [instance]}
         )
     )
-    assert load_state("old").recorded_simulation() == {
+    assert recorded_simulation(deployment_states().load("old")) == {
         "scenario": "h100",
         "state_dir": "/home/u/.local/share/vllm-tune/sim/h100",
         "vllm_cmd": "/venv/bin/python -m vllm_tuner.simlite",
@@ -226,7 +227,7 @@ def test_a_port_another_process_holds_is_refused_before_anything_starts(tmp_path
         f"nothing was started; change general's port: in {path}, or stop what holds port {port}"
     )
     assert "tuning" not in out.err and "starting" not in out.err
-    assert not state_path("sim-pair").exists()
+    assert not deployment_states().path("sim-pair").exists()
 
 
 @pytest.mark.parametrize(
@@ -305,10 +306,24 @@ def test_a_second_deployment_on_the_same_simulated_card_sees_the_first_one(tmp_p
         left_used = sum(alone["instances"][0]["used_bytes"].values())
         right_used = sum(right["instances"][0]["used_bytes"].values())
         assert right["gpus"][0]["used_bytes"] >= left_used + right_used  # one card holds both
-        assert load_state("right").baseline_used["0"] >= left_used  # 'right' was planned around 'left'
+        assert (
+            deployment_states().load("right").baseline_used["0"] >= left_used
+        )  # 'right' was planned around 'left'
         for name in reversed(names):
             down = cli("down", name)
             assert down.returncode == 0, down.stderr
     finally:
         for name in names:
             kill_leftovers(name)
+
+
+def test_a_state_file_that_names_its_simulation_simulation_is_read_as_attach():
+    """State files written before the record was named ``attach`` (the deploy code does not know it is a
+    simulation; only the CLI's --simulate wiring reads it) still reach their simulated machine."""
+    from vllm_tuner.deploy.state import DeploymentState
+
+    sim = {"scenario": "h100", "state_dir": "/s/h100", "vllm_cmd": "python -m vllm_tuner.simlite", "env": {}}
+    old = {"name": "o", "source": "o.yaml", "started_at": 0, "baseline_used": {}, "simulation": sim}
+    state = DeploymentState.from_json(json.dumps(old))
+    assert state.attach == sim and recorded_simulation(state) == sim
+    assert "simulation" not in json.loads(state.to_json()) and json.loads(state.to_json())["attach"] == sim

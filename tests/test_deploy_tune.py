@@ -11,7 +11,7 @@ import pytest
 from vllm_tuner.cli import main
 from vllm_tuner.deploy.plan import CUDA_CONTEXT_BYTES, GIB, MIB, GpuInfo, ModelCost, make_plan
 from vllm_tuner.deploy.spec import parse_deployment
-from vllm_tuner.deploy.state import state_path
+from vllm_tuner.deploy.state import deployment_states
 from vllm_tuner.deploy.tune import Tuned, apply_tuning, check_fits, target_for, tune_plan, tuning_order
 from vllm_tuner.errors import DeployError
 from vllm_tuner.find import FindResult
@@ -314,7 +314,7 @@ def test_an_instance_with_nothing_stable_in_its_share_is_refused_and_nothing_sta
     assert "past its share" in error and "needs.min_seqs" in error
     assert "tuning big (1/2)" in out.err and "tuning small" not in out.err  # stopped at the first refusal
     assert "starting big on" not in out.err and "starting small on" not in out.err
-    assert not state_path("spiky").exists()
+    assert not deployment_states().path("spiky").exists()
     with Store.open(default_db_path()) as store:
         (run,) = store.runs(kind="find")
         assert run.status == "failed" and run.trial_count >= 1
@@ -323,8 +323,8 @@ def test_an_instance_with_nothing_stable_in_its_share_is_refused_and_nothing_sta
 def test_tune_refuses_a_running_deployment(sim, capsys, tmp_path):
     sim("rtx-pro-6000")
     path = sim_file(tmp_path, f"  - {{name: a, model: qwen2.5-7b, port: {ports(1)[0]}}}\n", name="running")
-    state_path("running").parent.mkdir(parents=True)
-    state_path("running").write_text(
+    deployment_states().path("running").parent.mkdir(parents=True)
+    deployment_states().path("running").write_text(
         json.dumps({"name": "running", "source": path, "started_at": 0, "baseline_used": {}})
     )
     assert main(["up", path, "--tune"]) == 2

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from vllm_tuner.estimate import GIB, Calibration, estimate, kv_layout, share
-from vllm_tuner.models import find_profile, spec_from_config
+from vllm_tuner.models import ModelSpec, find_profile
 from vllm_tuner.serveconfig import ServeConfig
 
 H100 = int(79.19 * GIB)
@@ -144,7 +144,7 @@ def test_hybrid_counts_state_per_sequence():
         "layer_types": ["linear_attention"] * 6 + ["full_attention"] * 2,
         "linear_num_value_heads": 32,
     }
-    spec = spec_from_config("hyb", cfg_json)
+    spec = ModelSpec.from_config("hyb", cfg_json)
     layout = kv_layout(spec, 1)
     assert layout.block_size > 16 and layout.bytes_per_token == 2 * 2 * 512 * 2
     # group size 2: one full-attention group (2 layers) + three Mamba groups of one block each

@@ -10,7 +10,7 @@ from vllm_tuner.deploy.costs import model_costs
 from vllm_tuner.deploy.plan import GIB, GpuInfo, make_plan
 from vllm_tuner.deploy.spec import parse_deployment
 from vllm_tuner.estimate import estimate
-from vllm_tuner.models import find_profile, spec_from_config
+from vllm_tuner.models import ModelSpec, find_profile
 from vllm_tuner.pooling import runner_of
 from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.simlite import oracle
@@ -65,7 +65,7 @@ def test_a_converted_untied_checkpoint_loads_no_lm_head():
 
 
 def test_an_encoder_has_no_kv_cache_and_batches_a_whole_prompt():
-    spec = spec_from_config("BAAI/bge-m3", BGE_M3)
+    spec = ModelSpec.from_config("BAAI/bge-m3", BGE_M3)
     est = estimate(spec, CARD, config("BAAI/bge-m3", max_num_batched_tokens=None), gpu_name="rtx-4080")
     assert (est.kv_bytes_per_token, est.kv_pool_bytes, est.kv_cache_tokens) == (0, 0, 0)
     assert est.fits and est.max_model_len_fit == est.derived_max_model_len >= est.max_model_len == 8192
@@ -124,7 +124,7 @@ def test_a_deployment_sizes_a_pooling_model_from_its_flags():
             ],
         }
     )
-    costs = model_costs(encoder, CARD, resolve=lambda _name: spec_from_config("BAAI/bge-m3", BGE_M3))
+    costs = model_costs(encoder, CARD, resolve=lambda _name: ModelSpec.from_config("BAAI/bge-m3", BGE_M3))
     assert costs["bge"].kv_bytes_per_token == 0
     plan = make_plan(encoder, [GpuInfo(0, "card", CARD)], costs)
     assert plan.fits, plan.problems
@@ -135,10 +135,10 @@ def test_a_deployment_sizes_a_pooling_model_from_its_flags():
 def test_a_float32_checkpoint_is_served_in_16_bits_by_the_estimate_and_the_simulator():
     """vLLM's --dtype auto (_resolve_auto_dtype) downcasts float32 checkpoints, as many sentence-transformers
     encoders are: float16 for a pooling model, bfloat16 for a generator, two bytes either way."""
-    from vllm_tuner.simlite import engine
+    from vllm_tuner.simlite import groundtruth
 
     on_disk = 2_271_145_984  # bge-m3's float32 tensors
-    spec = spec_from_config("BAAI/bge-m3", BGE_M3, weights_bytes=on_disk)
+    spec = ModelSpec.from_config("BAAI/bge-m3", BGE_M3, weights_bytes=on_disk)
     assert (spec.weights_bytes, spec.dtype_bytes) == (on_disk // 2, 2)
-    assert spec_from_config("BAAI/bge-m3", BGE_M3).dtype_bytes == 2
-    assert engine.model_truth("bge-m3", BGE_M3, on_disk).weights_bytes == on_disk // 2
+    assert ModelSpec.from_config("BAAI/bge-m3", BGE_M3).dtype_bytes == 2
+    assert groundtruth.model_truth("bge-m3", BGE_M3, on_disk).weights_bytes == on_disk // 2

@@ -124,3 +124,29 @@ def test_a_known_trial_is_reused_by_why_it_failed():
     assert "below the 1.50 GiB required" in _known_failure(cfg, stable, int(1.5 * GIB)).probe_failure
     assert _known_failure(cfg, rec("failed", category="oom_cudagraph_capture"), GIB).verdict == "failed"
     assert _known_failure(cfg, rec("failed", category="startup_timeout"), GIB) is None  # transient
+
+
+def test_runtime_finder_builds_the_finder_with_its_run_folder(tmp_path):
+    """The folder of a request's trial logs (its key and environment fingerprint) is given to the
+    Finder it builds, not patched in afterwards."""
+    from vllm_tuner.commands._common import Runtime, find_run_dir, runtime_finder
+
+    built = finder(ALL)
+    runtime = Runtime(
+        launcher=None, db_path=tmp_path / "db", json=True, progress=QuietProgress(), log_root=tmp_path
+    )
+    wired = runtime_finder(
+        built.request,
+        spec=built.spec,
+        gpu=built.gpu,
+        runtime=runtime,
+        nvml=None,
+        store=None,
+        vllm_info=built.vllm_info,
+    )
+    assert wired.env_fingerprint() == "dc6e13d814c55afe"
+    assert (
+        wired.log_dir
+        == find_run_dir(runtime, built.request, "dc6e13d814c55afe")
+        == tmp_path / (f"find-{built.request.key()}-dc6e13d8")
+    )

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from vllm_tuner.cli import main
-from vllm_tuner.simlite import engine, hfconfig, oracle
+from vllm_tuner.simlite import groundtruth, hfconfig, oracle
 from vllm_tuner.simlite.activate import load_scenario_file, resolve
 
 MODEL = "glm-4-32b-awq"
@@ -162,7 +162,7 @@ def test_the_guides_lower_utilization_leaves_128k_less_room(sim, capsys):
         parsed = oracle.parse([*args[1:i], "--gpu-memory-utilization", str(util), *args[i + 2 :]])
         p = oracle.prepare(parsed, scenario, "0")
         gpu = scenario["gpus"][0]
-        return engine.boot(
+        return groundtruth.boot(
             p.model,
             p.launch,
             total_bytes=int(gpu["total_bytes"]),

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from vllm_tuner.cli import main
-from vllm_tuner.deploy.state import load_state
+from vllm_tuner.deploy.state import deployment_states
 from vllm_tuner.launch import free_port
 from vllm_tuner.paths import profiles_dir
 
@@ -68,7 +68,7 @@ def run(capsys, *argv: str) -> tuple[int, dict | str]:
 
 
 def port_of(name: str) -> int:
-    return next(i.port for i in load_state(NAME).instances if i.name == name)
+    return next(i.port for i in deployment_states().load(NAME).instances if i.name == name)
 
 
 def status(capsys) -> dict:

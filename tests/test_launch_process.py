@@ -184,12 +184,12 @@ def test_reaper_argv():
 
 
 def test_reaper_reads_its_options():
-    from vllm_tuner._reaper import GRACE_S, Plan, _parse
+    from vllm_tuner._reaper import GRACE_S, ReaperArgs, _parse
 
     assert _parse(
         ["7", "--grace", "2", "--cleanup", "docker rm -f x", "--", "vllm", "serve", "--", "m"]
-    ) == Plan(7, 2.0, ["docker", "rm", "-f", "x"], ["vllm", "serve", "--", "m"])
-    assert _parse(["7", "--", "vllm"]) == Plan(7, GRACE_S, [], ["vllm"])
+    ) == ReaperArgs(7, 2.0, ["docker", "rm", "-f", "x"], ["vllm", "serve", "--", "m"])
+    assert _parse(["7", "--", "vllm"]) == ReaperArgs(7, GRACE_S, [], ["vllm"])
     for bad in (
         ["x", "--", "vllm"],
         ["7", "vllm"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vllm_tuner.cli import main
-from vllm_tuner.deploy.state import load_state, state_path
+from vllm_tuner.deploy.state import deployment_states
 from vllm_tuner.errors import VllmError
 from vllm_tuner.launch import DockerLauncher, LocalLauncher, detect_vllm, free_port
 
@@ -224,7 +224,7 @@ def test_up_with_the_docker_daemon_down_says_so_before_anything_starts(sim, caps
     )
     line = one_line(capsys, main(["up", str(path), "--docker-image", IMAGE]))
     assert "Cannot connect to the Docker daemon" in line
-    assert not state_path("boxed").exists()
+    assert not deployment_states().path("boxed").exists()
 
 
 def test_docker_without_permission_on_its_socket_says_so(broken_docker):
@@ -269,7 +269,7 @@ def test_up_records_the_absolute_file_so_emit_by_name_works_from_anywhere(tmp_pa
     try:
         sim = ["--simulate", "rtx-pro-6000", "--sim-time-scale", "1000"]
         assert main(["up", "wherever.yaml", "--no-verify", "--json", *sim]) == 0, capsys.readouterr()
-        assert load_state("wherever").source == str(work / "wherever.yaml")
+        assert deployment_states().load("wherever").source == str(work / "wherever.yaml")
         monkeypatch.chdir(elsewhere)
         capsys.readouterr()
         assert main(["emit", "wherever"]) == 0, capsys.readouterr().err
@@ -280,8 +280,8 @@ def test_up_records_the_absolute_file_so_emit_by_name_works_from_anywhere(tmp_pa
 
 
 def _kill_leftovers(name: str) -> None:
-    if state_path(name).exists():
-        for inst in json.loads(state_path(name).read_text())["instances"]:
+    if deployment_states().path(name).exists():
+        for inst in json.loads(deployment_states().path(name).read_text())["instances"]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(inst["pgid"], signal.SIGKILL)
 
@@ -302,8 +302,8 @@ def _old_state(name: str, source: str, pid: int) -> None:
         "proc_start": proc_start_time(pid) or "",
         "started_at": 0,
     }
-    state_path(name).parent.mkdir(parents=True, exist_ok=True)
-    state_path(name).write_text(
+    deployment_states().path(name).parent.mkdir(parents=True, exist_ok=True)
+    deployment_states().path(name).write_text(
         json.dumps(
             {"name": name, "source": source, "started_at": 0, "baseline_used": {}, "instances": [instance]}
         )
@@ -327,7 +327,7 @@ def test_an_old_relative_source_is_found_where_up_ran(tmp_path, monkeypatch):
         _old_state("older", "older.yaml", proc.pid)
         monkeypatch.chdir(elsewhere)
         assert _deployment_file("older") == path
-        assert load_state("older").source_path() == path
+        assert deployment_states().load("older").source_path() == path
     finally:
         proc.kill()
         proc.wait()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vllm_tuner.errors import ModelError
-from vllm_tuner.models import find_profile, resolve_model, spec_from_config
+from vllm_tuner.models import ModelSpec, find_profile, resolve_model
 
 DATA = Path(__file__).parent / "data" / "models"
 GIB = 1 << 30
@@ -74,7 +74,7 @@ def test_bundled_profiles_load(name):
 
 
 def test_text_config_and_kv_head_aliases():
-    spec = spec_from_config(
+    spec = ModelSpec.from_config(
         "mm",
         {
             "model_type": "llava",
@@ -100,9 +100,9 @@ def test_head_dim_fallbacks():
         "num_attention_heads": 8,
         "vocab_size": 10,
     }
-    assert spec_from_config("a", {**base, "head_dim": 128}).kv_layers[0].head_size == 128
-    assert spec_from_config("b", {**base, "head_dim": None}).kv_layers[0].head_size == 64
-    assert spec_from_config("c", {**base, "hidden_size_per_head": 32}).kv_layers[0].head_size == 32
+    assert ModelSpec.from_config("a", {**base, "head_dim": 128}).kv_layers[0].head_size == 128
+    assert ModelSpec.from_config("b", {**base, "head_dim": None}).kv_layers[0].head_size == 64
+    assert ModelSpec.from_config("c", {**base, "hidden_size_per_head": 32}).kv_layers[0].head_size == 32
 
 
 def test_mla_latent_and_sliding_patterns():
@@ -136,7 +136,7 @@ def test_layer_types_and_hybrid_state():
         "linear_value_head_dim": 128,
         "linear_conv_kernel_dim": 4,
     }
-    spec = spec_from_config("hyb", cfg)
+    spec = ModelSpec.from_config("hyb", cfg)
     kinds = {g.kind: g for g in spec.kv_layers}
     assert kinds["full"].count == 1 and kinds["mamba"].count == 3
     assert kinds["mamba"].state_bytes == (3 * (2 * 16 * 128 + 32 * 128) + 32 * 128 * 128) * 2

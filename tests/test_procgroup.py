@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from vllm_tuner._reaper import GRACE_S, Plan, _parse
+from vllm_tuner._reaper import GRACE_S, ReaperArgs, _parse
 from vllm_tuner.deploy.state import session_pids
 from vllm_tuner.procgroup import (
     RELEASE_TOLERANCE_BYTES,
@@ -114,8 +114,8 @@ def test_the_reaper_reads_detached_for_a_group_that_outlives_its_starter():
         "serve",
         "m",
     ]
-    assert _parse(["detached", "--", "vllm"]) == Plan(None, GRACE_S, [], ["vllm"])
-    assert _parse(["7", "--", "vllm"]) == Plan(7, GRACE_S, [], ["vllm"])
+    assert _parse(["detached", "--", "vllm"]) == ReaperArgs(None, GRACE_S, [], ["vllm"])
+    assert _parse(["7", "--", "vllm"]) == ReaperArgs(7, GRACE_S, [], ["vllm"])
     assert _parse(["detach", "--", "vllm"]) is None
 
 

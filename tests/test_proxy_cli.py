@@ -11,7 +11,7 @@ import httpx
 from proxy_running import FakeVllm, free_port, run_proxy
 
 from vllm_tuner.cli import main
-from vllm_tuner.deploy.state import DeploymentState, InstanceState, save_state
+from vllm_tuner.deploy.state import DeploymentState, InstanceState, deployment_states
 from vllm_tuner.proxy.serve import bind, upstream_urls
 
 
@@ -38,7 +38,7 @@ def deployment(name: str, ports: list[int]) -> None:
         )  # fmt: skip
         for n, port in enumerate(ports)
     ]
-    save_state(
+    deployment_states().save(
         DeploymentState(name=name, source="duo.yaml", started_at=0.0, baseline_used={}, instances=instances)
     )
 

@@ -10,7 +10,7 @@ from vllm_tuner.proxy.context import (
     CUT_NOTE_TOKENS,
     MIN_CUT_TOKENS,
     SUMMARY_HEADER,
-    Plan,
+    FitPlan,
     Shape,
     Sizes,
     apply_plan,
@@ -235,17 +235,17 @@ def test_apply_plan_cuts_leaves_out_and_adds_the_summary_to_the_system_message()
     messages = chat(2)
     messages[3]["content"] = "y" * 400
     size = sizes([2, 1, 1, 100, 1, 1])
-    plan = Plan(kept=(2, None, None, 10, 1, 1), summarized=(1, 2), summary_tokens=64, turns=2)
+    plan = FitPlan(kept=(2, None, None, 10, 1, 1), summarized=(1, 2), summary_tokens=64, turns=2)
     out = apply_plan(messages, plan, size, summary="they said q0 and a0")
     assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
     assert out[0]["content"] == f"be brief\n\n{SUMMARY_HEADER}\nthey said q0 and a0"
     assert "[... 90 tokens cut ...]" in out[1]["content"] and len(out[1]["content"]) < 100
     assert messages[3]["content"] == "y" * 400  # the request's own messages are untouched
     no_system = chat(1, system=False)
-    out = apply_plan(no_system, Plan(kept=(None, None, 1)), sizes([1, 1, 1]), summary="s")
+    out = apply_plan(no_system, FitPlan(kept=(None, None, 1)), sizes([1, 1, 1]), summary="s")
     assert out == [{"role": "system", "content": f"{SUMMARY_HEADER}\ns"}, {"role": "user", "content": "last"}]
     parts = [{"role": "system", "content": [{"type": "text", "text": "x"}]}, {"role": "user", "content": "u"}]
-    out = apply_plan(parts, Plan(kept=(1, 1)), sizes([1, 1]), summary="s")
+    out = apply_plan(parts, FitPlan(kept=(1, 1)), sizes([1, 1]), summary="s")
     assert out[0]["content"][-1] == {"type": "text", "text": f"{SUMMARY_HEADER}\ns"}
 
 

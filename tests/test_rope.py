@@ -10,7 +10,7 @@ import pytest
 
 from vllm_tuner.errors import UsageError
 from vllm_tuner.estimate import GIB, estimate
-from vllm_tuner.models import find_profile, spec_from_config
+from vllm_tuner.models import ModelSpec, find_profile
 from vllm_tuner.rope import beyond_native, describe, extension, parse_hf_overrides, with_hf_overrides
 from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.simlite import hfconfig
@@ -96,7 +96,7 @@ def test_a_nested_text_config_gets_a_nested_override():
             "rope_theta": 500000.0,
         },
     }
-    spec = spec_from_config("nested", config)
+    spec = ModelSpec.from_config("nested", config)
     ext = extension(spec, 32768)
     assert set(ext.overrides) == {"text_config"}
     assert vllm_derived(config, ext.flag_value) == 32768

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from vllm_tuner.errors import UsageError
-from vllm_tuner.simlite import engine, oracle
+from vllm_tuner.simlite import groundtruth, oracle
 from vllm_tuner.simlite.activate import create, load_scenario_file, resolve, scenario_names
 from vllm_tuner.simlite.state import live_procs, remove_proc, write_proc
 
@@ -110,8 +110,8 @@ def test_compilation_switches():
 
 
 def test_noise_is_deterministic_and_new_fields_keep_old_numbers():
-    model = engine.ModelTruth("m", 28, 3584, 18944, 152064, 57344, False, 4, 15 << 30, 32768)
-    args = engine.LaunchArgs(max_model_len=8192, gpu_memory_utilization=0.9)
+    model = groundtruth.ModelTruth("m", 28, 3584, 18944, 152064, 57344, False, 4, 15 << 30, 32768)
+    args = groundtruth.LaunchArgs(max_model_len=8192, gpu_memory_utilization=0.9)
     # the jitter key is the LaunchArgs repr before the later fields were added
     old_repr = (
         "LaunchArgs(tp=1, pp=1, max_model_len=8192, max_num_seqs=None, max_num_batched_tokens=None, "
@@ -119,8 +119,8 @@ def test_noise_is_deterministic_and_new_fields_keep_old_numbers():
         "cpu_offload_gb=0.0, block_size=None)"
     )
     assert args.noise_key() == old_repr
-    one = engine.boot(model, args, total_bytes=24 << 30, others_bytes=0, gpu_name="x", truth={})
-    two = engine.boot(model, args, total_bytes=24 << 30, others_bytes=0, gpu_name="x", truth={})
+    one = groundtruth.boot(model, args, total_bytes=24 << 30, others_bytes=0, gpu_name="x", truth={})
+    two = groundtruth.boot(model, args, total_bytes=24 << 30, others_bytes=0, gpu_name="x", truth={})
     assert one == two
 
 
@@ -175,9 +175,9 @@ def test_oracle_categories(scenario, argv, gpus, category):
 
 
 def test_sampler_oom_is_a_profiling_failure():
-    model = engine.ModelTruth("m", 28, 3584, 18944, 152064, 57344, False, 4, 15 << 30, 32768)
-    args = engine.LaunchArgs(max_model_len=4096, max_num_seqs=20000, max_num_batched_tokens=20000)
-    b = engine.boot(model, args, total_bytes=24 << 30, others_bytes=0, gpu_name="x", truth={})
+    model = groundtruth.ModelTruth("m", 28, 3584, 18944, 152064, 57344, False, 4, 15 << 30, 32768)
+    args = groundtruth.LaunchArgs(max_model_len=4096, max_num_seqs=20000, max_num_batched_tokens=20000)
+    b = groundtruth.boot(model, args, total_bytes=24 << 30, others_bytes=0, gpu_name="x", truth={})
     assert b.category == "oom_during_profiling"
     assert b.fail_detail["stage"] == "sampler"
 
@@ -206,7 +206,7 @@ def test_the_null_block_as_vllm_keeps_it():
         oracle.parse([*argv, "--kv-cache-memory-bytes", str(2048 * block)]), resolved, "0"
     )
     gpu = resolved["gpus"][0]
-    boot = engine.boot(
+    boot = groundtruth.boot(
         prepared.model,
         prepared.launch,
         total_bytes=int(gpu["total_bytes"]),
@@ -248,14 +248,6 @@ def test_create_merges_overrides_and_builds_the_environment(tmp_path):
     assert env.vllm_cmd.endswith("-m vllm_tuner.simlite")
     assert env.scenario["foreign"] == [{"gpu": 1, "bytes": 2 << 30, "pid": 4242}]
     assert len(env.scenario["gpus"]) == 2 and env.scenario["gpus"][0]["total_bytes"] > 31 << 30
-
-
-def test_sim_alias_package():
-    from vllm_tuner.sim import activate as alias_activate
-    from vllm_tuner.sim import truth
-
-    assert alias_activate.create is create
-    assert truth is oracle.truth
 
 
 def test_a_machine_that_servers_still_run_on_is_joined_not_reset(tmp_path):

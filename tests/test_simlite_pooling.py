@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from vllm_tuner.serveconfig import ServeConfig
-from vllm_tuner.simlite import engine, oracle
+from vllm_tuner.simlite import groundtruth, oracle
 from vllm_tuner.simlite.activate import load_scenario_file, resolve
 from vllm_tuner.simlite.runner import RunnerError
 from vllm_tuner.simlite.runner import resolve as resolve_runner
@@ -116,10 +116,10 @@ def test_an_encoder_refuses_a_batch_smaller_than_its_context(tmp_path):
 # ------------------------------------------------------------------------------------- memory truth
 
 
-def boot(model_name: str, config: dict, weights: int | None, runner: str, **launch) -> engine.Boot:
-    model = engine.model_truth(model_name, config, weights)
-    args = engine.LaunchArgs(runner=resolve_runner(config, runner), **launch)
-    return engine.boot(model, args, total_bytes=24 * GIB, others_bytes=0, gpu_name="sim", truth={})
+def boot(model_name: str, config: dict, weights: int | None, runner: str, **launch) -> groundtruth.Boot:
+    model = groundtruth.model_truth(model_name, config, weights)
+    args = groundtruth.LaunchArgs(runner=resolve_runner(config, runner), **launch)
+    return groundtruth.boot(model, args, total_bytes=24 * GIB, others_bytes=0, gpu_name="sim", truth={})
 
 
 def test_a_pooling_runner_holds_no_sampler_logits_and_no_lm_head():

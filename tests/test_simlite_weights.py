@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_tuner.simlite import engine, oracle, server, weights
+from vllm_tuner.simlite import groundtruth, oracle, server, weights
 from vllm_tuner.simlite.activate import load_scenario_file
 
 GIB = 1 << 30
@@ -24,7 +24,7 @@ Q_LORA, KV_LORA, NOPE, ROPE, V = 768, 512, 192, 64, 256
 def glm_flash():
     config, size = server.find_model("glm-4.7-flash")
     assert size is None  # no safetensors size: the layout is the truth
-    return engine.model_truth("glm-4.7-flash", config, size)
+    return groundtruth.model_truth("glm-4.7-flash", config, size)
 
 
 def glm_flash_bf16_per_gpu(tp: int) -> float:
@@ -68,7 +68,7 @@ def test_glm_flash_bf16_is_far_from_the_dense_formula_that_loaded_it_in_nothing(
 def test_nvfp4_shrinks_the_linear_layers_the_checkpoint_quantized_and_keeps_attention():
     bf16 = glm_flash()
     config, size = server.find_model("glm-4.7-flash-nvfp4")
-    fp4 = engine.model_truth("glm-4.7-flash-nvfp4", config, size)
+    fp4 = groundtruth.model_truth("glm-4.7-flash-nvfp4", config, size)
     # the same module list; compressed-tensors NVFP4: 4-bit values + an fp8 scale per 16 (0.5625 B),
     # its ignore list keeps lm_head, self_attn and the router gate in their dtype
     bf16_experts = (E * 3 * H * I_MOE + 3 * H * I_MOE) * (L - 1) + 3 * H * I_DENSE  # every MLP weight
@@ -100,7 +100,7 @@ def qwen_moe_config() -> dict:
 
 
 def test_expert_parallel_gives_whole_experts_and_the_remainder_to_the_first_ranks():
-    model = engine.model_truth("qwen-moe", qwen_moe_config(), None)
+    model = groundtruth.model_truth("qwen-moe", qwen_moe_config(), None)
     tp = model.loaded(8, 1, False, 0)
     ep = model.loaded(8, 1, True, 0)
     # determine_expert_map: 60 = 7 x 8 + 4, ranks 0-3 hold 8 whole experts; TP gives every rank all 60
@@ -108,12 +108,12 @@ def test_expert_parallel_gives_whole_experts_and_the_remainder_to_the_first_rank
     # more per layer (w13 + w2 = 3 x 2048 x 1408 bf16 values)
     assert ep.local_experts == 8 and tp.local_experts is None
     assert ep.bytes - tp.bytes == 24 * 0.5 * 3 * 2048 * 1408 * 2
-    even = engine.model_truth("glm", server.find_model("glm-4.7-flash")[0], None)
+    even = groundtruth.model_truth("glm", server.find_model("glm-4.7-flash")[0], None)
     assert even.loaded(2, 1, True, 0).bytes == even.loaded(2, 1, False, 0).bytes  # 64 over 2: the same
 
 
 def test_expert_parallel_runs_whole_experts_so_the_moe_activation_is_wider():
-    model = engine.model_truth("qwen-moe", qwen_moe_config(), None)
+    model = groundtruth.model_truth("qwen-moe", qwen_moe_config(), None)
     assert model.mlp_width(8, False) == max(3 * 5632 // 8, 4 * 3 * (1408 // 8))
     assert model.mlp_width(8, True) == 4 * 3 * 1408
 
@@ -134,12 +134,12 @@ def test_offload_moves_decoder_parameters_in_order_until_the_budget_and_never_th
 
 def test_a_checkpoint_size_is_split_as_the_layout_splits_it():
     config, _ = server.find_model("glm-4.7-flash")
-    sized = engine.model_truth("glm", config, 60_000_000_000)
+    sized = groundtruth.model_truth("glm", config, 60_000_000_000)
     layout = sized.layout
     share = layout.on_gpu(2, 1, False, 0).bytes / layout.total_bytes()
     assert sized.loaded(2, 1, False, 0).bytes == pytest.approx(60_000_000_000 * share, abs=2)
     dense, size = server.find_model("qwen2.5-7b")
-    qwen = engine.model_truth("qwen", dense, size)
+    qwen = groundtruth.model_truth("qwen", dense, size)
     assert qwen.loaded(2, 1, False, 0).bytes == size // 2  # a dense checkpoint of known size: half each
 
 
@@ -147,7 +147,7 @@ def test_deepseek_v3_fp8_at_tp8_holds_what_a_public_log_shows():
     """DeepSeek-R1 (V3 architecture, FP8 blocks of 128x128) on eight devices: HabanaAI/vllm-fork#809
     logs 'Pre-loading model weights ... took 79.41 GiB of device memory' on each."""
     config, size = server.find_model("deepseek-v3")
-    per_gpu = engine.model_truth("deepseek-v3", config, size).loaded(8, 1, False, 0).bytes
+    per_gpu = groundtruth.model_truth("deepseek-v3", config, size).loaded(8, 1, False, 0).bytes
     assert per_gpu / GIB == pytest.approx(79.41, rel=0.01)
 
 

@@ -43,14 +43,14 @@ def _die_with_parent() -> None:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ReaperArgs:
     parent: int | None  # None: detached, no parent to outlive
     grace_s: float
     cleanup: list[str]
     command: list[str]
 
 
-def _end_group(child: subprocess.Popen, plan: Plan) -> None:
+def _end_group(child: subprocess.Popen, plan: ReaperArgs) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     pgid = os.getpgid(0)
     os.killpg(pgid, signal.SIGTERM)
@@ -83,7 +83,7 @@ def _kill_stragglers() -> None:
             continue
 
 
-def _parse(argv: list[str]) -> Plan | None:
+def _parse(argv: list[str]) -> ReaperArgs | None:
     """``PARENT_PID|detached [--grace S] [--cleanup CMD] -- COMMAND...``, or None when malformed."""
     if not argv or not (argv[0].isdigit() or argv[0] == DETACHED) or "--" not in argv:
         return None
@@ -99,7 +99,7 @@ def _parse(argv: list[str]) -> Plan | None:
     except ValueError:
         return None
     parent = None if argv[0] == DETACHED else int(argv[0])
-    return Plan(parent, grace, shlex.split(values.get("--cleanup", "")), command)
+    return ReaperArgs(parent, grace, shlex.split(values.get("--cleanup", "")), command)
 
 
 def main(argv: list[str]) -> int:

@@ -40,7 +40,7 @@ from .trialrecord import config_from_record, config_record, env_fingerprint, out
 from .vllmargv import shell_command
 
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
-# The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "swap/offload"
+# The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "offload"
 # rung is weight offload through --cpu-offload-gb (KV offload to CPU does not shrink the GPU pool).
 # rope-scaling is a YaRN override (rope.extension) for a context past the model's own length.
 LOSSY_FLAGS = {

@@ -621,7 +621,7 @@ def _from_dir(folder: Path, *, name: str, serve_name: str, source: str) -> Model
     if tok.is_file():
         value = _read_json(tok).get("model_max_length")
         tok_max = int(value) if isinstance(value, (int, float)) and value < 1e12 else None
-    return _spec(
+    return ModelSpec.from_config(
         name, config, serve_name=serve_name, weights_bytes=weights, source=source, tokenizer_max_len=tok_max
     )
 
@@ -634,15 +634,6 @@ def _safetensors_single_size(path: Path) -> int | None:
         return path.stat().st_size - 8 - header_len
     except OSError:
         return None
-
-
-def _spec(name: str, config: Mapping, **kw) -> ModelSpec:
-    return ModelSpec.from_config(name, config, **kw)
-
-
-def spec_from_config(name: str, config: Mapping, **kw) -> ModelSpec:
-    """Pure constructor for tests and other modules (same as ``ModelSpec.from_config``)."""
-    return ModelSpec.from_config(name, config, **kw)
 
 
 def hf_cache_root() -> Path:
@@ -698,7 +689,7 @@ def load_profile(path: Path) -> ModelSpec:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ModelError(f"cannot read model profile {path}: {exc}", "fix or remove the file") from exc
-    return _spec(
+    return ModelSpec.from_config(
         str(data["name"]),
         data.get("config") or {},
         serve_name=str(data.get("hf_id") or data["name"]),
@@ -736,7 +727,6 @@ __all__ = [
     "ModelSpec",
     "Quantization",
     "resolve_model",
-    "spec_from_config",
     "find_profile",
     "profile_names",
     "hf_cache_snapshot",

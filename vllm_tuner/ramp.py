@@ -588,12 +588,10 @@ class Ramp:
         log_path = self.log_dir / f"step-{number:02d}-{decision.utilization:.2f}-{decision.phase}.log"
         plan = self.request.plan
         soaking = decision.phase == "soak"
-        runner: dict[str, Callable] = {}
 
         def decide_probe(facts: dict) -> ProbePlan | None:
             if not soaking:
                 return None
-            runner["load"] = self.soak_runner(cfg, facts, self._tick)
             probe = ProbePlan.worst_case(
                 cfg, headroom_bytes=plan.headroom_bytes, duration_s=plan.soak_s, sustained=True
             )
@@ -606,10 +604,10 @@ class Ramp:
                 plan.max_preemptions,
             )
 
-        def load_runner(base_url: str, model: str, is_alive: Callable[[], bool]):
-            return runner["load"](base_url, model, is_alive)
+        def soak_load(facts: dict):
+            return self.soak_runner(cfg, facts, self._tick)
 
-        outcome = self.trials.run(cfg, log_path=log_path, decide_probe=decide_probe, load_runner=load_runner)
+        outcome = self.trials.run(cfg, log_path=log_path, decide_probe=decide_probe, make_load=soak_load)
         step = judge_step(
             outcome, plan, decision.phase, soak_s=plan.soak_s if soaking else None, unit=self.unit
         )

@@ -26,7 +26,7 @@ from types import TracebackType
 from .errors import StoreError
 from .paths import default_db_path
 
-RUN_KINDS = ("find", "ramp", "up")
+RUN_KINDS = ("find", "ramp")  # up --tune records the find runs it makes
 RUN_STATUSES = ("running", "done", "failed", "interrupted")
 UNFINISHED = ("running", "interrupted")
 

@@ -20,6 +20,8 @@ GIB = 1 << 30
 
 # (base_url, served_model_name, is_alive) -> probe.LoadReport
 LoadRunner = Callable[[str, str, Callable[[], bool]], object]
+# the booted server's facts -> the load that replaces the worst-case probe (ramp's soak)
+LoadFactory = Callable[[dict], LoadRunner]
 
 
 @dataclass(frozen=True)
@@ -127,12 +129,13 @@ def run_trial(
     decide_probe: Callable[[dict], ProbePlan | None],
     vocab_size: int = 32000,
     wall_clock: Callable[[], float] = time.time,
-    load_runner: LoadRunner | None = None,
+    make_load: LoadFactory | None = None,
 ) -> TrialOutcome:
     """Launch, observe, maybe probe, stop. ``decide_probe(facts)`` sees vLLM's numbers after boot.
 
-    ``load_runner(base_url, served_model_name, is_alive)`` replaces the worst-case probe with another
-    load (``ramp``'s soak); the plan's thresholds still judge its report.
+    ``make_load(facts)`` gives a ``load_runner(base_url, served_model_name, is_alive)`` that replaces the
+    worst-case probe with another load sized from those numbers (``ramp``'s soak); the plan's thresholds
+    still judge its report.
     """
     from .launch import ServerProcess
     from .logparse import LogWatcher
@@ -169,6 +172,7 @@ def run_trial(
             return TrialOutcome(
                 config, "success", "boots", facts, None, started, wall_clock() - started, log_path
             )
+        load_runner = make_load(facts) if make_load is not None else None
         load = f"{plan.concurrency} × {plan.prompt_tokens + plan.max_tokens} tokens"
         progress.phase("probing", 0.0, server.used_memory(), load)
 
@@ -232,7 +236,7 @@ class TrialSetup:
         *,
         log_path: Path,
         decide_probe: Callable[[dict], ProbePlan | None],
-        load_runner: LoadRunner | None = None,
+        make_load: LoadFactory | None = None,
         within_s: float | None = None,
     ) -> TrialOutcome:
         """``within_s``: what is left of a time budget; the wait for readiness ends there at the latest."""
@@ -250,7 +254,7 @@ class TrialSetup:
             timeouts=timeouts,
             decide_probe=decide_probe,
             vocab_size=self.vocab_size,
-            load_runner=load_runner,
+            make_load=make_load,
         )
 
 

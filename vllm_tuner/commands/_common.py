@@ -2,8 +2,10 @@
 
 This is the composition root: it builds the launcher, the store, NVML access and the progress
 reporter from the command line and hands them to the domain code, which never builds its own.
-``--simulate`` is wired here and only here: it points ``--vllm-cmd`` at the simulated vLLM and puts
-the simulated ``pynvml`` first on the import path — exactly the seams real vLLM and NVML use.
+``--simulate`` of find, ramp and up is wired here: it points ``--vllm-cmd`` at the simulated vLLM and
+puts the simulated ``pynvml`` first on the import path — exactly the seams real vLLM and NVML use.
+(``estimate --simulate`` and a simulated deployment's ``status``/``down`` attach in their own commands;
+nothing below ``commands/`` knows about the simulator.)
 """
 
 from __future__ import annotations
@@ -327,8 +329,11 @@ def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
     the store, and the machine id of the request's GPUs."""
     from ..estimate import Calibration, estimate
     from ..find import Finder
+    from ..trialrecord import env_fingerprint
 
-    finder = Finder(
+    machine = machine_id(nvml, list(request.gpu_ids))
+    fingerprint = env_fingerprint(spec, gpu, request.gpu_ids, vllm_info, machine)
+    return Finder(
         request,
         spec=spec,
         gpu=gpu,
@@ -339,11 +344,9 @@ def runtime_finder(request, *, spec, gpu, runtime, nvml, store, vllm_info):
         nvml=nvml,
         store=store,
         progress=runtime.progress,
-        log_dir=runtime.log_root,
-        machine_id=machine_id(nvml, list(request.gpu_ids)),
+        log_dir=find_run_dir(runtime, request, fingerprint),
+        machine_id=machine,
     )
-    finder.log_dir = find_run_dir(runtime, request, finder.env_fingerprint())
-    return finder
 
 
 def device_ids(gpus: int | None, gpu_ids: str | None) -> list[int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -11,6 +12,7 @@ from pathlib import Path
 import click
 
 from ..errors import DeployError, GpuError, UsageError
+from ..vllmargv import parse_command
 from ._common import DEFAULT_SIM_TIME_SCALE, build_runtime, emit_json, option_stack, serve_vllm_cmd
 
 FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -41,16 +43,17 @@ def _plan(file: Path, device: str | None = None):
 def _as_before_up(name: str):
     """An NVML opener reporting each GPU's used memory as it was before ``up`` started deployment
     ``name``, or None (live NVML) when it is not running."""
-    from ..deploy.state import load_state, state_path
+    from ..deploy.state import deployment_states
 
-    if not state_path(name).exists():
+    states = deployment_states()
+    if not states.exists(name):
         return None
     try:
-        state = load_state(name)
+        state = states.load(name)
     except DeployError:
         return None
     before = {int(g): used for g, used in state.baseline_used.items()}
-    simulation = state.recorded_simulation()
+    simulation = recorded_simulation(state)
 
     def opener():
         from ..devices import device_kind, open_devices
@@ -73,12 +76,12 @@ def _refuse(plan) -> None:
 def _tuned_plan(plan, file: Path):
     """``plan`` with the numbers ``up --tune`` measured, which live in the deployment's state file
     until ``down``."""
-    from ..deploy.state import load_state
+    from ..deploy.state import deployment_states
     from ..deploy.tune import apply_tuning
 
     name = plan.deployment.name
     try:
-        state = load_state(name)
+        state = deployment_states().load(name)
     except DeployError as exc:
         raise DeployError(
             f"--tuned: no running deployment named {name!r}, so no tuned numbers to write",
@@ -131,10 +134,11 @@ def _deployment_file(target: str) -> Path:
     path = Path(target)
     if path.is_file():
         return path
-    from ..deploy.state import load_state, state_path
+    from ..deploy.state import deployment_states
 
-    if state_path(target).exists():
-        state = load_state(target)
+    states = deployment_states()
+    if states.exists(target):
+        state = states.load(target)
         found = state.source_path()
         if found is not None:
             return found
@@ -327,7 +331,7 @@ def up_command(
       vllm-tune up rag.yaml --phase rerank        (switch a running phased deployment)
     """
     from ..deploy.spec import load_deployment
-    from ..deploy.state import load_state, save_state, state_path
+    from ..deploy.state import deployment_states
     from ..deploy.tune import apply_tuning, tune_plan
     from ..units import parse_duration
 
@@ -340,10 +344,11 @@ def up_command(
     deployment.check_phase(phase)  # before anything (tuning takes minutes)
     # the state records where the file is, absolute: 'emit NAME' and the hints work from any folder
     deployment = replace(deployment, source=os.path.abspath(file))
-    running = load_state(deployment.name) if state_path(deployment.name).exists() else None
+    states = deployment_states()
+    running = states.load(deployment.name) if states.exists(deployment.name) else None
     attach: dict | None = None
     if running is not None:
-        again = _sim_flag(running.recorded_simulation())
+        again = _sim_flag(recorded_simulation(running))
         if tune:
             raise DeployError(
                 f"--tune needs the GPUs to itself, but deployment {deployment.name!r} is already up",
@@ -383,7 +388,7 @@ def up_command(
             own_left_out = session.runner.used_without(running.instances)
             plan = _refuse_live(_plan_live(deployment, session.nvml, used=own_left_out))
             report = session.runner.switch_phase(apply_tuning(plan, running.tuned), running, phase)
-            save_state(report.state)
+            states.save(report.state)
         else:
             plan = _refuse_live(_plan_live(deployment, session.nvml))
             # before --tune's minutes, not after them
@@ -418,8 +423,6 @@ def _on_device(deployment, device: str | None):
 
 def _arg(value) -> str:
     """``value`` as one shell word, for a hint the user can paste."""
-    import shlex
-
     return shlex.quote(str(value))
 
 
@@ -428,10 +431,33 @@ def _sim_flag(simulation: dict) -> str:
     return f" --simulate {_arg(simulation['scenario'])}" if simulation else ""
 
 
+SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")  # what --simulate sets
+
+
+def recorded_simulation(state) -> dict:
+    """The simulation a deployment runs on, ``{"scenario", "state_dir", "vllm_cmd", "env"}`` ({} for real
+    GPUs), as ``up --simulate`` recorded it in the state (``attach``): ``status``, ``down`` and a phase
+    switch must read that simulated machine. A state file written before it was recorded still names it
+    in its instances' environment (the simulator's state folder)."""
+    if state.attach:
+        return state.attach
+    for inst in state.instances:
+        folder = inst.env.get(SIM_ENV_KEYS[0])
+        if folder:
+            command = parse_command(inst.argv)
+            return {
+                "scenario": Path(folder).name,  # --simulate keeps its state in data_dir()/sim/<scenario>
+                "state_dir": folder,
+                "vllm_cmd": shlex.join(command.vllm_words if command else inst.argv),
+                "env": {k: inst.env[k] for k in SIM_ENV_KEYS if k in inst.env},
+            }
+    return {}
+
+
 def _simulation_of(state, simulate: str | None) -> dict:
     """The simulation a running deployment was started on ({} for real GPUs): what ``status``, ``down``
     and ``up --phase`` read and start on. ``--simulate`` may only repeat it."""
-    recorded = state.recorded_simulation()
+    recorded = recorded_simulation(state)
     if simulate is None:
         return recorded
     if not recorded:
@@ -633,6 +659,7 @@ def _session(
     import httpx
 
     from ..deploy.run import Runner, Settings
+    from ..deploy.state import deployment_states
 
     runtime = build_runtime(
         vllm_cmd=vllm_cmd,
@@ -670,14 +697,15 @@ def _session(
         verify=verify,
         docker_image=docker_image,
         hf_cache=getattr(runtime.launcher, "hf_cache", None) if docker_image else None,
-        simulation=simulation,
+        attach=simulation,
         device=runtime.device,
     )
     note = (lambda _t: None) if quiet else (lambda t: click.echo(t, err=True))
     nvml = runtime.open_nvml()
     try:
         with httpx.Client() as http:
-            yield _Session(runtime, Runner(nvml=nvml, http=http, settings=settings, note=note), nvml)
+            runner = Runner(nvml=nvml, http=http, states=deployment_states(), settings=settings, note=note)
+            yield _Session(runtime, runner, nvml)
     finally:
         nvml.close()
 
@@ -720,9 +748,9 @@ def status_command(target, json_, simulate, sim_time_scale):
       vllm-tune status coder-general-96gb
       vllm-tune status profiles/deployments/coder-general-96gb.yaml --json
     """
-    from ..deploy.state import load_state
+    from ..deploy.state import deployment_states
 
-    state = load_state(_state_name(target))
+    state = deployment_states().load(_state_name(target))
     attach = _simulation_of(state, simulate)
     with _session(
         simulate=None, attach=attach, sim_time_scale=sim_time_scale, device=state.device
@@ -750,28 +778,28 @@ def down_command(target, json_, simulate, sim_time_scale):
     Example:
       vllm-tune down coder-general-96gb
     """
-    from ..deploy.state import load_state, remove_state
+    from ..deploy.state import deployment_states
 
-    state = load_state(_state_name(target))
+    states = deployment_states()
+    state = states.load(_state_name(target))
     attach = _simulation_of(state, simulate)
     with _session(
         simulate=None, attach=attach, sim_time_scale=sim_time_scale, device=state.device
     ) as session:
-        outcome = session.runner.stop_all(state)
-    remove_state(state.name)
+        stopped = session.runner.stop_all(state)
+    states.remove(state.name)
     if json_:
         emit_json(
             {
                 "deployment": state.name,
-                "proxy": outcome.get("_proxy"),
-                "instances": {k: v for k, v in outcome.items() if not k.startswith("_")},
-                "gpu_memory": outcome["_released"],
+                "proxy": stopped.proxy,
+                "instances": stopped.instances,
+                "gpu_memory": stopped.released,
             }
         )
         return
-    if "_proxy" in outcome:
-        click.echo(f"proxy: {outcome['_proxy']}")
-    for name, what in outcome.items():
-        if not name.startswith("_"):
-            click.echo(f"{name}: {what}")
-    click.echo(f"GPU memory: {outcome['_released']}")
+    if stopped.proxy is not None:
+        click.echo(f"proxy: {stopped.proxy}")
+    for name, what in stopped.instances.items():
+        click.echo(f"{name}: {what}")
+    click.echo(f"GPU memory: {stopped.released}")

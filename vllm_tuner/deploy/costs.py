@@ -55,13 +55,7 @@ def estimated_cost(
     if resolve is None:
         from ..models import resolve_model as resolve
     if estimate_fn is None:
-        try:
-            from ..estimate import estimate as estimate_fn
-        except ImportError as exc:
-            raise DeployError(
-                f"{entry.name}: the memory estimator is not available in this build",
-                "give the model a memory: block (weights, overhead, kv_bytes_per_token)",
-            ) from exc
+        from ..estimate import estimate as estimate_fn
     try:
         spec = resolve(entry.model)
     except TunerError as exc:
@@ -137,13 +131,8 @@ def plan_gpus(
 
 def gpu_profile(name: str) -> tuple[str, int]:
     """Name and total bytes of a GPU profile, through :mod:`vllm_tuner.gpus`."""
-    try:
-        from ..gpus import resolve_gpus
-    except ImportError as exc:
-        raise DeployError(
-            f"GPU profile {name!r} cannot be read: the GPU profiles are not in this build",
-            "write gpus.memory (e.g. 96GiB) instead of gpus.profile",
-        ) from exc
+    from ..gpus import resolve_gpus
+
     try:
         target = resolve_gpus(gpus=1, gpu_ids=None, gpu_name=name, gpu_memory=None)
     except TunerError as exc:

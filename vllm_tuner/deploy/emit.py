@@ -1,4 +1,4 @@
-"""Deployment files from a :class:`Plan` (pure): shell, docker compose, systemd, Kubernetes, routers, Ray.
+"""Deployment files from a :class:`DeploymentPlan` (pure): shell, docker compose, systemd, Kubernetes, routers, Ray.
 
 Every emitter carries the planned memory numbers as comments, starts the instances in the plan's order
 (each after the previous one answers ``/health``), and passes ``--kv-cache-memory-bytes`` and the
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import yaml
 
 from ..vllmargv import shell_command
-from .plan import Instance, Plan
+from .plan import DeploymentPlan, Instance
 from .report import gib, render_budget
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.33.0"
@@ -27,7 +27,7 @@ PROXY_FORMATS = ("compose", "systemd")  # the formats that can write the proxy
 FORMATS = ("shell", "compose", "systemd", "kubernetes", "helm", "litellm", "router", "ray")
 
 
-def memory_comment(plan: Plan, prefix: str = "# ") -> str:
+def memory_comment(plan: DeploymentPlan, prefix: str = "# ") -> str:
     """The plan's per-GPU tables and per-instance numbers as comment lines."""
     source = sorted({i.cost.source for i in plan.instances})
     lines = [
@@ -50,11 +50,11 @@ def instance_comment(inst: Instance) -> str:
     )
 
 
-def _unit(plan: Plan, inst: Instance) -> str:
+def _unit(plan: DeploymentPlan, inst: Instance) -> str:
     return f"vllm-{plan.deployment.name}-{inst.name}"
 
 
-def _ordered(plan: Plan) -> list[Instance]:
+def _ordered(plan: DeploymentPlan) -> list[Instance]:
     """All instances: always-on first, then each phase in order."""
     seen: list[Instance] = []
     for phase in plan.phases:
@@ -80,7 +80,7 @@ def _argv(inst: Instance, *, ray: bool = False) -> list[str]:
 
 
 def emit_shell(
-    plan: Plan, *, vllm_cmd: str = "vllm", log_dir: str = "logs", ray: bool = False
+    plan: DeploymentPlan, *, vllm_cmd: str = "vllm", log_dir: str = "logs", ray: bool = False
 ) -> dict[str, str]:
     name = plan.deployment.name
     lines = [
@@ -141,7 +141,7 @@ def emit_shell(
     return {f"{name}.sh": "\n".join(lines) + "\n"}
 
 
-def _shell_phases(plan: Plan) -> list[str]:
+def _shell_phases(plan: DeploymentPlan) -> list[str]:
     always = [i for i in _ordered(plan) if i.phase is None]
     lines = ["start_always() {"] + [f"  start_{_ident(i.name)}" for i in always] + ["  :", "}", ""]
     if not plan.deployment.phases:
@@ -173,16 +173,16 @@ def _shell_phases(plan: Plan) -> list[str]:
     ]
 
 
-def _hosts(plan: Plan) -> tuple[str, ...]:
+def _hosts(plan: DeploymentPlan) -> tuple[str, ...]:
     return plan.deployment.hosts or ("head-node",)
 
 
-def _per_node(plan: Plan) -> int:
+def _per_node(plan: DeploymentPlan) -> int:
     """GPUs per node: the deployment's GPUs split evenly over ``hosts``, in order."""
     return max(1, -(-len(plan.gpus) // len(_hosts(plan))))
 
 
-def _node_gpus(plan: Plan) -> list[list[int]]:
+def _node_gpus(plan: DeploymentPlan) -> list[list[int]]:
     """Per host, the device indices on that host of the deployment's GPUs there: on several hosts the
     plan's GPUs in order, ``_per_node`` of them per host (GPU 8 of a 16-GPU plan on two hosts is GPU 0
     of the second)."""
@@ -192,7 +192,7 @@ def _node_gpus(plan: Plan) -> list[list[int]]:
     return [list(range(len(plan.gpus[k * per : (k + 1) * per]))) for k in range(len(_hosts(plan)))]
 
 
-def _nodes(plan: Plan) -> list[dict[str, list[int]]]:
+def _nodes(plan: DeploymentPlan) -> list[dict[str, list[int]]]:
     """Per host, each instance's device indices on that host."""
     per = _per_node(plan)
     position = {g.id: n for n, g in enumerate(plan.gpus)}
@@ -204,7 +204,7 @@ def _nodes(plan: Plan) -> list[dict[str, list[int]]]:
     return out
 
 
-def _placement_comment(plan: Plan, inst: Instance) -> str:
+def _placement_comment(plan: DeploymentPlan, inst: Instance) -> str:
     hosts = _hosts(plan)
     parts = [
         f"{hosts[k]} GPU {','.join(map(str, node[inst.name]))}"
@@ -214,7 +214,7 @@ def _placement_comment(plan: Plan, inst: Instance) -> str:
     return "on " + "; ".join(parts)
 
 
-def _ray_preamble(plan: Plan) -> list[str]:
+def _ray_preamble(plan: DeploymentPlan) -> list[str]:
     hosts = _hosts(plan)
     head = hosts[0]
     gpus = _node_gpus(plan)
@@ -254,7 +254,9 @@ def local_model_dir(inst: Instance) -> str | None:
     return None
 
 
-def emit_compose(plan: Plan, *, image: str = DEFAULT_IMAGE, proxy_port: int | None = None) -> dict[str, str]:
+def emit_compose(
+    plan: DeploymentPlan, *, image: str = DEFAULT_IMAGE, proxy_port: int | None = None
+) -> dict[str, str]:
     services: dict[str, dict] = {}
     previous: str | None = None
     for inst in _ordered(plan):
@@ -332,7 +334,7 @@ def emit_compose(plan: Plan, *, image: str = DEFAULT_IMAGE, proxy_port: int | No
 PROXY_SERVICE = "vllm-tune-proxy"
 
 
-def _compose_proxy(plan: Plan, port: int) -> dict:
+def _compose_proxy(plan: DeploymentPlan, port: int) -> dict:
     """The proxy's service: reaches each instance by its service name, after every one is healthy."""
     urls = [f"http://{inst.name}:{inst.port}" for inst in _ordered(plan)]
     return {
@@ -361,7 +363,7 @@ def _compose_proxy(plan: Plan, port: int) -> dict:
 
 
 def emit_systemd(
-    plan: Plan,
+    plan: DeploymentPlan,
     *,
     vllm_cmd: str = "/usr/local/bin/vllm",
     user: str = "vllm",
@@ -456,7 +458,7 @@ def emit_systemd(
     return files
 
 
-def _systemd_proxy(plan: Plan, port: int, *, vllm_tune_cmd: str, user: str) -> str:
+def _systemd_proxy(plan: DeploymentPlan, port: int, *, vllm_tune_cmd: str, user: str) -> str:
     """The proxy's unit: started after every model's unit (whose start waits for its /health)."""
     models = " ".join(f"{_unit(plan, i)}.service" for i in _ordered(plan))
     urls = [f"http://127.0.0.1:{inst.port}" for inst in _ordered(plan)]
@@ -486,7 +488,7 @@ def _systemd_proxy(plan: Plan, port: int, *, vllm_tune_cmd: str, user: str) -> s
 
 
 def emit_kubernetes(
-    plan: Plan, *, image: str = DEFAULT_IMAGE, namespace: str | None = None
+    plan: DeploymentPlan, *, image: str = DEFAULT_IMAGE, namespace: str | None = None
 ) -> dict[str, str]:
     docs: list[dict] = []
     previous: Instance | None = None
@@ -506,11 +508,11 @@ def emit_kubernetes(
     return {f"{plan.deployment.name}-k8s.yaml": header + body}
 
 
-def _k8s_name(plan: Plan, inst: Instance) -> str:
+def _k8s_name(plan: DeploymentPlan, inst: Instance) -> str:
     return f"{plan.deployment.name}-{inst.name}"[:63].rstrip("-")
 
 
-def _meta(plan: Plan, inst: Instance, namespace: str | None) -> dict:
+def _meta(plan: DeploymentPlan, inst: Instance, namespace: str | None) -> dict:
     meta: dict = {
         "name": _k8s_name(plan, inst),
         "labels": {"app.kubernetes.io/part-of": plan.deployment.name, "app.kubernetes.io/name": inst.name},
@@ -522,7 +524,7 @@ def _meta(plan: Plan, inst: Instance, namespace: str | None) -> dict:
 
 
 def _k8s_deployment(
-    plan: Plan, inst: Instance, image: str, namespace: str | None, previous: Instance | None
+    plan: DeploymentPlan, inst: Instance, image: str, namespace: str | None, previous: Instance | None
 ) -> dict:
     probe = {"httpGet": {"path": "/health", "port": inst.port}, "periodSeconds": 10}
     container = {
@@ -569,7 +571,7 @@ def _k8s_deployment(
     }
 
 
-def _k8s_service(plan: Plan, inst: Instance, namespace: str | None) -> dict:
+def _k8s_service(plan: DeploymentPlan, inst: Instance, namespace: str | None) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -584,7 +586,7 @@ def _k8s_service(plan: Plan, inst: Instance, namespace: str | None) -> dict:
     }
 
 
-def emit_helm_values(plan: Plan, *, image: str = DEFAULT_IMAGE) -> dict[str, str]:
+def emit_helm_values(plan: DeploymentPlan, *, image: str = DEFAULT_IMAGE) -> dict[str, str]:
     """Values for the vLLM production-stack Helm chart (``servingEngineSpec.modelSpec``) and its router."""
     repository, _, tag = image.partition(":")
     specs = []
@@ -623,7 +625,7 @@ def emit_helm_values(plan: Plan, *, image: str = DEFAULT_IMAGE) -> dict[str, str
 # ------------------------------------------------------------------------------------------------- routers
 
 
-def emit_litellm(plan: Plan, *, host: str = "127.0.0.1") -> dict[str, str]:
+def emit_litellm(plan: DeploymentPlan, *, host: str = "127.0.0.1") -> dict[str, str]:
     """A LiteLLM proxy ``config.yaml``: one endpoint, routed by model name to the plan's instances."""
     model_list = [
         {
@@ -649,7 +651,7 @@ def _model_type(inst: Instance) -> str:
     return "chat"
 
 
-def emit_router(plan: Plan, *, host: str = "127.0.0.1", port: int = 8000) -> dict[str, str]:
+def emit_router(plan: DeploymentPlan, *, host: str = "127.0.0.1", port: int = 8000) -> dict[str, str]:
     """The vLLM production-stack router with static backends, as a start script."""
     insts = _ordered(plan)
     argv = [
@@ -681,7 +683,7 @@ def emit_router(plan: Plan, *, host: str = "127.0.0.1", port: int = 8000) -> dic
     return {f"{plan.deployment.name}-router.sh": text}
 
 
-def emit_ray(plan: Plan, *, vllm_cmd: str = "vllm") -> dict[str, str]:
+def emit_ray(plan: DeploymentPlan, *, vllm_cmd: str = "vllm") -> dict[str, str]:
     return emit_shell(plan, vllm_cmd=vllm_cmd, ray=True)
 
 
@@ -697,7 +699,7 @@ EMITTERS: dict[str, Callable[..., dict[str, str]]] = {
 }
 
 
-def emit(plan: Plan, fmt: str, **options: object) -> dict[str, str]:
+def emit(plan: DeploymentPlan, fmt: str, **options: object) -> dict[str, str]:
     """``{filename: text}`` for one format of :data:`FORMATS`."""
     return EMITTERS[fmt](plan, **options)
 

@@ -129,7 +129,7 @@ class Instance:
 
 
 @dataclass(frozen=True)
-class Plan:
+class DeploymentPlan:
     deployment: Deployment
     gpus: tuple[GpuInfo, ...]
     instances: tuple[Instance, ...]
@@ -199,7 +199,7 @@ class GpuBudget:
         return self.gpu.total_bytes - self.gpu.used_bytes - self.planned_bytes - self.headroom_bytes
 
 
-def gpu_budget(plan: Plan, gpu: GpuInfo, phase: str | None) -> GpuBudget:
+def gpu_budget(plan: DeploymentPlan, gpu: GpuInfo, phase: str | None) -> GpuBudget:
     rows = []
     for inst in plan.resident(phase):
         if gpu.id not in inst.gpu_ids:
@@ -240,7 +240,7 @@ class _Packing:
 
 def make_plan(
     deployment: Deployment, gpus: Sequence[GpuInfo], costs: Mapping[str, ModelCost], *, offline: bool = False
-) -> Plan:
+) -> DeploymentPlan:
     """Pack ``deployment`` onto ``gpus`` given each model's per-GPU ``costs``; never raises for "does not fit"."""
     packing = _Packing()
     capacity = {g.id: g.total_bytes - g.used_bytes - deployment.headroom_bytes for g in gpus}
@@ -257,7 +257,7 @@ def make_plan(
         )
     _share_spare(packing, deployment, capacity, phase_loads)
     instances = _order_and_utilize(packing, deployment, gpus)
-    return Plan(
+    return DeploymentPlan(
         deployment,
         tuple(gpus),
         tuple(instances),

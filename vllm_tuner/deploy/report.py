@@ -1,10 +1,10 @@
-"""Plain-text and JSON renderings of a :class:`Plan` (pure)."""
+"""Plain-text and JSON renderings of a :class:`DeploymentPlan` (pure)."""
 
 from __future__ import annotations
 
 from ..devices import device_kind
 from ..vllmargv import shell_command
-from .plan import GIB, GpuBudget, Instance, Plan
+from .plan import GIB, DeploymentPlan, GpuBudget, Instance
 
 RULE = "─"
 
@@ -51,7 +51,7 @@ def render_instance(inst: Instance, *, vllm_cmd: str = "vllm", device: str = "cu
     ]
 
 
-def render_plan(plan: Plan) -> str:
+def render_plan(plan: DeploymentPlan) -> str:
     dep = plan.deployment
     where = " (planned offline)" if plan.offline else ""
     lines = [f"Deployment {dep.name}: {len(dep.models)} model(s) on {len(plan.gpus)} GPU(s){where}", ""]
@@ -74,7 +74,7 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plan_json(plan: Plan) -> dict:
+def plan_json(plan: DeploymentPlan) -> dict:
     return {
         "deployment": plan.deployment.name,
         "fits": plan.fits,

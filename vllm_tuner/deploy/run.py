@@ -6,8 +6,8 @@ under a detached reaper (:mod:`vllm_tuner.procgroup`, the same process-group cod
 server), logging to a file, and recorded in the state file. ``up`` starts them one after another: each only once
 the previous answers ``/health`` and its GPU memory has settled, and only if the memory free at that
 moment passes vLLM's startup check for the planned utilization. Every collaborator comes in as an
-argument: ``spawn`` (argv, env, log) -> pid, ``nvml`` (:class:`vllm_tuner.nvml.Nvml`), ``http`` (an
-``httpx.Client``), ``docker`` (:class:`vllm_tuner.deploy.containers.DockerCli`), ``clock``/``sleep``.
+argument: ``states`` (:class:`.state.StateFiles`: the state file, the logs' folder), ``spawn`` (argv,
+env, log) -> pid, ``nvml`` (:class:`vllm_tuner.nvml.Nvml`), ``http`` (an ``httpx.Client``), ``docker`` (:class:`vllm_tuner.deploy.containers.DockerCli`), ``clock``/``sleep``.
 
 With ``Settings.docker_image`` each instance is a container of that image instead: the detached process
 is its ``docker run`` client (which logs the container's output and exits with it), the container has a
@@ -29,20 +29,18 @@ from pathlib import Path
 
 from ..devices import CUDA, DeviceKind
 from ..errors import DeployError, TunerError
-from ..paths import data_dir
 from ..procgroup import spawn_detached
 from ..vllmargv import vllm_argv, with_value
 from .containers import DockerCli, container_name, instance_run_argv
 from .instances import InstanceProcesses, Spawn, start_detached
-from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
+from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, DeploymentPlan, Instance, passes_startup_check
 from .state import (
     DeploymentState,
     InstanceState,
     ProxyState,
+    StateFiles,
     is_alive,
     proc_start_time,
-    remove_state,
-    save_state,
 )
 from .status import StatusReport, deployment_status, http_status
 
@@ -81,7 +79,7 @@ class Settings:
     log_dir: Path | None = None
     docker_image: str | None = None  # start containers of this image instead of local `vllm serve`
     hf_cache: Path | None = None  # mounted into every container (the host's HF hub cache)
-    simulation: dict = field(default_factory=dict)  # recorded in the state file (DeploymentState.simulation)
+    attach: dict = field(default_factory=dict)  # recorded as it is in the state file (DeploymentState.attach)
     device: DeviceKind = CUDA  # what the instances run on (recorded in the state file)
 
 
@@ -93,6 +91,17 @@ class UpReport:
     switch_s: float | None = None
 
 
+@dataclass(frozen=True)
+class StopReport:
+    """What :meth:`Runner.stop_all` did: how each instance ended, by name in stop order ("stopped",
+    "already gone", ...), whether the GPU memory came back ("released", or what is still held), and how
+    the proxy ended (None when ``up`` started none)."""
+
+    instances: dict[str, str]
+    released: str
+    proxy: str | None = None
+
+
 class Runner:
     """Starts, watches and stops one deployment's instances."""
 
@@ -101,6 +110,7 @@ class Runner:
         *,
         nvml,
         http,
+        states: StateFiles,
         spawn: Spawn = spawn_detached,
         docker: DockerCli | None = None,
         settings: Settings | None = None,
@@ -112,6 +122,7 @@ class Runner:
     ) -> None:
         self.nvml = nvml
         self.http = http
+        self.states = states
         self.spawn = spawn
         self.bind_check = bind_check
         self.docker = docker or DockerCli()
@@ -122,7 +133,7 @@ class Runner:
 
     def up(
         self,
-        plan: Plan,
+        plan: DeploymentPlan,
         *,
         phase: str | None = None,
         tuned: dict[str, dict] | None = None,
@@ -149,7 +160,7 @@ class Runner:
             cooldown_s=dep.cooldown_s,
             headroom_bytes=dep.headroom_bytes,
             tuned=dict(tuned or {}),
-            simulation=dict(self.settings.simulation),
+            attach=dict(self.settings.attach),
             device=self.settings.device.name,
         )
         order = plan.start_order(state.phase)
@@ -158,7 +169,7 @@ class Runner:
         try:
             for inst in order:
                 state.instances.append(self._start_one(plan, inst, state))
-                save_state(state)
+                self.states.save(state)
                 started.append(inst.name)
             verified = self.verify(state) if self.settings.verify else {}
             if proxy_port is not None:
@@ -166,12 +177,12 @@ class Runner:
         except BaseException:
             self.note("stopping what this 'up' started")
             self.stop_all(state)
-            remove_state(dep.name)
+            self.states.remove(dep.name)
             raise
         return UpReport(state, started, verified)
 
     def check_ports(
-        self, plan: Plan, instances: Sequence[Instance], *, proxy_port: int | None = None
+        self, plan: DeploymentPlan, instances: Sequence[Instance], *, proxy_port: int | None = None
     ) -> None:
         """Before anything starts (and before tuning): every instance's port, and the proxy's, must be
         free on the host it will serve on; a port another process holds would only show once the
@@ -192,7 +203,9 @@ class Runner:
                     f"change {inst.name}'s port: in {plan.deployment.source}, or stop what holds port {inst.port}",
                 )
 
-    def _start_one(self, plan: Plan, inst: Instance, state: DeploymentState | None = None) -> InstanceState:
+    def _start_one(
+        self, plan: DeploymentPlan, inst: Instance, state: DeploymentState | None = None
+    ) -> InstanceState:
         util = self._checked_utilization(plan, inst, state)
         serve = with_value(inst.serve_args(), "--gpu-memory-utilization", f"{util:.2f}")
         env = {**os.environ, **self.settings.env, **dict(inst.entry.env)}
@@ -216,7 +229,7 @@ class Runner:
             device_env = self.settings.device.serve_env(inst.gpu_ids, inst.config)
             env.update(device_env)
             recorded[:0] = list(device_env)
-        log_dir = self.settings.log_dir or data_dir() / "deployments" / plan.deployment.name
+        log_dir = self.settings.log_dir or self.states.log_dir(plan.deployment.name)
         log_path = log_dir / f"{inst.name}.log"
         where = f" in container {container}" if container else ""
         self.note(f"starting {inst.name} on GPU {','.join(map(str, inst.gpu_ids))} port {inst.port}{where}")
@@ -266,7 +279,7 @@ class Runner:
             "--port",
             str(port),
         ]
-        log_dir = self.settings.log_dir or data_dir() / "deployments" / state.name
+        log_dir = self.settings.log_dir or self.states.log_dir(state.name)
         log_path = log_dir / "proxy.log"
         self.note(f"starting the proxy on port {port}")
         pid = start_detached(self.spawn, argv, dict(os.environ), log_path, grace_s=self.settings.stop_grace_s)
@@ -279,7 +292,7 @@ class Runner:
             proc_start=proc_start_time(pid) or "",
             started_at=self.wall_clock(),
         )
-        save_state(state)  # recorded before waiting: a failure below stops it with the instances
+        self.states.save(state)  # recorded before waiting: a failure below stops it with the instances
         deadline = self.clock() + self.settings.proxy_ready_timeout_s
         while http_status(self.http, f"{state.proxy.url}/health") != 200:
             if not is_alive(state.proxy):
@@ -294,7 +307,9 @@ class Runner:
             self.sleep(min(self.settings.poll_s, 0.2))
         self.note(f"the proxy answers on {state.proxy.url}/v1")
 
-    def _checked_utilization(self, plan: Plan, inst: Instance, state: DeploymentState | None = None) -> float:
+    def _checked_utilization(
+        self, plan: DeploymentPlan, inst: Instance, state: DeploymentState | None = None
+    ) -> float:
         """The planned utilization if the memory free right now passes vLLM's check, else a lower one
         that still covers the instance's own share, else a refusal with the numbers and their cause:
         an instance this deployment started holding more than planned, or other processes."""
@@ -317,7 +332,7 @@ class Runner:
         return util
 
     def _short_of_memory(
-        self, plan: Plan, state: DeploymentState | None, g: int, mem, short: str
+        self, plan: DeploymentPlan, state: DeploymentState | None, g: int, mem, short: str
     ) -> DeployError:
         """Why GPU ``g`` has less free than planned, each cause with its size, the largest one's fix first:
         a smaller card than the plan's, the instances this deployment already started there holding more
@@ -484,7 +499,7 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------- phases
 
-    def switch_phase(self, plan: Plan, state: DeploymentState, phase: str) -> UpReport:
+    def switch_phase(self, plan: DeploymentPlan, state: DeploymentState, phase: str) -> UpReport:
         """Unload the current phase, wait for its memory, cool down, load ``phase``; time the switch.
 
         When ``phase`` does not start, what it started is stopped and the phase before it is loaded
@@ -510,13 +525,13 @@ class Runner:
             self.processes.stop(inst)
         self.processes.wait_released(expected)
         state.instances = [i for i in state.instances if i not in leaving]
-        save_state(state)
+        self.states.save(state)
 
-    def _load(self, plan: Plan, state: DeploymentState, phase: str | None) -> list[str]:
+    def _load(self, plan: DeploymentPlan, state: DeploymentState, phase: str | None) -> list[str]:
         """Cool down, then start what ``phase`` has that is not running; the state names it first."""
         state.phase = phase
         state.planned = [i.name for i in plan.resident(phase)]
-        save_state(state)
+        self.states.save(state)
         if state.cooldown_s:
             self.sleep(state.cooldown_s)
         present = {i.name for i in state.instances}
@@ -525,11 +540,11 @@ class Runner:
             if inst.name not in present:
                 state.instances.append(self._start_one(plan, inst, state))
                 started.append(inst.name)
-                save_state(state)
+                self.states.save(state)
         return started
 
     def _roll_back(
-        self, plan: Plan, state: DeploymentState, failed: str, previous: str | None, exc: Exception
+        self, plan: DeploymentPlan, state: DeploymentState, failed: str, previous: str | None, exc: Exception
     ) -> DeployError:
         """Phase ``failed`` did not start: stop what it started, load ``previous`` again; the error to raise."""
         why = exc.problem if isinstance(exc, TunerError) else f"{type(exc).__name__}: {exc}"
@@ -566,20 +581,14 @@ class Runner:
             return None
         return self.processes.stop_process(state.proxy)
 
-    def stop_all(self, state: DeploymentState) -> dict[str, str]:
+    def stop_all(self, state: DeploymentState) -> StopReport:
         """Stop the proxy, then every instance ``up`` recorded (never a process whose identity changed);
         wait for release."""
-        outcome: dict[str, str] = {}
         proxy = self.stop_proxy(state)
-        if proxy is not None:
-            outcome["_proxy"] = proxy
-        for inst in reversed(state.instances):
-            outcome[inst.name] = self.processes.stop(inst)
+        instances = {inst.name: self.processes.stop(inst) for inst in reversed(state.instances)}
         gpus = {g for i in state.instances for g in i.gpu_ids}
-        outcome["_released"] = self.processes.wait_released(
-            {g: state.baseline_used.get(str(g), 0) for g in gpus}
-        )
-        return outcome
+        released = self.processes.wait_released({g: state.baseline_used.get(str(g), 0) for g in gpus})
+        return StopReport(instances=instances, released=released, proxy=proxy)
 
     # ------------------------------------------------------------------------------------------- status
 

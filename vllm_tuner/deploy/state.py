@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import DeployError
 from ..paths import data_dir
-from ..vllmargv import parse_command
-
-SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")  # what --simulate sets
 
 
 @dataclass
@@ -71,30 +67,13 @@ class DeploymentState:
     headroom_bytes: int = 0
     # what 'up --tune' measured per instance (every phase's): re-applied when a phase switch starts one
     tuned: dict[str, dict] = field(default_factory=dict)
-    # what 'up --simulate' started it on: {"scenario", "state_dir", "vllm_cmd", "env"}; {} on real GPUs
-    simulation: dict = field(default_factory=dict)
+    # what the CLI needs to reach the machine it started on again ('up --simulate': the simulated one);
+    # opaque here, {} on real GPUs
+    attach: dict = field(default_factory=dict)
     device: str = "cuda"  # what its instances run on: status and down read that device's memory
     # the instances the current phase should run (always-on ones too): status names those not running
     planned: list[str] = field(default_factory=list)
     proxy: ProxyState | None = None  # 'up --proxy PORT'; absent from state files written before it
-
-    def recorded_simulation(self) -> dict:
-        """The simulation the deployment runs on ({} for real GPUs): ``status``, ``down`` and a phase
-        switch must read that simulated machine. A state file written before ``simulation`` was
-        recorded still names it in its instances' environment (the simulator's state folder)."""
-        if self.simulation:
-            return self.simulation
-        for inst in self.instances:
-            folder = inst.env.get(SIM_ENV_KEYS[0])
-            if folder:
-                command = parse_command(inst.argv)
-                return {
-                    "scenario": Path(folder).name,  # --simulate keeps its state in data_dir()/sim/<scenario>
-                    "state_dir": folder,
-                    "vllm_cmd": shlex.join(command.vllm_words if command else inst.argv),
-                    "env": {k: inst.env[k] for k in SIM_ENV_KEYS if k in inst.env},
-                }
-        return {}
 
     def source_path(self) -> Path | None:
         """The deployment file it was started from, wherever this runs, or None when it cannot be found.
@@ -120,48 +99,63 @@ class DeploymentState:
     @classmethod
     def from_json(cls, text: str) -> DeploymentState:
         raw = json.loads(text)
+        if "simulation" in raw:  # written before it was named attach
+            raw["attach"] = raw.pop("simulation")
         raw["instances"] = [InstanceState(**i) for i in raw.get("instances", [])]
         if raw.get("proxy") is not None:
             raw["proxy"] = ProxyState(**raw["proxy"])
         return cls(**raw)
 
 
-def state_dir() -> Path:
-    return data_dir() / "deployments"
+@dataclass(frozen=True)
+class StateFiles:
+    """The state files of running deployments, ``<name>.json`` in ``folder``; each deployment's instance
+    logs go in ``folder/<name>/``. The CLI's is :func:`deployment_states`; tests hand it a folder."""
+
+    folder: Path
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def log_dir(self, name: str) -> Path:
+        return self.folder / name
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def save(self, state: DeploymentState) -> Path:
+        path = self.path(state.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(state.to_json())
+        os.replace(tmp, path)
+        return path
+
+    def load(self, name: str) -> DeploymentState:
+        path = self.path(name)
+        try:
+            return DeploymentState.from_json(path.read_text())
+        except FileNotFoundError as exc:
+            known = sorted(p.stem for p in self.folder.glob("*.json")) if self.folder.is_dir() else []
+            hint = (
+                f"running deployments: {', '.join(known)}" if known else "start it with 'vllm-tune up FILE'"
+            )
+            raise DeployError(f"no running deployment named {name!r} (no {path})", hint) from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DeployError(
+                f"the state file {path} is damaged: {exc}", f"remove {path} after checking nvidia-smi"
+            ) from exc
+
+    def remove(self, name: str) -> None:
+        try:
+            self.path(name).unlink()
+        except FileNotFoundError:
+            pass
 
 
-def state_path(name: str) -> Path:
-    return state_dir() / f"{name}.json"
-
-
-def save_state(state: DeploymentState) -> Path:
-    path = state_path(state.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(state.to_json())
-    os.replace(tmp, path)
-    return path
-
-
-def load_state(name: str) -> DeploymentState:
-    path = state_path(name)
-    try:
-        return DeploymentState.from_json(path.read_text())
-    except FileNotFoundError as exc:
-        known = sorted(p.stem for p in state_dir().glob("*.json")) if state_dir().is_dir() else []
-        hint = f"running deployments: {', '.join(known)}" if known else "start it with 'vllm-tune up FILE'"
-        raise DeployError(f"no running deployment named {name!r} (no {path})", hint) from exc
-    except (ValueError, TypeError, KeyError) as exc:
-        raise DeployError(
-            f"the state file {path} is damaged: {exc}", f"remove {path} after checking nvidia-smi"
-        ) from exc
-
-
-def remove_state(name: str) -> None:
-    try:
-        state_path(name).unlink()
-    except FileNotFoundError:
-        pass
+def deployment_states() -> StateFiles:
+    """The user's running deployments: ``data_dir()/deployments``."""
+    return StateFiles(data_dir() / "deployments")
 
 
 # ------------------------------------------------------------------------------------------ process identity

@@ -37,9 +37,9 @@ from .plan import (
     CUDA_CONTEXT_BYTES,
     GIB,
     MIB,
+    DeploymentPlan,
     Instance,
     ModelCost,
-    Plan,
     kv_bytes_for,
     min_context_of,
 )
@@ -196,7 +196,7 @@ class Tuned:
 FindOne = Callable[[TuneTarget], object]  # -> vllm_tuner.find.FindResult
 
 
-def tuning_order(plan: Plan) -> list[Instance]:
+def tuning_order(plan: DeploymentPlan) -> list[Instance]:
     """Always-on instances in start order, then each phase's."""
     seen: list[Instance] = []
     for phase in plan.phases:
@@ -206,7 +206,7 @@ def tuning_order(plan: Plan) -> list[Instance]:
     return seen
 
 
-def target_for(plan: Plan, inst: Instance, tuned: Mapping[str, Tuned]) -> TuneTarget:
+def target_for(plan: DeploymentPlan, inst: Instance, tuned: Mapping[str, Tuned]) -> TuneTarget:
     """The share ``find`` must stay within for ``inst``: its planned utilization, and room under load
     for everything that shares a GPU with it in any phase it is resident in."""
     worst, names = 0, []
@@ -229,7 +229,7 @@ def target_for(plan: Plan, inst: Instance, tuned: Mapping[str, Tuned]) -> TuneTa
 
 
 def tune_plan(
-    plan: Plan, find_one: FindOne, *, nvml, note: Callable[[str], None] = lambda _t: None
+    plan: DeploymentPlan, find_one: FindOne, *, nvml, note: Callable[[str], None] = lambda _t: None
 ) -> dict[str, Tuned]:
     """Run ``find_one`` for every instance in :func:`tuning_order`, each alone; raise a
     :class:`DeployError` for the first one with no stable config in its share."""
@@ -308,7 +308,7 @@ def measured_pool_bytes(
     return max(low, min(kv_bytes_for(cost, int(max_model_len), int(max_num_seqs)), high))
 
 
-def apply_tuning(plan: Plan, tuned: Mapping[str, Tuned | Mapping]) -> Plan:
+def apply_tuning(plan: DeploymentPlan, tuned: Mapping[str, Tuned | Mapping]) -> DeploymentPlan:
     """``plan`` with each tuned instance's numbers replaced by the winner's (its cost becomes the
     measured one) and every instance's free-at-start recomputed along the start order."""
     if not tuned:
@@ -335,7 +335,7 @@ def apply_tuning(plan: Plan, tuned: Mapping[str, Tuned | Mapping]) -> Plan:
     return replace(out, instances=tuple(_free_at_start(out)))
 
 
-def check_fits(plan: Plan) -> None:
+def check_fits(plan: DeploymentPlan) -> None:
     """Every phase's instances, at their (tuned) footprints, plus the headroom fit on every GPU."""
     for phase in plan.phases:
         for budget in plan.budgets(phase):
@@ -358,7 +358,7 @@ def _footprint(inst: Instance, tuned: Mapping[str, Tuned]) -> int:
     return t.footprint_bytes if t is not None else inst.footprint_bytes
 
 
-def _free_at_start(plan: Plan) -> list[Instance]:
+def _free_at_start(plan: DeploymentPlan) -> list[Instance]:
     """Each instance's least free memory at its startup check, from the (tuned) footprints of the ones
     started before it: the always-on ones, then its phase's."""
     by_id = {g.id: g for g in plan.gpus}

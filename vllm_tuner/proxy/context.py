@@ -136,7 +136,7 @@ class Sizes:
 
 
 @dataclass(frozen=True)
-class Plan:
+class FitPlan:
     kept: tuple[int | None, ...]  # per message: text tokens kept (all: whole, fewer: cut); None: left out
     summarized: tuple[int, ...] = ()  # the messages a summary stands for (summarize), oldest first
     summary_tokens: int = 0  # the room left for that summary
@@ -148,7 +148,7 @@ class Plan:
         return tuple(i for i, k in enumerate(self.kept) if k is None)
 
 
-def plan_fit(shape: Shape, sizes: Sizes, budget: int, strategy: str = "trim") -> Plan:
+def plan_fit(shape: Shape, sizes: Sizes, budget: int, strategy: str = "trim") -> FitPlan:
     """Which messages to keep whole, cut, leave out or summarise so the prompt takes at most ``budget``."""
     last = len(sizes.text) - 1
     kept: list[int | None] = [None] * len(sizes.text)
@@ -167,10 +167,10 @@ def plan_fit(shape: Shape, sizes: Sizes, budget: int, strategy: str = "trim") ->
     planned = _keep_newest(sizes, kept, current, older, room - summary_cost, cut_older=False)
     if planned.excess:
         return trimmed
-    return Plan(planned.kept, planned.left_out, summary, planned.turns)
+    return FitPlan(planned.kept, planned.left_out, summary, planned.turns)
 
 
-def minimal_plan(shape: Shape, sizes: Sizes) -> Plan:
+def minimal_plan(shape: Shape, sizes: Sizes) -> FitPlan:
     """The least a conversation can be: its system messages, the newest turn cut to nothing but notes
     (its last message whole), the older turns left out."""
     last = len(sizes.text) - 1
@@ -180,7 +180,7 @@ def minimal_plan(shape: Shape, sizes: Sizes) -> Plan:
     for i in shape.turns[-1] if shape.turns else ():
         if i != last:
             kept[i] = 0 if sizes.cuttable[i] else sizes.text[i]
-    return Plan(tuple(kept), turns=len(shape.turns))
+    return FitPlan(tuple(kept), turns=len(shape.turns))
 
 
 def _keep_newest(
@@ -191,16 +191,16 @@ def _keep_newest(
     room: int,
     *,
     cut_older: bool,
-) -> Plan:
+) -> FitPlan:
     kept = list(fixed)
     if room < 0:
-        return Plan(tuple(kept), excess=-room)
+        return FitPlan(tuple(kept), excess=-room)
     if sizes.cost(current) > room:  # the newest turn is cut; nothing older fits beside it
         level = _water_level(sizes, current, room)
         if level is None:
-            return Plan(tuple(kept), excess=sizes.cost(current, 0) - room)
+            return FitPlan(tuple(kept), excess=sizes.cost(current, 0) - room)
         _cut(sizes, kept, current, level)
-        return Plan(tuple(kept), turns=1 + len(older))
+        return FitPlan(tuple(kept), turns=1 + len(older))
     for i in current:
         kept[i] = sizes.text[i]
     room -= sizes.cost(current)
@@ -214,8 +214,8 @@ def _keep_newest(
         level = _water_level(sizes, turn, room) if cut_older else None
         if level is not None and level >= MIN_CUT_TOKENS:
             _cut(sizes, kept, turn, level)
-        return Plan(tuple(kept), turns=going)
-    return Plan(tuple(kept))
+        return FitPlan(tuple(kept), turns=going)
+    return FitPlan(tuple(kept))
 
 
 def _cut(sizes: Sizes, kept: list[int | None], indices: tuple[int, ...], level: int) -> None:
@@ -251,7 +251,7 @@ def cut_text(text: str, tokens: int, keep: int) -> str:
     return f"{text[:head]}\n[... {tokens - keep} tokens cut ...]\n{text[len(text) - tail :] if tail else ''}"
 
 
-def apply_plan(messages: list[dict], plan: Plan, sizes: Sizes, summary: str | None = None) -> list[dict]:
+def apply_plan(messages: list[dict], plan: FitPlan, sizes: Sizes, summary: str | None = None) -> list[dict]:
     """The messages a plan keeps, cut where it says, with ``summary`` in the (first) system message."""
     out: list[dict] = []
     for i, message in enumerate(messages):

@@ -15,7 +15,7 @@ from typing import Protocol
 from .cache import Lru
 from .context import (
     MIN_CUT_TOKENS,
-    Plan,
+    FitPlan,
     Sizes,
     apply_plan,
     conversation_shape,
@@ -114,7 +114,14 @@ class ContextKeeper:
         raise TooLong(too_long_message(max_len, after, reply, names_reply(body), tighter_by))
 
     async def _compressed(
-        self, url: str, model: str, messages: list[dict], plan: Plan, sizes: Sizes, budget: int, max_len: int
+        self,
+        url: str,
+        model: str,
+        messages: list[dict],
+        plan: FitPlan,
+        sizes: Sizes,
+        budget: int,
+        max_len: int,
     ) -> tuple[str, list[dict] | None]:
         """(the strategy used, the messages) of a plan: its summary written, or trimmed when it cannot
         be; no messages when even trimmed it cannot fit."""
@@ -130,7 +137,7 @@ class ContextKeeper:
         return "summarize", apply_plan(messages, plan, sizes, summary)
 
     async def _summary(
-        self, url: str, model: str, messages: list[dict], plan: Plan, sizes: Sizes, max_len: int
+        self, url: str, model: str, messages: list[dict], plan: FitPlan, sizes: Sizes, max_len: int
     ) -> str:
         """The summary of ``plan.summarized``: from the longest prefix already summarised, a chunk at a
         time, each chunk's summary cached under its prefix."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import uvicorn
 
-from ..deploy.state import DeploymentState, load_state
+from ..deploy.state import DeploymentState, deployment_states
 from ..errors import DeployError, LaunchError, ProbeError
 from .app import Proxy, Router, create_app
 from .cache import Lru
@@ -31,9 +31,11 @@ SUMMARIES_KEPT = 1024  # conversation prefixes whose summary the proxy remembers
 
 
 def upstream_urls(
-    targets: tuple[str, ...], states: Callable[[str], DeploymentState] = load_state
+    targets: tuple[str, ...], states: Callable[[str], DeploymentState] | None = None
 ) -> list[str]:
-    """Each target's upstreams: a URL is one; a deployment (its name or file) is its running instances."""
+    """Each target's upstreams: a URL is one; a deployment (its name or file) is its running instances,
+    read by ``states`` (name -> state; the user's :func:`deployment_states`)."""
+    states = states or deployment_states().load
     urls: list[str] = []
     for target in targets:
         if "://" in target:

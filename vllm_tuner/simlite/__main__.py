@@ -10,8 +10,8 @@ import sys
 import threading
 from http.server import ThreadingHTTPServer
 
-from . import engine, oracle, state
-from .engine import GIB
+from . import groundtruth, oracle, state
+from .groundtruth import GIB
 from .server import PID, VERSION, Engine, api, core, log, make_handler, nap, torch_oom
 
 TRACE = "/usr/local/lib/python3.12/dist-packages/vllm"
@@ -105,7 +105,7 @@ class Walk:
             self.rank = ""  # one GPU: the worker runs inside the EngineCore process
         gpu = scenario["gpus"][self.gpus[0]]
         others = max(state.others_bytes(folder, scenario, g, exclude_pid=PID) for g in self.gpus)
-        self.b = engine.boot(
+        self.b = groundtruth.boot(
             prepared.model,
             self.launch,
             total_bytes=int(gpu["total_bytes"]),
@@ -522,8 +522,8 @@ class Walk:
         if launch.kv_cache_memory_bytes is None and launch.runner.keeps_kv_cache:
             consumed = b.weights_bytes + b.non_torch_bytes
             non_kv = consumed + b.activation_bytes + b.graph_actual_bytes
-            fit = b.requested_bytes - non_kv - engine.REDUNDANCY
-            full = b.free_at_start - non_kv - engine.REDUNDANCY
+            fit = b.requested_bytes - non_kv - groundtruth.REDUNDANCY
+            full = b.free_at_start - non_kv - groundtruth.REDUNDANCY
             self.worker(
                 f"Free memory on device ({b.free_at_start / GIB:.2f}/{b.total_bytes / GIB:.2f} GiB) on startup. "
                 f"Desired GPU memory utilization is ({launch.gpu_memory_utilization}, {b.requested_bytes / GIB:.2f} "

@@ -14,9 +14,9 @@ import io
 import json
 from dataclasses import dataclass
 
-from . import engine, hfconfig
+from . import groundtruth, hfconfig
 from . import runner as runners
-from .engine import LaunchArgs, ModelTruth, Truth
+from .groundtruth import LaunchArgs, ModelTruth, Truth
 from .server import (
     KV_DTYPES,
     build_parser,
@@ -195,14 +195,14 @@ def prepare(args: argparse.Namespace, scenario: dict, visible: str | None = None
         derived, key = hfconfig.derived_max_len(config)
     except KeyError as exc:
         raise ConfigError(f"KeyError: {exc}") from None
-    model = dataclasses.replace(engine.model_truth(model_name, config, weights), derived_max_len=derived)
+    model = dataclasses.replace(groundtruth.model_truth(model_name, config, weights), derived_max_len=derived)
     check_max_model_len(args, derived, key)
     runner = resolve_runner(args, config, derived)
     gpus = select_gpus(args, scenario, visible)
     entry = scenario_model_entry(scenario, model_name)
     truth = {**scenario.get("truth", {}), **{k: v for k, v in entry.items() if k != "faults"}}
     faults = {**scenario.get("faults", {}), **entry.get("faults", {})}
-    timing = {**engine.DEFAULT_TIMING, **scenario.get("timing", {})}
+    timing = {**groundtruth.DEFAULT_TIMING, **scenario.get("timing", {})}
     compiles, graphs = compilation(args)
     launch = LaunchArgs(
         tp=args.tensor_parallel_size,
@@ -256,7 +256,7 @@ def truth(scenario: dict, serve_args: list[str], gpu_ids: list[int]) -> Truth:
         return Truth(False, "startup_timeout", 0, 0.0, 0, False, 0)
     gpu = scenario["gpus"][prepared.gpus[0]]
     others = max(foreign_bytes(scenario, g) for g in prepared.gpus)
-    return engine.truth(
+    return groundtruth.truth(
         prepared.model,
         prepared.launch,
         total_bytes=int(gpu["total_bytes"]),

@@ -1,4 +1,4 @@
-"""The simulated ``vllm`` executable: argument parsing, the startup walk, the HTTP API and load.
+"""The simulated ``vllm``'s parts: log lines, argument parsing, the running engine, the HTTP API and load.
 
 Logs use vLLM 0.33's format and messages (see shared/research/vllm-internals.md §3–§5); times are
 slept divided by ``$VLLM_TUNE_SIM_TIME_SCALE`` but logged at their realistic values.
@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 
 from ..paths import profiles_dir
-from . import engine, pooling, state
-from .engine import GIB, MIB
+from . import groundtruth, pooling, state
+from .groundtruth import GIB, MIB
 from .hfconfig import dict_or_str
 from .runner import CONVERTS, RUNNERS, Runner
 
@@ -331,7 +331,7 @@ class Engine:
 
     def __init__(
         self,
-        boot: engine.Boot,
+        boot: groundtruth.Boot,
         timing: dict,
         gpus: list[int],
         folder: Path,
@@ -580,7 +580,7 @@ class EngineFailed(Exception):
 
 
 def make_handler(
-    eng: Engine, served: str, max_len: int, api_key: str | None, runner: Runner = engine.GENERATE
+    eng: Engine, served: str, max_len: int, api_key: str | None, runner: Runner = groundtruth.GENERATE
 ):
     routes = post_routes(runner)
 
