@@ -120,7 +120,7 @@ class Scheduler:
                 preempted.append(victim)
                 if victim is seq:
                     break
-            if seq in preempted:
+            if preempted and preempted[-1] is seq:
                 break
             scheduled.append((seq, new))
             budget -= new
