@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from vllm_tuner.simlite import engine, oracle, steptime
+from vllm_tuner.simlite import engine, oracle, scheduler, steptime
 from vllm_tuner.simlite.activate import load_scenario_file, resolve
-from vllm_tuner.simlite.scheduler import Scheduler, Seq
+from vllm_tuner.simlite.scheduler import LoadResult, Scheduler, Seq
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
 
 def launch(scenario: str, *flags: str, model: str = MODEL) -> tuple[engine.Boot, steptime.StepModel]:
-    """Boot ``model`` with ``flags`` on the scenario's first GPU: the pool and the step model."""
+    """Boot ``model`` with ``flags`` on the scenario's first GPUs: the pool and the step model."""
     resolved = resolve(load_scenario_file(scenario))
     prepared = oracle.prepare(oracle.parse([model, *flags]), resolved)
     gpu = resolved["gpus"][0]
@@ -28,16 +28,7 @@ def launch(scenario: str, *flags: str, model: str = MODEL) -> tuple[engine.Boot,
         truth=prepared.truth,
     )
     assert boot.category == "success"
-    model = steptime.step_model(
-        prepared.cost,
-        steptime.hardware_of(gpu["name"], steptime.load_gpu_specs()),
-        prepared.truth,
-        weights_bytes=boot.weights_bytes,
-        kv_bytes_per_token=boot.kv_bytes_per_token,
-        tp=prepared.launch.tp,
-        pp=prepared.launch.pp,
-    )
-    return boot, model
+    return boot, oracle.step_model(prepared, boot, gpu["name"])
 
 
 def closed_loop(
@@ -50,9 +41,8 @@ def closed_loop(
     seconds: float = 60.0,
     warmup: float = 10.0,
     batched: int | None = None,
-) -> dict:
-    """``clients`` clients, each sending its next request when the last one ends, for ``seconds``
-    simulated seconds: output tokens/s and TTFTs of the requests that finished after ``warmup``."""
+) -> LoadResult:
+    """:func:`scheduler.closed_loop` on this pool, with another token budget if ``batched``."""
     sched = Scheduler(
         num_blocks=boot.num_blocks,
         block_size=boot.block_size,
@@ -60,23 +50,11 @@ def closed_loop(
         max_num_batched_tokens=batched or boot.max_num_batched_tokens,
         step_time=model.seconds,
     )
-    for _ in range(clients):
-        sched.add(Seq(prompt, output))
-    now, done = 0.0, []
-    while now < seconds:
-        step = sched.step(now)
-        assert step is not None
-        now = step.ends
-        for seq in step.finished:
-            done.append(seq)
-            sched.add(Seq(prompt, output, arrived=now))
-    counted = [s for s in done if s.finished_at > warmup]
-    return {
-        "tokens_per_s": sum(s.generated for s in counted) / (now - warmup),
-        "ttft_p50": statistics.median(s.first_token_at - s.arrived for s in counted) if counted else None,
-        "preemptions": sched.preemptions,
-        "completed": len(done),
-    }
+    return scheduler.closed_loop(sched, clients, [(prompt, output)], seconds=seconds, warmup=warmup)
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values)
 
 
 # -- the step model -------------------------------------------------------------------------------
@@ -115,7 +93,7 @@ def test_gpu_peaks_come_from_the_profiles():
 def test_throughput_rises_with_concurrency_then_flattens():
     boot, model = launch("h100", "--max-model-len", "8192", "--max-num-seqs", "1024")
     rate = {
-        c: closed_loop(boot, model, c, prompt=512, output=256, seconds=30, warmup=5)["tokens_per_s"]
+        c: closed_loop(boot, model, c, prompt=512, output=256, seconds=30, warmup=5).output_tokens_per_s
         for c in (1, 4, 256, 1024)
     }
     assert rate[4] > 3 * rate[1]  # a small batch costs what one sequence costs: nearly linear
@@ -125,7 +103,7 @@ def test_throughput_rises_with_concurrency_then_flattens():
 
 def test_time_to_first_token_grows_with_load():
     boot, model = launch("h100", "--max-model-len", "8192", "--max-num-seqs", "512")
-    ttft = {c: closed_loop(boot, model, c, prompt=2048, output=128)["ttft_p50"] for c in (1, 16, 256)}
+    ttft = {c: p50(closed_loop(boot, model, c, prompt=2048, output=128).ttft_s) for c in (1, 16, 256)}
     assert ttft[1] < ttft[16] < ttft[256]
     assert ttft[256] > 5 * ttft[1]
 
@@ -134,7 +112,7 @@ def test_a_larger_token_budget_lowers_ttft_under_long_prompts():
     boot, model = launch("h100", "--max-model-len", "16384", "--max-num-seqs", "64")
     small = closed_loop(boot, model, 32, prompt=12000, output=64, batched=512)
     large = closed_loop(boot, model, 32, prompt=12000, output=64, batched=8192)
-    assert large["ttft_p50"] < 0.8 * small["ttft_p50"]
+    assert p50(large.ttft_s) < 0.8 * p50(small.ttft_s)
 
 
 def test_a_prompt_longer_than_the_budget_takes_several_steps():
@@ -213,8 +191,8 @@ def test_preemptions_appear_when_the_load_outgrows_the_pool():
     fits = pool_tokens // 1000 - 2  # each request ends at 500 + 500 tokens
     calm = closed_loop(boot, model, fits, prompt=500, output=500)
     crowded = closed_loop(boot, model, 2 * fits, prompt=500, output=500)
-    assert calm["preemptions"] == 0
-    assert crowded["preemptions"] > 0 and crowded["completed"] > 0
+    assert calm.preemptions == 0
+    assert crowded.preemptions > 0 and crowded.completed > 0
 
 
 # -- the hidden efficiencies -------------------------------------------------------------------------
@@ -241,3 +219,20 @@ def test_the_tuner_never_reads_the_hidden_efficiencies():
         if "simlite" not in path.parts and any(key in path.read_text() for key in HIDDEN)
     ]
     assert readers == []
+
+
+# -- the oracle of serving ---------------------------------------------------------------------------
+def test_the_oracle_serves_a_workload_with_the_engines_own_scheduler():
+    scenario = load_scenario_file("rtx-5090")
+    argv = ["serve", MODEL, "--max-model-len", "8192", "--max-num-seqs", "64"]
+    mix = [(3000, 200), (500, 500)]
+    few = oracle.load(scenario, argv, [0], clients=4, requests=mix, seconds=60, warmup=10)
+    many = oracle.load(scenario, argv, [0], clients=64, requests=mix, seconds=60, warmup=10)
+    assert few is not None and many is not None
+    assert many.output_tokens_per_s > 2.5 * few.output_tokens_per_s
+    assert many.percentile(many.ttft_s, 95) > few.percentile(few.ttft_s, 95)
+    assert few.percentile(few.itl_s, 50) < few.percentile(few.e2e_s, 50)
+    assert (
+        oracle.load(scenario, [*argv, "--gpu-memory-utilization", "1.5"], [0], clients=1, requests=mix)
+        is None
+    )

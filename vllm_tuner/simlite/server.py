@@ -7,7 +7,9 @@ slept divided by ``$VLLM_TUNE_SIM_TIME_SCALE`` but logged at their realistic val
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -15,7 +17,6 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -340,7 +341,7 @@ class Engine:
     def __init__(
         self,
         boot: engine.Boot,
-        step_time: Callable[[list[tuple[int, int]]], float],
+        scheduler: Scheduler,
         gpus: list[int],
         folder: Path,
         model_name: str,
@@ -349,7 +350,6 @@ class Engine:
         kv_cache_dtype: str = "auto",
         log_stats: bool = True,
         rank: str = "",
-        chunked_prefill: bool = True,
     ) -> None:
         self.boot = boot
         self.kv_cache_dtype = kv_cache_dtype
@@ -363,15 +363,7 @@ class Engine:
         self.model_name = model_name
         self.util = util
         self.lock = threading.Condition()
-        self.scheduler = Scheduler(
-            num_blocks=boot.num_blocks,
-            block_size=boot.block_size,
-            max_num_seqs=boot.max_num_seqs,
-            max_num_batched_tokens=boot.max_num_batched_tokens,
-            step_time=step_time,
-            chunked_prefill=chunked_prefill,
-            keeps_kv_cache=bool(boot.kv_bytes_per_token),  # a bidirectional encoder keeps no KV cache
-        )
+        self.scheduler = scheduler  # the launch's pool, batch limits and step model (oracle.scheduler)
         self.requests: dict[Seq, Request] = {}
         self.dead = False
         self.kv_usage = 0.0
@@ -600,22 +592,22 @@ HISTOGRAMS = {
 class Histogram:
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * len(bounds)
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, the last one above every bound
         self.total = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """One value (once per token for the inter-token latency: a bisection, not a scan)."""
         self.total += 1
         self.sum += value
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
 
     def lines(self, name: str, labels: str) -> list[str]:
+        """Prometheus' cumulative buckets."""
         out = [f"# TYPE {name} histogram"]
         out += [
             f'{name}_bucket{{{labels},le="{float(b)}"}} {c}'
-            for b, c in zip(self.bounds, self.counts, strict=True)
+            for b, c in zip(self.bounds, itertools.accumulate(self.counts), strict=False)
         ]
         out += [f'{name}_bucket{{{labels},le="+Inf"}} {self.total}']
         out += [f"{name}_count{{{labels}}} {self.total}", f"{name}_sum{{{labels}}} {self.sum:.6f}"]
