@@ -544,7 +544,7 @@ class Walk:
         nap(self.timing["server_s"])
         eng = Engine(
             b,
-            self.timing,
+            oracle.scheduler(self.p, b, str(self.scenario["gpus"][self.gpus[0]]["name"])),
             self.gpus,
             self.folder,
             self.p.model.name,
