@@ -307,7 +307,7 @@ def test_no_step_holds_the_load_says_why_and_what_to_change():
     steps = walk_pools(plan, holds_from=1.0)
     assert len(steps) == 3 and plan.last_stable(steps) is None
     reason = plan.next(steps).reason
-    assert reason.startswith("no step up to the ceiling 0.92 holds the load: at 0.92 3 preemption(s)")
+    assert reason.startswith("no step up to the ceiling 0.92 holds the load: at 0.92, 3 preemption(s)")
     assert "lower --max-num-seqs or --max-model-len" in reason
     steps = walk_pools(plan, holds_from=1.0, fails_from=0.915)  # memory runs out before the pool holds it
     assert [s.verdict for s in steps] == ["pool_too_small", "pool_too_small", "fail"]
@@ -358,7 +358,7 @@ def test_preemptions_with_memory_to_spare_are_a_pool_too_small_not_a_failure():
 
 def test_a_pool_below_the_soak_load_is_said_and_not_soaked():
     assert pool_shortfall(90944, 4 * 32768, RampPlan()) == (
-        "pool below the soak load: 131,072 tokens resident, 90,944 in the pool; not soaked"
+        "90,944 KV tokens, below the soak load's 131,072 resident tokens: not soaked"
     )
     assert pool_shortfall(131072, 4 * 32768, RampPlan()) == ""
     assert pool_shortfall(None, 4 * 32768, RampPlan()) == ""
@@ -367,7 +367,7 @@ def test_a_pool_below_the_soak_load_is_said_and_not_soaked():
         outcome("boots", kv_cache_tokens=90944), RampPlan(), "soak", soak_s=30, resident_tokens=131072
     )
     assert step.verdict == "pool_too_small" and step.category == POOL_TOO_SMALL
-    assert step.soak_elapsed_s is None and "131,072 tokens resident, 90,944 in the pool" in step.failure
+    assert step.soak_elapsed_s is None and "below the soak load's 131,072 resident tokens" in step.failure
     assert summary_table([step])[1].endswith("pool too small: not soaked")
     unsoaked = judge_step(
         outcome("boots", kv_cache_tokens=200000), RampPlan(), "soak", resident_tokens=131072

@@ -157,7 +157,7 @@ class RampPlan:
                 return Stop(f"reached {what}: {grid[max(passed)]:.2f} is stable")
             if high >= top:
                 return Stop(
-                    f"no step up to {what} holds the load: at {grid[high]:.2f} {small[high].failure}; "
+                    f"no step up to {what} holds the load: at {grid[high]:.2f}, {small[high].failure}; "
                     f"{SMALLER_LOAD}"
                 )
             if high in small:
@@ -371,7 +371,7 @@ def pool_shortfall(pool_tokens: int | None, resident_tokens: int | None, plan: R
         return ""
     if pool_tokens >= resident_tokens:
         return ""
-    return f"pool below the soak load: {resident_tokens:,} tokens resident, {pool_tokens:,} in the pool; not soaked"
+    return f"{pool_tokens:,} KV tokens, below the soak load's {resident_tokens:,} resident tokens: not soaked"
 
 
 def _soak_failure(
@@ -835,7 +835,7 @@ def _progress_verdict(step: StepResult) -> str:
 def step_words(step: StepResult, unit: str = "GPU") -> str:
     """One line about a finished step for the live view."""
     bits = []
-    if step.kv_cache_tokens is not None:
+    if step.kv_cache_tokens is not None and not (step.pool_too_small and step.soak_elapsed_s is None):
         bits.append(f"{step.kv_cache_tokens:,} KV tokens")
     if step.peak_used_bytes:
         bits.append(
