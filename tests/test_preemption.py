@@ -6,8 +6,12 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import pytest
+
+from vllm_tuner.commands.ramp import _preemption_rate
 from vllm_tuner.deploy.state import DeploymentState, InstanceState
 from vllm_tuner.deploy.status import deployment_status
+from vllm_tuner.errors import UsageError
 from vllm_tuner.probe import LoadReport, PreemptionReading, preemptions_from_metrics
 from vllm_tuner.trial import HEADROOM, PREEMPTIONS, ProbePlan, judge_probe, probe_verdict
 from vllm_tuner.workload import Stream, Workload, default_workload
@@ -109,3 +113,10 @@ def test_status_says_when_an_instance_preempts():
         processes=_Processes(),
     )
     assert "preemption" not in calm.render() and calm.as_dict()["instances"][0]["preemption_rate"] == 0.0
+
+
+def test_the_deprecated_count_still_means_rate_zero_and_refuses_any_other_count():
+    assert _preemption_rate(0.05, None) == 0.05
+    assert _preemption_rate(0.0, 0) == 0.0
+    with pytest.raises(UsageError, match="--max-preemption-rate"):
+        _preemption_rate(0.0, 3)
