@@ -11,6 +11,7 @@ from vllm_tuner.errors import UsageError
 from vllm_tuner.launch import VllmInfo
 from vllm_tuner.probe import LoadReport
 from vllm_tuner.ramp import (
+    POOL_TOO_SMALL,
     NextStep,
     RampPlan,
     StepResult,
@@ -18,6 +19,7 @@ from vllm_tuner.ramp import (
     config_from_args,
     judge_step,
     parse_serve_command,
+    pool_shortfall,
     read_find_result,
     summary_table,
 )
@@ -124,7 +126,7 @@ def test_the_first_decision_of_each_strategy():
         ({"step": 0.2}, "--step must be above 0 and at most"),
         ({"strategy": "random"}, "unknown --strategy"),
         ({"margin": -0.01}, "--margin must be at least 0"),
-        ({"max_preemptions": -1}, "--max-preemptions cannot be negative"),
+        ({"max_preemption_rate": -0.1}, "--max-preemption-rate must be at least 0"),
     ],
 )
 def test_validation_is_one_usage_error(changes, words):
@@ -170,7 +172,6 @@ def test_a_healthy_soak_passes_with_its_numbers():
     ("changes", "category", "words"),
     [
         ({"headroom_bytes": {0: 3 * GIB, 1: GIB // 2}}, HEADROOM, "GPU 1 had 0.50 GiB headroom under load"),
-        ({"preemptions": 3}, PREEMPTIONS, "3 preemption(s) under load (limit 0)"),
         ({"errors": {"http_5xx": 2}}, REQUEST_ERRORS, "2 request(s) failed under load (2 http_5xx)"),
         ({"server_died": True, "duration_s": 14.0}, "server_died_under_load", "died under load after 14.0s"),
     ],
@@ -272,3 +273,119 @@ def test_the_machine_id_from_nvml_tells_two_machines_apart():
     here = env_fingerprint(spec, gpu, (0,), vllm, machine_id="580.1|GPU-a")
     there = env_fingerprint(spec, gpu, (0,), vllm, machine_id="580.1|GPU-b")
     assert len({here, there, env_fingerprint(spec, gpu, (0,), vllm)}) == 3
+
+
+# -- preemption is a signal: a pool too small for the load climbs ---------------------------------------
+def small(u: float) -> StepResult:
+    return StepResult(u, "soak", "pool_too_small", PREEMPTIONS, "3 preemption(s) in 4 completed request(s)")
+
+
+def walk_pools(plan: RampPlan, holds_from: float, fails_from: float = 1.0) -> list[StepResult]:
+    """A machine whose pool holds the load from ``holds_from`` up and whose memory runs out from
+    ``fails_from`` up: below ``holds_from`` a step preempts with memory to spare."""
+    steps: list[StepResult] = []
+    for _ in range(40):
+        decision = plan.next(steps)
+        if isinstance(decision, Stop):
+            return steps
+        u = decision.utilization
+        if decision.phase == "edge":
+            steps.append(edge(u))
+        elif u >= fails_from:
+            steps.append(soak(u, False, HEADROOM))
+        else:
+            steps.append(soak(u) if u >= holds_from else small(u))
+    raise AssertionError("the plan never stopped")
+
+
+def test_a_start_that_preempts_with_memory_to_spare_climbs_to_the_step_that_holds_the_load():
+    plan = RampPlan(start=0.9)
+    steps = walk_pools(plan, holds_from=0.915)
+    assert [(s.utilization, s.verdict) for s in steps] == [
+        (0.9, "pool_too_small"),
+        (0.91, "pool_too_small"),
+        (0.92, "pass"),
+    ]
+    assert plan.last_stable(steps).utilization == 0.92 and plan.recommended(steps) == 0.92
+    assert "reached the ceiling 0.92: 0.92 is stable" in plan.next(steps).reason
+    assert "0.91's pool is too small for the load: one step up" in plan.next(steps[:2]).reason
+
+
+def test_climbing_past_small_pools_still_stops_at_memory_trouble():
+    plan = RampPlan()
+    steps = walk_pools(plan, holds_from=0.865, fails_from=0.885)
+    assert [s.verdict for s in steps] == ["pool_too_small", "pool_too_small", "pass", "pass", "fail"]
+    assert plan.last_stable(steps).utilization == 0.88 and "0.89 failed" in plan.next(steps).reason
+
+
+def test_no_step_holds_the_load_says_why_and_what_to_change():
+    plan = RampPlan(start=0.9)
+    steps = walk_pools(plan, holds_from=1.0)
+    assert len(steps) == 3 and plan.last_stable(steps) is None
+    reason = plan.next(steps).reason
+    assert reason.startswith("no step up to the ceiling 0.92 holds the load: at 0.92, 3 preemption(s)")
+    assert "lower --max-num-seqs or --max-model-len" in reason
+    steps = walk_pools(plan, holds_from=1.0, fails_from=0.915)  # memory runs out before the pool holds it
+    assert [s.verdict for s in steps] == ["pool_too_small", "pool_too_small", "fail"]
+    reason = plan.next(steps).reason
+    assert "0.92 failed" in reason and "0.91 below it is too small for the load" in reason
+
+
+def test_bisect_climbs_from_a_small_pool_below_the_edge_and_never_steps_down_onto_one():
+    plan = RampPlan(strategy="bisect")
+    steps = walk_pools(plan, holds_from=0.905)
+    assert [(s.utilization, s.verdict) for s in steps if s.phase == "soak"] == [
+        (0.91, "pass"),
+        (0.92, "pass"),
+    ]
+    steps = walk_pools(plan, holds_from=0.915)
+    assert [(s.utilization, s.verdict) for s in steps if s.phase == "soak"] == [
+        (0.91, "pool_too_small"),
+        (0.92, "pass"),
+    ]
+    steps = walk_pools(plan, holds_from=1.0, fails_from=0.915)
+    soaks = [(s.utilization, s.verdict) for s in steps if s.phase == "soak"]
+    assert soaks == [(0.91, "pool_too_small"), (0.92, "fail")] and plan.last_stable(steps) is None
+
+
+def test_preemptions_with_memory_to_spare_are_a_pool_too_small_not_a_failure():
+    step = judge_step(outcome("unstable", report=report(preemptions=10)), RampPlan(), "soak", soak_s=30)
+    assert step.verdict == "pool_too_small" and step.category == PREEMPTIONS and step.pool_too_small
+    assert (
+        "10 preemption(s) in 40 completed request(s) (0.25 per request) under load, limit 0" in step.failure
+    )
+    assert step.as_json()["preemption_rate"] == 0.25
+    assert summary_table([step])[1].endswith("pool too small: 0.25 preemptions/request")
+    # memory trouble wins: short of headroom and preempting is a failure, not a climb
+    both = report(preemptions=10, headroom_bytes={0: GIB // 4})
+    failed = judge_step(outcome("unstable", report=both), RampPlan(), "soak", soak_s=30)
+    assert failed.verdict == "fail" and failed.category == HEADROOM
+    # within the rate, the step holds
+    allowed = judge_step(
+        outcome("unstable", report=report(preemptions=10)),
+        RampPlan(max_preemption_rate=0.25),
+        "soak",
+        soak_s=30,
+    )
+    assert allowed.verdict == "pass"
+    again = StepResult.from_record(step.to_record())
+    assert again == step and again.pool_too_small
+
+
+def test_a_pool_below_the_soak_load_is_said_and_not_soaked():
+    assert pool_shortfall(90944, 4 * 32768, RampPlan()) == (
+        "90,944 KV tokens, below the soak load's 131,072 resident tokens: not soaked"
+    )
+    assert pool_shortfall(131072, 4 * 32768, RampPlan()) == ""
+    assert pool_shortfall(None, 4 * 32768, RampPlan()) == ""
+    assert pool_shortfall(90944, 4 * 32768, RampPlan(max_preemption_rate=0.1)) == ""  # the soak measures it
+    step = judge_step(
+        outcome("boots", kv_cache_tokens=90944), RampPlan(), "soak", soak_s=30, resident_tokens=131072
+    )
+    assert step.verdict == "pool_too_small" and step.category == POOL_TOO_SMALL
+    assert step.soak_elapsed_s is None and "below the soak load's 131,072 resident tokens" in step.failure
+    assert summary_table([step])[1].endswith("pool too small: not soaked")
+    unsoaked = judge_step(
+        outcome("boots", kv_cache_tokens=200000), RampPlan(), "soak", resident_tokens=131072
+    )
+    assert unsoaked.verdict == "fail" and unsoaked.failure == "booted but was not soaked"

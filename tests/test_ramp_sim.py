@@ -206,3 +206,52 @@ def test_bad_input_is_one_line_and_exit_2(sim, capsys, args, words):
     code = main(["ramp", "--model", "qwen2.5-7b", "--gpus", "1", "--vllm-cmd", env.vllm_cmd, *args])
     err = capsys.readouterr().err
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_start_whose_pool_cannot_hold_the_load_climbs_to_a_stable_step(sim, capsys):
+    # 7 × 16k = 114,688 tokens resident: the pool holds 104,800 at 0.86 … 113,232 at 0.88, 118,048 at 0.89
+    env = sim("rtx-4090")
+    flags = ["--max-model-len", "16384", "--max-num-seqs", "7"]
+    code, result = ramp(capsys, env, "--start", "0.86", "--ceiling", "0.90", "--soak", "1s", *flags)
+    assert code == 0, result
+    steps = result["steps"]
+    assert [(s["utilization"], s["verdict"]) for s in steps] == [
+        (0.86, "pool_too_small"),
+        (0.87, "pool_too_small"),
+        (0.88, "pool_too_small"),
+        (0.89, "pass"),
+        (0.9, "pass"),
+    ]
+    for s in steps[:3]:  # said when the server reported its pool, not soaked
+        assert s["kv_cache_tokens"] < 7 * 16384 and s["soak_elapsed_s"] is None
+        assert f"below the soak load's {7 * 16384:,} resident tokens" in s["failure"]
+    assert steps[3]["kv_cache_tokens"] >= 7 * 16384 and steps[3]["preemption_rate"] == 0
+    assert result["last_stable"] == 0.9 and result["failure"] is None
+    assert result["command"].endswith("--max-num-seqs 7 --gpu-memory-utilization 0.9")
+
+
+def test_no_step_that_holds_the_load_ends_at_once_and_says_why(sim, capsys):
+    env = sim("rtx-4090")
+    argv = ["ramp", "--model", "qwen2.5-7b", "--gpus", "1", "--vllm-cmd", env.vllm_cmd, "--start", "0.90"]
+    code = main([*argv, "--soak", "20m", "--max-model-len", "16384", "--max-num-seqs", "9"])
+    out = capsys.readouterr().out
+    assert code == 1
+    rows = [line for line in out.splitlines() if line.strip().startswith("0.9")]
+    assert len(rows) == 3 and all(r.endswith("pool too small: not soaked") for r in rows)
+    (verdict,) = [line for line in out.splitlines() if line.startswith("✘")]
+    assert verdict.startswith("✘ No stable step: no step up to the ceiling 0.92 holds the load: at 0.92, ")
+    assert "below the soak load's 147,456 resident tokens" in verdict and "lower --max-num-seqs" in verdict
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--max-preemption-rate", "-1"], "--max-preemption-rate must be at least 0"),
+        (["--max-preemptions", "3"], "--max-preemptions (a count) is replaced by --max-preemption-rate"),
+    ],
+)
+def test_a_bad_preemption_limit_is_one_line_and_exit_2(sim, capsys, args, words):
+    env = sim("rtx-4090")
+    code = main(["ramp", "--model", "qwen2.5-7b", "--gpus", "1", "--vllm-cmd", env.vllm_cmd, *args, *FLAGS])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1

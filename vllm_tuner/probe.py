@@ -12,6 +12,7 @@ worst case it claims to test.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import re
@@ -76,6 +77,46 @@ def kv_usage_from_metrics(text: str) -> float | None:
     return max(values) if values else None
 
 
+@dataclass(frozen=True)
+class PreemptionReading:
+    """Preemptions a server made against the requests it completed in the same span: the one reading
+    of preemption under load (find's probe, ramp's soak, ``status``).
+
+    The rate is per completed request, not per second: it has no unit of time, so a 30 s probe, an
+    hour's soak, the simulator's scaled clock and a server's whole life read the same, and it says what
+    it costs: 0.05 is one request in twenty recomputing its prefill (vLLM V1 preempts by recompute).
+    Preemptions with nothing completed read as an infinite rate."""
+
+    preemptions: int = 0
+    requests: int = 0  # completed in the same span
+
+    @property
+    def rate(self) -> float:
+        if self.requests:
+            return self.preemptions / self.requests
+        return math.inf if self.preemptions else 0.0
+
+    def within(self, max_rate: float | None) -> bool:
+        """At or under ``max_rate`` preemptions per completed request (None: any rate)."""
+        return max_rate is None or self.rate <= max_rate + 1e-12
+
+    def words(self) -> str:
+        """``153 preemptions in 40 completed requests (3.83 per request)``."""
+        rate = "none completed" if math.isinf(self.rate) else f"{self.rate:.2f} per request"
+        return f"{self.preemptions:,} preemption(s) in {self.requests:,} completed request(s) ({rate})"
+
+
+def preemptions_from_metrics(text: str) -> PreemptionReading | None:
+    """A server's preemptions against its completed requests since it started (``vllm:num_preemptions_total``
+    and ``vllm:request_success_total``, summed over engines and finish reasons); None without them."""
+    metrics = parse_metrics(text)
+    if "vllm:num_preemptions_total" not in metrics:
+        return None
+    return PreemptionReading(
+        int(metrics["vllm:num_preemptions_total"]), int(metrics.get("vllm:request_success_total", 0))
+    )
+
+
 @dataclass
 class LoadReport:
     ok: bool = False
@@ -92,6 +133,11 @@ class LoadReport:
     ttft_p50_s: float | None = None
     duration_s: float = 0.0
     first_error: str = ""
+
+    @property
+    def preemption(self) -> PreemptionReading:
+        """Its preemptions against the requests it completed."""
+        return PreemptionReading(self.preemptions or 0, self.requests or 0)
 
 
 class _Tally:

@@ -96,7 +96,7 @@ class TerminalProgress:
 
     def done(self, verdict: str, detail: str = "") -> None:
         self._clear()
-        mark = {"stable": "✔", "boots": "•", "skipped": "↷"}.get(verdict, "✘")
+        mark = {"stable": "✔", "boots": "•", "skipped": "↷", "pool too small": "↗"}.get(verdict, "✘")
         self._out.write(f"  {mark} {verdict}{(': ' + detail) if detail else ''}\n")
         self._out.flush()
 

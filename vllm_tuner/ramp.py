@@ -15,6 +15,7 @@ the step it was in.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,10 +23,12 @@ from pathlib import Path
 
 from .devices import unit_of
 from .errors import UsageError
+from .probe import PreemptionReading
 from .progress import Progress
 from .serveconfig import TUNED_FLAGS, ServeConfig
 from .store import stable_key
 from .trial import (
+    PREEMPTIONS,
     SERVER_DIED,
     ProbePlan,
     Timeouts,
@@ -41,6 +44,8 @@ GIB = 1 << 30
 MAX_CEILING = 0.98
 STRATEGIES = ("linear", "bisect")
 # Ramp-level failure categories (besides the log categories of docs/architecture.md).
+# The server's KV pool holds fewer tokens than the soak load keeps resident.
+POOL_TOO_SMALL = "pool_below_load"
 
 
 # -- the plan (pure) -----------------------------------------------------------------------------
@@ -65,7 +70,7 @@ class RampPlan:
     margin: float = 0.0
     soak_s: float = 3600.0
     headroom_bytes: int = GIB
-    max_preemptions: int | None = 0
+    max_preemption_rate: float | None = 0.0  # per completed request, for the step the ramp chooses
 
     def validate(self) -> None:
         """One-line :class:`UsageError` for values the ramp cannot use."""
@@ -96,8 +101,11 @@ class RampPlan:
             raise UsageError(f"--soak must be positive, got {self.soak_s}", "use e.g. --soak 1h")
         if self.headroom_bytes < 0:
             raise UsageError("--headroom cannot be negative", "use e.g. --headroom 1")
-        if self.max_preemptions is not None and self.max_preemptions < 0:
-            raise UsageError("--max-preemptions cannot be negative", "use e.g. --max-preemptions 0")
+        if self.max_preemption_rate is not None and not self.max_preemption_rate >= 0:
+            raise UsageError(
+                f"--max-preemption-rate must be at least 0, got {self.max_preemption_rate}",
+                "use e.g. --max-preemption-rate 0 (none) or 0.05 (one request in twenty)",
+            )
 
     def grid(self) -> tuple[float, ...]:
         """start, start + step, … up to the ceiling (rounded so 0.85 + 0.01 is 0.86)."""
@@ -122,7 +130,8 @@ class RampPlan:
         soaks = [(self.index(s.utilization), s) for s in steps if s.phase == "soak"]
         soaks = [(i, s) for i, s in soaks if i is not None]
         passed = [i for i, s in soaks if s.passed]
-        failed = [(i, s) for i, s in soaks if not s.passed]
+        small = {i: s for i, s in soaks if s.pool_too_small}  # memory to spare: climb
+        failed = [(i, s) for i, s in soaks if not s.passed and not s.pool_too_small]
         if passed and failed:
             i, s = min(failed, key=lambda f: f[0])
             return Stop(
@@ -130,17 +139,31 @@ class RampPlan:
             )
         if failed:
             low = min(i for i, _ in failed)
+            s = next(s for i, s in failed if i == low)
+            below = [i for i in small if i < low]
+            if below:  # memory trouble above, a pool too small for the load below: no step holds it
+                return Stop(
+                    f"{grid[low]:.2f} failed ({s.failure or s.category}) and {grid[max(below)]:.2f} "
+                    f"below it is too small for the load ({small[max(below)].failure}): {SMALLER_LOAD}"
+                )
             if self.strategy == "linear" or low == 0:
-                s = next(s for i, s in failed if i == low)
                 return Stop(
                     f"{grid[low]:.2f} failed ({s.failure or s.category}) and no lower step is allowed"
                 )
             return NextStep(grid[low - 1], "soak", f"{grid[low]:.2f} failed the soak: one step down")
-        if passed:
-            high = max(passed)
+        if passed or small:
+            high = max([*passed, *small])
+            what = "the startup edge" if top < len(grid) - 1 else f"the ceiling {self.ceiling:.2f}"
+            if high >= top and passed:
+                return Stop(f"reached {what}: {grid[max(passed)]:.2f} is stable")
             if high >= top:
-                what = "the startup edge" if top < len(grid) - 1 else f"the ceiling {self.ceiling:.2f}"
-                return Stop(f"reached {what}: {grid[high]:.2f} is stable")
+                return Stop(
+                    f"no step up to {what} holds the load: at {grid[high]:.2f}, {small[high].failure}; "
+                    f"{SMALLER_LOAD}"
+                )
+            if high in small:
+                why = f"{grid[high]:.2f}'s pool is too small for the load: one step up (a larger pool)"
+                return NextStep(grid[high + 1], "soak", why)
             return NextStep(grid[high + 1], "soak", f"{grid[high]:.2f} held the soak: one step up")
         if self.strategy == "bisect":
             first = max(0, top - 1)
@@ -169,8 +192,9 @@ class RampPlan:
         return lo
 
     def last_stable(self, steps: Sequence[StepResult]) -> StepResult | None:
-        """The highest step that held its soak below every step that failed one."""
-        failed = [s.utilization for s in steps if s.phase == "soak" and not s.passed]
+        """The highest step that held its soak below every step that failed one (a pool too small for
+        the load is no failure: the steps above it have larger pools)."""
+        failed = [s.utilization for s in steps if s.phase == "soak" and not (s.passed or s.pool_too_small)]
         limit = min(failed) if failed else float("inf")
         passed = [s for s in steps if s.phase == "soak" and s.passed and s.utilization < limit]
         return max(passed, key=lambda s: s.utilization) if passed else None
@@ -181,6 +205,12 @@ class RampPlan:
         if best is None:
             return None
         return round(max(0.01, best.utilization - self.margin), 4)
+
+
+SMALLER_LOAD = (
+    "lower --max-num-seqs or --max-model-len, raise --ceiling, or accept some preemption with "
+    "--max-preemption-rate"
+)
 
 
 def _range(grid: tuple[float, ...], lo: int, hi: int) -> str:
@@ -194,8 +224,8 @@ def _range(grid: tuple[float, ...], lo: int, hi: int) -> str:
 class StepResult:
     utilization: float
     phase: str  # edge | soak
-    verdict: str  # pass | fail (soak), boots | fail (edge)
-    category: str  # success, a log category, or one of the ramp's (HEADROOM, ...)
+    verdict: str  # pass | fail | pool_too_small (soak), boots | fail (edge)
+    category: str  # success, a log category, or one of the ramp's (HEADROOM, POOL_TOO_SMALL, ...)
     failure: str = ""  # the reason in words with its numbers
     kv_cache_tokens: int | None = None
     kv_pool_gib: float | None = None
@@ -217,8 +247,17 @@ class StepResult:
         return self.verdict in ("pass", "boots")
 
     @property
+    def pool_too_small(self) -> bool:
+        """Preempted with memory to spare, or a pool below the load: a larger step may hold it."""
+        return self.verdict == "pool_too_small"
+
+    @property
     def min_headroom_bytes(self) -> int | None:
         return min(self.headroom_bytes.values()) if self.headroom_bytes else None
+
+    @property
+    def preemption(self) -> PreemptionReading:
+        return PreemptionReading(self.preemptions or 0, self.requests or 0)
 
     def as_json(self) -> dict:
         return {
@@ -233,6 +272,7 @@ class StepResult:
             "headroom_gib": {str(g): round(b / GIB, 3) for g, b in sorted(self.headroom_bytes.items())},
             "max_kv_usage": self.max_kv_usage,
             "preemptions": self.preemptions,
+            "preemption_rate": _rate(self.preemption) if self.preemptions is not None else None,
             "requests": self.requests,
             "errors": self.errors,
             "latency_p50_s": _round(self.latency_p50_s),
@@ -256,18 +296,31 @@ class StepResult:
         return cls(**known)
 
 
+def _rate(reading: PreemptionReading) -> float | None:
+    """Preemptions per completed request for JSON (None: preemptions and nothing completed)."""
+    return None if math.isinf(reading.rate) else round(reading.rate, 4)
+
+
 def _round(x: float | None) -> float | None:
     return round(x, 3) if x is not None else None
 
 
 def judge_step(
-    outcome: TrialOutcome, plan: RampPlan, phase: str, *, soak_s: float | None = None, unit: str = "GPU"
+    outcome: TrialOutcome,
+    plan: RampPlan,
+    phase: str,
+    *,
+    soak_s: float | None = None,
+    unit: str = "GPU",
+    resident_tokens: int | None = None,
 ) -> StepResult:
     """A trial outcome (and its soak report, when it got that far) → the step's verdict and numbers.
 
     A soak passes only if the process stayed alive, the log showed no OOM or engine death, no request
-    failed, preemptions stayed within ``plan.max_preemptions`` and every device (a ``unit``) kept
-    ``plan.headroom_bytes``.
+    failed, every device (a ``unit``) kept ``plan.headroom_bytes`` and preemptions stayed within
+    ``plan.max_preemption_rate``. Preemptions over the rate with memory to spare, or a pool below the
+    ``resident_tokens`` of the soak load (:func:`pool_shortfall`; then it was not soaked), make the
+    verdict ``pool_too_small``: the KV pool is too small for the load, and a higher step has a larger one.
     """
     u = outcome.config.gpu_memory_utilization or 0.0
     facts = outcome.facts or {}
@@ -289,6 +342,10 @@ def judge_step(
         step.verdict, step.category = "boots", "success"
         return step
     report = outcome.probe
+    short = pool_shortfall(step.kv_cache_tokens, resident_tokens, plan)
+    if report is None and short:
+        step.verdict, step.category, step.failure = "pool_too_small", POOL_TOO_SMALL, short
+        return step
     if report is None:  # booted but never soaked: nothing proves it
         step.failure = "booted but was not soaked"
         return step
@@ -304,8 +361,18 @@ def judge_step(
     step.soak_elapsed_s = report.duration_s
     category, failure = _soak_failure(outcome, report, plan, soak_s, unit)
     step.category, step.failure = category, failure
-    step.verdict = "pass" if category == "success" else "fail"
+    step.verdict = {"success": "pass", PREEMPTIONS: "pool_too_small"}.get(category, "fail")
     return step
+
+
+def pool_shortfall(pool_tokens: int | None, resident_tokens: int | None, plan: RampPlan) -> str:
+    """Why a step's KV pool plainly cannot hold the soak load, or "" when it can (or a number is
+    missing, or the plan accepts preemption: then the soak measures the rate)."""
+    if pool_tokens is None or not resident_tokens or plan.max_preemption_rate != 0:
+        return ""
+    if pool_tokens >= resident_tokens:
+        return ""
+    return f"{pool_tokens:,} KV tokens, below the soak load's {resident_tokens:,} resident tokens: not soaked"
 
 
 def _soak_failure(
@@ -320,7 +387,7 @@ def _soak_failure(
         detail = f": {outcome.evidence.strip()[:160]}" if outcome.evidence else ""
         return category, f"died under load {when} ({category.replace('_', ' ')}){detail}"
     verdict = probe_verdict(
-        report, headroom_bytes=plan.headroom_bytes, max_preemptions=plan.max_preemptions, unit=unit
+        report, headroom_bytes=plan.headroom_bytes, max_preemption_rate=plan.max_preemption_rate, unit=unit
     )
     return verdict.category, verdict.failure
 
@@ -490,7 +557,10 @@ class RampResult:
         return shell_command(cfg.serve_args(), self.env, vllm_cmd=self.request.vllm_cmd) if cfg else None
 
     def failure(self) -> StepResult | None:
-        return next((s for s in self.steps if s.phase == "soak" and not s.passed), None)
+        """The first step with memory trouble (a pool too small for the load is none)."""
+        return next(
+            (s for s in self.steps if s.phase == "soak" and not s.passed and not s.pool_too_small), None
+        )
 
     def as_json(self) -> dict:
         last = self.last_stable
@@ -588,10 +658,18 @@ class Ramp:
         log_path = self.log_dir / f"step-{number:02d}-{decision.utilization:.2f}-{decision.phase}.log"
         plan = self.request.plan
         soaking = decision.phase == "soak"
+        resident: int | None = None  # the soak load's resident tokens, once the step has booted
 
         def decide_probe(facts: dict) -> ProbePlan | None:
             if not soaking:
                 return None
+            nonlocal resident
+            work = self._soak_workload(cfg, facts)
+            self.progress.note(f"soak load: {work.describe()}")
+            resident = work.resident_tokens(_soak_concurrency(cfg, facts))
+            pool = int(facts["kv_cache_tokens"]) if "kv_cache_tokens" in facts else None
+            if pool_shortfall(pool, resident, plan):
+                return None  # the step's line says so at once, instead of thrashing a pool that cannot hold the load
             probe = ProbePlan.worst_case(
                 cfg, headroom_bytes=plan.headroom_bytes, duration_s=plan.soak_s, sustained=True
             )
@@ -601,7 +679,7 @@ class Ramp:
                 probe.max_tokens,
                 plan.soak_s,
                 plan.headroom_bytes,
-                plan.max_preemptions,
+                plan.max_preemption_rate,
             )
 
         def soak_load(facts: dict):
@@ -609,30 +687,40 @@ class Ramp:
 
         outcome = self.trials.run(cfg, log_path=log_path, decide_probe=decide_probe, make_load=soak_load)
         step = judge_step(
-            outcome, plan, decision.phase, soak_s=plan.soak_s if soaking else None, unit=self.unit
+            outcome,
+            plan,
+            decision.phase,
+            soak_s=plan.soak_s if soaking else None,
+            unit=self.unit,
+            resident_tokens=resident,
         )
         self._record(outcome, step)  # recorded before anything else can interrupt
         return step
 
-    def _workload_runner(self, cfg: ServeConfig, facts: dict, on_tick: Callable[[object], None]) -> Callable:
-        from .workload import default_workload, replay_workload, run_workload
+    def _soak_workload(self, cfg: ServeConfig, facts: dict):
+        """The soak load for a booted step (``facts``: what its server printed)."""
+        from .workload import default_workload, replay_workload
 
         r = self.request
         context = int(cfg.max_model_len or facts.get("max_model_len") or 2048)
-        concurrency = cfg.max_num_seqs or max(1, min(64, int(facts.get("max_concurrency", 1))))
+        concurrency = _soak_concurrency(cfg, facts)
         if r.replay:
-            work = replay_workload(
+            return replay_workload(
                 r.replay, concurrency=concurrency, context=context, duration_s=r.plan.soak_s
             )
-        else:
-            work = default_workload(
-                concurrency=concurrency,
-                context=context,
-                duration_s=r.plan.soak_s,
-                warmup_s=r.warmup_s,
-                short_requests=r.short_requests,
-            )
-        self.progress.note(f"soak load: {work.describe()}")
+        return default_workload(
+            concurrency=concurrency,
+            context=context,
+            duration_s=r.plan.soak_s,
+            warmup_s=r.warmup_s,
+            short_requests=r.short_requests,
+        )
+
+    def _workload_runner(self, cfg: ServeConfig, facts: dict, on_tick: Callable[[object], None]) -> Callable:
+        from .workload import run_workload
+
+        r = self.request
+        work = self._soak_workload(cfg, facts)
 
         def load(base_url: str, model: str, is_alive: Callable[[], bool]):
             return run_workload(
@@ -688,6 +776,12 @@ class Ramp:
         return RampResult(self.request, list(steps), reason, complete, launches, run_id, env)
 
 
+def _soak_concurrency(cfg: ServeConfig, facts: dict) -> int:
+    """Sequences the soak keeps running: ``--max-num-seqs``, else as many full-length ones as vLLM says
+    its pool holds (1..64)."""
+    return cfg.max_num_seqs or max(1, min(64, int(facts.get("max_concurrency", 1))))
+
+
 def _step_from_record(rec) -> StepResult:
     data = (rec.probe or {}).get("ramp_step")
     if data:
@@ -700,13 +794,13 @@ def _trial_verdict(step: StepResult) -> str:
     """The store's trial verdict words (stable | boots | unstable | failed)."""
     if step.verdict == "pass":
         return "stable"
-    if step.verdict == "boots":
-        return "boots"
+    if step.verdict == "boots" or (step.pool_too_small and step.soak_elapsed_s is None):
+        return "boots"  # booted; its pool was too small for the soak load, so it was not soaked
     return "failed" if step.soak_elapsed_s is None else "unstable"
 
 
 def _progress_verdict(step: StepResult) -> str:
-    return {"pass": "stable", "boots": "boots"}.get(
+    return {"pass": "stable", "boots": "boots", "pool_too_small": "pool too small"}.get(
         step.verdict, "unstable" if step.soak_elapsed_s is not None else "failed"
     )
 
@@ -714,7 +808,7 @@ def _progress_verdict(step: StepResult) -> str:
 def step_words(step: StepResult, unit: str = "GPU") -> str:
     """One line about a finished step for the live view."""
     bits = []
-    if step.kv_cache_tokens is not None:
+    if step.kv_cache_tokens is not None and not (step.pool_too_small and step.soak_elapsed_s is None):
         bits.append(f"{step.kv_cache_tokens:,} KV tokens")
     if step.peak_used_bytes:
         bits.append(
@@ -756,8 +850,19 @@ def summary_table(steps: Sequence[StepResult], unit: str = "GPU") -> list[str]:
                 f"{s.latency_p50_s:.2f}/{s.latency_p99_s:.2f}"
                 if s.latency_p50_s is not None and s.latency_p99_s is not None
                 else "-",
-                s.verdict if s.passed else f"fail: {s.category.replace('_', ' ')}",
+                _table_verdict(s),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _table_verdict(step: StepResult) -> str:
+    if step.passed:
+        return step.verdict
+    if step.pool_too_small and step.soak_elapsed_s is None:
+        return "pool too small: not soaked"
+    if step.pool_too_small:
+        rate = step.preemption.rate
+        return f"pool too small: {'all' if math.isinf(rate) else f'{rate:.2f}'} preemptions/request"
+    return f"fail: {step.category.replace('_', ' ')}"

@@ -33,7 +33,7 @@ class ProbePlan:
     max_tokens: int
     duration_s: float | None = None
     headroom_bytes: int = GIB
-    max_preemptions: int | None = None
+    max_preemption_rate: float | None = None  # preemptions per completed request (None: any)
 
     @classmethod
     def worst_case(
@@ -301,10 +301,12 @@ class ProbeVerdict:
 
 
 def probe_verdict(
-    report, *, headroom_bytes: int, max_preemptions: int | None, unit: str = "GPU"
+    report, *, headroom_bytes: int, max_preemption_rate: float | None, unit: str = "GPU"
 ) -> ProbeVerdict:
     """Alive, no failed request, ``headroom_bytes`` left on every device (a ``unit``: "GPU", "NUMA
-    node") and preemptions within ``max_preemptions`` (None: any), in that order."""
+    node") and preemptions within ``max_preemption_rate`` per completed request (None: any), in that
+    order: memory trouble wins, so :data:`PREEMPTIONS` means preemption with memory to spare — the KV
+    pool is too small for the load (:class:`probe.PreemptionReading`)."""
     if report.server_died:
         return ProbeVerdict(SERVER_DIED, "the server died under load")
     errors = report.errors if isinstance(report.errors, dict) else {}
@@ -322,9 +324,10 @@ def probe_verdict(
                 f"{unit} {worst_device} had {worst / GIB:.2f} GiB headroom under load, "
                 f"below the {headroom_bytes / GIB:.2f} GiB required",
             )
-    if max_preemptions is not None and (report.preemptions or 0) > max_preemptions:
+    reading = report.preemption
+    if not reading.within(max_preemption_rate):
         return ProbeVerdict(
-            PREEMPTIONS, f"{report.preemptions} preemption(s) under load (limit {max_preemptions})"
+            PREEMPTIONS, f"{reading.words()} under load, limit {max_preemption_rate:g} per request"
         )
     return ProbeVerdict()
 
@@ -332,7 +335,7 @@ def probe_verdict(
 def judge_probe(report, plan: ProbePlan, unit: str = "GPU") -> str:
     """Why a load probe failed, or "" if the config held (:func:`probe_verdict`'s words)."""
     return probe_verdict(
-        report, headroom_bytes=plan.headroom_bytes, max_preemptions=plan.max_preemptions, unit=unit
+        report, headroom_bytes=plan.headroom_bytes, max_preemption_rate=plan.max_preemption_rate, unit=unit
     ).failure
 
 

@@ -48,6 +48,15 @@ class Workload:
     def peak_concurrency(self) -> int:
         return sum(s.concurrency for s in self.streams)
 
+    def resident_tokens(self, max_running: int | None = None) -> int:
+        """The KV tokens its requests hold when every one that can run at once (at most ``max_running``,
+        the server's ``--max-num-seqs``; the longest first) is at full length: a pool below this cannot
+        hold the load without preempting."""
+        lengths = sorted(
+            (s.prompt_tokens + s.max_tokens for s in self.streams for _ in range(s.concurrency)), reverse=True
+        )
+        return sum(lengths[:max_running] if max_running else lengths)
+
     def describe(self) -> str:
         groups: dict[tuple[str, int, int], int] = {}
         for s in self.streams:

@@ -65,11 +65,15 @@ GIB = 1 << 30
 )
 @headroom_option
 @click.option(
-    "--max-preemptions",
-    type=int,
-    default=0,
+    "--max-preemption-rate",
+    type=float,
+    default=0.0,
     show_default=True,
-    help="Preemptions a step may show under load.",
+    help="Preemptions per completed request the chosen step may show under load; a step over it with "
+    "memory to spare has a pool too small for the load, and the ramp climbs.",
+)
+@click.option(
+    "--max-preemptions", type=int, default=None, hidden=True, help="Deprecated: --max-preemption-rate."
 )
 @path_option(
     "--workload-file",
@@ -99,6 +103,7 @@ def command(
     strategy,
     margin,
     headroom,
+    max_preemption_rate,
     max_preemptions,
     workload_file,
     no_short,
@@ -113,8 +118,10 @@ def command(
 
     \b
     Each step restarts vLLM with the next utilization and the other flags unchanged, waits until it
-    is ready and keeps it under load for the soak. The first step that dies, fails requests, preempts
-    or leaves less than --headroom free on a GPU ends the ramp; the last stable step is the answer.
+    is ready and keeps it under load for the soak. The first step that dies, fails requests or leaves
+    less than --headroom free on a GPU ends the ramp; the last stable step is the answer. A step that
+    preempts with memory to spare, or whose KV pool is below the soak load, is too small for the load:
+    the ramp climbs to a larger pool (the answer must be within --max-preemption-rate).
 
     \b
     Examples:
@@ -134,7 +141,7 @@ def command(
         margin=margin,
         soak_s=parse_duration(soak, option="--soak"),
         headroom_bytes=int(headroom * GIB),
-        max_preemptions=max_preemptions,
+        max_preemption_rate=_preemption_rate(max_preemption_rate, max_preemptions),
     )
     plan.validate()
     if max_launches is not None and max_launches < 1:
@@ -202,6 +209,20 @@ def command(
         _print_result(result, unit)
     if result.last_stable is None and result.complete:
         raise click.exceptions.Exit(1)
+
+
+def _preemption_rate(rate: float, old_count: int | None) -> float:
+    """``--max-preemptions`` (a count, deprecated) still works for 0, which is rate 0; a count above
+    0 has no rate it equals, so it is refused with the flag that replaces it."""
+    if old_count is None:
+        return rate
+    if old_count == 0:
+        click.echo("note: --max-preemptions is deprecated; it is --max-preemption-rate 0", err=True)
+        return 0.0
+    raise UsageError(
+        "--max-preemptions (a count) is replaced by --max-preemption-rate (preemptions per completed request)",
+        "use e.g. --max-preemption-rate 0.05 (one request in twenty)",
+    )
 
 
 def _run(runtime, request, spec, gpu, nvml):

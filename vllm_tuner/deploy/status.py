@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..probe import kv_usage_from_metrics
+from ..probe import PreemptionReading, kv_usage_from_metrics, preemptions_from_metrics
 from ..procgroup import RELEASE_TOLERANCE_BYTES
 from .instances import InstanceProcesses
 from .plan import GIB
@@ -28,7 +28,9 @@ def deployment_status(state: DeploymentState, *, nvml, http, processes: Instance
         health = http_status(http, f"http://127.0.0.1:{inst.port}/health") if alive else None
         pids = processes.pids(inst) if alive else set()
         used = {g: sum(v for pid, v in per_pid[g].items() if pid in pids) for g in inst.gpu_ids}
-        kv = _kv_usage(http, inst.port) if health == 200 else None
+        metrics = _metrics_text(http, inst.port) if health == 200 else None
+        kv = kv_usage_from_metrics(metrics) if metrics is not None else None
+        preemption = preemptions_from_metrics(metrics) if metrics is not None else None
         rows.append(
             InstanceStatus(
                 inst.name,
@@ -40,6 +42,7 @@ def deployment_status(state: DeploymentState, *, nvml, http, processes: Instance
                 kv,
                 inst.footprint_bytes,
                 inst.phase,
+                preemption=preemption,
             )
         )
     recorded = {i.name for i in state.instances}
@@ -75,6 +78,7 @@ class InstanceStatus:
     planned_bytes: int
     phase: str | None = None
     started: bool = True  # False: its phase should run it, and no process of it was started
+    preemption: PreemptionReading | None = None  # since the server started, from its /metrics
 
     @property
     def state(self) -> str:
@@ -141,6 +145,9 @@ class StatusReport:
                     "used_bytes": {str(k): v for k, v in i.used_bytes.items()},
                     "planned_bytes": i.planned_bytes,
                     "kv_usage": i.kv_usage,
+                    "preemptions": i.preemption.preemptions if i.preemption else None,
+                    "completed_requests": i.preemption.requests if i.preemption else None,
+                    "preemption_rate": _rate(i.preemption),
                     "phase": i.phase,
                 }
                 for i in self.instances
@@ -178,6 +185,9 @@ class StatusReport:
             )
         if self.proxy is not None:
             lines.append(f"  {'proxy':<16}{self.proxy.state:<20}{self.proxy.port:>6}  {self.proxy.url}/v1")
+        for i in self.instances:  # vLLM preempts when the KV pool runs short: the traffic outgrows it
+            if i.preemption is not None and i.preemption.preemptions:
+                lines.append(f"  {i.name}: {i.preemption.words()}: its KV pool is too small for this traffic")
         lines.append("")
         for g in self.gpus:
             alert = f"  ALERT {g.alert}" if g.alert else ""
@@ -198,12 +208,18 @@ def alert_level(fraction: float) -> str:
     return ""
 
 
-def _kv_usage(http, port: int) -> float | None:
+def _metrics_text(http, port: int) -> str | None:
     try:
         response = http.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
     except Exception:
         return None
-    return kv_usage_from_metrics(response.text) if response.status_code == 200 else None
+    return response.text if response.status_code == 200 else None
+
+
+def _rate(reading: PreemptionReading | None) -> float | None:
+    if reading is None or reading.rate == float("inf"):
+        return None
+    return round(reading.rate, 4)
 
 
 def http_status(http, url: str) -> int | None:
