@@ -19,9 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .logparse import Diagnosis, Facts
+from .units import GIB, MIB
 
-GIB = 1 << 30
-MIB = 1 << 20
 LENGTH_STEP = 256  # suggested context lengths are rounded down to this
 UTIL_CEILING = 0.98  # never suggest more than this
 UTIL_MARGIN = 0.01

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 from .errors import GpuError, UsageError
 from .serveconfig import ServeConfig
-
-GIB = 1 << 30
+from .units import GIB
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,8 @@ from .models import KvLayers, ModelSpec
 from .pooling import GENERATE, RunnerChoice, runner_of
 from .rope import beyond_native, with_hf_overrides
 from .serveconfig import ServeConfig
+from .units import GIB, MIB
 
-GIB = 1 << 30
-MIB = 1 << 20
 DEFAULT_UTILIZATION = 0.92  # CacheConfig.gpu_memory_utilization default in vLLM 0.33 (§1)
 DEFAULT_BLOCK_SIZE = 16  # CacheConfig DEFAULT_BLOCK_SIZE (§1 --block-size)
 MLA_BLOCK_SIZE = 64  # MLA backends' supported block size (§1 --block-size)

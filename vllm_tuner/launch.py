@@ -31,8 +31,8 @@ from .errors import GpuError, LaunchError, VllmError
 from .paths import data_dir
 from .procgroup import end_group, reaper_argv, signal_group, wait_released
 from .serveconfig import API_SERVER_MODULE, ServeConfig, is_api_server_form, vllm_argv
+from .units import GIB
 
-GIB = 1 << 30
 HOST = "127.0.0.1"
 
 

@@ -28,8 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .failures import NAMES
-
-GIB = 1 << 30
+from .units import GIB
 
 # every category a diagnosis can name (declared, with what each means to the tuner, in failures.py)
 CATEGORIES: tuple[str, ...] = NAMES

@@ -34,9 +34,8 @@ from .trial import (
     probe_verdict,
 )
 from .trialrecord import config_from_record, config_record
-from .units import format_duration
+from .units import GIB, format_duration
 
-GIB = 1 << 30
 MAX_CEILING = 0.98
 STRATEGIES = ("linear", "bisect")
 # Ramp-level failure categories (besides the log categories of docs/architecture.md).

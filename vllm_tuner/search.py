@@ -25,8 +25,8 @@ from .failures import Response
 from .objectives import Objective, Sizing, named
 from .objectives.base import UTIL_STEP, round_length
 from .serveconfig import ServeConfig
+from .units import GIB
 
-GIB = 1 << 30
 # rope-scaling comes last: it buys no memory (it costs some), only a context past the model's own length, and
 # it changes every request, short ones too; a floor past that length needs it whatever the other knobs do
 LOSSY_ORDER = ("eager", "fp8-kv", "offload", "rope-scaling")

@@ -15,8 +15,7 @@ from pathlib import Path
 from .devices import unit_of
 from .progress import Progress
 from .serveconfig import ServeConfig
-
-GIB = 1 << 30
+from .units import GIB
 
 # (base_url, served_model_name, is_alive) -> probe.LoadReport
 LoadRunner = Callable[[str, str, Callable[[], bool]], object]

@@ -62,14 +62,14 @@ def target_options(**model_settings):
 
 def _headroom_gib(_ctx, _param, value: object) -> float:
     """GiB from ``1``, ``1.5``, ``1.5GiB`` or ``512MiB``; 0 or more."""
-    from ..deploy.spec import parse_size
+    from ..units import GIB, parse_size
 
     text = str(value).strip()
     try:
         gib = float(text)
     except ValueError:
         try:
-            gib = parse_size(text) / (1 << 30)
+            gib = parse_size(text, bare=GIB) / GIB
         except ValueError:
             raise UsageError(
                 f"--headroom takes GiB (1.5) or a size (1.5GiB, 512MiB), got {text!r}",
@@ -85,7 +85,8 @@ headroom_option = click.option(
     default="1",
     show_default=True,
     callback=_headroom_gib,
-    help="Memory that must stay free on every GPU under load: GiB (1.5) or a size (1.5GiB, 512MiB).",
+    help="Memory that must stay free on every GPU under load: GiB (1.5) or a size (1.5GiB, 512MiB); "
+    "a bare number is GiB here, bytes in a deployment file.",
 )
 
 timeout_options = option_stack(

@@ -9,8 +9,8 @@ import yaml
 
 from ..errors import UsageError
 from ..serveconfig import ServeConfig
+from ..units import GIB
 
-GIB = 1 << 30
 CONTEXT_ROWS = (8192, 32768, 65536, 131072)
 MARGIN = 1.25  # "fits with margin": at least 25% more KV blocks than the row needs
 ROPE_ROW_REACH = 4  # rows past the model's length go to 4x it with YaRN (the factor model cards give)
@@ -29,7 +29,7 @@ ROPE_ROW_REACH = 4  # rows past the model's length go to 4x it with YaRN (the fa
 @click.option("--gpus", type=int, default=None, help="Use the first N GPUs.")
 @click.option("--gpu-ids", default=None, help="Comma-separated GPU indices, e.g. 0,2.")
 @click.option("--gpu", "gpu_name", default=None, help="GPU model from profiles/gpus.yaml, e.g. rtx-4090.")
-@click.option("--gpu-memory", default=None, help="Memory per GPU, e.g. 32GiB.")
+@click.option("--gpu-memory", default=None, help="Memory per GPU, e.g. 32GiB; a bare number is GiB.")
 @click.option("--tensor-parallel-size", "-tp", "tp", type=int, default=None)
 @click.option("--max-model-len", type=int, default=None)
 @click.option("--max-num-seqs", type=int, default=None)

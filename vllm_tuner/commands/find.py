@@ -12,9 +12,8 @@ import click
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..objectives import BY_FLAG
-from ..search import GIB
 from ..serveconfig import SHORT_OPTIONS, shell_command
-from ..units import format_duration, parse_duration
+from ..units import GIB, format_duration, parse_duration
 from ._common import (
     device_ids,
     emit_json,

@@ -13,6 +13,7 @@ import click
 from ..errors import UsageError
 from ..paths import default_db_path
 from ..store import RunRecord, Store, TrialRecord
+from ..units import GIB
 
 
 @click.command(name="history")
@@ -133,7 +134,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 def _headroom(trial: TrialRecord) -> str:
     """The least free memory under the load probe, "-" when it was not probed."""
     left = (trial.probe or {}).get("min_headroom_bytes")
-    return f"{left / (1 << 30):.2f} GiB" if left is not None else "-"
+    return f"{left / GIB:.2f} GiB" if left is not None else "-"
 
 
 def _flags(config: dict) -> str:

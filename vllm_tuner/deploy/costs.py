@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from ..errors import DeployError, TunerError
 from ..serveconfig import ServeConfig
+from ..units import GIB
 from .plan import GpuInfo, ModelCost, min_context_of
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, GpuSpec, ModelEntry
 
@@ -103,9 +104,7 @@ def plan_gpus(
     """The deployment's GPUs and whether they are planned offline (a profile or a size, no NVML)."""
     ids = list(spec.ids) if spec.ids is not None else list(range(spec.n))
     if spec.memory_bytes is not None:
-        return [
-            GpuInfo(i, f"GPU ({spec.memory_bytes / (1 << 30):.1f} GiB)", spec.memory_bytes) for i in ids
-        ], True
+        return [GpuInfo(i, f"GPU ({spec.memory_bytes / GIB:.1f} GiB)", spec.memory_bytes) for i in ids], True
     if spec.profile is not None:
         name, total = (profile_lookup or gpu_profile)(spec.profile)
         return [GpuInfo(i, name, total) for i in ids], True

@@ -14,8 +14,8 @@ from pathlib import Path
 from .. import procgroup
 from ..errors import DeployError
 from ..procgroup import cannot_run, end_group, reap_if_child, reaper_argv
+from ..units import GIB
 from .containers import DockerCli
-from .plan import GIB
 from .state import InstanceState, ProxyState, descendant_pids, is_alive, is_ours, session_pids
 
 Spawn = Callable[[list[str], dict[str, str], Path], int]  # (argv, env, log file) -> pid, in its own session

@@ -24,11 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..serveconfig import ServeConfig
+from ..units import GIB, MIB
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, ModelEntry
 
-GIB = 1 << 30
 SERVE_HOST = "0.0.0.0"  # what every instance serves on (a container publishes its port there too)
-MIB = 1 << 20
 CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context + cuBLAS + NCCL a vLLM worker holds before its free-memory check
 BLOCK_TOKENS = 16  # vLLM's default KV block
 CONTEXT_STEP = 256  # planned context lengths are multiples of this

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..devices import device_kind
 from ..serveconfig import shell_command
-from .plan import GIB, GpuBudget, Instance, Plan
+from ..units import GIB
+from .plan import GpuBudget, Instance, Plan
 
 RULE = "─"
 

@@ -32,9 +32,10 @@ from ..errors import DeployError, TunerError
 from ..paths import data_dir
 from ..procgroup import spawn_detached
 from ..serveconfig import vllm_argv
+from ..units import GIB, MIB
 from .containers import DockerCli, container_name, docker_run_argv
 from .instances import InstanceProcesses, Spawn, start_detached
-from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, Instance, Plan, passes_startup_check
+from .plan import CUDA_CONTEXT_BYTES, SERVE_HOST, Instance, Plan, passes_startup_check
 from .state import (
     DeploymentState,
     InstanceState,
@@ -46,7 +47,6 @@ from .state import (
 )
 from .status import StatusReport, deployment_status, http_status
 
-MIB = 1 << 20
 SETTLE_TOLERANCE_BYTES = 64 * MIB
 
 BindCheck = Callable[[str, int], str | None]  # (host, port) -> why it cannot be bound, or None

@@ -21,9 +21,9 @@ import yaml
 from ..deploy.state import proc_start_time
 from ..errors import UsageError
 from ..paths import profiles_dir
+from ..units import GIB
 from .state import SCALE_ENV, STATE_ENV, live_procs, pid_alive
 
-GIB = 1 << 30
 SHIM_DIR = Path(__file__).resolve().parent / "nvml_shim"
 
 
