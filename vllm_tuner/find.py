@@ -37,6 +37,7 @@ from .search import (
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 from .trialrecord import config_from_record, config_record, env_fingerprint, outcome_from_record
+from .vllm_defaults import DEFAULT_BLOCK_SIZE, MLA_BLOCK_SIZE
 
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
 # The lossy rungs and the flag each needs. Since vLLM 0.18 there is no --swap-space: the "swap/offload"
@@ -291,7 +292,7 @@ class Finder:
             offload_flag=LOSSY_FLAGS["offload"]
             if (info is None or info.accepts(LOSSY_FLAGS["offload"])) and "offload" not in kind.missing_knobs
             else None,
-            block_size=64 if getattr(self.spec, "is_mla", False) else 16,
+            block_size=MLA_BLOCK_SIZE if getattr(self.spec, "is_mla", False) else DEFAULT_BLOCK_SIZE,
             device_unit=kind.unit,
             rope_overrides=rope.flag_value if rope else None,
             rope_max_len=rope.length if rope else None,

@@ -26,6 +26,7 @@ from .objectives import Objective, Sizing, named
 from .objectives.base import UTIL_STEP, round_length
 from .serveconfig import ServeConfig
 from .units import GIB
+from .vllm_defaults import DEFAULT_UTILIZATION
 
 # rope-scaling comes last: it buys no memory (it costs some), only a context past the model's own length, and
 # it changes every request, short ones too; a floor past that length needs it whatever the other knobs do
@@ -234,7 +235,7 @@ class Policy:
             # memory another process held when the search began (or at a failed start) was freed: a
             # stable probe's spare headroom buys the steps back, up to the ceiling, never to a step that
             # failed in any way
-            failed = [o.config.gpu_memory_utilization or 0.92 for o in history if not o.stable]
+            failed = [o.config.gpu_memory_utilization or DEFAULT_UTILIZATION for o in history if not o.stable]
             top = min(
                 [
                     req.util_ceiling,
@@ -339,7 +340,7 @@ class Policy:
     }
 
     def _util_after_runtime_failure(self, obs: Observation) -> float:
-        used = obs.config.gpu_memory_utilization or 0.92
+        used = obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION
         total = obs.facts.get("total_gib")
         total_bytes = total * GIB if total else None
         need = self.request.headroom_bytes
@@ -362,7 +363,9 @@ class Policy:
             step_bytes = UTIL_STEP * obs.facts["total_gib"] * GIB
             steps = math.floor((obs.probe.min_headroom_bytes - self.request.headroom_bytes) / step_bytes)
             if steps >= 1:
-                lifted = round((obs.config.gpu_memory_utilization or 0.92) + steps * UTIL_STEP, 2)
+                lifted = round(
+                    (obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION) + steps * UTIL_STEP, 2
+                )
                 best = lifted if best is None else max(best, lifted)
         return best
 
@@ -531,7 +534,9 @@ class Policy:
             usable = _usable_tokens(obs, bs)
             if usable is None:
                 continue
-            shift = (cfg.gpu_memory_utilization or 0.92) - (obs.config.gpu_memory_utilization or 0.92)
+            shift = (cfg.gpu_memory_utilization or DEFAULT_UTILIZATION) - (
+                obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION
+            )
             if shift and cfg.kv_cache_memory_bytes is None:
                 pool, total = obs.facts.get("available_kv_gib"), obs.facts.get("total_gib")
                 moved = (pool or 0) + shift * (total or 0) - PROFILE_NOISE_GIB
@@ -762,7 +767,7 @@ def _usable_tokens(obs: Observation, block_size: int) -> int | None:
 
 
 def _used_util(obs: Observation) -> float:
-    return obs.config.gpu_memory_utilization or 0.92
+    return obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION
 
 
 def _count(history: Sequence[Observation], category: str) -> int:

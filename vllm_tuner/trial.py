@@ -16,6 +16,7 @@ from .devices import unit_of
 from .progress import Progress
 from .serveconfig import ServeConfig
 from .units import GIB
+from .vllm_defaults import DEFAULT_BATCHED_TOKENS
 
 # (base_url, served_model_name, is_alive) -> probe.LoadReport
 LoadRunner = Callable[[str, str, Callable[[], bool]], object]
@@ -66,9 +67,8 @@ class ProbePlan:
         )
 
 
-# vLLM's smallest default --max-num-batched-tokens for `vllm serve` (GPUs under 70 GiB, and A100); H100-class
-# cards default to 8192. The smaller budget means more scheduler steps to prefill, so it errs long.
-DEFAULT_BATCHED_TOKENS = 2048
+# DEFAULT_BATCHED_TOKENS: vLLM's smallest default --max-num-batched-tokens for `vllm serve`; the smaller
+# budget means more scheduler steps to prefill, so it errs long.
 OVERLAP_MARGIN = 1.25  # decode this much longer than the prefills take, plus a fixed tail
 OVERLAP_TAIL_TOKENS = 32
 MIN_DECODE_TOKENS, MAX_DECODE_TOKENS = 64, 4096
