@@ -46,9 +46,9 @@ OVERHEADS: dict[str, dict] = {
         "non-torch in V0 logs, plus the TP1 term",
     },
     "cuda_context": {
-        "bytes": 512 * MIB,
+        "bytes": CUDA.context_overhead_bytes,
         "source": "CUDA context + cuBLAS a worker holds before the free-memory check; outside the budget but it "
-        "must fit in (1 − util) × total (§2.1); same value as find.CONTEXT_OVERHEAD_BYTES",
+        "must fit in (1 − util) × total (§2.1); devices.CUDA.context_overhead_bytes",
     },
     "activation_per_token": {
         "formula": "2 bytes × (2 × hidden + 3 × intermediate_per_rank) per batched token",

@@ -315,7 +315,7 @@ class Finder:
         if not free:
             return None
         total = self.gpu.total_bytes
-        cap = (min(free) - self.request.device_kind.context_overhead_bytes) / total
+        cap = (min(free) - context_guess(self.request.device_kind)) / total
         return None if cap >= self.request.util_ceiling else round(int(cap * 100) / 100, 2)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -693,10 +693,17 @@ def _outcome_words(t: TrialOutcome) -> str:
     return words
 
 
+def context_guess(kind: DeviceKind) -> int:
+    """What find assumes vLLM holds before its free-memory check: half the device's context overhead,
+    optimistic on purpose. A first utilization capped too high fails in seconds and vLLM's error then
+    says the exact free memory; a refusal before any launch must not refuse what would start."""
+    return kind.context_overhead_bytes // 2
+
+
 def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int, kind: DeviceKind = CUDA) -> None:
     """Refuse before any launch when the weights alone cannot fit, and say what would."""
     # room for non-torch, activation and a little KV
-    usable = total_bytes * kind.util_ceiling - kind.context_overhead_bytes - GIB
+    usable = total_bytes * kind.util_ceiling - context_guess(kind) - GIB
     if kind.name == "cpu" and spec.weights_per_gpu(tp) > usable:
         raise GpuError(
             f"the weights alone need {spec.weights_per_gpu(tp) / GIB:.1f} GiB per NUMA node at TP {tp}, "
@@ -733,7 +740,7 @@ def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids, kind: DeviceKind = CU
                 f"({weights_per_gpu / GIB:.1f} GiB of weights, {kind.process_bytes / GIB:.1f} GiB for its processes)",
                 "stop what is using the memory (top, sorted by RES) or choose other nodes with --gpu-ids",
             )
-        if f - kind.context_overhead_bytes < weights_per_gpu:
+        if f - context_guess(kind) < weights_per_gpu:
             raise GpuError(
                 f"GPU {idx} has only {f / GIB:.1f} GiB free of {gpu.total_bytes / GIB:.1f} GiB, "
                 f"less than the {weights_per_gpu / GIB:.1f} GiB of weights per GPU",

@@ -23,13 +23,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from ..devices import CUDA
 from ..serveconfig import ServeConfig
 from ..units import GIB, MIB
 from ..vllm_defaults import DEFAULT_BLOCK_SIZE
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, ModelEntry
 
 SERVE_HOST = "0.0.0.0"  # what every instance serves on (a container publishes its port there too)
-CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context + cuBLAS + NCCL a vLLM worker holds before its free-memory check
+CUDA_CONTEXT_BYTES = CUDA.context_overhead_bytes  # what a vLLM worker holds before its free-memory check
 BLOCK_TOKENS = DEFAULT_BLOCK_SIZE  # vLLM's default KV block
 CONTEXT_STEP = 256  # planned context lengths are multiples of this
 MAX_PLANNED_SEQS = 256  # vLLM's own default ceiling on cards under 70 GiB
