@@ -6,8 +6,6 @@ plan (model, GPUs, estimate, policy) → launch (trial) → observe (log facts, 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import shlex
 import time
@@ -20,6 +18,7 @@ import yaml
 from .devices import CUDA, DeviceKind, device_kind
 from .errors import GpuError, UsageError, VllmError
 from .failures import TRANSIENT
+from .hashkey import stable_key
 from .progress import Progress
 from .rope import describe
 from .search import (
@@ -80,8 +79,7 @@ class FindRequest:
         return device_kind(self.device)
 
     def key(self) -> str:
-        blob = json.dumps(self.as_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return stable_key(self.as_dict(), compact=False)
 
     def as_dict(self) -> dict:
         # a field at its old value is left out, so the keys of earlier runs stay the same

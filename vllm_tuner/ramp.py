@@ -22,9 +22,9 @@ from pathlib import Path
 
 from .devices import unit_of
 from .errors import UsageError
+from .hashkey import stable_key
 from .progress import Progress
 from .serveconfig import TUNED_FLAGS, ServeConfig, shell_command
-from .store import stable_key
 from .trial import (
     SERVER_DIED,
     ProbePlan,
