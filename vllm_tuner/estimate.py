@@ -15,9 +15,11 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from .devices import CUDA, DeviceKind
 from .errors import UsageError
+from .logparse import Fact
 from .models import KvLayers, ModelSpec
 from .pooling import GENERATE, RunnerChoice, runner_of
 from .rope import beyond_native, with_hf_overrides
@@ -33,8 +35,17 @@ from .vllm_defaults import (
 
 REDUNDANCY_BUFFER = 150 * MIB  # subtracted from the --kv-cache-memory=A/B suggestions (§2.3)
 
+
+class Overhead(TypedDict, total=False):
+    """One estimated term: its size, or the formula that sizes it, and where it came from."""
+
+    bytes: int
+    formula: str
+    source: str
+
+
 # The estimated terms, in one place. Each value says where it came from; a Calibration replaces them.
-OVERHEADS: dict[str, dict] = {
+OVERHEADS: dict[str, Overhead] = {
     "non_torch_tp1": {
         "bytes": 150 * MIB,
         "source": "memory a TP=1 worker gains after vLLM's init snapshot (cuBLAS workspaces, allocator "
@@ -196,7 +207,7 @@ class Calibration:
     offloaded_bytes: int | None = None  # weights --cpu-offload-gb moved to CPU memory, as vLLM logged it
 
     @classmethod
-    def from_facts(cls, facts: Mapping, config: ServeConfig) -> Calibration:
+    def from_facts(cls, facts: Mapping[str, Fact], config: ServeConfig) -> Calibration:
         """Build from the facts keys of docs/architecture.md (any subset)."""
 
         def gib(key: str) -> int | None:
@@ -224,8 +235,8 @@ class Calibration:
             if graphs is None:
                 return cls._lumped(config, total, facts, pool, lumped)
             non_kv = lumped - graphs
-        elif gib("consumed_gib") is not None:
-            non_kv = gib("consumed_gib") + (gib("peak_activation_gib") or 0)
+        elif (consumed := gib("consumed_gib")) is not None:
+            non_kv = consumed + (gib("peak_activation_gib") or 0)
         return cls(
             config=config,
             total_bytes=total,
@@ -240,7 +251,9 @@ class Calibration:
         )
 
     @classmethod
-    def _lumped(cls, config: ServeConfig, total: int, facts: Mapping, pool: int, lumped: int) -> Calibration:
+    def _lumped(
+        cls, config: ServeConfig, total: int, facts: Mapping[str, Fact], pool: int, lumped: int
+    ) -> Calibration:
         """Only the sum non_kv + cudagraph is known: keep it whole, flagged by ``cudagraph_bytes=-1``."""
         return cls(
             config=config,
@@ -255,11 +268,11 @@ class Calibration:
         )
 
 
-def _int(value) -> int | None:
+def _int(value: object) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
-def _per_token(pool: int | None, facts: Mapping) -> float | None:
+def _per_token(pool: int | None, facts: Mapping[str, Fact]) -> float | None:
     tokens = facts.get("kv_cache_tokens")
     if pool and isinstance(tokens, (int, float)) and tokens > 0:
         return pool / float(tokens)
@@ -353,7 +366,7 @@ class Estimate:
         util = math.ceil(need / self.total_bytes * 10000) / 10000
         return util if util <= 1.0 else None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {
             "gpu": self.gpu_name,
             "total_gib": _gib(self.total_bytes),
@@ -591,7 +604,7 @@ def _apply_calibration(
     offload: int,
     runner: RunnerChoice = GENERATE,
     device: DeviceKind = CUDA,
-):
+) -> tuple[int, int, int, int, int, KvLayout]:
     """Replace estimated terms by measured ones; shift them by the estimated change since ``cal.config``."""
     base = cal.config or config
     same_split = (base.tensor_parallel_size, base.pipeline_parallel_size) == (
@@ -648,6 +661,7 @@ def _calibrated_layout(
     cal: Calibration, spec: ModelSpec, layout: KvLayout, base: ServeConfig, base_len: int, batched: int
 ) -> KvLayout:
     """Scale the page size when vLLM's measured tokens disagree with the layout by more than 1%."""
+    assert cal.kv_pool_bytes is not None  # the caller calibrates the layout only from a measured pool
     then = kv_layout(
         spec, max(1, base.tensor_parallel_size), max(1, base.pipeline_parallel_size), base.kv_cache_dtype
     )
@@ -712,7 +726,9 @@ def share(
     """
     cals = list(calibrations or [None] * len(models))
     context_bytes = OVERHEADS["cuda_context"]["bytes"]
-    probes, mins, kv_mins = [], [], []
+    probes: list[tuple[Estimate, int, int]] = []
+    mins: list[int] = []
+    kv_mins: list[int] = []
     for (spec, cfg), cal in zip(models, cals, strict=True):
         est = estimate(
             spec, gpu_total_bytes, cfg.replace(kv_cache_memory_bytes=0), gpu_name=gpu_name, calibration=cal
@@ -725,9 +741,10 @@ def share(
         mins.append(est.non_kv_bytes + est.cudagraph_bytes + kv)
     room = gpu_total_bytes - reserve_bytes - context_bytes * len(models)
     spare = room - sum(mins)
+    kv_total = sum(kv_mins)
     entries = []
     for i, ((spec, cfg), (est, ctx, seqs)) in enumerate(zip(models, probes, strict=True)):
-        extra = int(spare * kv_mins[i] / sum(kv_mins)) if spare > 0 and sum(kv_mins) else 0
+        extra = int(spare * kv_mins[i] / kv_total) if spare > 0 and kv_total else 0
         budget = mins[i] + extra
         util = math.floor(budget / gpu_total_bytes * 10000) / 10000
         pool = math.ceil(gpu_total_bytes * util) - est.non_kv_bytes - est.cudagraph_bytes

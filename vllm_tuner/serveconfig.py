@@ -13,6 +13,7 @@ import json
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # The flags vllm-tune sets, in the order they are rendered. Field name -> vLLM flag.
 TUNED_FLAGS: dict[str, str] = {
@@ -55,7 +56,7 @@ class ServeConfig:
     hf_overrides: str | None = None  # JSON text (a YaRN override: rope.Extension.flag_value)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
-    def replace(self, **changes: object) -> ServeConfig:
+    def replace(self, **changes: Any) -> ServeConfig:  # dataclasses.replace checks the names
         return dataclasses.replace(self, **changes)
 
     def flags(self) -> dict[str, object]:

@@ -371,7 +371,7 @@ def _first_fit(
 def _best_room(
     entry: ModelEntry, gpus: Sequence[GpuInfo], load: dict[int, int], capacity: dict[int, int]
 ) -> tuple[int, tuple[int, ...]]:
-    best = (-(1 << 62), ())
+    best: tuple[int, tuple[int, ...]] = (-(1 << 62), ())
     for group in _candidate_groups(entry, gpus):
         room = min(capacity[g] - load[g] for g in group)
         if room > best[0]:
