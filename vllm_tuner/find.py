@@ -19,13 +19,12 @@ from .devices import CUDA, DeviceKind, device_kind
 from .errors import GpuError, UsageError, VllmError
 from .failures import TRANSIENT
 from .hashkey import stable_key
+from .objectives.base import UTIL_STEP
 from .progress import Progress
 from .rope import describe
 from .search import (
-    GIB,
     LOSSY_COST,
     MAX_SEQS,
-    UTIL_STEP,
     Finish,
     Launch,
     Observation,
@@ -36,6 +35,7 @@ from .search import (
 from .serveconfig import ServeConfig, shell_command
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 from .trialrecord import config_from_record, config_record, env_fingerprint, outcome_from_record
+from .units import GIB
 from .vllm_defaults import DEFAULT_BLOCK_SIZE, MLA_BLOCK_SIZE
 
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
@@ -285,7 +285,7 @@ class Finder:
             util_floor=r.util_floor,
             headroom_bytes=r.headroom_bytes,
             native_max_len=self.spec.derived_max_model_len,
-            **({"knob_order": r.knob_order} if r.knob_order else {}),
+            knob_order=r.knob_order or Request.knob_order,
             # set where vLLM has it, allowed or not: what offload would buy is said either way
             offload_flag=LOSSY_FLAGS["offload"]
             if (info is None or info.accepts(LOSSY_FLAGS["offload"])) and "offload" not in kind.missing_knobs
@@ -344,7 +344,7 @@ class Finder:
                 return self._finish(
                     run_id, self._budget_finish(history, "launch budget"), outcomes, launches, complete=False
                 )
-            if self._budget_left(started) is not None and self._budget_left(started) <= 0:
+            if (left_s := self._budget_left(started)) is not None and left_s <= 0:
                 return self._finish(
                     run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
                 )
@@ -366,7 +366,11 @@ class Finder:
             self.progress.done(outcome.verdict, _outcome_words(outcome))
             for warning in self.policy.misestimates([self._observation(outcome)]):
                 self.progress.note(f"warning: {warning}")
-            if outcome.category == "startup_timeout" and left is not None and self._budget_left(started) <= 0:
+            if (
+                outcome.category == "startup_timeout"
+                and left is not None
+                and (self._budget_left(started) or 0.0) <= 0
+            ):
                 # cut short by the budget: says nothing about the config (and is not reused)
                 return self._finish(
                     run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
@@ -387,6 +391,7 @@ class Finder:
         return not any(t.config.key() == real for t in outcomes)
 
     def _prove_on_real_weights(self, decision: Finish, run_id: int, env_fp: str, history, outcomes) -> None:
+        assert decision.winner is not None  # _needs_real_weights found one
         cfg = decision.winner.config.replace(load_format=None)
         plan = self._probe_plan(cfg)
         outcome = self._run(cfg, len(outcomes) + 1, "the winner on the real weights", lambda _facts: plan)

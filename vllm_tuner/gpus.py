@@ -13,6 +13,7 @@ import difflib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 
@@ -133,7 +134,7 @@ def resolve_gpus(
     gpu_ids: list[int] | None,
     gpu_name: str | None,
     gpu_memory: str | None,
-    nvml_opener: Callable[[], object] = open_nvml,
+    nvml_opener: Callable[[], Any] = open_nvml,  # an open memory reader (Nvml or HostNodes)
 ) -> GpuTarget:
     """The target GPUs: ``--gpu-memory`` > ``--gpu`` > NVML. ``nvml_opener`` returns an open Nvml;
     a session opened by the default opener is closed here, one passed in stays the caller's."""
@@ -183,7 +184,7 @@ def _from_nvml(nvml, ids: tuple[int, ...]) -> GpuTarget:
         )
     devices = [nvml.device(i) for i in ids]
     memories = [nvml.memory(i) for i in ids]
-    notes = ()
+    notes: tuple[str, ...] = ()
     if unit == "GPU":
         names = sorted({d.name for d in devices})
         if len(names) > 1:

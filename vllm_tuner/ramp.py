@@ -19,6 +19,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .devices import unit_of
 from .errors import UsageError
@@ -117,8 +118,8 @@ class RampPlan:
             if isinstance(edge, NextStep | Stop):
                 return edge
             top = edge
-        soaks = [(self.index(s.utilization), s) for s in steps if s.phase == "soak"]
-        soaks = [(i, s) for i, s in soaks if i is not None]
+        indexed = [(self.index(s.utilization), s) for s in steps if s.phase == "soak"]
+        soaks = [(i, s) for i, s in indexed if i is not None]
         passed = [i for i, s in soaks if s.passed]
         failed = [(i, s) for i, s in soaks if not s.passed]
         if passed and failed:
@@ -340,7 +341,7 @@ def config_from_args(model: str, argv: Sequence[str], **given: object) -> ServeC
     """A :class:`ServeConfig` from vLLM flags: the tuned ones become fields, the rest stays in
     ``extra_args``. ``given`` (from vllm-tune's own options) wins over the argv. The ramp sets
     ``--gpu-memory-utilization`` itself, so it is refused here."""
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}  # ServeConfig field -> its value, as _convert typed it
     extra: list[str] = []
     words = list(argv)
     i = 0

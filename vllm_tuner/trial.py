@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .devices import unit_of
 from .progress import Progress
@@ -18,8 +19,11 @@ from .serveconfig import ServeConfig
 from .units import GIB
 from .vllm_defaults import DEFAULT_BATCHED_TOKENS
 
+if TYPE_CHECKING:
+    from .probe import LoadReport
+
 # (base_url, served_model_name, is_alive) -> probe.LoadReport
-LoadRunner = Callable[[str, str, Callable[[], bool]], object]
+LoadRunner = Callable[[str, str, Callable[[], bool]], "LoadReport"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ class TrialOutcome:
     category: str
     verdict: str  # stable | boots | unstable | failed
     facts: dict = field(default_factory=dict)
-    probe: object | None = None  # probe.LoadReport
+    probe: LoadReport | None = None
     started_at: float = 0.0
     duration_s: float = 0.0
     log_path: Path | None = None
@@ -150,6 +154,7 @@ def run_trial(
         )
         if not ready.ready:
             diag = ready.diagnosis
+            assert diag is not None  # a server that is not ready says why
             return TrialOutcome(
                 config,
                 diag.category,
@@ -260,7 +265,9 @@ def _alive_check(server, watcher) -> Callable[[], bool]:
     return alive
 
 
-def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int, on_sample=None):
+def _probe(
+    server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int, on_sample=None
+) -> LoadReport:
     from .probe import run_load_probe
 
     alive = _alive_check(server, watcher)

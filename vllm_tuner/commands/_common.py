@@ -13,6 +13,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
@@ -23,6 +24,10 @@ from ..paths import data_dir, default_db_path
 from ..progress import Progress, QuietProgress, TerminalProgress
 from ..trial import Timeouts
 from ..units import parse_duration
+
+if TYPE_CHECKING:
+    from ..launch import DockerLauncher, LocalLauncher
+    from ..simlite.activate import SimEnvironment
 
 DEFAULT_SIM_TIME_SCALE = 40.0
 
@@ -208,7 +213,7 @@ class Runtime:
     json: bool
     progress: Progress
     log_root: Path
-    simulated: object | None = None  # the SimEnvironment when --simulate is on
+    simulated: SimEnvironment | None = None  # when --simulate is on
     device: DeviceKind = CUDA
 
     def open_store(self):
@@ -237,6 +242,7 @@ def build_runtime(
         raise UsageError(
             f"--sim-time-scale must be positive, got {sim_time_scale}", "use e.g. --sim-time-scale 40"
         )
+    launcher: LocalLauncher | DockerLauncher
     simulated = None
     if simulate:
         if docker_image:

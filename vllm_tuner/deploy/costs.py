@@ -7,6 +7,7 @@ are :func:`vllm_tuner.models.resolve_model` and :func:`vllm_tuner.estimate.estim
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import DeployError, TunerError
 from ..serveconfig import ServeConfig
@@ -14,8 +15,12 @@ from ..units import GIB
 from .plan import GpuInfo, ModelCost, min_context_of
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, GpuSpec, ModelEntry
 
-ResolveFn = Callable[[str], object]
-EstimateFn = Callable[..., object]
+if TYPE_CHECKING:
+    from ..estimate import Estimate
+    from ..models import ModelSpec
+
+ResolveFn = Callable[[str], "ModelSpec"]
+EstimateFn = Callable[..., "Estimate"]
 
 
 def model_costs(
@@ -53,10 +58,14 @@ def estimated_cost(
     estimate_fn: EstimateFn | None = None,
 ) -> ModelCost:
     if resolve is None:
-        from ..models import resolve_model as resolve
+        from ..models import resolve_model
+
+        resolve = resolve_model
     if estimate_fn is None:
         try:
-            from ..estimate import estimate as estimate_fn
+            from ..estimate import estimate
+
+            estimate_fn = estimate
         except ImportError as exc:
             raise DeployError(
                 f"{entry.name}: the memory estimator is not available in this build",

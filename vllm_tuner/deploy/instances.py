@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import procgroup
 from ..errors import DeployError
@@ -41,7 +42,7 @@ def start_detached(
 class InstanceProcesses:
     """What runs for each recorded instance, as NVML and docker see it, and stopping it."""
 
-    nvml: object
+    nvml: Any  # an open memory reader (Nvml or HostNodes)
     docker: DockerCli = field(default_factory=DockerCli)
     stop_grace_s: float = 30.0
     poll_s: float = 1.0

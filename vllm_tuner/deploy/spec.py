@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -221,7 +222,7 @@ class _Ctx:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def fail(self, key: str, problem: str, fix: str) -> None:
+    def fail(self, key: str, problem: str, fix: str) -> NoReturn:
         where = f"{self.source}: {key}: " if key else f"{self.source}: "
         raise DeployError(where + problem, fix)
 

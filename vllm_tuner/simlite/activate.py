@@ -72,7 +72,7 @@ def resolve(raw: dict, *, machine: str | None = None) -> dict:
     gets one made from its position and ``machine`` (:func:`machine_tag`; ``0000…`` when None)."""
     out = copy.deepcopy(raw)
     tag = (machine or "00000000")[:8].rjust(8, "0")
-    gpus = []
+    gpus: list[dict] = []
     for i, g in enumerate(raw.get("gpus", [])):
         count = int(g.get("count", 1))
         for _ in range(count):
