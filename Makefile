@@ -34,6 +34,7 @@ test-real: install real-vllm
 lint: install
 	$(BIN)/ruff check vllm_tuner tests scripts
 	$(BIN)/ruff format --check vllm_tuner tests scripts
+	$(BIN)/mypy
 
 bench: install real-vllm
 	$(BIN)/python scripts/bench.py

@@ -9,8 +9,9 @@ import pytest
 from vllm_tuner.errors import GpuError
 from vllm_tuner.gpus import resolve_gpus
 from vllm_tuner.hostmem import HostNodes
-from vllm_tuner.nvml import GIB, GpuDevice, GpuMemory, Nvml
+from vllm_tuner.nvml import GpuDevice, GpuMemory, Nvml
 from vllm_tuner.progress import TerminalProgress
+from vllm_tuner.units import GIB
 
 KB = 1024
 

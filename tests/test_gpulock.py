@@ -69,7 +69,7 @@ def holder():
 def test_keys_prefer_the_uuid_and_keep_the_index():
     keys = gpu_lock_keys([(0, "GPU-abc"), (1, None)])
     assert keys == ["GPU-abc", "gpu1"]
-    assert [k.index for k in keys] == [0, 1]
+    assert [k.gpu_index for k in keys] == [0, 1]
     assert [k.label() for k in keys] == ["0 (GPU-abc)", "1"]
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from vllm_tuner.errors import GpuError, UsageError
 from vllm_tuner.gpus import find_gpu_profile, parse_size, resolve_gpus
-from vllm_tuner.nvml import GIB, GpuDevice, GpuMemory
+from vllm_tuner.nvml import GpuDevice, GpuMemory
+from vllm_tuner.units import GIB
 
 
 class FakeNvml:

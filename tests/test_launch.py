@@ -24,9 +24,10 @@ from vllm_tuner.launch import (
     trial_env,
 )
 from vllm_tuner.logparse import LogWatcher
-from vllm_tuner.nvml import GIB, open_nvml
+from vllm_tuner.nvml import open_nvml
 from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.simlite.state import write_proc
+from vllm_tuner.units import GIB
 
 MODEL = "qwen2.5-7b"
 

@@ -10,7 +10,8 @@ import pytest
 
 from vllm_tuner.cli import main
 from vllm_tuner.errors import StoreError
-from vllm_tuner.store import MIGRATIONS, Store, stable_key
+from vllm_tuner.hashkey import stable_key
+from vllm_tuner.store import MIGRATIONS, Store
 
 
 class Clock:

@@ -19,9 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .logparse import Diagnosis, Facts
+from .units import GIB, MIB
 
-GIB = 1 << 30
-MIB = 1 << 20
 LENGTH_STEP = 256  # suggested context lengths are rounded down to this
 UTIL_CEILING = 0.98  # never suggest more than this
 UTIL_MARGIN = 0.01
@@ -68,7 +67,7 @@ class _Known:
         self.flags = flags
 
     def number(self, fact: str, flag: str | None = None) -> float | None:
-        value = self.facts.get(fact)
+        value: object = self.facts.get(fact)
         if value is None and flag:
             value = self.flags.get(flag)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -199,7 +198,7 @@ def _kv_insufficient(k: _Known) -> list[Advice]:
         # the KV cache is the flag's size: the utilization does not move it
         need = needed * GIB if needed else (fixed * length / fits if fits and length else None)
         if need:
-            target = math.ceil(need * 1.02 / MIB) * MIB
+            target: float = math.ceil(need * 1.02 / MIB) * MIB
             out.append(
                 Advice(
                     f"or raise --kv-cache-memory-bytes to {target}{keep} ({_gib(need / GIB)} of KV cache needed)",
@@ -412,7 +411,7 @@ def _oom_capture(k: _Known) -> list[Advice]:
     if fixed is not None:
         # the KV cache is the flag's size whatever the utilization says: only a smaller one leaves
         # room for the graphs (one utilization step of the card less)
-        target = (fixed - k.pool_step_bytes(UTIL_MARGIN)) // MIB * MIB
+        target: float = (fixed - k.pool_step_bytes(UTIL_MARGIN)) // MIB * MIB
         out.append(
             Advice(
                 f"lower --kv-cache-memory-bytes to {target}: the KV cache is that size whatever "
@@ -540,7 +539,7 @@ def _oom_runtime(k: _Known) -> list[Advice]:
     util = k.util()
     fixed = k.kv_cache_bytes()
     if fixed is not None:
-        target = (fixed - k.pool_step_bytes(0.03)) // MIB * MIB
+        target: float = (fixed - k.pool_step_bytes(0.03)) // MIB * MIB
         out.append(
             Advice(
                 f"lower --kv-cache-memory-bytes to {target}: the KV cache is that size whatever "

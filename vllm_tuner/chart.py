@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
-GIB = 1 << 30
 WIDTH, HEIGHT = 760, 360
 LEFT, RIGHT, TOP, BOTTOM = 70, 70, 40, 80
 

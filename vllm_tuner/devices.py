@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 from .errors import GpuError, UsageError
 from .serveconfig import ServeConfig
+from .units import GIB
 from .vllmargv import has
-
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,9 @@ class DeviceKind:
     util_ceiling: float  # the default --util-ceiling
     ramp_start: float  # the default first step of the ramp
     ramp_ceiling: float  # and its default last
-    context_overhead_bytes: int  # held before vLLM's free-memory check (CUDA context and cuBLAS)
+    # held before vLLM's free-memory check, outside its budget (CUDA context, cuBLAS, NCCL): the one value
+    # the estimator, the deployment plan and find's up-front checks use
+    context_overhead_bytes: int
     process_bytes: int  # what vLLM's own processes hold on the device besides weights and KV
     # What one worker holds inside its budget besides weights and activations, where vLLM counts it
     # (the CPU worker's resident memory: Python, torch and vLLM's libraries); None: the estimator's
@@ -68,7 +69,9 @@ CUDA = DeviceKind(
     util_ceiling=0.95,
     ramp_start=0.85,
     ramp_ceiling=0.92,
-    context_overhead_bytes=GIB // 4,  # optimistic on purpose: a wrong guess fails in seconds
+    # vllm-internals.md §2.1: util × total must be free after the context, NCCL and cuBLAS init; about
+    # 0.5 GiB a worker on current drivers (the simulator's truth holds 0.45 GiB)
+    context_overhead_bytes=GIB // 2,
     process_bytes=0,  # on a GPU the processes live in host memory
     worker_runtime_bytes=None,
     batch_defaults_per_rank=None,

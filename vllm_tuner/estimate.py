@@ -15,23 +15,37 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from .devices import CUDA, DeviceKind
 from .errors import UsageError
+from .logparse import Fact
 from .models import KvLayers, ModelSpec
 from .pooling import GENERATE, RunnerChoice, runner_of
 from .rope import beyond_native, with_hf_overrides
 from .serveconfig import ServeConfig
+from .units import GIB, MIB
+from .vllm_defaults import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_UTILIZATION,
+    MLA_BLOCK_SIZE,
+    batch_defaults,
+    capture_sizes,
+)
 
-GIB = 1 << 30
-MIB = 1 << 20
-DEFAULT_UTILIZATION = 0.92  # CacheConfig.gpu_memory_utilization default in vLLM 0.33 (§1)
-DEFAULT_BLOCK_SIZE = 16  # CacheConfig DEFAULT_BLOCK_SIZE (§1 --block-size)
-MLA_BLOCK_SIZE = 64  # MLA backends' supported block size (§1 --block-size)
 REDUNDANCY_BUFFER = 150 * MIB  # subtracted from the --kv-cache-memory=A/B suggestions (§2.3)
 
+
+class Overhead(TypedDict, total=False):
+    """One estimated term: its size, or the formula that sizes it, and where it came from."""
+
+    bytes: int
+    formula: str
+    source: str
+
+
 # The estimated terms, in one place. Each value says where it came from; a Calibration replaces them.
-OVERHEADS: dict[str, dict] = {
+OVERHEADS: dict[str, Overhead] = {
     "non_torch_tp1": {
         "bytes": 150 * MIB,
         "source": "memory a TP=1 worker gains after vLLM's init snapshot (cuBLAS workspaces, allocator "
@@ -43,9 +57,9 @@ OVERHEADS: dict[str, dict] = {
         "non-torch in V0 logs, plus the TP1 term",
     },
     "cuda_context": {
-        "bytes": 512 * MIB,
+        "bytes": CUDA.context_overhead_bytes,
         "source": "CUDA context + cuBLAS a worker holds before the free-memory check; outside the budget but it "
-        "must fit in (1 − util) × total (§2.1); same value as find.CONTEXT_OVERHEAD_BYTES",
+        "must fit in (1 − util) × total (§2.1); devices.CUDA.context_overhead_bytes",
     },
     "activation_per_token": {
         "formula": "2 bytes × (2 × hidden + 3 × intermediate_per_rank) per batched token",
@@ -68,9 +82,6 @@ OVERHEADS: dict[str, dict] = {
     },
     "cudagraph_per_layer": {"bytes": 5 * MIB, "source": "as cudagraph_base: per decoder layer"},
 }
-
-# The batch defaults of `vllm serve` (usage context OPENAI_API_SERVER), §1 "Batch defaults".
-BATCH_DEFAULTS = ((160 * GIB, 16384, 1024), (70 * GIB, 8192, 1024), (0, 2048, 256))
 
 KV_DTYPE_BYTES = {
     "float16": 2.0,
@@ -196,7 +207,7 @@ class Calibration:
     offloaded_bytes: int | None = None  # weights --cpu-offload-gb moved to CPU memory, as vLLM logged it
 
     @classmethod
-    def from_facts(cls, facts: Mapping, config: ServeConfig) -> Calibration:
+    def from_facts(cls, facts: Mapping[str, Fact], config: ServeConfig) -> Calibration:
         """Build from the facts keys of docs/architecture.md (any subset)."""
 
         def gib(key: str) -> int | None:
@@ -224,8 +235,8 @@ class Calibration:
             if graphs is None:
                 return cls._lumped(config, total, facts, pool, lumped)
             non_kv = lumped - graphs
-        elif gib("consumed_gib") is not None:
-            non_kv = gib("consumed_gib") + (gib("peak_activation_gib") or 0)
+        elif (consumed := gib("consumed_gib")) is not None:
+            non_kv = consumed + (gib("peak_activation_gib") or 0)
         return cls(
             config=config,
             total_bytes=total,
@@ -240,7 +251,9 @@ class Calibration:
         )
 
     @classmethod
-    def _lumped(cls, config: ServeConfig, total: int, facts: Mapping, pool: int, lumped: int) -> Calibration:
+    def _lumped(
+        cls, config: ServeConfig, total: int, facts: Mapping[str, Fact], pool: int, lumped: int
+    ) -> Calibration:
         """Only the sum non_kv + cudagraph is known: keep it whole, flagged by ``cudagraph_bytes=-1``."""
         return cls(
             config=config,
@@ -255,11 +268,11 @@ class Calibration:
         )
 
 
-def _int(value) -> int | None:
+def _int(value: object) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
-def _per_token(pool: int | None, facts: Mapping) -> float | None:
+def _per_token(pool: int | None, facts: Mapping[str, Fact]) -> float | None:
     tokens = facts.get("kv_cache_tokens")
     if pool and isinstance(tokens, (int, float)) and tokens > 0:
         return pool / float(tokens)
@@ -353,7 +366,7 @@ class Estimate:
         util = math.ceil(need / self.total_bytes * 10000) / 10000
         return util if util <= 1.0 else None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {
             "gpu": self.gpu_name,
             "total_gib": _gib(self.total_bytes),
@@ -388,28 +401,6 @@ def _gib(value: int) -> float:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def batch_defaults(total_bytes: int, gpu_name: str = "") -> tuple[int, int]:
-    """(max_num_batched_tokens, max_num_seqs) vLLM picks for `vllm serve` on this device."""
-    name = gpu_name.lower()
-    for floor, tokens, seqs in BATCH_DEFAULTS:
-        if total_bytes >= floor:
-            if floor == 70 * GIB and ("a100" in name or "gb10" in name):
-                continue
-            return tokens, seqs
-    return BATCH_DEFAULTS[-1][1:]
-
-
-def capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, gpu_name: str = "") -> list[int]:
-    """vLLM's default CUDA-graph capture sizes (§1 --cudagraph-capture-sizes)."""
-    name = gpu_name.lower()
-    cap = 1024 if any(b in name for b in ("b200", "b300", "gb200", "gb300")) else 512
-    largest = min(max_num_seqs * 2, cap)
-    sizes = [s for s in [1, 2, 4, *range(8, 256, 8), *range(256, largest + 1, 16)] if s <= largest]
-    if max_num_batched_tokens <= largest and max_num_batched_tokens not in sizes:
-        sizes.append(max_num_batched_tokens)
-    return sizes
 
 
 def unbuilt_lm_head_bytes(spec: ModelSpec, runner: RunnerChoice, tp: int, pp: int) -> int:
@@ -613,7 +604,7 @@ def _apply_calibration(
     offload: int,
     runner: RunnerChoice = GENERATE,
     device: DeviceKind = CUDA,
-):
+) -> tuple[int, int, int, int, int, KvLayout]:
     """Replace estimated terms by measured ones; shift them by the estimated change since ``cal.config``."""
     base = cal.config or config
     same_split = (base.tensor_parallel_size, base.pipeline_parallel_size) == (
@@ -670,6 +661,7 @@ def _calibrated_layout(
     cal: Calibration, spec: ModelSpec, layout: KvLayout, base: ServeConfig, base_len: int, batched: int
 ) -> KvLayout:
     """Scale the page size when vLLM's measured tokens disagree with the layout by more than 1%."""
+    assert cal.kv_pool_bytes is not None  # the caller calibrates the layout only from a measured pool
     then = kv_layout(
         spec, max(1, base.tensor_parallel_size), max(1, base.pipeline_parallel_size), base.kv_cache_dtype
     )
@@ -734,7 +726,9 @@ def share(
     """
     cals = list(calibrations or [None] * len(models))
     context_bytes = OVERHEADS["cuda_context"]["bytes"]
-    probes, mins, kv_mins = [], [], []
+    probes: list[tuple[Estimate, int, int]] = []
+    mins: list[int] = []
+    kv_mins: list[int] = []
     for (spec, cfg), cal in zip(models, cals, strict=True):
         est = estimate(
             spec, gpu_total_bytes, cfg.replace(kv_cache_memory_bytes=0), gpu_name=gpu_name, calibration=cal
@@ -747,9 +741,10 @@ def share(
         mins.append(est.non_kv_bytes + est.cudagraph_bytes + kv)
     room = gpu_total_bytes - reserve_bytes - context_bytes * len(models)
     spare = room - sum(mins)
+    kv_total = sum(kv_mins)
     entries = []
     for i, ((spec, cfg), (est, ctx, seqs)) in enumerate(zip(models, probes, strict=True)):
-        extra = int(spare * kv_mins[i] / sum(kv_mins)) if spare > 0 and sum(kv_mins) else 0
+        extra = int(spare * kv_mins[i] / kv_total) if spare > 0 and kv_total else 0
         budget = mins[i] + extra
         util = math.floor(budget / gpu_total_bytes * 10000) / 10000
         pool = math.ceil(gpu_total_bytes * util) - est.non_kv_bytes - est.cudagraph_bytes

@@ -6,8 +6,6 @@ plan (model, GPUs, estimate, policy) → launch (trial) → observe (log facts, 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import shlex
 import time
@@ -20,13 +18,13 @@ import yaml
 from .devices import CUDA, DeviceKind, device_kind
 from .errors import GpuError, UsageError, VllmError
 from .failures import TRANSIENT
+from .hashkey import stable_key
+from .objectives.base import UTIL_STEP
 from .progress import Progress
 from .rope import describe
 from .search import (
-    GIB,
     LOSSY_COST,
     MAX_SEQS,
-    UTIL_STEP,
     Finish,
     Launch,
     Observation,
@@ -37,6 +35,8 @@ from .search import (
 from .serveconfig import ServeConfig
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 from .trialrecord import config_from_record, config_record, env_fingerprint, outcome_from_record
+from .units import GIB
+from .vllm_defaults import DEFAULT_BLOCK_SIZE, MLA_BLOCK_SIZE
 from .vllmargv import shell_command
 
 REQUIRED_FLAGS = ("--max-model-len", "--max-num-seqs", "--gpu-memory-utilization", "--tensor-parallel-size")
@@ -80,8 +80,7 @@ class FindRequest:
         return device_kind(self.device)
 
     def key(self) -> str:
-        blob = json.dumps(self.as_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return stable_key(self.as_dict(), compact=False)
 
     def as_dict(self) -> dict:
         # a field at its old value is left out, so the keys of earlier runs stay the same
@@ -287,12 +286,12 @@ class Finder:
             util_floor=r.util_floor,
             headroom_bytes=r.headroom_bytes,
             native_max_len=self.spec.derived_max_model_len,
-            **({"knob_order": r.knob_order} if r.knob_order else {}),
+            knob_order=r.knob_order or Request.knob_order,
             # set where vLLM has it, allowed or not: what offload would buy is said either way
             offload_flag=LOSSY_FLAGS["offload"]
             if (info is None or info.accepts(LOSSY_FLAGS["offload"])) and "offload" not in kind.missing_knobs
             else None,
-            block_size=64 if getattr(self.spec, "is_mla", False) else 16,
+            block_size=MLA_BLOCK_SIZE if getattr(self.spec, "is_mla", False) else DEFAULT_BLOCK_SIZE,
             device_unit=kind.unit,
             rope_overrides=rope.flag_value if rope else None,
             rope_max_len=rope.length if rope else None,
@@ -315,7 +314,7 @@ class Finder:
         if not free:
             return None
         total = self.gpu.total_bytes
-        cap = (min(free) - self.request.device_kind.context_overhead_bytes) / total
+        cap = (min(free) - context_guess(self.request.device_kind)) / total
         return None if cap >= self.request.util_ceiling else round(int(cap * 100) / 100, 2)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -346,7 +345,7 @@ class Finder:
                 return self._finish(
                     run_id, self._budget_finish(history, "launch budget"), outcomes, launches, complete=False
                 )
-            if self._budget_left(started) is not None and self._budget_left(started) <= 0:
+            if (left_s := self._budget_left(started)) is not None and left_s <= 0:
                 return self._finish(
                     run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
                 )
@@ -368,7 +367,11 @@ class Finder:
             self.progress.done(outcome.verdict, _outcome_words(outcome))
             for warning in self.policy.misestimates([self._observation(outcome)]):
                 self.progress.note(f"warning: {warning}")
-            if outcome.category == "startup_timeout" and left is not None and self._budget_left(started) <= 0:
+            if (
+                outcome.category == "startup_timeout"
+                and left is not None
+                and (self._budget_left(started) or 0.0) <= 0
+            ):
                 # cut short by the budget: says nothing about the config (and is not reused)
                 return self._finish(
                     run_id, self._budget_finish(history, "time budget"), outcomes, launches, complete=False
@@ -389,6 +392,7 @@ class Finder:
         return not any(t.config.key() == real for t in outcomes)
 
     def _prove_on_real_weights(self, decision: Finish, run_id: int, env_fp: str, history, outcomes) -> None:
+        assert decision.winner is not None  # _needs_real_weights found one
         cfg = decision.winner.config.replace(load_format=None)
         plan = self._probe_plan(cfg)
         outcome = self._run(cfg, len(outcomes) + 1, "the winner on the real weights", lambda _facts: plan)
@@ -693,10 +697,17 @@ def _outcome_words(t: TrialOutcome) -> str:
     return words
 
 
+def context_guess(kind: DeviceKind) -> int:
+    """What find assumes vLLM holds before its free-memory check: half the device's context overhead,
+    optimistic on purpose. A first utilization capped too high fails in seconds and vLLM's error then
+    says the exact free memory; a refusal before any launch must not refuse what would start."""
+    return kind.context_overhead_bytes // 2
+
+
 def check_weights_fit(spec, total_bytes: int, tp: int, gpu_count: int, kind: DeviceKind = CUDA) -> None:
     """Refuse before any launch when the weights alone cannot fit, and say what would."""
     # room for non-torch, activation and a little KV
-    usable = total_bytes * kind.util_ceiling - kind.context_overhead_bytes - GIB
+    usable = total_bytes * kind.util_ceiling - context_guess(kind) - GIB
     if kind.name == "cpu" and spec.weights_per_gpu(tp) > usable:
         raise GpuError(
             f"the weights alone need {spec.weights_per_gpu(tp) / GIB:.1f} GiB per NUMA node at TP {tp}, "
@@ -733,7 +744,7 @@ def check_gpus_free(gpu, weights_per_gpu: int, *, gpu_ids, kind: DeviceKind = CU
                 f"({weights_per_gpu / GIB:.1f} GiB of weights, {kind.process_bytes / GIB:.1f} GiB for its processes)",
                 "stop what is using the memory (top, sorted by RES) or choose other nodes with --gpu-ids",
             )
-        if f - kind.context_overhead_bytes < weights_per_gpu:
+        if f - context_guess(kind) < weights_per_gpu:
             raise GpuError(
                 f"GPU {idx} has only {f / GIB:.1f} GiB free of {gpu.total_bytes / GIB:.1f} GiB, "
                 f"less than the {weights_per_gpu / GIB:.1f} GiB of weights per GPU",

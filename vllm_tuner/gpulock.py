@@ -36,18 +36,18 @@ TMP_LOCK_DIR = Path("/tmp/vllm-tune-locks")  # a fixed path, not $TMPDIR: that o
 class GpuKey(str):
     """A lock key that remembers the GPU's index, for the message that names a busy GPU."""
 
-    index: int | None = None
+    gpu_index: int | None = None
 
     def __new__(cls, key: str, index: int | None = None) -> GpuKey:
         made = super().__new__(cls, key)
-        made.index = index
+        made.gpu_index = index
         return made
 
     def label(self) -> str:
-        if self.index is None:
+        if self.gpu_index is None:
             return str(self)
-        own = f"gpu{self.index}"
-        return str(self.index) if str(self) == own else f"{self.index} ({self})"
+        own = f"gpu{self.gpu_index}"
+        return str(self.gpu_index) if str(self) == own else f"{self.gpu_index} ({self})"
 
 
 def gpu_lock_keys(gpus: Iterable[tuple[int, str | None]]) -> list[str]:

@@ -13,35 +13,16 @@ import difflib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 
+from . import units
 from .devices import unit_of
 from .errors import GpuError, UsageError
-from .nvml import GIB, open_nvml
+from .nvml import open_nvml
 from .paths import profiles_dir
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": GIB,
-    "b": 1,
-    "k": 1 << 10,
-    "kib": 1 << 10,
-    "kb": 10**3,
-    "ki": 1 << 10,
-    "m": 1 << 20,
-    "mib": 1 << 20,
-    "mb": 10**6,
-    "mi": 1 << 20,
-    "g": 1 << 30,
-    "gib": 1 << 30,
-    "gb": 10**9,
-    "gi": 1 << 30,
-    "t": 1 << 40,
-    "tib": 1 << 40,
-    "tb": 10**12,
-    "ti": 1 << 40,
-}
+from .units import GIB
 
 
 @dataclass(frozen=True)
@@ -71,13 +52,15 @@ class GpuTarget:
 
 def parse_size(text: str, *, option: str = "--gpu-memory") -> int:
     """Bytes in ``32GiB``, ``32G`` (= GiB, as vLLM reads it), ``32GB`` (10^9), ``24000MiB``; a bare number is GiB."""
-    match = _SIZE.match(str(text))
-    unit = (match.group(2) or "").lower() if match else ""
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+    try:
+        size = units.parse_size(text, bare=GIB)
+    except ValueError:
+        size = 0
+    if size <= 0:
         raise UsageError(
             f"{option} must be a size like 32GiB, 24000MiB or 80, got {text!r}", f"pass e.g. {option} 32GiB"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    return size
 
 
 def load_gpu_profiles() -> list[GpuProfile]:
@@ -151,7 +134,7 @@ def resolve_gpus(
     gpu_ids: list[int] | None,
     gpu_name: str | None,
     gpu_memory: str | None,
-    nvml_opener: Callable[[], object] = open_nvml,
+    nvml_opener: Callable[[], Any] = open_nvml,  # an open memory reader (Nvml or HostNodes)
 ) -> GpuTarget:
     """The target GPUs: ``--gpu-memory`` > ``--gpu`` > NVML. ``nvml_opener`` returns an open Nvml;
     a session opened by the default opener is closed here, one passed in stays the caller's."""
@@ -201,7 +184,7 @@ def _from_nvml(nvml, ids: tuple[int, ...]) -> GpuTarget:
         )
     devices = [nvml.device(i) for i in ids]
     memories = [nvml.memory(i) for i in ids]
-    notes = ()
+    notes: tuple[str, ...] = ()
     if unit == "GPU":
         names = sorted({d.name for d in devices})
         if len(names) > 1:

@@ -175,7 +175,7 @@ _MIN_LISTED = 64 << 20
 
 def _resident(root: Path) -> list[tuple[int, int]]:
     """(pid, resident bytes) of every process of 64 MiB or more this user can read."""
-    out = []
+    out: list[tuple[int, int]] = []
     try:
         entries = os.listdir(root / "proc")
     except OSError:

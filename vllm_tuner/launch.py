@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
@@ -31,6 +31,7 @@ from .errors import GpuError, LaunchError, VllmError
 from .paths import data_dir
 from .procgroup import end_group, reaper_argv, signal_group, wait_released
 from .serveconfig import ServeConfig
+from .units import GIB
 from .vllmargv import (
     API_SERVER_MODULE,
     docker_run_argv,
@@ -41,7 +42,9 @@ from .vllmargv import (
     vllm_argv,
 )
 
-GIB = 1 << 30
+if TYPE_CHECKING:
+    from .logparse import Diagnosis
+
 HOST = "127.0.0.1"
 
 
@@ -108,7 +111,7 @@ class LocalLauncher:
             return
         # which() skips what exists but cannot be run: say what is there, not "not found"
         if os.sep in word:
-            found = Path(word)
+            found: Path | None = Path(word)
         else:
             folders = os.environ.get("PATH", os.defpath).split(os.pathsep)
             found = next((Path(d or ".") / word for d in folders if (Path(d or ".") / word).is_file()), None)
@@ -478,7 +481,7 @@ def check_port_free(port: int) -> None:
 class Readiness:
     ready: bool
     elapsed_s: float
-    diagnosis: object | None = None  # logparse.Diagnosis when not ready
+    diagnosis: Diagnosis | None = None  # when not ready
 
 
 ProgressFn = Callable[[str, float, "dict[int, int] | None"], None]
@@ -648,7 +651,7 @@ class ServerProcess:
         """After the first fatal line, give vLLM a moment to print the root cause and exit."""
         deadline = self.clock() + 2.0
         while self.clock() < deadline:
-            code = self._proc.poll()
+            code = self._proc.poll() if self._proc else None
             if code is not None:
                 self._join_reader(1.0)
                 return code
@@ -656,7 +659,7 @@ class ServerProcess:
                 if self.clock() - self._last_line_at > 0.3:
                     break
             time.sleep(0.02)
-        return self._proc.poll()
+        return self._proc.poll() if self._proc else None
 
     def _failed(self, start: float, exit_code: int | None) -> Readiness:
         with self._lock:

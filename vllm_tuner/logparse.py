@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .failures import NAMES
+from .units import GIB
 from .vllmargv import options
-
-GIB = 1 << 30
 
 # every category a diagnosis can name (declared, with what each means to the tuner, in failures.py)
 CATEGORIES: tuple[str, ...] = NAMES
@@ -180,7 +179,8 @@ def _kv_refusal(match: re.Match[str]) -> Facts:
     usage), so what was free for this worker is what is still available plus what it holds: the
     number the next utilization is computed from, like the free memory of the startup check.
     """
-    available, total, kv, requested = (float(_number(g)) if g else None for g in match.groups())
+    available, total, kv = (float(_number(g)) for g in match.groups()[:3])
+    requested = float(_number(match.group(4))) if match.group(4) else None
     out: Facts = {"platform": "cpu", "total_gib": total, "available_kv_gib": kv}
     if requested is None:
         out["free_gib"] = available

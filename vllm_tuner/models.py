@@ -378,8 +378,8 @@ def mamba_state_bytes(text: Mapping, dtype_bytes: int) -> int:
     d_conv = int(text.get("mamba_d_conv") or text.get("conv_kernel") or 4)
     hidden = int(text.get("hidden_size") or 0)
     inner = int(text.get("mamba_expand") or text.get("expand") or 2) * hidden
-    if text.get("mamba_num_heads") or text.get("mamba_n_heads"):  # Mamba2
-        nheads = int(text.get("mamba_num_heads") or text.get("mamba_n_heads"))
+    if mamba2_heads := text.get("mamba_num_heads") or text.get("mamba_n_heads"):  # Mamba2
+        nheads = int(mamba2_heads)
         head_dim = int(text.get("mamba_head_dim") or inner // nheads)
         groups = int(text.get("n_groups") or text.get("mamba_n_groups") or 1)
         conv = (d_conv - 1) * (nheads * head_dim + 2 * groups * d_state)
@@ -402,6 +402,7 @@ def kv_layers_of(text: Mapping, model_type: str, layers: int, heads: int, hidden
     if counts["attention"]:
         out.append(KvLayers("full", counts["attention"], kv_heads, hs, hs))
     if counts["sliding"]:
+        assert window is not None  # a layer is sliding only where the config names a window
         out.append(KvLayers("sliding", counts["sliding"], kv_heads, hs, hs, window=int(window)))
     if counts["mamba"]:
         out.append(
@@ -476,7 +477,7 @@ def quantization_of(raw: Mapping) -> Quantization | None:
     if method in ("compressed-tensors", "compressed_tensors"):
         fmt = str(q.get("format") or "").lower()
         groups = q.get("config_groups") or {}
-        weights = {}
+        weights: dict = {}
         for group in groups.values() if isinstance(groups, Mapping) else []:
             weights = (group or {}).get("weights") or {}
             break

@@ -11,8 +11,6 @@ from types import ModuleType
 
 from .errors import GpuError
 
-GIB = 1 << 30
-
 
 @dataclass(frozen=True)
 class GpuMemory:

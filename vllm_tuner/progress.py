@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Protocol, TextIO
 
-GIB = 1 << 30
+from .units import GIB
 
 
 class Progress(Protocol):

@@ -20,13 +20,14 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .devices import unit_of
 from .errors import UsageError
+from .hashkey import stable_key
 from .probe import PreemptionReading
 from .progress import Progress
 from .serveconfig import TUNED_FLAGS, ServeConfig
-from .store import stable_key
 from .trial import (
     PREEMPTIONS,
     SERVER_DIED,
@@ -37,10 +38,9 @@ from .trial import (
     probe_verdict,
 )
 from .trialrecord import config_from_record, config_record
-from .units import format_duration
+from .units import GIB, format_duration
 from .vllmargv import options, parse_command, shell_command, without
 
-GIB = 1 << 30
 MAX_CEILING = 0.98
 STRATEGIES = ("linear", "bisect")
 # Ramp-level failure categories (besides the log categories of docs/architecture.md).
@@ -127,8 +127,8 @@ class RampPlan:
             if isinstance(edge, NextStep | Stop):
                 return edge
             top = edge
-        soaks = [(self.index(s.utilization), s) for s in steps if s.phase == "soak"]
-        soaks = [(i, s) for i, s in soaks if i is not None]
+        indexed = [(self.index(s.utilization), s) for s in steps if s.phase == "soak"]
+        soaks = [(i, s) for i, s in indexed if i is not None]
         passed = [i for i, s in soaks if s.passed]
         small = {i: s for i, s in soaks if s.pool_too_small}  # memory to spare: climb
         failed = [(i, s) for i, s in soaks if not s.passed and not s.pool_too_small]
@@ -408,7 +408,7 @@ def config_from_args(model: str, argv: Sequence[str], **given: object) -> ServeC
     """A :class:`ServeConfig` from vLLM flags: the tuned ones become fields, the rest stays in
     ``extra_args``. ``given`` (from vllm-tune's own options) wins over the argv. The ramp sets
     ``--gpu-memory-utilization`` itself, so it is refused here."""
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}  # ServeConfig field -> its value, as _convert typed it
     extra: list[str] = []
     words = list(argv)
     at = 0

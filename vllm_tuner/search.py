@@ -18,15 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import failures
 from .failures import Response
 from .objectives import Objective, Sizing, named
 from .objectives.base import UTIL_STEP, round_length
 from .serveconfig import ServeConfig
+from .units import GIB
+from .vllm_defaults import DEFAULT_UTILIZATION
 
-GIB = 1 << 30
 # rope-scaling comes last: it buys no memory (it costs some), only a context past the model's own length, and
 # it changes every request, short ones too; a floor past that length needs it whatever the other knobs do
 LOSSY_ORDER = ("eager", "fp8-kv", "offload", "rope-scaling")
@@ -65,7 +66,7 @@ class EstimateView(Protocol):
 
 
 EstimateFn = Callable[[ServeConfig, object | None], EstimateView]
-CalibrateFn = Callable[[dict, ServeConfig], object]
+CalibrateFn = Callable[[dict[str, Any], ServeConfig], object]
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Observation:
 
     config: ServeConfig
     category: str
-    facts: dict = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)  # logparse.Facts: a number or a word per key
     probe: ProbeSummary | None = None
     # what a launch measured besides the log's facts (e.g. a probe's throughput), for an objective that
     # ranks results by it (``Objective.rank``)
@@ -234,7 +235,7 @@ class Policy:
             # memory another process held when the search began (or at a failed start) was freed: a
             # stable probe's spare headroom buys the steps back, up to the ceiling, never to a step that
             # failed in any way
-            failed = [o.config.gpu_memory_utilization or 0.92 for o in history if not o.stable]
+            failed = [o.config.gpu_memory_utilization or DEFAULT_UTILIZATION for o in history if not o.stable]
             top = min(
                 [
                     req.util_ceiling,
@@ -339,8 +340,8 @@ class Policy:
     }
 
     def _util_after_runtime_failure(self, obs: Observation) -> float:
-        used = obs.config.gpu_memory_utilization or 0.92
-        total = obs.facts.get("total_gib")
+        used = obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION
+        total: float | None = obs.facts.get("total_gib")
         total_bytes = total * GIB if total else None
         need = self.request.headroom_bytes
         seen = obs.probe.min_headroom_bytes if obs.probe else None
@@ -357,12 +358,15 @@ class Policy:
         0.01 steps. None if no stable probe had a surplus of at least one step."""
         best = None
         for obs in history:
-            if not obs.stable or obs.probe.min_headroom_bytes is None or not obs.facts.get("total_gib"):
+            seen = obs.probe.min_headroom_bytes if obs.probe else None
+            if not obs.stable or seen is None or not obs.facts.get("total_gib"):
                 continue
             step_bytes = UTIL_STEP * obs.facts["total_gib"] * GIB
-            steps = math.floor((obs.probe.min_headroom_bytes - self.request.headroom_bytes) / step_bytes)
+            steps = math.floor((seen - self.request.headroom_bytes) / step_bytes)
             if steps >= 1:
-                lifted = round((obs.config.gpu_memory_utilization or 0.92) + steps * UTIL_STEP, 2)
+                lifted = round(
+                    (obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION) + steps * UTIL_STEP, 2
+                )
                 best = lifted if best is None else max(best, lifted)
         return best
 
@@ -453,7 +457,7 @@ class Policy:
             cfg = cfg.replace(max_num_batched_tokens=max(caps.batched_tokens, seqs))
         return cfg
 
-    def _calibration(self, history: Sequence[Observation], cfg: ServeConfig):
+    def _calibration(self, history: Sequence[Observation], cfg: ServeConfig) -> object:
         """Calibrate from the most recent launch that printed the KV pool: one at the same memory
         settings (TP, KV dtype, eager mode and offload) if there is one, else one at the same TP (the
         estimate carries what eager mode, the KV dtype and offload change from the measured terms); else
@@ -531,7 +535,9 @@ class Policy:
             usable = _usable_tokens(obs, bs)
             if usable is None:
                 continue
-            shift = (cfg.gpu_memory_utilization or 0.92) - (obs.config.gpu_memory_utilization or 0.92)
+            shift = (cfg.gpu_memory_utilization or DEFAULT_UTILIZATION) - (
+                obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION
+            )
             if shift and cfg.kv_cache_memory_bytes is None:
                 pool, total = obs.facts.get("available_kv_gib"), obs.facts.get("total_gib")
                 moved = (pool or 0) + shift * (total or 0) - PROFILE_NOISE_GIB
@@ -662,8 +668,11 @@ class Policy:
             step += 1
             if step > 20:
                 return self._finish(history, best, "no untried config is left below the failures")
-            cfg = self._shrink(cfg, step)
-            if cfg is None or not self._meets_floor(cfg.max_model_len or 0, cfg.max_num_seqs or 0):
+            shrunk = self._shrink(cfg, step)
+            if shrunk is None:
+                return self._finish(history, best, "every config that meets the floor has failed")
+            cfg = shrunk
+            if not self._meets_floor(cfg.max_model_len or 0, cfg.max_num_seqs or 0):
                 return self._finish(history, best, "every config that meets the floor has failed")
         if best and not self._better(cfg, best):
             return self._finish(
@@ -673,7 +682,9 @@ class Policy:
             )
         return Launch(cfg, self._reason(history, caps, cfg))
 
-    def probe_after_boot(self, history: Sequence[Observation], config: ServeConfig, facts: dict) -> bool:
+    def probe_after_boot(
+        self, history: Sequence[Observation], config: ServeConfig, facts: dict[str, Any]
+    ) -> bool:
         """After ``config`` booted and printed ``facts``: prove it under load, or relaunch at once?"""
         booted = Observation(config, "success", facts)
         caps = self.caps([*history, booted])
@@ -698,7 +709,9 @@ class Policy:
         stable = [o for o in history if o.stable]
         return max(stable, key=self.objective.rank) if stable else None
 
-    def _finish(self, history, best: Observation | None, reason: str, *, suggest: bool = True) -> Finish:
+    def _finish(
+        self, history: Sequence[Observation], best: Observation | None, reason: str, *, suggest: bool = True
+    ) -> Finish:
         missing: list[str] = []
         gains: list[str] = []
         if best is None and suggest:
@@ -762,7 +775,7 @@ def _usable_tokens(obs: Observation, block_size: int) -> int | None:
 
 
 def _used_util(obs: Observation) -> float:
-    return obs.config.gpu_memory_utilization or 0.92
+    return obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION
 
 
 def _count(history: Sequence[Observation], category: str) -> int:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from .vllmargv import args_mapping
 
@@ -56,7 +57,7 @@ class ServeConfig:
     hf_overrides: str | None = None  # JSON text (a YaRN override: rope.Extension.flag_value)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
-    def replace(self, **changes: object) -> ServeConfig:
+    def replace(self, **changes: Any) -> ServeConfig:  # dataclasses.replace checks the names
         return dataclasses.replace(self, **changes)
 
     def flags(self) -> dict[str, object]:

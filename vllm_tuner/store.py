@@ -13,7 +13,6 @@ Timestamps are Unix seconds (``float``); JSON columns come back parsed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import time
@@ -29,12 +28,6 @@ from .paths import default_db_path
 RUN_KINDS = ("find", "ramp")  # up --tune records the find runs it makes
 RUN_STATUSES = ("running", "done", "failed", "interrupted")
 UNFINISHED = ("running", "interrupted")
-
-
-def stable_key(value: object) -> str:
-    """A short stable hash of JSON-able data (a request, an environment)."""
-    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

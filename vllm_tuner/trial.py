@@ -11,15 +11,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .devices import unit_of
 from .progress import Progress
 from .serveconfig import ServeConfig
+from .units import GIB
+from .vllm_defaults import DEFAULT_BATCHED_TOKENS
 
-GIB = 1 << 30
+if TYPE_CHECKING:
+    from .probe import LoadReport
 
 # (base_url, served_model_name, is_alive) -> probe.LoadReport
-LoadRunner = Callable[[str, str, Callable[[], bool]], object]
+LoadRunner = Callable[[str, str, Callable[[], bool]], "LoadReport"]
 # the booted server's facts -> the load that replaces the worst-case probe (ramp's soak)
 LoadFactory = Callable[[dict], LoadRunner]
 
@@ -69,9 +73,8 @@ class ProbePlan:
         )
 
 
-# vLLM's smallest default --max-num-batched-tokens for `vllm serve` (GPUs under 70 GiB, and A100); H100-class
-# cards default to 8192. The smaller budget means more scheduler steps to prefill, so it errs long.
-DEFAULT_BATCHED_TOKENS = 2048
+# DEFAULT_BATCHED_TOKENS: vLLM's smallest default --max-num-batched-tokens for `vllm serve`; the smaller
+# budget means more scheduler steps to prefill, so it errs long.
 OVERLAP_MARGIN = 1.25  # decode this much longer than the prefills take, plus a fixed tail
 OVERLAP_TAIL_TOKENS = 32
 MIN_DECODE_TOKENS, MAX_DECODE_TOKENS = 64, 4096
@@ -102,7 +105,7 @@ class TrialOutcome:
     category: str
     verdict: str  # stable | boots | unstable | failed
     facts: dict = field(default_factory=dict)
-    probe: object | None = None  # probe.LoadReport
+    probe: LoadReport | None = None
     started_at: float = 0.0
     duration_s: float = 0.0
     log_path: Path | None = None
@@ -154,6 +157,7 @@ def run_trial(
         )
         if not ready.ready:
             diag = ready.diagnosis
+            assert diag is not None  # a server that is not ready says why
             return TrialOutcome(
                 config,
                 diag.category,
@@ -265,7 +269,9 @@ def _alive_check(server, watcher) -> Callable[[], bool]:
     return alive
 
 
-def _probe(server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int, on_sample=None):
+def _probe(
+    server, watcher, plan: ProbePlan, *, nvml, gpu_ids: list[int], vocab_size: int, on_sample=None
+) -> LoadReport:
     from .probe import run_load_probe
 
     alive = _alive_check(server, watcher)

@@ -10,11 +10,10 @@ UUIDs); a past failure applies only where the fingerprint is the same. Pure.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .hashkey import stable_key
 from .probe import LoadReport
 from .serveconfig import ServeConfig
 from .trial import TrialOutcome
@@ -87,4 +86,4 @@ def env_fingerprint(spec, gpu, gpu_ids: Sequence[int], vllm_info, machine_id: st
     memory reader knows the devices). Stored runs resume and past failures are recognised by this exact
     string: its JSON form is the one the first release hashed."""
     parts = {**env_parts(spec, gpu, gpu_ids, vllm_info), "machine": machine_id}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return stable_key(parts, compact=False)

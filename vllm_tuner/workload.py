@@ -25,7 +25,6 @@ from .probe import LoadReport, parse_metrics, run_load_probe
 from .serveconfig import ServeConfig
 from .trial import ProbePlan
 
-GIB = 1 << 30
 SHORT_PROMPT_TOKENS = 512
 SHORT_MAX_TOKENS = 128
 

@@ -15,6 +15,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
@@ -25,6 +26,10 @@ from ..paths import data_dir, default_db_path
 from ..progress import Progress, QuietProgress, TerminalProgress
 from ..trial import Timeouts
 from ..units import parse_duration
+
+if TYPE_CHECKING:
+    from ..launch import DockerLauncher, LocalLauncher
+    from ..simlite.activate import SimEnvironment
 
 DEFAULT_SIM_TIME_SCALE = 40.0
 
@@ -64,14 +69,14 @@ def target_options(**model_settings):
 
 def _headroom_gib(_ctx, _param, value: object) -> float:
     """GiB from ``1``, ``1.5``, ``1.5GiB`` or ``512MiB``; 0 or more."""
-    from ..deploy.spec import parse_size
+    from ..units import GIB, parse_size
 
     text = str(value).strip()
     try:
         gib = float(text)
     except ValueError:
         try:
-            gib = parse_size(text) / (1 << 30)
+            gib = parse_size(text, bare=GIB) / GIB
         except ValueError:
             raise UsageError(
                 f"--headroom takes GiB (1.5) or a size (1.5GiB, 512MiB), got {text!r}",
@@ -87,7 +92,8 @@ headroom_option = click.option(
     default="1",
     show_default=True,
     callback=_headroom_gib,
-    help="Memory that must stay free on every GPU under load: GiB (1.5) or a size (1.5GiB, 512MiB).",
+    help="Memory that must stay free on every GPU under load: GiB (1.5) or a size (1.5GiB, 512MiB); "
+    "a bare number is GiB here, bytes in a deployment file.",
 )
 
 timeout_options = option_stack(
@@ -209,7 +215,7 @@ class Runtime:
     json: bool
     progress: Progress
     log_root: Path
-    simulated: object | None = None  # the SimEnvironment when --simulate is on
+    simulated: SimEnvironment | None = None  # when --simulate is on
     device: DeviceKind = CUDA
 
     def open_store(self):
@@ -238,6 +244,7 @@ def build_runtime(
         raise UsageError(
             f"--sim-time-scale must be positive, got {sim_time_scale}", "use e.g. --sim-time-scale 40"
         )
+    launcher: LocalLauncher | DockerLauncher
     simulated = None
     if simulate:
         if docker_image:

@@ -687,7 +687,7 @@ def _session(
                 "vllm_cmd": sim.vllm_cmd,
                 "env": dict(sim.env),
             }
-            if sim
+            if sim and simulate
             else {}
         )
     settings = Settings(

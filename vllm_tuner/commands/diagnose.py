@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -58,7 +59,7 @@ _CPU_ADDED = {  # key -> the row shown after it
 _PLATFORM_WORDS = {"cpu": "cpu (vLLM's CPU backend: the memory is a NUMA node's RAM)"}
 
 
-def shown_facts(facts: dict[str, object]) -> list[tuple[str, str, str]]:
+def shown_facts(facts: Mapping[str, object]) -> list[tuple[str, str, str]]:
     """The rows of the human output for a log's facts: :data:`_SHOWN` as it is for a GPU, in host-memory
     words (and with the platform and the non-KV usage) for vLLM's CPU backend."""
     if facts.get("platform") != "cpu":

@@ -9,8 +9,8 @@ import yaml
 
 from ..errors import UsageError
 from ..serveconfig import ServeConfig
+from ..units import GIB
 
-GIB = 1 << 30
 CONTEXT_ROWS = (8192, 32768, 65536, 131072)
 MARGIN = 1.25  # "fits with margin": at least 25% more KV blocks than the row needs
 ROPE_ROW_REACH = 4  # rows past the model's length go to 4x it with YaRN (the factor model cards give)
@@ -29,7 +29,7 @@ ROPE_ROW_REACH = 4  # rows past the model's length go to 4x it with YaRN (the fa
 @click.option("--gpus", type=int, default=None, help="Use the first N GPUs.")
 @click.option("--gpu-ids", default=None, help="Comma-separated GPU indices, e.g. 0,2.")
 @click.option("--gpu", "gpu_name", default=None, help="GPU model from profiles/gpus.yaml, e.g. rtx-4090.")
-@click.option("--gpu-memory", default=None, help="Memory per GPU, e.g. 32GiB.")
+@click.option("--gpu-memory", default=None, help="Memory per GPU, e.g. 32GiB; a bare number is GiB.")
 @click.option("--tensor-parallel-size", "-tp", "tp", type=int, default=None)
 @click.option("--max-model-len", type=int, default=None)
 @click.option("--max-num-seqs", type=int, default=None)
@@ -315,7 +315,7 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
 
     est = estimate(spec, gpu.total_bytes, cfg, gpu_name=gpu.name)
     seqs = cfg.max_num_seqs or 1
-    fit = {
+    fit: dict[str, dict[str, float | None]] = {
         "max_context_for_seqs": {"seqs": seqs, "context": est.max_context(seqs)},
         "max_seqs_for_context": {"context": est.max_model_len, "seqs": est.max_seqs(est.max_model_len)},
         "min_utilization": {
@@ -349,7 +349,7 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
         f"({_gib(gpu.total_bytes)} each, {gpu.source}), TP {cfg.tensor_parallel_size}"
     )
     if cfg.hf_overrides:
-        _echo_overrides(spec, cfg)
+        _echo_overrides(spec, cfg, cfg.hf_overrides)
     click.echo(f"Per GPU at --gpu-memory-utilization {est.utilization} ({_gib(est.requested_bytes)} budget):")
     for label, value, note in (
         ("weights", est.weights_bytes, w),
@@ -412,14 +412,14 @@ def _single(spec, cfg: ServeConfig, gpu, json_: bool) -> None:
             )
 
 
-def _echo_overrides(spec, cfg: ServeConfig) -> None:
+def _echo_overrides(spec, cfg: ServeConfig, overrides: str) -> None:
     """The --hf-overrides in force, and what a YaRN override costs."""
     import shlex
 
     from ..rope import describe, extension
 
-    click.echo(f"With --hf-overrides {shlex.quote(cfg.hf_overrides)}")
-    yarn = describe(cfg.hf_overrides)
+    click.echo(f"With --hf-overrides {shlex.quote(overrides)}")
+    yarn = describe(overrides)
     if yarn and cfg.max_model_len and cfg.max_model_len > spec.derived_max_model_len:
         ext = extension(spec, cfg.max_model_len)
         click.echo(f"  {yarn} (the model's own length is {spec.derived_max_model_len:,}): {ext.cost}")

@@ -12,8 +12,7 @@ import click
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..objectives import BY_FLAG
-from ..search import GIB
-from ..units import format_duration, parse_duration
+from ..units import GIB, format_duration, parse_duration
 from ..vllmargv import options, shell_command
 from ._common import (
     device_ids,
@@ -553,7 +552,7 @@ def _print_dry_run(finder, json_: bool) -> None:
         return
     unit = kind.unit
     click.echo(f"Model {plan['model']} on {unit}(s) {plan['gpus']} ({plan['gpu_total_gib']} GiB each)")
-    if isinstance(first, Launch):
+    if isinstance(first, Launch) and estimate is not None:
         flags = " ".join(f"{k} {v}" if v is not True else k for k, v in first.config.flags().items())
         click.echo(f"First candidate: {flags}\n  ({first.reason})")
         # no CUDA graphs where the device has none (the estimate of such a device is an eager one)

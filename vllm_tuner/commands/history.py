@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import shlex
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import click
 from ..errors import UsageError
 from ..paths import default_db_path
 from ..store import RunRecord, Store, TrialRecord
+from ..units import GIB
 
 
 @click.command(name="history")
@@ -123,7 +125,7 @@ def run_detail(run: RunRecord, trials: list[TrialRecord]) -> str:
     return "\n".join(lines)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -133,7 +135,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 def _headroom(trial: TrialRecord) -> str:
     """The least free memory under the load probe, "-" when it was not probed."""
     left = (trial.probe or {}).get("min_headroom_bytes")
-    return f"{left / (1 << 30):.2f} GiB" if left is not None else "-"
+    return f"{left / GIB:.2f} GiB" if left is not None else "-"
 
 
 def _flags(config: dict) -> str:

@@ -9,7 +9,7 @@ import click
 from ..devices import unit_of
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
-from ..units import format_duration, parse_duration
+from ..units import GIB, format_duration, parse_duration
 from ..vllmargv import has
 from ._common import (
     device_ids,
@@ -24,8 +24,6 @@ from ._common import (
     target_options,
     timeout_options,
 )
-
-GIB = 1 << 30
 
 
 @click.command(context_settings={"ignore_unknown_options": False})

@@ -7,15 +7,21 @@ are :func:`vllm_tuner.models.resolve_model` and :func:`vllm_tuner.estimate.estim
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import DeployError, TunerError
 from ..serveconfig import ServeConfig
+from ..units import GIB
 from ..vllmargv import switch_of
 from .plan import GpuInfo, ModelCost, min_context_of
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, GpuSpec, ModelEntry
 
-ResolveFn = Callable[[str], object]
-EstimateFn = Callable[..., object]
+if TYPE_CHECKING:
+    from ..estimate import Estimate
+    from ..models import ModelSpec
+
+ResolveFn = Callable[[str], "ModelSpec"]
+EstimateFn = Callable[..., "Estimate"]
 
 
 def model_costs(
@@ -53,9 +59,13 @@ def estimated_cost(
     estimate_fn: EstimateFn | None = None,
 ) -> ModelCost:
     if resolve is None:
-        from ..models import resolve_model as resolve
+        from ..models import resolve_model
+
+        resolve = resolve_model
     if estimate_fn is None:
-        from ..estimate import estimate as estimate_fn
+        from ..estimate import estimate
+
+        estimate_fn = estimate
     try:
         spec = resolve(entry.model)
     except TunerError as exc:
@@ -98,9 +108,7 @@ def plan_gpus(
     """The deployment's GPUs and whether they are planned offline (a profile or a size, no NVML)."""
     ids = list(spec.ids) if spec.ids is not None else list(range(spec.n))
     if spec.memory_bytes is not None:
-        return [
-            GpuInfo(i, f"GPU ({spec.memory_bytes / (1 << 30):.1f} GiB)", spec.memory_bytes) for i in ids
-        ], True
+        return [GpuInfo(i, f"GPU ({spec.memory_bytes / GIB:.1f} GiB)", spec.memory_bytes) for i in ids], True
     if spec.profile is not None:
         name, total = (profile_lookup or gpu_profile)(spec.profile)
         return [GpuInfo(i, name, total) for i in ids], True

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -257,7 +258,7 @@ def local_model_dir(inst: Instance) -> str | None:
 def emit_compose(
     plan: DeploymentPlan, *, image: str = DEFAULT_IMAGE, proxy_port: int | None = None
 ) -> dict[str, str]:
-    services: dict[str, dict] = {}
+    services: dict[str, dict[str, Any]] = {}
     previous: str | None = None
     for inst in _ordered(plan):
         command = _argv(inst)[1:]
@@ -270,7 +271,7 @@ def emit_compose(
                 command[0] = local
                 if not inst.entry.served_model_name:  # clients keep the name a local `up` serves
                     command += ["--served-model-name", inst.public_name]
-        service: dict = {
+        service: dict[str, Any] = {
             "image": image,
             "entrypoint": ["vllm", "serve"],
             "command": command,
@@ -334,7 +335,7 @@ def emit_compose(
 PROXY_SERVICE = "vllm-tune-proxy"
 
 
-def _compose_proxy(plan: DeploymentPlan, port: int) -> dict:
+def _compose_proxy(plan: DeploymentPlan, port: int) -> dict[str, Any]:
     """The proxy's service: reaches each instance by its service name, after every one is healthy."""
     urls = [f"http://{inst.name}:{inst.port}" for inst in _ordered(plan)]
     return {
@@ -490,7 +491,7 @@ def _systemd_proxy(plan: DeploymentPlan, port: int, *, vllm_tune_cmd: str, user:
 def emit_kubernetes(
     plan: DeploymentPlan, *, image: str = DEFAULT_IMAGE, namespace: str | None = None
 ) -> dict[str, str]:
-    docs: list[dict] = []
+    docs: list[dict[str, Any]] = []
     previous: Instance | None = None
     for inst in _ordered(plan):
         docs += [
@@ -512,8 +513,8 @@ def _k8s_name(plan: DeploymentPlan, inst: Instance) -> str:
     return f"{plan.deployment.name}-{inst.name}"[:63].rstrip("-")
 
 
-def _meta(plan: DeploymentPlan, inst: Instance, namespace: str | None) -> dict:
-    meta: dict = {
+def _meta(plan: DeploymentPlan, inst: Instance, namespace: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
         "name": _k8s_name(plan, inst),
         "labels": {"app.kubernetes.io/part-of": plan.deployment.name, "app.kubernetes.io/name": inst.name},
         "annotations": {"vllm-tune/memory": instance_comment(inst)},
@@ -525,7 +526,7 @@ def _meta(plan: DeploymentPlan, inst: Instance, namespace: str | None) -> dict:
 
 def _k8s_deployment(
     plan: DeploymentPlan, inst: Instance, image: str, namespace: str | None, previous: Instance | None
-) -> dict:
+) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/health", "port": inst.port}, "periodSeconds": 10}
     container = {
         "name": "vllm",
@@ -540,7 +541,7 @@ def _k8s_deployment(
         "livenessProbe": {**probe, "failureThreshold": 3},
         "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
     }
-    spec: dict = {
+    spec: dict[str, Any] = {
         "containers": [container],
         "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
     }
@@ -571,7 +572,7 @@ def _k8s_deployment(
     }
 
 
-def _k8s_service(plan: DeploymentPlan, inst: Instance, namespace: str | None) -> dict:
+def _k8s_service(plan: DeploymentPlan, inst: Instance, namespace: str | None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",

@@ -10,12 +10,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import procgroup
 from ..errors import DeployError
 from ..procgroup import cannot_run, end_group, reap_if_child, reaper_argv
+from ..units import GIB
 from .containers import DockerCli
-from .plan import GIB
 from .state import InstanceState, ProxyState, descendant_pids, is_alive, is_ours, session_pids
 
 Spawn = Callable[[list[str], dict[str, str], Path], int]  # (argv, env, log file) -> pid, in its own session
@@ -41,7 +42,7 @@ def start_detached(
 class InstanceProcesses:
     """What runs for each recorded instance, as NVML and docker see it, and stopping it."""
 
-    nvml: object
+    nvml: Any  # an open memory reader (Nvml or HostNodes)
     docker: DockerCli = field(default_factory=DockerCli)
     stop_grace_s: float = 30.0
     poll_s: float = 1.0

@@ -23,14 +23,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from ..devices import CUDA
 from ..serveconfig import ServeConfig
+from ..units import GIB, MIB
+from ..vllm_defaults import DEFAULT_BLOCK_SIZE
 from .spec import DEFAULT_MIN_CONTEXT, Deployment, ModelEntry
 
-GIB = 1 << 30
 SERVE_HOST = "0.0.0.0"  # what every instance serves on (a container publishes its port there too)
-MIB = 1 << 20
-CUDA_CONTEXT_BYTES = GIB // 2  # CUDA context + cuBLAS + NCCL a vLLM worker holds before its free-memory check
-BLOCK_TOKENS = 16  # vLLM's default KV block
+CUDA_CONTEXT_BYTES = CUDA.context_overhead_bytes  # what a vLLM worker holds before its free-memory check
+BLOCK_TOKENS = DEFAULT_BLOCK_SIZE  # vLLM's default KV block
 CONTEXT_STEP = 256  # planned context lengths are multiples of this
 MAX_PLANNED_SEQS = 256  # vLLM's own default ceiling on cards under 70 GiB
 UTIL_STEP = 0.01
@@ -370,7 +371,7 @@ def _first_fit(
 def _best_room(
     entry: ModelEntry, gpus: Sequence[GpuInfo], load: dict[int, int], capacity: dict[int, int]
 ) -> tuple[int, tuple[int, ...]]:
-    best = (-(1 << 62), ())
+    best: tuple[int, tuple[int, ...]] = (-(1 << 62), ())
     for group in _candidate_groups(entry, gpus):
         room = min(capacity[g] - load[g] for g in group)
         if room > best[0]:

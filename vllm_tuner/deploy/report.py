@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ..devices import device_kind
+from ..units import GIB
 from ..vllmargv import shell_command
-from .plan import GIB, DeploymentPlan, GpuBudget, Instance
+from .plan import DeploymentPlan, GpuBudget, Instance
 
 RULE = "─"
 

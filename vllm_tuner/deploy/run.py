@@ -30,10 +30,11 @@ from pathlib import Path
 from ..devices import CUDA, DeviceKind
 from ..errors import DeployError, TunerError
 from ..procgroup import spawn_detached
+from ..units import GIB, MIB
 from ..vllmargv import vllm_argv, with_value
 from .containers import DockerCli, container_name, instance_run_argv
 from .instances import InstanceProcesses, Spawn, start_detached
-from .plan import CUDA_CONTEXT_BYTES, GIB, SERVE_HOST, DeploymentPlan, Instance, passes_startup_check
+from .plan import CUDA_CONTEXT_BYTES, SERVE_HOST, DeploymentPlan, Instance, passes_startup_check
 from .state import (
     DeploymentState,
     InstanceState,
@@ -44,7 +45,6 @@ from .state import (
 )
 from .status import StatusReport, deployment_status, http_status
 
-MIB = 1 << 20
 SETTLE_TOLERANCE_BYTES = 64 * MIB
 
 BindCheck = Callable[[str, int], str | None]  # (host, port) -> why it cannot be bound, or None

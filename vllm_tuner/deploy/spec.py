@@ -22,14 +22,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
+from .. import units
 from ..errors import DeployError
-from ..units import parse_duration
+from ..units import GIB, parse_duration
 from ..vllmargv import as_option, flag_words, options
 
-GIB = 1 << 30
 DEFAULT_HEADROOM_BYTES = GIB
 DEFAULT_MIN_CONTEXT = 8192
 OBJECTIVES = ("concurrency", "context", "fixed")
@@ -50,28 +51,6 @@ PLANNED_FLAGS = {
     "pp": "pipeline_parallel_size",
     "kv-cache-dtype": "kv_cache_dtype",
     "served-model-name": "served_model_name",
-}
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 1 << 10,
-    "KIB": 1 << 10,
-    "KB": 1000,
-    "KI": 1 << 10,
-    "M": 1 << 20,
-    "MIB": 1 << 20,
-    "MB": 1000**2,
-    "MI": 1 << 20,
-    "G": 1 << 30,
-    "GIB": 1 << 30,
-    "GB": 1000**3,
-    "GI": 1 << 30,
-    "T": 1 << 40,
-    "TIB": 1 << 40,
-    "TB": 1000**4,
-    "TI": 1 << 40,
 }
 
 
@@ -244,7 +223,7 @@ class _Ctx:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def fail(self, key: str, problem: str, fix: str) -> None:
+    def fail(self, key: str, problem: str, fix: str) -> NoReturn:
         where = f"{self.source}: {key}: " if key else f"{self.source}: "
         raise DeployError(where + problem, fix)
 
@@ -280,20 +259,9 @@ class _Ctx:
 
 
 def parse_size(value: object) -> int:
-    """Bytes in ``96GiB``, ``1.5 GiB``, ``24GB`` (decimal), ``512MiB`` or a plain number of bytes."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(value)
-        return int(value)
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError(value)
-    unit = (match.group(2) or "").upper()
-    if unit not in _SIZE_UNITS:
-        raise ValueError(value)
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    """Bytes in ``96GiB``, ``1.5 GiB``, ``24GB`` (decimal), ``512MiB`` or a plain number of bytes (as
+    vLLM's ``--kv-cache-memory-bytes`` takes them, and unlike ``--headroom``'s GiB on the command line)."""
+    return units.parse_size(value, bare=1)
 
 
 def _parse_cooldown(ctx: _Ctx, value: object) -> float:

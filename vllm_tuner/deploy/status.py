@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from ..probe import PreemptionReading, kv_usage_from_metrics, preemptions_from_metrics
 from ..procgroup import RELEASE_TOLERANCE_BYTES
+from ..units import GIB
 from .instances import InstanceProcesses
-from .plan import GIB
 from .state import DeploymentState, is_alive
 
 ALERT_LEVELS = ((0.95, "critical"), (0.90, "major"), (0.80, "warning"))

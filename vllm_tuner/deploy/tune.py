@@ -31,12 +31,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..errors import DeployError
+from ..units import GIB, MIB
 from .plan import (
     BLOCK_TOKENS,
     CONTEXT_STEP,
     CUDA_CONTEXT_BYTES,
-    GIB,
-    MIB,
     DeploymentPlan,
     Instance,
     ModelCost,

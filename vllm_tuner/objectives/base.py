@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from ..serveconfig import ServeConfig
 
 UTIL_STEP = 0.01  # the step of --gpu-memory-utilization the search moves by
-VLLM_DEFAULT_UTIL = 0.92  # vllm serve's --gpu-memory-utilization when none is given
 
 
 def round_length(context: int, block_size: int, ceiling: int) -> int:

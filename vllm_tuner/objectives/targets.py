@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import UTIL_STEP, VLLM_DEFAULT_UTIL, Objective, Sizing, lossless
+from ..vllm_defaults import DEFAULT_UTILIZATION
+from .base import UTIL_STEP, Objective, Sizing, lossless
 
 if TYPE_CHECKING:
     from ..search import Observation, Request
@@ -43,7 +44,7 @@ class Targets(Objective):
         return self.key(cfg) > self.rank(best)
 
     def shrink(self, req: Request, cfg: ServeConfig, step: int, ceiling: int) -> ServeConfig | None:
-        util = round((cfg.gpu_memory_utilization or VLLM_DEFAULT_UTIL) - UTIL_STEP * step, 2)
+        util = round((cfg.gpu_memory_utilization or DEFAULT_UTILIZATION) - UTIL_STEP * step, 2)
         return cfg.replace(gpu_memory_utilization=util) if util >= req.util_floor else None
 
     def ladder(self, req: Request) -> list[str]:

@@ -21,9 +21,9 @@ import yaml
 from ..deploy.state import proc_start_time
 from ..errors import UsageError
 from ..paths import profiles_dir
+from ..units import GIB
 from .state import SCALE_ENV, STATE_ENV, live_procs, pid_alive
 
-GIB = 1 << 30
 SHIM_DIR = Path(__file__).resolve().parent / "nvml_shim"
 
 
@@ -72,7 +72,7 @@ def resolve(raw: dict, *, machine: str | None = None) -> dict:
     gets one made from its position and ``machine`` (:func:`machine_tag`; ``0000…`` when None)."""
     out = copy.deepcopy(raw)
     tag = (machine or "00000000")[:8].rjust(8, "0")
-    gpus = []
+    gpus: list[dict] = []
     for i, g in enumerate(raw.get("gpus", [])):
         count = int(g.get("count", 1))
         for _ in range(count):

@@ -12,11 +12,10 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
+from ..units import GIB, MIB
 from .runner import Runner
 from .weights import Loaded, WeightLayout, layout
 
-GIB = 1 << 30
-MIB = 1 << 20
 REDUNDANCY = 150 * MIB
 
 DEFAULT_TRUTH = {

@@ -130,7 +130,7 @@ def derived_max_len(config: dict) -> tuple[int, str]:
         derived = DEFAULT_MAX_LEN
     rope = text.get("rope_parameters")
     layers = [rope] if isinstance(rope, dict) and rope else []
-    if layers and all(isinstance(v, dict) for v in rope.values()):
+    if isinstance(rope, dict) and layers and all(isinstance(v, dict) for v in rope.values()):
         layers = [v for v in rope.values() if v]
     model_type = str(text.get("model_type") or config.get("model_type") or "")
     if layers and "gemma3" not in model_type:

@@ -20,6 +20,7 @@ import hashlib
 import math
 import re
 import struct
+from typing import Any
 
 SCORE_FIELDS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
@@ -150,7 +151,7 @@ def pair_up(first: list, second: list) -> list[tuple]:
 
 def rerank_results(pairs: list[tuple], scores: list[float], top_n: int) -> list[dict]:
     """Best first, the first ``top_n`` (all when 0), each naming its document's index in the request."""
-    results = [
+    results: list[dict[str, Any]] = [
         {
             "index": i,
             "document": {"text": doc, "multi_modal": None}

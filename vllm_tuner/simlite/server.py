@@ -422,7 +422,7 @@ class Engine:
         for seq in step.sampled:
             req = self.requests[seq]
             self.generation_tokens += 1
-            if seq.generated == 1:
+            if seq.generated == 1 and seq.last_token_at is not None:  # its first token, sampled this step
                 self.prompt_tokens += seq.prompt_len
                 self.latency["vllm:time_to_first_token_seconds"].observe(seq.last_token_at - seq.arrived)
             elif seq.token_gaps:
