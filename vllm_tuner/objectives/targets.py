@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import UTIL_STEP, VLLM_DEFAULT_UTIL, Objective, Sizing, lossless
+from .base import UTIL_STEP, VLLM_DEFAULT_UTIL, WORST_CASE, Objective, Sizing, lossless
 
 if TYPE_CHECKING:
     from ..search import Observation, Request
@@ -16,6 +16,7 @@ class Targets(Objective):
     name = "targets"
     wants_more = False
     by_flag = False  # set by --context/--seqs, not --objective
+    guarantee = WORST_CASE
 
     def floor(self, req: Request) -> tuple[int, int]:
         return req.target_context or req.native_max_len, req.target_seqs or 1
