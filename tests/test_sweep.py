@@ -88,3 +88,9 @@ def test_nothing_held_when_even_one_client_breaks_the_slo():
     assert sorted(lv.concurrency for lv in levels) == [1, 2, 4]
     choice = choose(levels, cap=64)
     assert choice.level is None and choice.reason.startswith("no concurrency held: C=1 breaks the TTFT SLO")
+
+
+def test_the_reason_says_when_more_clients_add_nothing():
+    choice = choose([Level(1, 900.0), Level(2, 2400.0), Level(4, 1900.0)], cap=64)
+    assert choice.level.concurrency == 2
+    assert choice.reason == "C=2: 2,400 tok/s; C=4 adds nothing (1,900 tok/s)"

@@ -132,6 +132,10 @@ def choose(levels: Sequence[Level], *, cap: int, threshold: float = KNEE_THRESHO
     best = max(held, key=lambda lv: lv.output_tokens_per_s)
     more = best if best.concurrency > knee.concurrency else nxt
     gain = more.output_tokens_per_s / max(knee.output_tokens_per_s, 1e-9) - 1
+    if gain <= 0:
+        return Choice(
+            knee, f"{head}; C={more.concurrency} adds nothing ({more.output_tokens_per_s:,.0f} tok/s)"
+        )
     return Choice(
         knee,
         f"{head}; C={more.concurrency} adds only {gain:+.0%} ({more.output_tokens_per_s:,.0f} tok/s), "
