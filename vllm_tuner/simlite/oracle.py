@@ -14,7 +14,7 @@ import io
 import json
 from dataclasses import dataclass
 
-from . import engine, hfconfig
+from . import engine, hfconfig, steptime
 from . import runner as runners
 from .engine import LaunchArgs, ModelTruth, Truth
 from .server import (
@@ -41,6 +41,7 @@ class Prepared:
     timing: dict
     served_name: str
     compiles: bool  # torch.compile runs (not with --enforce-eager or -O0)
+    cost: steptime.ModelCost  # what a token costs the model (the step model's input)
 
 
 class ConfigError(Exception):
@@ -224,7 +225,7 @@ def prepare(args: argparse.Namespace, scenario: dict, visible: str | None = None
         expert_parallel=args.enable_expert_parallel,
     )
     served = (args.served_model_name or [model_name])[0]
-    return Prepared(model, launch, gpus, truth, faults, timing, served, compiles)
+    return Prepared(model, launch, gpus, truth, faults, timing, served, compiles, steptime.model_cost(config))
 
 
 def foreign_bytes(scenario: dict, gpu: int) -> int:

@@ -15,6 +15,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -26,6 +27,7 @@ from . import engine, pooling, state
 from .engine import GIB, MIB
 from .hfconfig import dict_or_str
 from .runner import CONVERTS, RUNNERS, Runner
+from .scheduler import Scheduler, Seq, Step
 
 VERSION = "0.33.0"
 TRACE = "/usr/local/lib/python3.12/dist-packages/vllm"
@@ -312,27 +314,33 @@ def scenario_model_entry(scenario: dict, name: str) -> dict:
 # -- the server's state -------------------------------------------------------------------------
 @dataclass
 class Request:
+    """One HTTP request: the scheduler's sequence and what its handler waits on."""
+
     prompt_len: int
     max_tokens: int
     done: threading.Event = field(default_factory=threading.Event)
     tokens: list[str] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
-    generated: int = 0
-    blocks: int = 0
-    ready_at: float = 0.0
     failed: str = ""
-    created: float = field(default_factory=time.monotonic)
-    admitted_at: float = 0.0
-    first_token_at: float = 0.0
+    seq: Seq = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seq = Seq(self.prompt_len, self.max_tokens)
+
+
+def sim_now() -> float:
+    """Simulated seconds: the wall clock times the time scale."""
+    return time.monotonic() * scale()
 
 
 class Engine:
-    """A tiny continuous-batching scheduler over the booted KV pool."""
+    """The engine core's busy loop around the scheduler: each step sleeps its simulated duration, then
+    hands its tokens to the waiting handlers (streamed per step, as vLLM's output processor does)."""
 
     def __init__(
         self,
         boot: engine.Boot,
-        timing: dict,
+        step_time: Callable[[list[tuple[int, int]]], float],
         gpus: list[int],
         folder: Path,
         model_name: str,
@@ -341,6 +349,7 @@ class Engine:
         kv_cache_dtype: str = "auto",
         log_stats: bool = True,
         rank: str = "",
+        chunked_prefill: bool = True,
     ) -> None:
         self.boot = boot
         self.kv_cache_dtype = kv_cache_dtype
@@ -349,43 +358,57 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.latency = {name: Histogram(bounds) for name, bounds in HISTOGRAMS.items()}
-        self.timing = timing
         self.gpus = gpus
         self.folder = folder
         self.model_name = model_name
         self.util = util
         self.lock = threading.Condition()
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.free_blocks = max(0, boot.num_blocks - 1)
-        self.preemptions = 0
+        self.scheduler = Scheduler(
+            num_blocks=boot.num_blocks,
+            block_size=boot.block_size,
+            max_num_seqs=boot.max_num_seqs,
+            max_num_batched_tokens=boot.max_num_batched_tokens,
+            step_time=step_time,
+            chunked_prefill=chunked_prefill,
+            keeps_kv_cache=bool(boot.kv_bytes_per_token),  # a bidirectional encoder keeps no KV cache
+        )
+        self.requests: dict[Seq, Request] = {}
         self.dead = False
         self.kv_usage = 0.0
         self.peak_usage = 0.0  # PyTorch's caching allocator keeps what it reserved: NVML sees the peak
         self.finished = 0
         self.die_at = boot.dies_at_usage()
 
-    def blocks_for(self, tokens: int) -> int:
-        if not self.boot.kv_bytes_per_token:  # a bidirectional encoder keeps no KV cache
-            return 0
-        return math.ceil(tokens / self.boot.block_size)
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.preemptions
 
     def submit(self, req: Request) -> None:
         with self.lock:
-            self.waiting.append(req)
+            req.seq.arrived = sim_now()
+            self.requests[req.seq] = req
+            self.scheduler.add(req.seq)
             self.lock.notify_all()
 
     def loop(self) -> None:
-        step = self.timing["decode_step_s"] / scale()
         last_mem = 0.0
         while True:
             with self.lock:
                 if self.dead:
                     return
-                self._admit()
-                self._decode()
-                total = max(1, self.boot.num_blocks - 1)
-                self.kv_usage = 1 - self.free_blocks / total
+                started = time.monotonic()
+                step = self.scheduler.step(started * scale())
+                if step is None:
+                    self.lock.wait(0.05)  # idle until a request arrives
+                self.kv_usage = self.scheduler.kv_usage
                 risen = self.kv_usage > self.peak_usage
                 self.peak_usage = max(self.peak_usage, self.kv_usage)
             # NVML sees an allocation at once: a new peak is written now, not at the next refresh
@@ -395,65 +418,53 @@ class Engine:
             if self.die_at is not None and self.kv_usage >= self.die_at:
                 self._die()
                 return
-            time.sleep(step)
-
-    def _admit(self) -> None:
-        now = time.monotonic()
-        while self.waiting and len(self.running) < self.boot.max_num_seqs:
-            req = self.waiting[0]
-            need = self.blocks_for(req.prompt_len + 1)
-            if need > self.free_blocks:
-                break
-            self.waiting.pop(0)
-            req.blocks = need
-            self.free_blocks -= need
-            req.admitted_at = req.admitted_at or now
-            req.ready_at = now + req.prompt_len / self.timing["prefill_tokens_per_s"] / scale()
-            self.running.append(req)
-
-    def _decode(self) -> None:
-        now = time.monotonic()
-        for req in list(self.running):
-            if req.ready_at > now:
+            if step is None:
                 continue
-            if req.max_tokens == 0:  # a pooling request ends with its prefill
-                self._finish(req)
-                continue
-            need = self.blocks_for(req.prompt_len + req.generated + 1)
-            if need > req.blocks:
-                if self.free_blocks < need - req.blocks:
-                    victim = self.running[-1]
-                    self._release(victim)
-                    self.running.remove(victim)
-                    self.waiting.insert(0, victim)
-                    self.preemptions += 1
-                    if victim is req:
-                        continue
-                    if self.free_blocks < need - req.blocks:
-                        continue
-                self.free_blocks -= need - req.blocks
-                req.blocks = need
-            req.generated += 1
-            req.first_token_at = req.first_token_at or now
+            time.sleep(max(0.0, started + step.duration / scale() - time.monotonic()))
+            with self.lock:
+                self._publish(step)
+
+    def _publish(self, step: Step) -> None:
+        """The step's tokens reach their clients, finished requests their handlers; metrics as vLLM keeps them."""
+        self.latency["vllm:iteration_tokens_total"].observe(step.scheduled_tokens)
+        for seq in step.sampled:
+            req = self.requests[seq]
+            self.generation_tokens += 1
+            if seq.generated == 1:
+                self.prompt_tokens += seq.prompt_len
+                self.latency["vllm:time_to_first_token_seconds"].observe(seq.last_token_at - seq.arrived)
+            elif seq.token_gaps:
+                self.latency["vllm:inter_token_latency_seconds"].observe(seq.token_gaps[-1])
             with req.cond:
                 req.tokens.append(" tok")
                 req.cond.notify_all()
-            if req.generated >= req.max_tokens:
-                self._finish(req)
+        for seq in step.finished:
+            req = self.requests.pop(seq)
+            if not seq.max_tokens:  # a pooling request: its prompt is all it had
+                self.prompt_tokens += seq.prompt_len
+            self.finished += 1
+            self.record(seq)
+            req.done.set()
+            with req.cond:
+                req.cond.notify_all()
 
-    def _finish(self, req: Request) -> None:
-        self._release(req)
-        self.running.remove(req)
-        self.finished += 1
-        self.record(req)
-        req.done.set()
-        with req.cond:
-            req.cond.notify_all()
-
-    def _release(self, req: Request) -> None:
-        self.free_blocks += req.blocks
-        req.blocks = 0
-        req.generated = 0 if req.blocks == 0 and req.generated == 0 else req.generated
+    def record(self, seq: Seq) -> None:
+        """A finished request's histograms, in simulated seconds."""
+        end = seq.finished_at if seq.finished_at is not None else sim_now()
+        scheduled = seq.scheduled_at if seq.scheduled_at is not None else end
+        first = seq.first_token_at if seq.first_token_at is not None else end
+        observe = {
+            "vllm:e2e_request_latency_seconds": end - seq.arrived,
+            "vllm:request_queue_time_seconds": scheduled - seq.arrived,
+            "vllm:request_inference_time_seconds": end - scheduled,
+            "vllm:request_prefill_time_seconds": first - scheduled,
+            "vllm:request_decode_time_seconds": end - first,
+            "vllm:request_num_preemptions": seq.preemptions,
+        }
+        if seq.generated > 1:
+            observe["vllm:request_time_per_output_token_seconds"] = (end - first) / (seq.generated - 1)
+        for name, value in observe.items():
+            self.latency[name].observe(max(0.0, value))
 
     def _write_memory(self) -> None:
         used = self.boot.used_under_load(self.peak_usage)
@@ -500,37 +511,89 @@ class Engine:
             "See stack trace (above) for the root cause.",
             flush=True,
         )
-        for req in self.running + self.waiting:
+        for req in list(self.requests.values()):
             req.failed = "engine dead"
             req.done.set()
             with req.cond:
                 req.cond.notify_all()
         threading.Timer(0.5 / max(1.0, scale() / 20), lambda: os._exit(1)).start()
 
-    def record(self, req: Request) -> None:
-        """Latency histograms in realistic seconds (wall time × the time scale)."""
-        k = scale()
-        end = time.monotonic()
-        first = req.first_token_at or end
-        with self.lock:
-            self.prompt_tokens += req.prompt_len
-            self.generation_tokens += req.generated
-            self.latency["vllm:e2e_request_latency_seconds"].observe((end - req.created) * k)
-            self.latency["vllm:time_to_first_token_seconds"].observe((first - req.created) * k)
-            self.latency["vllm:request_queue_time_seconds"].observe(
-                max(0.0, req.admitted_at - req.created) * k
-            )
-            if req.generated > 1:
-                self.latency["vllm:inter_token_latency_seconds"].observe(
-                    (end - first) * k / (req.generated - 1)
-                )
 
-
+# vLLM's default bucket families (v1/metrics/buckets.py)
+REQUEST_LATENCY = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+)
+REQUEST_LATENCY += (480.0, 960.0, 1920.0, 7680.0)
+TTFT = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+)
+TTFT += (80.0, 160.0, 640.0, 2560.0)
+ITL = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITERATION_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 HISTOGRAMS = {
-    "vllm:time_to_first_token_seconds": (0.01, 0.04, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0),
-    "vllm:inter_token_latency_seconds": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5),
-    "vllm:e2e_request_latency_seconds": (0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0),
-    "vllm:request_queue_time_seconds": (0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0),
+    "vllm:iteration_tokens_total": ITERATION_TOKENS,
+    "vllm:time_to_first_token_seconds": TTFT,
+    "vllm:inter_token_latency_seconds": ITL,
+    "vllm:request_time_per_output_token_seconds": ITL,
+    "vllm:e2e_request_latency_seconds": REQUEST_LATENCY,
+    "vllm:request_queue_time_seconds": REQUEST_LATENCY,
+    "vllm:request_inference_time_seconds": REQUEST_LATENCY,
+    "vllm:request_prefill_time_seconds": REQUEST_LATENCY,
+    "vllm:request_decode_time_seconds": REQUEST_LATENCY,
+    "vllm:request_num_preemptions": (1, 2, 3, 4, 5, 10, 20),
 }
 
 
@@ -551,7 +614,8 @@ class Histogram:
     def lines(self, name: str, labels: str) -> list[str]:
         out = [f"# TYPE {name} histogram"]
         out += [
-            f'{name}_bucket{{{labels},le="{b}"}} {c}' for b, c in zip(self.bounds, self.counts, strict=True)
+            f'{name}_bucket{{{labels},le="{float(b)}"}} {c}'
+            for b, c in zip(self.bounds, self.counts, strict=True)
         ]
         out += [f'{name}_bucket{{{labels},le="+Inf"}} {self.total}']
         out += [f"{name}_count{{{labels}}} {self.total}", f"{name}_sum{{{labels}}} {self.sum:.6f}"]
@@ -708,7 +772,7 @@ def make_handler(
             elif path == "/version":
                 self._send(200, {"version": VERSION})
             elif path == "/load":
-                self._send(200, {"server_load": len(eng.running) + len(eng.waiting)})
+                self._send(200, {"server_load": eng.num_running + eng.num_waiting})
             elif path == "/v1/models":
                 if self._authorised():
                     self._send(
@@ -907,10 +971,10 @@ def metrics(eng: Engine, served: str) -> str:
         out += [
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
             "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{lab}}} {float(len(eng.running))}",
+            f"vllm:num_requests_running{{{lab}}} {float(eng.num_running)}",
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
             "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{lab}}} {float(len(eng.waiting))}",
+            f"vllm:num_requests_waiting{{{lab}}} {float(eng.num_waiting)}",
             "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
             "# TYPE vllm:kv_cache_usage_perc gauge",
             f"vllm:kv_cache_usage_perc{{{lab}}} {eng.kv_usage}",
