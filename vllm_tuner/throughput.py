@@ -17,6 +17,7 @@ the rate: the sweep never chooses what the proof would refuse.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,9 @@ class ThroughputPlan:
     seq_cap: int = SWEEP_SEQ_CAP
     start: int = 1
     max_preemption_rate: float = DEFAULT_MAX_PREEMPTION_RATE
+    # seconds of the server's time per wall second: under --simulate, --sim-time-scale. Durations here,
+    # and every latency and rate measured, are in the server's time.
+    time_scale: float = 1.0
 
 
 @dataclass
@@ -241,7 +245,11 @@ class ThroughputSearch:
             is_alive=is_alive,
             numbers=self.numbers,
             vocab_size=finder.trials.vocab_size,
+            clock=self._clock,
         )
+
+    def _clock(self) -> float:
+        return time.monotonic() * self.plan.time_scale
 
     # -- the proof ------------------------------------------------------------------------------
     def _prove(self, cfg: ServeConfig, result: ThroughputResult) -> tuple[TrialOutcome, LevelReport | None]:

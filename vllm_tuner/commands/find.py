@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -165,6 +166,8 @@ def command(
     throughput = _throughput_plan(
         objective, workload, slo, max_preemption_rate, level_duration, probe_duration, target_seqs
     )
+    if throughput is not None and runtime_args.simulate:  # the sweep's seconds are the simulator's
+        throughput = replace(throughput, time_scale=runtime_args.sim_time_scale)
     if throughput is not None:  # --context is the length the workload is served at, not a fixed target
         longest = throughput.traffic.longest
         if target_context is not None and target_context < longest:
