@@ -88,3 +88,14 @@ def test_throughput_sweeps_one_server_and_proves_its_choice(capsys, tmp_path):
         f"--max-num-seqs {chosen} --gpu-memory-utilization {out['config']['--gpu-memory-utilization']}"
     )
     assert any(line.startswith(f"chosen C={chosen}: ") for line in out["explanation"])
+
+
+def test_a_worst_case_result_says_what_it_guarantees(sim, capsys):
+    env = sim("rtx-5090", time_scale=200)
+    code = main(["find", *QWEN, "--gpus", "2", "--vllm-cmd", env.vllm_cmd])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (
+        "  • guarantee: no preemption even when every sequence is at full length "
+        "(--max-num-seqs × --max-model-len fit the KV pool)\n\nServe command:" in out
+    )

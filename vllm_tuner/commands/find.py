@@ -13,6 +13,7 @@ import click
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..objectives import BY_FLAG
+from ..objectives import named as objective_named
 from ..search import GIB
 from ..serveconfig import SHORT_OPTIONS, shell_command
 from ..units import format_duration, parse_duration
@@ -731,6 +732,7 @@ def _print_result(result) -> None:
     click.echo(f"✔ {status} after {result.launches} launch(es), {format_duration(elapsed)}:")
     for line in result.explanation:
         click.echo(f"  • {line}")
+    click.echo(f"  • guarantee: {objective_named(result.request.objective).guarantee}")
     click.echo("\nServe command:\n  " + result.command())
     if result.config_path:
         run = shell_command(["serve", "--config", str(result.config_path)], vllm_cmd=result.request.vllm_cmd)
