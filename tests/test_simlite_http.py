@@ -220,3 +220,32 @@ def test_memory_rises_through_the_startup_phases(sim, booted, tmp_path):
     assert len(distinct) >= 4, distinct  # nothing, context, weight shards..., KV pool
     assert seen == sorted(seen)  # it only grows while starting
     assert seen[-1] > 20 * GIB
+
+
+def test_tokens_stream_one_per_step_and_latency_lands_in_vllm_histograms(sim, booted):
+    instant_boot = {
+        k: 0.001 for k in ("load_s", "compile_s", "compile_cached_s", "profile_s", "capture_s", "server_s")
+    }
+    env = sim("rtx-5090", time_scale=1.0, timing=instant_boot)  # serving in real time
+    with booted(env, "--load-format", "dummy") as server:
+        url = server.base_url
+        body = {"model": MODEL, "prompt": [1] * 3000, "max_tokens": 40, "stream": True}
+        started = time.monotonic()
+        arrivals = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as answer:
+            for line in answer.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.monotonic())
+        metrics = parse_metrics(httpx.get(f"{url}/metrics").text)
+    ttft = arrivals[0] - started
+    gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+    assert len(arrivals) == 40
+    # 3000 prompt tokens at the 5090's compute take two budget-sized steps; a decode step reads the weights
+    assert 0.2 < ttft < 2.0
+    assert 0.005 < gaps[len(gaps) // 2] < 0.1 < ttft
+    assert metrics["vllm:time_to_first_token_seconds_count"] == 1
+    assert 0.2 < metrics["vllm:time_to_first_token_seconds_sum"] <= ttft  # the engine's view starts later
+    assert metrics["vllm:inter_token_latency_seconds_count"] == 39
+    assert metrics["vllm:request_time_per_output_token_seconds_count"] == 1
+    assert metrics["vllm:iteration_tokens_total_sum"] == 3000 + 39
+    assert metrics["vllm:prompt_tokens_total"] == 3000 and metrics["vllm:generation_tokens_total"] == 40

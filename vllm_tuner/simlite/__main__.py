@@ -10,7 +10,7 @@ import sys
 import threading
 from http.server import ThreadingHTTPServer
 
-from . import engine, oracle, state, steptime
+from . import engine, oracle, state
 from .engine import GIB
 from .server import PID, VERSION, Engine, api, core, log, make_handler, nap, torch_oom
 
@@ -188,19 +188,6 @@ class Walk:
         )
         state.remove_proc(self.folder, PID)
         return 1
-
-    def step_model(self) -> steptime.StepModel:
-        """How long a step takes on this launch's GPUs, with the scenario's hidden efficiencies."""
-        gpu = self.scenario["gpus"][self.gpus[0]]
-        return steptime.step_model(
-            self.p.cost,
-            steptime.hardware_of(str(gpu["name"]), steptime.load_gpu_specs()),
-            self.p.truth,
-            weights_bytes=self.b.weights_bytes,
-            kv_bytes_per_token=self.b.kv_bytes_per_token,
-            tp=self.launch.tp,
-            pp=self.launch.pp,
-        )
 
     # -- the walk ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -557,7 +544,7 @@ class Walk:
         nap(self.timing["server_s"])
         eng = Engine(
             b,
-            self.step_model().seconds,
+            oracle.scheduler(self.p, b, str(self.scenario["gpus"][self.gpus[0]]["name"])),
             self.gpus,
             self.folder,
             self.p.model.name,
@@ -565,7 +552,6 @@ class Walk:
             kv_cache_dtype=launch.kv_cache_dtype,
             log_stats=not self.args.disable_log_stats,
             rank=self.rank,
-            chunked_prefill=launch.runner.chunked_prefill,
         )
         handler = make_handler(eng, self.p.served_name, b.max_model_len, self.args.api_key, launch.runner)
         host = self.args.host

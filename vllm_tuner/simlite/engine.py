@@ -39,6 +39,7 @@ DEFAULT_TIMING = {
     "profile_s": 4.0,
     "capture_s": 12.0,
     "server_s": 2.0,
+    # flat costs scripts/bench_find.py charges a probe; the served engine's steps are timed by .steptime
     "decode_step_s": 0.03,
     "prefill_tokens_per_s": 25000.0,
 }

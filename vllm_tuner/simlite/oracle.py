@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from . import engine, hfconfig, steptime
 from . import runner as runners
 from .engine import LaunchArgs, ModelTruth, Truth
+from .scheduler import LoadResult, Scheduler, closed_loop
 from .server import (
     KV_DTYPES,
     build_parser,
@@ -232,14 +233,34 @@ def foreign_bytes(scenario: dict, gpu: int) -> int:
     return sum(int(p["bytes"]) for p in scenario.get("foreign", []) if int(p["gpu"]) == gpu)
 
 
-def truth(scenario: dict, serve_args: list[str], gpu_ids: list[int]) -> Truth:
-    """The oracle: what ``vllm serve <serve_args>`` does on ``gpu_ids`` of this scenario, and whether it
-    survives its worst case (``max_num_seqs`` sequences of ``max_model_len`` tokens at once).
+def step_model(prepared: Prepared, boot: engine.Boot, gpu_name: str) -> steptime.StepModel:
+    """How long a step of this launch takes on its GPUs, with the scenario's hidden efficiencies."""
+    return steptime.step_model(
+        prepared.cost,
+        steptime.hardware_of(gpu_name, steptime.load_gpu_specs()),
+        prepared.truth,
+        weights_bytes=boot.weights_bytes,
+        kv_bytes_per_token=boot.kv_bytes_per_token,
+        tp=prepared.launch.tp,
+        pp=prepared.launch.pp,
+    )
 
-    ``scenario`` is a resolved scenario (``activate.create(...).scenario``) or the raw YAML mapping;
-    ``serve_args`` may start with ``serve``; ``gpu_ids`` play the part of ``CUDA_VISIBLE_DEVICES``.
-    Memory held by other simulated servers is not counted, only the scenario's foreign processes.
-    Faults that fire once (a co-tenant releasing memory during profiling) are taken as already past."""
+
+def scheduler(prepared: Prepared, boot: engine.Boot, gpu_name: str) -> Scheduler:
+    """The scheduler a launch serves with: its pool, its batch limits, its step model."""
+    return Scheduler(
+        num_blocks=boot.num_blocks,
+        block_size=boot.block_size,
+        max_num_seqs=boot.max_num_seqs,
+        max_num_batched_tokens=boot.max_num_batched_tokens,
+        step_time=step_model(prepared, boot, gpu_name).seconds,
+        chunked_prefill=prepared.launch.runner.chunked_prefill,
+        keeps_kv_cache=bool(boot.kv_bytes_per_token),
+    )
+
+
+def _prepare(scenario: dict, serve_args: list[str], gpu_ids: list[int]) -> tuple[dict, Prepared | None]:
+    """The resolved scenario and the launch's inputs; None for a launch vLLM refuses."""
     from .activate import resolve  # local: activate imports the tuner's error tree
 
     if scenario.get("gpus") and "total_bytes" not in scenario["gpus"][0]:
@@ -250,8 +271,53 @@ def truth(scenario: dict, serve_args: list[str], gpu_ids: list[int]) -> Truth:
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             args = parse(argv)
-        prepared = prepare(args, scenario, ",".join(str(i) for i in gpu_ids))
+        return scenario, prepare(args, scenario, ",".join(str(i) for i in gpu_ids))
     except (SystemExit, ConfigError):
+        return scenario, None
+
+
+def load(
+    scenario: dict,
+    serve_args: list[str],
+    gpu_ids: list[int],
+    *,
+    clients: int,
+    requests: list[tuple[int, int]],
+    seconds: float = 120.0,
+    warmup: float = 20.0,
+) -> LoadResult | None:
+    """The oracle of serving: ``clients`` closed-loop clients sending ``requests`` (``(prompt, output)``
+    tokens, in turn) to ``vllm serve <serve_args>`` for ``seconds`` simulated seconds, with the engine's
+    own scheduler and step model (no server, no sleeping). None when the launch does not boot."""
+    scenario, prepared = _prepare(scenario, serve_args, gpu_ids)
+    if prepared is None or prepared.faults.get("hang"):
+        return None
+    gpu = scenario["gpus"][prepared.gpus[0]]
+    others = max(foreign_bytes(scenario, g) for g in prepared.gpus)
+    boot = engine.boot(
+        prepared.model,
+        prepared.launch,
+        total_bytes=int(gpu["total_bytes"]),
+        others_bytes=others,
+        gpu_name=str(gpu["name"]),
+        truth=prepared.truth,
+    )
+    if boot.category != "success":
+        return None
+    sched = scheduler(prepared, boot, str(gpu["name"]))
+    return closed_loop(sched, clients, requests, seconds=seconds, warmup=warmup)
+
+
+def truth(scenario: dict, serve_args: list[str], gpu_ids: list[int]) -> Truth:
+    """The oracle: what ``vllm serve <serve_args>`` does on ``gpu_ids`` of this scenario, and whether it
+    survives its worst case (``max_num_seqs`` sequences of ``max_model_len`` tokens at once).
+
+    ``scenario`` is a resolved scenario (``activate.create(...).scenario``) or the raw YAML mapping;
+    ``serve_args`` may start with ``serve``; ``gpu_ids`` play the part of ``CUDA_VISIBLE_DEVICES``.
+    Memory held by other simulated servers is not counted, only the scenario's foreign processes.
+    Faults that fire once (a co-tenant releasing memory during profiling) are taken as already past."""
+    scenario, prepared = _prepare(scenario, serve_args, gpu_ids)
+    if prepared is None:
         return Truth(False, CONFIG_ERROR, 0, 0.0, 0, False, 0)
     if prepared.faults.get("hang"):
         return Truth(False, "startup_timeout", 0, 0.0, 0, False, 0)

@@ -120,7 +120,7 @@ class Scheduler:
                 preempted.append(victim)
                 if victim is seq:
                     break
-            if seq in preempted:
+            if preempted and preempted[-1] is seq:
                 break
             scheduled.append((seq, new))
             budget -= new
@@ -169,3 +169,67 @@ class Scheduler:
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.insert(0, seq)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """A closed loop's outcome over its measured window (requests that finished after the warm-up)."""
+
+    output_tokens_per_s: float
+    requests_per_s: float
+    ttft_s: list[float]  # per request
+    itl_s: list[float]  # every gap between two tokens of a request
+    e2e_s: list[float]  # per request
+    preemptions: int  # over the whole run
+    completed: int  # over the whole run
+
+    def percentile(self, values: list[float], p: float) -> float | None:
+        """The ``p``-th percentile (nearest rank) of ``values``, None when there are none."""
+        if not values:
+            return None
+        ordered = sorted(values)
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def closed_loop(
+    scheduler: Scheduler,
+    clients: int,
+    requests: list[tuple[int, int]],
+    *,
+    seconds: float,
+    warmup: float = 0.0,
+) -> LoadResult:
+    """``clients`` clients, each sending its next request the moment its last one ends, for ``seconds``
+    simulated seconds; requests are ``(prompt tokens, output tokens)`` taken in turn from ``requests``."""
+    if not requests:
+        raise ValueError("closed_loop needs at least one request shape")
+    sent = 0
+
+    def send(now: float) -> None:
+        nonlocal sent
+        prompt, output = requests[sent % len(requests)]
+        scheduler.add(Seq(prompt, output, arrived=now))
+        sent += 1
+
+    for _ in range(clients):
+        send(0.0)
+    now, done = 0.0, []
+    while now < seconds:
+        step = scheduler.step(now)
+        if step is None:
+            break
+        now = step.ends
+        for seq in step.finished:
+            done.append(seq)
+            send(now)
+    counted = [s for s in done if s.finished_at is not None and s.finished_at > warmup]
+    window = max(now - warmup, 1e-9)
+    return LoadResult(
+        output_tokens_per_s=sum(s.generated for s in counted) / window,
+        requests_per_s=len(counted) / window,
+        ttft_s=[s.first_token_at - s.arrived for s in counted if s.first_token_at is not None],
+        itl_s=[gap for s in counted for gap in s.token_gaps],
+        e2e_s=[s.finished_at - s.arrived for s in counted if s.finished_at is not None],
+        preemptions=scheduler.preemptions,
+        completed=len(done),
+    )

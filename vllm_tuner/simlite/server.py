@@ -7,7 +7,9 @@ slept divided by ``$VLLM_TUNE_SIM_TIME_SCALE`` but logged at their realistic val
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -15,7 +17,6 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -340,7 +341,7 @@ class Engine:
     def __init__(
         self,
         boot: engine.Boot,
-        step_time: Callable[[list[tuple[int, int]]], float],
+        scheduler: Scheduler,
         gpus: list[int],
         folder: Path,
         model_name: str,
@@ -349,7 +350,6 @@ class Engine:
         kv_cache_dtype: str = "auto",
         log_stats: bool = True,
         rank: str = "",
-        chunked_prefill: bool = True,
     ) -> None:
         self.boot = boot
         self.kv_cache_dtype = kv_cache_dtype
@@ -363,15 +363,7 @@ class Engine:
         self.model_name = model_name
         self.util = util
         self.lock = threading.Condition()
-        self.scheduler = Scheduler(
-            num_blocks=boot.num_blocks,
-            block_size=boot.block_size,
-            max_num_seqs=boot.max_num_seqs,
-            max_num_batched_tokens=boot.max_num_batched_tokens,
-            step_time=step_time,
-            chunked_prefill=chunked_prefill,
-            keeps_kv_cache=bool(boot.kv_bytes_per_token),  # a bidirectional encoder keeps no KV cache
-        )
+        self.scheduler = scheduler  # the launch's pool, batch limits and step model (oracle.scheduler)
         self.requests: dict[Seq, Request] = {}
         self.dead = False
         self.kv_usage = 0.0
@@ -520,69 +512,14 @@ class Engine:
 
 
 # vLLM's default bucket families (v1/metrics/buckets.py)
-REQUEST_LATENCY = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-)
-REQUEST_LATENCY += (480.0, 960.0, 1920.0, 7680.0)
-TTFT = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-)
-TTFT += (80.0, 160.0, 640.0, 2560.0)
-ITL = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
+# fmt: off
+REQUEST_LATENCY = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+        80.0, 160.0, 640.0, 2560.0)
+ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITERATION_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# fmt: on
 HISTOGRAMS = {
     "vllm:iteration_tokens_total": ITERATION_TOKENS,
     "vllm:time_to_first_token_seconds": TTFT,
@@ -600,22 +537,22 @@ HISTOGRAMS = {
 class Histogram:
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * len(bounds)
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, the last one above every bound
         self.total = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """One value (once per token for the inter-token latency: a bisection, not a scan)."""
         self.total += 1
         self.sum += value
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
 
     def lines(self, name: str, labels: str) -> list[str]:
+        """Prometheus' cumulative buckets."""
         out = [f"# TYPE {name} histogram"]
         out += [
             f'{name}_bucket{{{labels},le="{float(b)}"}} {c}'
-            for b, c in zip(self.bounds, self.counts, strict=True)
+            for b, c in zip(self.bounds, itertools.accumulate(self.counts), strict=False)
         ]
         out += [f'{name}_bucket{{{labels},le="+Inf"}} {self.total}']
         out += [f"{name}_count{{{labels}}} {self.total}", f"{name}_sum{{{labels}}} {self.sum:.6f}"]
