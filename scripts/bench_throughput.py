@@ -72,7 +72,7 @@ SUITE = (
     Scenario("5090x2-7b-rag", "rtx-5090", "qwen2.5-7b", 2, "rag", "ttft:p95<=3s"),
     Scenario("h100-8b-code", "h100", "llama-3.1-8b", 1, "code", "itl:p95<=40ms"),
     Scenario("a100-8b-chat-knee", "a100-80g", "llama-3.1-8b", 1, "chat", ""),
-    Scenario("l40s-7b-chat", "l40s", "qwen2.5-7b", 1, "chat", "ttft:p95<=1s,itl:p95<=80ms"),
+    Scenario("h100-7b-chat", "h100", "qwen2.5-7b", 1, "chat", "ttft:p95<=1s,itl:p95<=80ms"),
     Scenario("h200-8b-agent", "h200", "llama-3.1-8b", 1, "agent", "ttft:p95<=5s"),
     Scenario("4090-7b-code-knee", "rtx-4090", "qwen2.5-7b", 1, "code", ""),
 )
