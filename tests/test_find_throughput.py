@@ -4,6 +4,7 @@ flow (memory fit, one sweep launch, one proof launch) end to end."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_find_cli_input import fake_vllm, refuse  # noqa: F401  (the house rules for bad input)
@@ -88,6 +89,7 @@ def test_throughput_sweeps_one_server_and_proves_its_choice(capsys, tmp_path):
         f"--max-num-seqs {chosen} --gpu-memory-utilization {out['config']['--gpu-memory-utilization']}"
     )
     assert any(line.startswith(f"chosen C={chosen}: ") for line in out["explanation"])
+    assert "<svg" in Path(out["chart"]).read_text()
 
 
 def test_a_worst_case_result_says_what_it_guarantees(sim, capsys):

@@ -119,3 +119,14 @@ def test_a_proof_that_does_not_hold_falls_back_to_the_next_level_once():
     assert second < first == result.choice.level.concurrency
     assert result.winner.config.max_num_seqs == second
     assert result.launches[1].verdict == "unstable" and "preemption rate" in result.launches[1].probe_failure
+
+
+def test_the_chart_marks_the_choice_and_says_why_levels_were_not_chosen():
+    result = search(FakeTrials(), toy_level())
+    page = result.chart_html()
+    chosen = result.choice.level.concurrency
+    assert page.startswith("<!doctype html>") and "<svg" in page and "<script" not in page
+    assert f"<title>C={chosen}: " in page and "fill='#5cb85c'" in page  # the chosen bar, green
+    assert "TTFT limit 2 s" in page
+    broke = [lv for lv in result.judged if lv.broken]
+    assert broke and f"<li>C={broke[0].concurrency}: TTFT SLO (p95" in page

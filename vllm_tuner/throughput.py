@@ -63,7 +63,9 @@ class ThroughputResult:
     proof: LevelReport | None = None
     winner: TrialOutcome | None = None
     reason: str = ""
+    judged: list[Level] = field(default_factory=list)  # the levels as the sweep judged them
     config_path: object = None
+    chart_path: object = None
 
     @property
     def request(self):
@@ -108,6 +110,19 @@ class ThroughputResult:
         lines.append(self.reason)
         return lines
 
+    def chart_html(self) -> str:
+        from .throughput_chart import sweep_chart_html
+
+        ttft = [lim.seconds for lim in self.plan.slo.limits if lim.key == "ttft_p95"]
+        chosen = self.choice.level.concurrency if self.choice is not None and self.choice.level else None
+        return sweep_chart_html(
+            self.table(),
+            title=f"{self.request.model}: throughput sweep, workload {self.plan.traffic.name}",
+            chosen=chosen,
+            broken={lv.concurrency: "; ".join(lv.broken) for lv in self.judged if lv.broken},
+            ttft_limit_s=ttft[0] if ttft else None,
+        )
+
     def table(self) -> list[dict]:
         return [lv.row() for lv in sorted(self.levels, key=lambda lv: lv.concurrency)]
 
@@ -132,6 +147,7 @@ class ThroughputResult:
             "proof": self.proof.row() if self.proof is not None else None,
             "explanation": self.explanation(),
             "config_file": str(self.config_path) if self.config_path else None,
+            "chart": str(self.chart_path) if self.chart_path else None,
             "memory_fit": self.fit.as_json(),
             "launches": [trial_json(t) for t in self.launches],
         }
@@ -161,8 +177,9 @@ class ThroughputSearch:
             return result
         fitted = fit.winner.config
         self._sweep(fitted, result)
-        held = [lv for lv in self._levels(result) if lv.held]
-        result.choice = choose(self._levels(result), cap=self._cap(result))
+        result.judged = self._levels(result)
+        held = [lv for lv in result.judged if lv.held]
+        result.choice = choose(result.judged, cap=self._cap(result))
         if result.choice.level is None:
             result.reason = result.choice.reason
             return result

@@ -296,6 +296,12 @@ def command(
                 f"the config file {path} could not be written ({exc.strerror or exc})",
                 "the serve command above is the result; free the disk or choose another --write-config",
             )
+    if throughput is not None and result.levels:
+        try:
+            result.chart_path = run_dir / "throughput-chart.html"
+            result.chart_path.write_text(result.chart_html())
+        except OSError:  # the chart is for the eye; the result stands without it
+            result.chart_path = None
     if runtime.json:
         emit_json(result.as_json())
     elif throughput is not None:
@@ -392,6 +398,8 @@ def _print_throughput(result) -> None:
     if result.config_path:
         run = shell_command(["serve", "--config", str(result.config_path)], vllm_cmd=result.request.vllm_cmd)
         click.echo(f"\nConfig file: {result.config_path}  ({run})")
+    if result.chart_path:
+        click.echo(f"Chart: {result.chart_path}")
 
 
 def _show_default(cmd: click.Command, name: str, text: str) -> None:
