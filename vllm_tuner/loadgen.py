@@ -173,7 +173,7 @@ def run_level(
                 for line in resp.iter_lines():
                     if not line.startswith("data:") or "[DONE]" in line:
                         continue
-                    if '"error"' in line:
+                    if line.replace(" ", "").startswith('data:{"error"'):
                         error("stream_error", line)
                         return
                     last = clock()

@@ -202,8 +202,7 @@ class ThroughputSearch:
             (self._observation(t) for t in result.launches if t.verdict == "stable"), key=THROUGHPUT.rank
         )
         result.winner = next(t for t in result.launches if t.config == best.config)
-        n = 1 + len(result.launches)
-        result.reason = f"{fit.launches} launch(es) to fit memory, {n - 1} to sweep and prove"
+        result.reason = f"{fit.launches} launch(es) to fit memory, {len(result.launches)} to sweep and prove"
         return result
 
     # -- the sweep ------------------------------------------------------------------------------
