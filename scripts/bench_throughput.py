@@ -51,7 +51,7 @@ from vllm_tuner.traffic import traffic_named  # noqa: E402
 GRID_SEQS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 GRID_BATCHED = (2048, 8192)
 AUTO_TUNE_GRID = 2 * 4
-LEVEL_S, WARMUP_S, PROOF_S = 40.0, 10.0, 80.0  # simulated seconds
+LEVEL_S, WARMUP_S, PROOF_S = 60.0, 15.0, 120.0  # simulated seconds
 BENCH_S, RATE_RUNS = 60.0, 6  # one benchmark run of the request-rate bisection, and how many
 BOOT_S = sum(DEFAULT_TIMING[k] for k in ("load_s", "compile_s", "profile_s", "capture_s", "server_s"))
 REQUESTS = 4000  # the workload's requests, drawn once per scenario, taken in turn

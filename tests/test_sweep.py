@@ -47,7 +47,7 @@ def test_without_an_slo_the_knee_is_where_throughput_stops_growing():
     levels = sweep(measure, slo)
     chosen = choose(levels, cap=1024).level
     best = max(lv.output_tokens_per_s for lv in levels)
-    assert chosen.output_tokens_per_s >= 0.95 * best
+    assert chosen.output_tokens_per_s >= 0.98 * best
     # fewer clients than the flat top: the knee, not the cap
     assert chosen.concurrency < max(lv.concurrency for lv in levels)
     assert max(lv.concurrency for lv in levels) < 1024
@@ -76,10 +76,14 @@ def test_the_reason_names_the_level_that_broke_the_slo():
 
 
 def test_the_reason_for_a_knee_says_what_more_clients_add():
-    levels = [Level(32, 3000.0), Level(64, 3900.0), Level(128, 4000.0)]
+    levels = [Level(32, 3000.0), Level(64, 3950.0), Level(128, 4000.0)]
     choice = choose(levels, cap=256)
     assert choice.level.concurrency == 64
-    assert "C=128 adds only +3%" in choice.reason
+    assert "C=128 adds only +1% (4,000 tok/s), under the 2% that would be worth its latency" in choice.reason
+    # 3% more is worth it
+    assert (
+        choose([Level(32, 3000.0), Level(64, 3880.0), Level(128, 4000.0)], cap=256).level.concurrency == 128
+    )
 
 
 def test_nothing_held_when_even_one_client_breaks_the_slo():

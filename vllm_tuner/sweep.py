@@ -7,9 +7,9 @@ server measures every level. :func:`next_level` is stateless: it reads the level
    ``threshold`` per doubling, up to ``cap`` (as ``vllm bench sweep serve_sla`` does on request rate).
 2. Where a level broke the SLO, bisect between the last level that held it and the first that broke
    it, to ``resolution`` (a fraction of the lower bound, at least one client).
-3. The knee: the fewest clients whose throughput is within ``threshold`` of the best that held the SLO;
+3. The knee: the fewest clients whose throughput is within ``tolerance`` of the best that held the SLO;
    bisect down to it the same way, from where concave throughput could reach it. More clients past
-   it buy under ``threshold`` and cost latency.
+   it buy under ``tolerance`` and cost latency.
 
 :func:`choose` picks that knee from the measured levels and says why in one line.
 """
@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-KNEE_THRESHOLD = 0.05  # throughput growth that counts as growing; the knee is within this of the best
+KNEE_THRESHOLD = 0.05  # throughput growth per doubling that counts as growing
+KNEE_TOLERANCE = 0.02  # the knee: the fewest clients within this of the best throughput that held
 RESOLUTION = 0.125  # bisection stops when the bracket is within this fraction of its lower end
 
 
@@ -43,6 +44,7 @@ def next_level(
     cap: int,
     start: int = 1,
     threshold: float = KNEE_THRESHOLD,
+    tolerance: float = KNEE_TOLERANCE,
     resolution: float = RESOLUTION,
 ) -> int | None:
     """The concurrency to measure next, or None when the sweep is done."""
@@ -64,30 +66,30 @@ def next_level(
     if not held:
         return None
     # 3. the knee
-    knee = knee_level(held, threshold)
+    knee = knee_level(held, tolerance)
     below = [lv for lv in levels if lv.concurrency < knee.concurrency]
     if not below:
         return _midpoint(0, knee.concurrency, resolution)
     lower = max(below, key=lambda lv: lv.concurrency)
-    return _midpoint(_knee_floor(lower, knee, threshold), knee.concurrency, resolution)
+    return _midpoint(_knee_floor(lower, knee, tolerance), knee.concurrency, resolution)
 
 
-def knee_level(held: Sequence[Level], threshold: float = KNEE_THRESHOLD) -> Level:
-    """The fewest clients within ``threshold`` of the best throughput among ``held`` levels."""
+def knee_level(held: Sequence[Level], tolerance: float = KNEE_TOLERANCE) -> Level:
+    """The fewest clients within ``tolerance`` of the best throughput among ``held`` levels."""
     best = max(lv.output_tokens_per_s for lv in held)
     return min(
-        (lv for lv in held if lv.output_tokens_per_s >= (1 - threshold) * best), key=lambda lv: lv.concurrency
+        (lv for lv in held if lv.output_tokens_per_s >= (1 - tolerance) * best), key=lambda lv: lv.concurrency
     )
 
 
-def _knee_floor(lower: Level, knee: Level, threshold: float) -> int:
-    """Below which no level can be within ``threshold`` of ``knee``. Throughput is concave in clients
+def _knee_floor(lower: Level, knee: Level, tolerance: float) -> int:
+    """Below which no level can be within ``tolerance`` of ``knee``. Throughput is concave in clients
     (tokens/s per client never rises with more of them), so a level C above ``lower`` makes at most
     ``lower``'s throughput × C / lower.concurrency."""
     if lower.output_tokens_per_s <= 0:
         return lower.concurrency
     best = knee.output_tokens_per_s  # at most the best: the floor errs low, never past the knee
-    reach = lower.concurrency * (1 - threshold) * best / lower.output_tokens_per_s
+    reach = lower.concurrency * (1 - tolerance) * best / lower.output_tokens_per_s
     return max(lower.concurrency, min(knee.concurrency, int(reach)))
 
 
@@ -111,7 +113,7 @@ class Choice:
     reason: str
 
 
-def choose(levels: Sequence[Level], *, cap: int, threshold: float = KNEE_THRESHOLD) -> Choice:
+def choose(levels: Sequence[Level], *, cap: int, tolerance: float = KNEE_TOLERANCE) -> Choice:
     """The knee of the levels that held, and the reason in one line, e.g.
     "C=96: 4,210 tok/s, p95 TTFT 1.7 s; C=128 breaks the TTFT SLO (p95 2.3 s, limit 2 s)"."""
     ordered = sorted(levels, key=lambda lv: lv.concurrency)
@@ -120,7 +122,7 @@ def choose(levels: Sequence[Level], *, cap: int, threshold: float = KNEE_THRESHO
         first = ordered[0] if ordered else None
         why = f"C={first.concurrency} breaks the {_and(first.broken)}" if first else "nothing was measured"
         return Choice(None, f"no concurrency held: {why}")
-    knee = knee_level(held, threshold)
+    knee = knee_level(held, tolerance)
     head = f"C={knee.concurrency}: {level_words(knee)}"
     after = [lv for lv in ordered if lv.concurrency > knee.concurrency]
     if not after:
@@ -139,7 +141,7 @@ def choose(levels: Sequence[Level], *, cap: int, threshold: float = KNEE_THRESHO
     return Choice(
         knee,
         f"{head}; C={more.concurrency} adds only {gain:+.0%} ({more.output_tokens_per_s:,.0f} tok/s), "
-        f"under the {threshold:.0%} that would be worth its latency",
+        f"under the {tolerance:.0%} that would be worth its latency",
     )
 
 
