@@ -67,3 +67,36 @@ def test_a_level_on_the_simulator_measures_throughput_latency_and_kv(sim, sim_se
     # decode steps are shared by the batch: eight clients stream more tokens than one (how many more
     # is not the simulator's alone at this time scale, where its Python costs more than its steps)
     assert eight.output_tokens_per_s > 1.2 * one.output_tokens_per_s
+
+
+def test_a_stream_error_object_is_an_error_and_a_token_that_says_error_is_not():
+    import json as _json
+
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text="vllm:num_preemptions_total 0\n")
+        body = _json.loads(request.content)
+        if body["max_tokens"] == 3:  # the engine failed mid-stream
+            text = 'data: {"choices":[{"text":"a"}]}\n\ndata: {"error": {"message": "boom", "code": 500}}\n\n'
+        else:
+            text = "".join(
+                'data: {"choices":[{"text":"\\"error\\""}]}\n\n' for _ in range(body["max_tokens"])
+            )
+        return httpx.Response(200, text=text + "data: [DONE]\n\n")
+
+    level = run_level(
+        "http://fake",
+        Traffic("rows", rows=((50, 3), (50, 5))),
+        model="m",
+        concurrency=2,
+        duration_s=0.3,
+        warmup_s=0.0,
+        nvml=None,
+        gpu_ids=[0],
+        is_alive=lambda: True,
+        client=httpx.Client(transport=httpx.MockTransport(handler)),
+    )
+    assert level.load.errors.get("stream_error", 0) > 0
+    assert level.load.requests > 0 and set(level.load.errors) == {"stream_error"}
