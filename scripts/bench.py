@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_estimate.py", "bench_find.py", "bench_detect.py", "bench_proxy.py", "bench_real_cpu.py")
+BENCHMARKS = (
+    "bench_estimate.py",
+    "bench_find.py",
+    "bench_throughput.py",
+    "bench_detect.py",
+    "bench_proxy.py",
+    "bench_real_cpu.py",
+)
 
 
 def main() -> int:

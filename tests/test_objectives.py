@@ -29,9 +29,9 @@ def _policy(objective: str, **request) -> Policy:
     )
 
 
-def test_the_registry_holds_the_three_objectives_and_refuses_others():
-    assert objectives.NAMES == ("context", "concurrency", "targets")
-    assert objectives.BY_FLAG == ("context", "concurrency")  # targets come from --context/--seqs
+def test_the_registry_holds_the_four_objectives_and_refuses_others():
+    assert objectives.NAMES == ("context", "concurrency", "targets", "throughput")
+    assert objectives.BY_FLAG == ("context", "concurrency", "throughput")  # targets: --context/--seqs
     assert all(objectives.named(n).name == n for n in objectives.NAMES)
     with pytest.raises(ValueError, match="unknown objective 'speed'"):
         objectives.named("speed")
@@ -97,3 +97,23 @@ def test_an_objective_can_rank_results_by_what_was_measured(monkeypatch):
     )
     assert _policy("fastest").best([longer, faster]) is faster
     assert _policy("context").best([longer, faster]) is longer
+
+
+def test_every_objective_says_in_one_line_what_it_guarantees():
+    for name in ("context", "concurrency", "targets"):
+        assert objectives.named(name).guarantee.startswith(
+            "no preemption even when every sequence is at full length"
+        )
+    throughput = objectives.named("throughput").guarantee
+    assert "measured goodput" in throughput and "--max-preemption-rate" in throughput
+    assert all("\n" not in objectives.named(n).guarantee for n in objectives.NAMES)
+
+
+def test_throughput_fits_memory_as_concurrency_does_and_ranks_launches_by_measured_goodput():
+    policy = _policy("throughput", min_context=12000)
+    assert policy.objective.floor(policy.request) == (12000, 1)
+    fit_small, fit_big = _stable(_config(12000, 8)), _stable(_config(12000, 24))
+    assert policy.best([fit_small, fit_big]).config.max_num_seqs == 24  # the largest pool, as concurrency
+    slow = _stable(_config(12000, 128), output_tokens_per_s=3000.0)
+    fast = _stable(_config(12000, 96), output_tokens_per_s=4210.0)
+    assert policy.best([fit_big, slow, fast]) is fast  # measured goodput, not the flags, decides

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ import click
 from ..errors import UsageError
 from ..gpulock import GpuLock, gpu_lock_keys
 from ..objectives import BY_FLAG
+from ..objectives import named as objective_named
 from ..units import GIB, format_duration, parse_duration
 from ..vllmargv import options, shell_command
 from ._common import (
@@ -46,7 +48,29 @@ KNOBS = (
     type=click.Choice(BY_FLAG),
     default="context",
     show_default=True,
-    help="Longest --max-model-len keeping --min-seqs, or most --max-num-seqs keeping --min-context.",
+    help="Longest --max-model-len keeping --min-seqs, most --max-num-seqs keeping --min-context, or the most "
+    "output tokens/s of --workload under --slo (throughput).",
+)
+@click.option(
+    "--workload",
+    default=None,
+    help="For --objective throughput: a mix (chat, rag, code, agent) or a file of prompt_tokens,output_tokens rows.",
+)
+@click.option(
+    "--slo",
+    default=None,
+    help='For --objective throughput: latency limits, e.g. "ttft:p95<=2s,itl:p95<=100ms".',
+)
+@click.option(
+    "--max-preemption-rate",
+    type=float,
+    default=None,
+    help="For --objective throughput: preemptions per finished request allowed at saturation [default: 0.05].",
+)
+@click.option(
+    "--level-duration",
+    default=None,
+    help="For --objective throughput: how long each concurrency level is measured [default: 30s].",
 )
 @click.option("--min-seqs", type=int, default=1, show_default=True)
 @click.option(
@@ -104,6 +128,10 @@ def command(
     gpu_ids,
     tp,
     objective,
+    workload,
+    slo,
+    max_preemption_rate,
+    level_duration,
     min_seqs,
     min_context,
     target_context,
@@ -131,8 +159,24 @@ def command(
       vllm-tune find --model Qwen/Qwen2.5-32B-Instruct-AWQ --gpus 1 --objective concurrency --min-context 16384
       vllm-tune find --model zai-org/GLM-4.7-Flash --gpus 2 --context 131072 --seqs 4 --allow fp8-kv \\
           -- --trust-remote-code --tool-call-parser glm47
+      vllm-tune find --model qwen2.5-7b --gpus 2 --objective throughput --workload chat --slo "ttft:p95<=2s"
     """
     from ..find import FindRequest, validate_request
+
+    throughput = _throughput_plan(
+        objective, workload, slo, max_preemption_rate, level_duration, probe_duration, target_seqs
+    )
+    if throughput is not None and runtime_args.simulate:  # the sweep's seconds are the simulator's
+        throughput = replace(throughput, time_scale=runtime_args.sim_time_scale)
+    if throughput is not None:  # --context is the length the workload is served at, not a fixed target
+        longest = throughput.traffic.longest
+        if target_context is not None and target_context < longest:
+            raise UsageError(
+                f"--context {target_context} is shorter than the longest request of --workload "
+                f"{throughput.traffic.name} ({longest:,} tokens)",
+                f"pass --context {longest} or more, or leave it out to serve the workload's longest request",
+            )
+        min_context, target_context = target_context or longest, None
 
     # what the command line alone can tell is checked before anything is built, launched or written
     _check_at_least_one(
@@ -168,6 +212,10 @@ def command(
     tp_size = tp or len(ids)
     _check_heads(spec, tp_size, using_ids=gpu_ids is not None)
     _check_tp_uses_every_gpu(spec, tp_size, ids, gpus_given=gpus is not None, using_ids=gpu_ids is not None)
+    if throughput is not None:
+        from ..traffic import check_fits_model
+
+        check_fits_model(throughput.traffic, spec.derived_max_model_len, spec.serve_name)
     _check_context_fits_model(spec, target_context=target_context, min_context=min_context, allowed=allowed)
     longest = max(target_context or 0, min_context or 0)
     _check_hf_overrides_passthrough(
@@ -226,7 +274,12 @@ def command(
             return _print_dry_run(finder, runtime.json)
         try:
             with GpuLock(gpu_lock_keys(gpu_uuids(nvml, ids))):
-                result = finder.run()
+                if throughput is not None:
+                    from ..throughput import ThroughputSearch
+
+                    result = ThroughputSearch(finder, throughput).run()
+                else:
+                    result = finder.run()
         finally:
             if nvml is not None:
                 nvml.close()
@@ -242,14 +295,110 @@ def command(
                 f"the config file {path} could not be written ({exc.strerror or exc})",
                 "the serve command above is the result; free the disk or choose another --write-config",
             )
+    if throughput is not None and result.levels:
+        try:
+            result.chart_path = run_dir / "throughput-chart.html"
+            result.chart_path.write_text(result.chart_html())
+        except OSError:  # the chart is for the eye; the result stands without it
+            result.chart_path = None
     if runtime.json:
         emit_json(result.as_json())
+    elif throughput is not None:
+        _print_throughput(result)
     else:
         _print_result(result)
     if unwritten is not None:
         raise unwritten
     if result.winner is None:
         raise click.exceptions.Exit(1)
+
+
+def _throughput_plan(objective, workload, slo, max_preemption_rate, level_duration, probe_duration, seqs):
+    """What --objective throughput measures, from its flags (None for the other objectives, which
+    refuse them)."""
+    given = [
+        name
+        for name, value in (
+            ("--workload", workload),
+            ("--slo", slo),
+            ("--max-preemption-rate", max_preemption_rate),
+            ("--level-duration", level_duration),
+        )
+        if value is not None
+    ]
+    if objective != "throughput":
+        if given:
+            raise UsageError(
+                f"{given[0]} is for --objective throughput", f"add --objective throughput or drop {given[0]}"
+            )
+        return None
+    from ..slo import parse_slo
+    from ..throughput import DEFAULT_MAX_PREEMPTION_RATE, ThroughputPlan
+    from ..traffic import MIXES, traffic_named
+
+    if workload is None:
+        raise UsageError(
+            "--objective throughput needs --workload",
+            f"pass --workload with a mix ({', '.join(MIXES)}) or a file of prompt_tokens,output_tokens rows",
+        )
+    if seqs is not None:
+        raise UsageError(
+            "--seqs cannot be given with --objective throughput: the sweep chooses --max-num-seqs",
+            "drop --seqs (--context alone sets the length)",
+        )
+    rate = DEFAULT_MAX_PREEMPTION_RATE if max_preemption_rate is None else max_preemption_rate
+    if rate < 0:
+        raise UsageError(
+            f"--max-preemption-rate must be 0 or more, got {rate}", "use e.g. --max-preemption-rate 0.05"
+        )
+    level_s = parse_duration(level_duration, option="--level-duration") if level_duration else 30.0
+    if level_s <= 0:
+        raise UsageError(
+            f"--level-duration must be above zero, got {level_duration}", "use e.g. --level-duration 30s"
+        )
+    proof_s = parse_duration(probe_duration, option="--probe-duration") if probe_duration else 2 * level_s
+    return ThroughputPlan(
+        traffic=traffic_named(workload),
+        slo=parse_slo(slo),
+        level_duration_s=level_s,
+        warmup_s=min(5.0, level_s / 4),
+        proof_duration_s=proof_s,
+        max_preemption_rate=rate,
+    )
+
+
+def _print_throughput(result) -> None:
+    from ..slo import seconds_words
+
+    table = result.table()
+    if table:
+        click.echo("Concurrency sweep (one server):")
+        click.echo(
+            f"  {'C':>5}  {'out tok/s':>10}  {'req/s':>7}  {'TTFT p50':>9}  {'TTFT p95':>9}  "
+            f"{'ITL p50':>8}  {'ITL p95':>8}  {'KV':>4}  {'preempt':>7}"
+        )
+
+        def sec(v):
+            return seconds_words(v) if v is not None else "-"
+
+        for row in table:
+            click.echo(
+                f"  {row['concurrency']:>5}  {row['output_tokens_per_s']:>10,.0f}  {row['requests_per_s']:>7.2f}  "
+                f"{sec(row['ttft_p50']):>9}  {sec(row['ttft_p95']):>9}  {sec(row['itl_p50']):>8}  "
+                f"{sec(row['itl_p95']):>8}  {row['kv_usage']:>4.0%}  {row['preemptions']:>7}"
+            )
+    if result.winner is None:
+        click.echo(f"✘ No throughput config: {result.reason}")
+        return
+    click.echo("✔ Throughput config:")
+    for line in result.explanation():
+        click.echo(f"  • {line}")
+    click.echo("\nServe command:\n  " + result.command())
+    if result.config_path:
+        run = shell_command(["serve", "--config", str(result.config_path)], vllm_cmd=result.request.vllm_cmd)
+        click.echo(f"\nConfig file: {result.config_path}  ({run})")
+    if result.chart_path:
+        click.echo(f"Chart: {result.chart_path}")
 
 
 def _show_default(cmd: click.Command, name: str, text: str) -> None:
@@ -584,6 +733,7 @@ def _print_result(result) -> None:
     click.echo(f"✔ {status} after {result.launches} launch(es), {format_duration(elapsed)}:")
     for line in result.explanation:
         click.echo(f"  • {line}")
+    click.echo(f"  • guarantee: {objective_named(result.request.objective).guarantee}")
     click.echo("\nServe command:\n  " + result.command())
     if result.config_path:
         run = shell_command(["serve", "--config", str(result.config_path)], vllm_cmd=result.request.vllm_cmd)

@@ -9,8 +9,9 @@ from .base import Objective, Sizing
 from .concurrency import CONCURRENCY
 from .context import CONTEXT
 from .targets import TARGETS
+from .throughput import THROUGHPUT
 
-_ALL: tuple[Objective, ...] = (CONTEXT, CONCURRENCY, TARGETS)
+_ALL: tuple[Objective, ...] = (CONTEXT, CONCURRENCY, TARGETS, THROUGHPUT)
 
 REGISTRY: dict[str, Objective] = {o.name: o for o in _ALL}
 NAMES: tuple[str, ...] = tuple(REGISTRY)

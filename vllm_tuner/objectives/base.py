@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from ..serveconfig import ServeConfig
 
 UTIL_STEP = 0.01  # the step of --gpu-memory-utilization the search moves by
+# what the context, concurrency and targets objectives promise: a worst-case proof
+WORST_CASE = "no preemption even when every sequence is at full length (--max-num-seqs × --max-model-len fit the KV pool)"
 
 
 def round_length(context: int, block_size: int, ceiling: int) -> int:
@@ -56,6 +58,7 @@ class Objective(ABC):
     # allowed would add to it; False: a fixed target, which a winner meets and nothing adds to
     wants_more: bool = True
     by_flag: bool = True  # offered by find's --objective
+    guarantee: str = ""  # what a result promises, in one line (find prints it)
 
     @abstractmethod
     def floor(self, req: Request) -> tuple[int, int]:

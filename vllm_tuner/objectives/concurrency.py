@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Objective, Sizing, beats_by_slack, lossless
+from .base import WORST_CASE, Objective, Sizing, beats_by_slack, lossless
 
 if TYPE_CHECKING:
     from ..search import Observation, Request
@@ -17,6 +17,7 @@ DEFAULT_MIN_CONTEXT = 8192
 
 class Concurrency(Objective):
     name = "concurrency"
+    guarantee = WORST_CASE
 
     def floor(self, req: Request) -> tuple[int, int]:
         longest = max(req.native_max_len, req.rope_max_len or 0)

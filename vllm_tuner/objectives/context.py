@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Objective, Sizing, beats_by_slack, lossless, round_length
+from .base import WORST_CASE, Objective, Sizing, beats_by_slack, lossless, round_length
 
 if TYPE_CHECKING:
     from ..search import Observation, Request
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 class Context(Objective):
     name = "context"
+    guarantee = WORST_CASE
 
     def floor(self, req: Request) -> tuple[int, int]:
         return req.min_context or req.block_size, req.min_seqs

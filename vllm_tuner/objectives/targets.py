@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..vllm_defaults import DEFAULT_UTILIZATION
-from .base import UTIL_STEP, Objective, Sizing, lossless
+from .base import UTIL_STEP, WORST_CASE, Objective, Sizing, lossless
 
 if TYPE_CHECKING:
     from ..search import Observation, Request
@@ -17,6 +17,7 @@ class Targets(Objective):
     name = "targets"
     wants_more = False
     by_flag = False  # set by --context/--seqs, not --objective
+    guarantee = WORST_CASE
 
     def floor(self, req: Request) -> tuple[int, int]:
         return req.target_context or req.native_max_len, req.target_seqs or 1

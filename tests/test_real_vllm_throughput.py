@@ -1,0 +1,95 @@
+"""The real-vLLM tier for ``find --objective throughput``: the tiny Llama on vLLM's CPU backend with a
+short workload. find's choice of --max-num-seqs (one sweep launch, one proof) is checked against an
+exhaustive sweep of --max-num-seqs on the same engine, a restart per point, each measured by the same
+closed loop (``loadgen.run_level``) with as many clients as sequences.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from real_vllm import (
+    DUMMY,
+    RealVllm,
+    free_port,
+    small_fraction,
+    start_command,
+    stop_group,
+    tiny_llama,
+    wait_healthy,
+    why_not_runnable,
+)
+
+from vllm_tuner.loadgen import run_level
+from vllm_tuner.traffic import traffic_named
+
+_why = why_not_runnable()
+pytestmark = [
+    pytest.mark.real_vllm,
+    pytest.mark.timeout(1800),
+    pytest.mark.skipif(_why is not None, reason=f"real vLLM tier not run: {_why}"),
+]
+
+LEVEL_S = 20.0
+EXHAUSTIVE_SEQS = (1, 2, 4, 8, 16, 32)
+ROWS = "prompt_tokens,output_tokens\n" + "".join(f"{32 + 24 * i},{8 + 3 * i}\n" for i in range(8))
+
+
+@pytest.fixture
+def real(tmp_path):
+    real = RealVllm(home=tmp_path / "home")
+    yield real
+    try:
+        real.assert_nothing_left()
+    finally:
+        real.close()
+
+
+def test_throughput_choice_is_within_5_percent_of_an_exhaustive_sweep(real, tmp_path):
+    model = str(tiny_llama(tmp_path / "tiny-llama"))
+    rows = tmp_path / "traffic.csv"
+    rows.write_text(ROWS)
+    done = real.tune(
+        "find", "--model", model, "--objective", "throughput", "--workload", str(rows),
+        "--level-duration", f"{LEVEL_S:g}s", "--util-ceiling", str(small_fraction()), "--json", "--", *DUMMY,
+        timeout_s=1200,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    assert result["stable"], result["explanation"]
+    chosen = result["chosen"]["concurrency"]
+    assert result["config"]["--max-num-seqs"] == chosen
+    assert result["config"]["--max-model-len"] == traffic_named(str(rows)).longest
+    sweep, proof = result["launches"]  # one launch for the whole sweep, one for the proof
+    assert sweep["verdict"] == "stable" and proof["verdict"] == "stable"
+    assert len(result["table"]) >= 3
+    real.assert_nothing_left()
+
+    command = result["command"]
+    traffic = traffic_named(str(rows))
+    goodput = {}
+    for seqs in sorted({*EXHAUSTIVE_SEQS, chosen}):
+        port = free_port()
+        log = tmp_path / f"exhaustive-{seqs}.log"
+        server = start_command(
+            command.replace(f"--max-num-seqs {chosen}", f"--max-num-seqs {seqs}"),
+            real,
+            port,
+            log,
+        )
+        try:
+            base_url = f"http://127.0.0.1:{port}"
+            wait_healthy(base_url, server)
+            level = run_level(
+                base_url, traffic, model=model, concurrency=seqs, duration_s=LEVEL_S, warmup_s=LEVEL_S / 4,
+                nvml=None, gpu_ids=[0], is_alive=lambda s=server: s.poll() is None,
+            )  # fmt: skip
+        finally:
+            stop_group(server)
+        real.captured.append(log)
+        assert level.load.ok, level.load.first_error
+        goodput[seqs] = level.output_tokens_per_s
+    best = max(goodput.values())
+    assert goodput[chosen] >= 0.95 * best, f"find chose {chosen}: {goodput}"
+    assert Path(result["memory_fit"]["trials"][-1]["log"]).exists()

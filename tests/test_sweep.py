@@ -1,0 +1,100 @@
+"""The concurrency-sweep policy against toy worlds (plain data, no server)."""
+
+from __future__ import annotations
+
+from vllm_tuner.slo import parse_slo
+from vllm_tuner.sweep import Level, choose, next_level
+
+
+def world(peak: float, half: float, ttft_per_client: float):
+    """Throughput saturating at ``peak`` (half of it at ``half`` clients); p95 TTFT growing linearly."""
+
+    def measure(c: int, slo) -> Level:
+        stats = {"ttft_p95": ttft_per_client * c, "itl_p95": 0.02}
+        return Level(c, peak * c / (c + half), tuple(slo.broken(stats)), stats)
+
+    return measure
+
+
+def sweep(measure, slo, cap=1024, start=1):
+    levels: list[Level] = []
+    while (c := next_level(levels, cap=cap, start=start)) is not None:
+        assert c not in {lv.concurrency for lv in levels}, "a level is never measured twice"
+        assert 1 <= c <= cap
+        levels.append(measure(c, slo))
+        assert len(levels) < 30
+    return levels
+
+
+def exhaustive_best(measure, slo, cap):
+    held = [measure(c, slo) for c in range(1, cap + 1)]
+    return max((lv for lv in held if lv.held), key=lambda lv: lv.output_tokens_per_s)
+
+
+def test_the_slo_edge_is_bisected_to_within_an_eighth():
+    slo = parse_slo("ttft:p95<=2s")
+    measure = world(peak=10000, half=2000, ttft_per_client=2.0 / 100)  # the edge is at exactly 100
+    levels = sweep(measure, slo)
+    chosen = choose(levels, cap=1024).level
+    assert 88 <= chosen.concurrency <= 100
+    assert chosen.output_tokens_per_s >= 0.95 * exhaustive_best(measure, slo, 256).output_tokens_per_s
+    assert len(levels) <= 12  # doubling to 128, then a few bisections
+
+
+def test_without_an_slo_the_knee_is_where_throughput_stops_growing():
+    slo = parse_slo(None)
+    measure = world(peak=5000, half=16, ttft_per_client=0.01)
+    levels = sweep(measure, slo)
+    chosen = choose(levels, cap=1024).level
+    best = max(lv.output_tokens_per_s for lv in levels)
+    assert chosen.output_tokens_per_s >= 0.98 * best
+    # fewer clients than the flat top: the knee, not the cap
+    assert chosen.concurrency < max(lv.concurrency for lv in levels)
+    assert max(lv.concurrency for lv in levels) < 1024
+
+
+def test_the_cap_bounds_the_doubling():
+    slo = parse_slo(None)
+    levels = sweep(world(peak=1e6, half=1e6, ttft_per_client=0.0), slo, cap=48)
+    assert max(lv.concurrency for lv in levels) == 48
+    choice = choose(levels, cap=48)
+    assert choice.level.concurrency == 48 and "cap" in choice.reason
+
+
+def test_the_reason_names_the_level_that_broke_the_slo():
+    slo = parse_slo("ttft:p95<=2s")
+    levels = [
+        Level(64, 3000.0, (), {"ttft_p95": 1.2}),
+        Level(96, 4210.0, (), {"ttft_p95": 1.7}),
+        Level(128, 4800.0, tuple(slo.broken({"ttft_p95": 2.3})), {"ttft_p95": 2.3}),
+    ]
+    choice = choose(levels, cap=256)
+    assert choice.level.concurrency == 96
+    assert (
+        choice.reason == "C=96: 4,210 tok/s, p95 TTFT 1.7 s; C=128 breaks the TTFT SLO (p95 2.3 s, limit 2 s)"
+    )
+
+
+def test_the_reason_for_a_knee_says_what_more_clients_add():
+    levels = [Level(32, 3000.0), Level(64, 3950.0), Level(128, 4000.0)]
+    choice = choose(levels, cap=256)
+    assert choice.level.concurrency == 64
+    assert "C=128 adds only +1% (4,000 tok/s), under the 2% that would be worth its latency" in choice.reason
+    # 3% more is worth it
+    assert (
+        choose([Level(32, 3000.0), Level(64, 3880.0), Level(128, 4000.0)], cap=256).level.concurrency == 128
+    )
+
+
+def test_nothing_held_when_even_one_client_breaks_the_slo():
+    slo = parse_slo("ttft:p95<=10ms")
+    levels = sweep(world(peak=100, half=1, ttft_per_client=1.0), slo, start=4)
+    assert sorted(lv.concurrency for lv in levels) == [1, 2, 4]
+    choice = choose(levels, cap=64)
+    assert choice.level is None and choice.reason.startswith("no concurrency held: C=1 breaks the TTFT SLO")
+
+
+def test_the_reason_says_when_more_clients_add_nothing():
+    choice = choose([Level(1, 900.0), Level(2, 2400.0), Level(4, 1900.0)], cap=64)
+    assert choice.level.concurrency == 2
+    assert choice.reason == "C=2: 2,400 tok/s; C=4 adds nothing (1,900 tok/s)"
