@@ -293,6 +293,7 @@ class Finder:
             else None,
             block_size=64 if getattr(self.spec, "is_mla", False) else 16,
             device_unit=kind.unit,
+            kv_bytes_skip_free_check=kind.kv_bytes_skip_free_check,
             rope_overrides=rope.flag_value if rope else None,
             rope_max_len=rope.length if rope else None,
         )
@@ -548,9 +549,11 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
                 f"KV pool {pool:.2f} GiB holds {int(tokens):,} tokens; --max-model-len {cfg.max_model_len} "
                 f"at {cfg.max_num_seqs} sequence(s)"
             )
-        if result.utilization_step is not None:
+        if cfg.kv_cache_memory_bytes is not None:
+            lines.append(_kv_bytes_words(result, cfg))
+        elif result.utilization_step is not None:
             lines.append(result.utilization_step.words())
-        util_words = f"{cfg.gpu_memory_utilization:.2f}"
+        util_words = f"{cfg.gpu_memory_utilization or 0:.2f}"
         failed = sorted(
             {
                 (t.config.gpu_memory_utilization or 0, t.probe_failure or t.category.replace("_", " "))
@@ -565,7 +568,9 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
             if w.min_headroom_bytes is not None
             else ""
         )
-        if failed:
+        if cfg.kv_cache_memory_bytes is not None:
+            lines.append(f"the {cfg.kv_cache_memory_bytes / GIB:.2f} GiB KV pool stable{head}")
+        elif failed:
             u, cat = failed[-1]
             lines.append(f"{u:.2f} failed ({cat}), {util_words} stable{head}")
         else:
@@ -592,6 +597,25 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
     lines.extend(result.missing)
     lines.extend(f"not allowed: {gain}" for gain in result.gains)
     return lines
+
+
+def _kv_bytes_words(result: FindResult, cfg: ServeConfig) -> str:
+    """Why the winner's pool is in bytes: the fraction a device's free memory refused (the last such
+    refusal's numbers), and what the flag does instead."""
+    unit = result.request.device_kind.unit
+    refused = [t for t in result.trials if t.category == "startup_free_memory_below_utilization"]
+    facts = refused[-1].facts if refused else {}
+    free, total = facts.get("free_gib"), facts.get("total_gib")
+    why = (
+        f"the {unit} had only {free} of {total} GiB free for the fraction"
+        if free and total
+        else "free memory"
+    )
+    return (
+        f"--kv-cache-memory-bytes {cfg.kv_cache_memory_bytes} ({cfg.kv_cache_memory_bytes / GIB:.2f} GiB) sizes the "
+        f"KV pool for {cfg.max_num_seqs} x {cfg.max_model_len} tokens: {why}, and with the pool in bytes vLLM "
+        "skips that startup check (no --gpu-memory-utilization: it would not be used)"
+    )
 
 
 @dataclass(frozen=True)
