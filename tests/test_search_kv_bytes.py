@@ -198,3 +198,13 @@ def test_the_dry_run_ladder_names_the_pool_in_bytes_on_the_cpu_only():
     cuda = Policy(request(CUDA), BASE, estimate=estimate, calibrate=calibrate).ladder()
     assert cpu[-1].startswith("kv-cache-memory-bytes: once a NUMA node's free memory refuses the fraction")
     assert not any(step.startswith("kv-cache-memory-bytes") for step in cuda)
+
+
+def test_a_pool_given_in_bytes_calibrates_from_its_bytes_not_from_vllms_two_decimals():
+    from vllm_tuner.estimate import Calibration
+
+    # real vLLM 0.32 on the CPU: "Explicitly set (0.0/23.54) GiB for KV cache on node 0." for a 5 MiB pool
+    cfg = ServeConfig(model="tiny/llama", max_model_len=2048, max_num_seqs=2, kv_cache_memory_bytes=5 * MIB)
+    facts = {"available_kv_gib": 0.0, "total_gib": 23.54, "kv_cache_tokens": 5120}
+    cal = Calibration.from_facts(facts, cfg)
+    assert cal.kv_pool_bytes == 5 * MIB and cal.kv_bytes_per_token == 1024
