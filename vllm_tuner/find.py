@@ -545,8 +545,14 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
         cfg, f = w.config, w.facts
         pool, tokens = f.get("available_kv_gib"), f.get("kv_cache_tokens")
         if pool is not None and tokens is not None:
+            # a pool given in bytes is known to the byte (vLLM prints two decimals of a GiB)
+            size = (
+                f"{pool:.2f} GiB"
+                if cfg.kv_cache_memory_bytes is None
+                else _pool_words(cfg.kv_cache_memory_bytes)
+            )
             lines.append(
-                f"KV pool {pool:.2f} GiB holds {int(tokens):,} tokens; --max-model-len {cfg.max_model_len} "
+                f"KV pool {size} holds {int(tokens):,} tokens; --max-model-len {cfg.max_model_len} "
                 f"at {cfg.max_num_seqs} sequence(s)"
             )
         if cfg.kv_cache_memory_bytes is not None:
@@ -569,7 +575,7 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
             else ""
         )
         if cfg.kv_cache_memory_bytes is not None:
-            lines.append(f"the {cfg.kv_cache_memory_bytes / GIB:.2f} GiB KV pool stable{head}")
+            lines.append(f"the {_pool_words(cfg.kv_cache_memory_bytes)} KV pool stable{head}")
         elif failed:
             u, cat = failed[-1]
             lines.append(f"{u:.2f} failed ({cat}), {util_words} stable{head}")
@@ -612,10 +618,15 @@ def _kv_bytes_words(result: FindResult, cfg: ServeConfig) -> str:
         else "free memory"
     )
     return (
-        f"--kv-cache-memory-bytes {cfg.kv_cache_memory_bytes} ({cfg.kv_cache_memory_bytes / GIB:.2f} GiB) sizes the "
+        f"--kv-cache-memory-bytes {cfg.kv_cache_memory_bytes} ({_pool_words(cfg.kv_cache_memory_bytes)}) sizes the "
         f"KV pool for {cfg.max_num_seqs} x {cfg.max_model_len} tokens: {why}, and with the pool in bytes vLLM "
         "skips that startup check (no --gpu-memory-utilization: it would not be used)"
     )
+
+
+def _pool_words(nbytes: int) -> str:
+    """A pool in bytes for people: GiB, or MiB for one under a tenth of a GiB (a tiny model's)."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
 
 
 @dataclass(frozen=True)
