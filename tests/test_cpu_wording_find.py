@@ -96,7 +96,12 @@ def test_cpu_dry_run_json_names_the_device_and_the_skipped_knobs(capsys) -> None
     _print_dry_run(_finder("cpu"), True)
     plan = json.loads(capsys.readouterr().out)
     assert plan["device"] == "cpu"
-    assert [s.split(":")[0] for s in plan["ladder"][3:]] == ["eager", "fp8-kv", "offload"]
+    assert [s.split(":")[0] for s in plan["ladder"][3:]] == [
+        "eager",
+        "fp8-kv",
+        "offload",
+        "kv-cache-memory-bytes",
+    ]
     assert plan["ladder"][3].startswith("eager: skipped on cpu (")
 
 

@@ -136,7 +136,7 @@ def test_a_context_vllm_cannot_hold_is_cut_to_what_vllm_says_it_holds(real, tmp_
     assert result["config"]["--max-model-len"] <= printed
 
 
-def test_a_fraction_above_the_nodes_free_memory_is_refused_by_vllm_and_backed_off_from_its_numbers(
+def test_a_fraction_above_the_nodes_free_memory_is_refused_by_vllm_and_answered_with_a_pool_in_bytes(
     real, model, cotenant
 ):
     cotenant(COTENANT_GIB)  # another process holds memory, so the node's free memory is short of 0.9
@@ -154,9 +154,23 @@ def test_a_fraction_above_the_nodes_free_memory_is_refused_by_vllm_and_backed_of
         _trial_log_number(first, r"Available memory on node \d+ \(([\d.]+)/"),
         _trial_log_number(first, r"Available memory on node \d+ \([\d.]+/([\d.]+) GiB\)"),
     )
+    # the node is as busy as before; the next launch gives vLLM the pool the goal needs in bytes (no
+    # fraction, so vLLM's default 0.92 of the node, more than is free: vLLM skips that check, as its source says)
     second = trials[1]
-    assert second["flags"]["--gpu-memory-utilization"] <= round(free / total, 2)
-    assert result["stable"]
+    pool = second["flags"]["--kv-cache-memory-bytes"]
+    assert "--gpu-memory-utilization" not in second["flags"]
+    log = Path(second["log"]).read_text(errors="replace")
+    assert "on startup is less than" not in log
+    assert _trial_log_number(second, r"Explicitly set \(([\d.]+)/[\d.]+\) GiB for KV cache on node") == round(
+        pool / GIB, 2
+    )
+    tokens = _kv_tokens_in(Path(second["log"]))
+    assert 2 * 2048 <= tokens < 4 * 2048  # the goal's pool, not the node's free memory
+    assert result["stable"] and second["verdict"] == "stable", result["explanation"]
+    assert f"--kv-cache-memory-bytes {pool}" in result["command"]
+    assert "--gpu-memory-utilization" not in result["command"]
+    (line,) = [x for x in result["explanation"] if x.startswith("--kv-cache-memory-bytes")]
+    assert f"only {free} of {total} GiB free" in line and "0.00 GiB" not in line  # a tiny pool in MiB
 
 
 def test_a_flag_the_installed_vllm_does_not_know_is_refused_before_any_launch(real, model):

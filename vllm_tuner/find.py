@@ -35,7 +35,7 @@ from .search import (
 from .serveconfig import ServeConfig
 from .trial import ProbePlan, Timeouts, TrialOutcome, TrialSetup
 from .trialrecord import config_from_record, config_record, env_fingerprint, outcome_from_record
-from .units import GIB
+from .units import GIB, MIB
 from .vllm_defaults import DEFAULT_BLOCK_SIZE, MLA_BLOCK_SIZE
 from .vllmargv import shell_command
 
@@ -293,6 +293,7 @@ class Finder:
             else None,
             block_size=MLA_BLOCK_SIZE if getattr(self.spec, "is_mla", False) else DEFAULT_BLOCK_SIZE,
             device_unit=kind.unit,
+            kv_bytes_skip_free_check=kind.kv_bytes_skip_free_check,
             rope_overrides=rope.flag_value if rope else None,
             rope_max_len=rope.length if rope else None,
         )
@@ -549,13 +550,21 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
         cfg, f = w.config, w.facts
         pool, tokens = f.get("available_kv_gib"), f.get("kv_cache_tokens")
         if pool is not None and tokens is not None:
+            # a pool given in bytes is known to the byte (vLLM prints two decimals of a GiB)
+            size = (
+                f"{pool:.2f} GiB"
+                if cfg.kv_cache_memory_bytes is None
+                else _pool_words(cfg.kv_cache_memory_bytes)
+            )
             lines.append(
-                f"KV pool {pool:.2f} GiB holds {int(tokens):,} tokens; --max-model-len {cfg.max_model_len} "
+                f"KV pool {size} holds {int(tokens):,} tokens; --max-model-len {cfg.max_model_len} "
                 f"at {cfg.max_num_seqs} sequence(s)"
             )
-        if result.utilization_step is not None:
+        if cfg.kv_cache_memory_bytes is not None:
+            lines.append(_kv_bytes_words(result, cfg))
+        elif result.utilization_step is not None:
             lines.append(result.utilization_step.words())
-        util_words = f"{cfg.gpu_memory_utilization:.2f}"
+        util_words = f"{cfg.gpu_memory_utilization or 0:.2f}"
         failed = sorted(
             {
                 (t.config.gpu_memory_utilization or 0, t.probe_failure or t.category.replace("_", " "))
@@ -570,7 +579,9 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
             if w.min_headroom_bytes is not None
             else ""
         )
-        if failed:
+        if cfg.kv_cache_memory_bytes is not None:
+            lines.append(f"the {_pool_words(cfg.kv_cache_memory_bytes)} KV pool stable{head}")
+        elif failed:
             u, cat = failed[-1]
             lines.append(f"{u:.2f} failed ({cat}), {util_words} stable{head}")
         else:
@@ -597,6 +608,31 @@ def explain(result: FindResult, total_bytes: int) -> list[str]:
     lines.extend(result.missing)
     lines.extend(f"not allowed: {gain}" for gain in result.gains)
     return lines
+
+
+def _kv_bytes_words(result: FindResult, cfg: ServeConfig) -> str:
+    """Why the winner's pool is in bytes: the fraction a device's free memory refused (the last such
+    refusal's numbers), and what the flag does instead."""
+    unit = result.request.device_kind.unit
+    refused = [t for t in result.trials if t.category == "startup_free_memory_below_utilization"]
+    facts = refused[-1].facts if refused else {}
+    free, total = facts.get("free_gib"), facts.get("total_gib")
+    why = (
+        f"the {unit} had only {free} of {total} GiB free for the fraction"
+        if free and total
+        else "free memory"
+    )
+    pool = cfg.kv_cache_memory_bytes or 0  # set: this is only said of a pool in bytes
+    return (
+        f"--kv-cache-memory-bytes {pool} ({_pool_words(pool)}) sizes the "
+        f"KV pool for {cfg.max_num_seqs} x {cfg.max_model_len} tokens: {why}, and with the pool in bytes vLLM "
+        "skips that startup check (no --gpu-memory-utilization: it would not be used)"
+    )
+
+
+def _pool_words(nbytes: int) -> str:
+    """A pool in bytes for people: GiB, or MiB for one under a tenth of a GiB (a tiny model's)."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / MIB:.1f} MiB"
 
 
 @dataclass(frozen=True)

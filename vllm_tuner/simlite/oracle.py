@@ -179,7 +179,9 @@ def compilation(args: argparse.Namespace) -> tuple[bool, bool]:
     return compiles, graphs
 
 
-def prepare(args: argparse.Namespace, scenario: dict, visible: str | None = None) -> Prepared:
+def prepare(
+    args: argparse.Namespace, scenario: dict, visible: str | None = None, platform: str = "cuda"
+) -> Prepared:
     """Validated flags + scenario → the engine's inputs. Raises :class:`ConfigError` as vLLM would."""
     validate(args)
     model_name = args.model or args.model_tag
@@ -219,6 +221,7 @@ def prepare(args: argparse.Namespace, scenario: dict, visible: str | None = None
         cpu_offload_gb=args.cpu_offload_gb,
         block_size=args.block_size,
         cudagraphs=graphs,
+        platform=platform,
         max_cudagraph_capture_size=args.max_cudagraph_capture_size,
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         performance_mode=args.performance_mode,
