@@ -6,8 +6,9 @@ back to the last stable step.
 
 One module per job: :mod:`.plan` (the request and the next step, pure), :mod:`.step` (one step's
 verdict, pure), :mod:`.flags` (the ramped config from argv or a ``find --json`` file), :mod:`.loop`
-(:class:`Ramp`: plan → launch → observe → decide → record → emit), :mod:`.report` (the result, the
-live view's line per step, the final table). The names below are the ones the CLI and tests use.
+(:class:`Ramp`: plan → launch → observe → decide → record → emit), :mod:`.record` (a step in the
+store, both ways), :mod:`.report` (the result, the live view's line per step, the final table). The
+names below are the ones the CLI and tests use.
 """
 
 from .flags import FindFlags, config_from_args, parse_serve_command, read_find_result

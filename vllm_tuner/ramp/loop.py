@@ -1,6 +1,6 @@
 """The ramp loop (:class:`Ramp`): plan (:meth:`RampPlan.next`) → launch (a trial through
 :class:`trial.TrialSetup`) → observe (the soak under :mod:`workload`) → decide (:func:`judge_step`) →
-record (the store, before anything else; an interrupted ramp resumes at the step it was in) → emit
+record (:mod:`.record`: the store, before anything else; an interrupted ramp resumes at the step it was in) → emit
 (:class:`~.report.RampResult`).
 """
 
@@ -17,9 +17,9 @@ from ..trial import (
     TrialOutcome,
     TrialSetup,
 )
-from ..trialrecord import config_from_record, config_record
 from ..units import format_duration
 from .plan import NextStep, RampRequest, Stop
+from .record import step_from_record, step_record
 from .report import RampResult, progress_verdict, step_words
 from .step import StepResult, judge_step, pool_shortfall
 
@@ -189,25 +189,13 @@ class Ramp:
         prior = self.store.unfinished_run("ramp", req_key)
         if prior is None:
             return self.store.begin_run("ramp", req_key, self.request.as_dict(), self.env_fp), []
-        steps = [_step_from_record(rec) for rec in self.store.trials(prior.id)]
+        steps = [step_from_record(rec) for rec in self.store.trials(prior.id)]
         self.store.resume_run(prior.id)
         self.progress.note(f"resuming ramp run {prior.id}: {len(steps)} step(s) already done")
         return prior.id, steps
 
     def _record(self, outcome: TrialOutcome, step: StepResult) -> None:
-        self.store.record_trial(
-            self._run_id,
-            config=config_record(outcome.config),
-            config_key=outcome.config.key(),
-            env_fingerprint=self.env_fp,
-            category=step.category,
-            verdict=_trial_verdict(step),
-            facts=outcome.facts,
-            probe={"ramp_step": step.to_record(), "failure": step.failure, "ok": step.passed},
-            started_at=outcome.started_at,
-            duration_s=outcome.duration_s,
-            log_path=str(outcome.log_path) if outcome.log_path else None,
-        )
+        self.store.record_trial(self._run_id, **step_record(outcome, step, self.env_fp))
 
     def _result(
         self, run_id: int, steps: list[StepResult], reason: str, complete: bool, launches: int
@@ -220,20 +208,3 @@ def _soak_concurrency(cfg: ServeConfig, facts: dict) -> int:
     """Sequences the soak keeps running: ``--max-num-seqs``, else as many full-length ones as vLLM says
     its pool holds (1..64)."""
     return cfg.max_num_seqs or max(1, min(64, int(facts.get("max_concurrency", 1))))
-
-
-def _step_from_record(rec) -> StepResult:
-    data = (rec.probe or {}).get("ramp_step")
-    if data:
-        return StepResult.from_record(data)
-    cfg = config_from_record(ServeConfig(model=rec.config.get("model", "")), rec)
-    return StepResult(cfg.gpu_memory_utilization or 0.0, "soak", "fail", rec.category)
-
-
-def _trial_verdict(step: StepResult) -> str:
-    """The store's trial verdict words (stable | boots | unstable | failed)."""
-    if step.verdict == "pass":
-        return "stable"
-    if step.verdict == "boots" or (step.pool_too_small and step.soak_elapsed_s is None):
-        return "boots"  # booted; its pool was too small for the soak load, so it was not soaked
-    return "failed" if step.soak_elapsed_s is None else "unstable"
