@@ -8,6 +8,7 @@ import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -69,7 +70,7 @@ class FindResult:
             + yaml.safe_dump(mapping, sort_keys=False)
         )
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         cfg = self.final_config()
         return {
             "command": self.command(),
@@ -90,7 +91,7 @@ class FindResult:
         }
 
 
-def trial_json(t: TrialOutcome) -> dict:
+def trial_json(t: TrialOutcome) -> dict[str, Any]:
     probe = t.probe
     return {
         "flags": t.config.flags(),
@@ -200,7 +201,7 @@ class UtilizationStep:
             f"{self.tokens:,} tokens of KV cache"
         )
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         per = self.bytes_per_device / GIB
         return {
             "gib_per_device": round(per, 3),

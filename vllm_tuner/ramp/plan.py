@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..hashkey import stable_key
@@ -207,7 +207,7 @@ class RampRequest:
     max_launches: int | None = None  # stop (resumably) after this many launches
     vllm_cmd: str = "vllm"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "gpu_ids": list(self.gpu_ids),

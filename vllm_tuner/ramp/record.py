@@ -6,13 +6,18 @@ probe's ``ramp_step`` (:meth:`StepResult.to_record`). Pure.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ..serveconfig import ServeConfig
 from ..trial import TrialOutcome
 from ..trialrecord import config_from_record, config_record
 from .step import StepResult
 
+if TYPE_CHECKING:
+    from ..store import TrialRecord
 
-def step_record(outcome: TrialOutcome, step: StepResult, env_fingerprint: str) -> dict:
+
+def step_record(outcome: TrialOutcome, step: StepResult, env_fingerprint: str) -> dict[str, Any]:
     """The keyword arguments of ``store.record_trial`` for one finished step."""
     return {
         "config": config_record(outcome.config),
@@ -28,7 +33,7 @@ def step_record(outcome: TrialOutcome, step: StepResult, env_fingerprint: str) -
     }
 
 
-def step_from_record(rec) -> StepResult:
+def step_from_record(rec: TrialRecord) -> StepResult:
     """The step a stored trial was (a row without its ``ramp_step`` reads as a failed soak)."""
     data = (rec.probe or {}).get("ramp_step")
     if data:

@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..serveconfig import ServeConfig
 from ..units import GIB
@@ -49,7 +50,7 @@ class RampResult:
             (s for s in self.steps if s.phase == "soak" and not s.passed and not s.pool_too_small), None
         )
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         last = self.last_stable
         failed = self.failure()
         return {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ..probe import PreemptionReading
 from ..trial import (
@@ -61,7 +62,7 @@ class StepResult:
     def preemption(self) -> PreemptionReading:
         return PreemptionReading(self.preemptions or 0, self.requests or 0)
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {
             "utilization": self.utilization,
             "phase": self.phase,
@@ -84,14 +85,14 @@ class StepResult:
             "log": self.log_path,
         }
 
-    def to_record(self) -> dict:
+    def to_record(self) -> dict[str, Any]:
         data = asdict(self)
         data["peak_used_bytes"] = {str(k): v for k, v in self.peak_used_bytes.items()}
         data["headroom_bytes"] = {str(k): v for k, v in self.headroom_bytes.items()}
         return data
 
     @classmethod
-    def from_record(cls, data: dict) -> StepResult:
+    def from_record(cls, data: dict[str, Any]) -> StepResult:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["peak_used_bytes"] = {int(k): int(v) for k, v in (data.get("peak_used_bytes") or {}).items()}
         known["headroom_bytes"] = {int(k): int(v) for k, v in (data.get("headroom_bytes") or {}).items()}
@@ -178,7 +179,7 @@ def pool_shortfall(pool_tokens: int | None, resident_tokens: int | None, plan: R
 
 
 def _soak_failure(
-    outcome: TrialOutcome, report, plan: RampPlan, soak_s: float | None, unit: str
+    outcome: TrialOutcome, report: Any, plan: RampPlan, soak_s: float | None, unit: str
 ) -> tuple[str, str]:
     """A soak fails as a probe does (:func:`trial.probe_verdict`); a death also says when and why."""
     if outcome.category != "success" or report.server_died:
