@@ -97,7 +97,7 @@ def test_the_utilization_floor_reaches_the_policy_and_only_a_changed_one_changes
 def test_a_known_trial_is_reused_by_why_it_failed():
     from types import SimpleNamespace
 
-    from vllm_tuner.find import _known_failure
+    from vllm_tuner.find.loop import _known_failure
     from vllm_tuner.serveconfig import ServeConfig
 
     cfg = ServeConfig(model="m", max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.95)

@@ -198,6 +198,24 @@ def test_step_records_round_trip():
     assert again == step
 
 
+def test_a_step_goes_into_the_store_and_back_through_one_module():
+    from vllm_tuner.ramp.record import step_from_record, step_record
+
+    steps = [
+        judge_step(outcome("stable", report=report()), RampPlan(), "soak", soak_s=30),
+        judge_step(outcome("failed", "oom_cudagraph_capture"), RampPlan(), "soak", soak_s=30),
+        judge_step(outcome("boots"), RampPlan(), "edge"),
+    ]
+    for step, verdict in zip(steps, ("stable", "failed", "boots"), strict=True):
+        row = step_record(outcome("stable", report=report()), step, "fp")
+        assert row["verdict"] == verdict and row["env_fingerprint"] == "fp"
+        assert step_from_record(SimpleNamespace(**row)) == step
+    bare = SimpleNamespace(
+        config={"model": "m", "gpu_memory_utilization": 0.9}, probe=None, category="oom_at_runtime"
+    )
+    assert step_from_record(bare) == StepResult(0.9, "soak", "fail", "oom_at_runtime")
+
+
 def test_flags_after_dashes_become_fields_and_the_rest_passes_through():
     cfg = config_from_args(
         "m",

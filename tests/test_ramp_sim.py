@@ -13,7 +13,8 @@ from vllm_tuner.launch import LocalLauncher
 from vllm_tuner.models import resolve_model
 from vllm_tuner.nvml import open_nvml
 from vllm_tuner.progress import QuietProgress
-from vllm_tuner.ramp import Ramp, RampPlan, RampRequest, ServeConfig
+from vllm_tuner.ramp import Ramp, RampPlan, RampRequest
+from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.store import Store
 from vllm_tuner.trial import Timeouts
 from vllm_tuner.trialrecord import env_fingerprint
