@@ -3,13 +3,18 @@
 A closed loop of C clients keeps at most C sequences running, as ``--max-num-seqs C`` would, so one
 server measures every level. :func:`next_level` is stateless: it reads the levels measured so far.
 
-1. Double C (from ``start``) while the SLO holds and output throughput grows by at least
-   ``threshold`` per doubling, up to ``cap`` (as ``vllm bench sweep serve_sla`` does on request rate).
+1. Double C (from ``start``) while the SLO holds and output throughput grows, up to ``cap`` (as
+   ``vllm bench sweep serve_sla`` does on request rate). A level grows when it beats the best level
+   below it by ``threshold``; one level that does not (a noisy window) is not enough to stop: the
+   doubling stops after two in a row.
 2. Where a level broke the SLO, bisect between the last level that held it and the first that broke
-   it, to ``resolution`` (a fraction of the lower bound, at least one client).
+   it, to ``resolution`` (a fraction of the lower bound, at least one client); not when throughput
+   already fell below its best before the edge (throughput is concave in clients: nothing between
+   can beat that best).
 3. The knee: the fewest clients whose throughput is within ``tolerance`` of the best that held the SLO;
-   bisect down to it the same way, from where concave throughput could reach it. More clients past
-   it buy under ``tolerance`` and cost latency.
+   bisect down to it the same way (to ``knee_resolution``: every level in that bracket is within
+   ``tolerance`` anyway), from where concave throughput could reach it. More clients past it buy
+   under ``tolerance`` and cost latency.
 
 :func:`choose` picks that knee from the measured levels and says why in one line.
 """
@@ -21,7 +26,10 @@ from dataclasses import dataclass, field
 
 KNEE_THRESHOLD = 0.05  # throughput growth per doubling that counts as growing
 KNEE_TOLERANCE = 0.02  # the knee: the fewest clients within this of the best throughput that held
-RESOLUTION = 0.125  # bisection stops when the bracket is within this fraction of its lower end
+RESOLUTION = (
+    0.125  # bisection of the SLO edge stops when the bracket is within this fraction of its lower end
+)
+KNEE_RESOLUTION = 0.25  # the same for the bisection down to the knee
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ def next_level(
     threshold: float = KNEE_THRESHOLD,
     tolerance: float = KNEE_TOLERANCE,
     resolution: float = RESOLUTION,
+    knee_resolution: float = KNEE_RESOLUTION,
 ) -> int | None:
     """The concurrency to measure next, or None when the sweep is done."""
     if not levels:
@@ -54,12 +63,17 @@ def next_level(
     held = sorted((lv for lv in levels if lv.held), key=lambda lv: lv.concurrency)
     top = max(levels, key=lambda lv: lv.concurrency)
     # 1. doubling
-    if top.held and top.concurrency < cap and _grew(top, held, threshold):
+    if (
+        top.held
+        and top.concurrency < cap
+        and (_grew(top, held, threshold) or _first_stall(top, held, threshold))
+    ):
         return min(cap, top.concurrency * 2)
     # 2. the SLO edge
     lo = held[-1].concurrency if held else 0
     above = [c for c, lv in tried.items() if c > lo and not lv.held]
-    if above:
+    falling = bool(held) and held[-1].output_tokens_per_s < max(lv.output_tokens_per_s for lv in held)
+    if above and not falling:
         mid = _midpoint(lo, min(above), resolution)
         if mid is not None:
             return mid
@@ -69,9 +83,9 @@ def next_level(
     knee = knee_level(held, tolerance)
     below = [lv for lv in levels if lv.concurrency < knee.concurrency]
     if not below:
-        return _midpoint(0, knee.concurrency, resolution)
+        return _midpoint(0, knee.concurrency, knee_resolution)
     lower = max(below, key=lambda lv: lv.concurrency)
-    return _midpoint(_knee_floor(lower, knee, tolerance), knee.concurrency, resolution)
+    return _midpoint(_knee_floor(lower, knee, tolerance), knee.concurrency, knee_resolution)
 
 
 def knee_level(held: Sequence[Level], tolerance: float = KNEE_TOLERANCE) -> Level:
@@ -94,11 +108,16 @@ def _knee_floor(lower: Level, knee: Level, tolerance: float) -> int:
 
 
 def _grew(top: Level, held: Sequence[Level], threshold: float) -> bool:
-    """Whether ``top`` beats the held level it doubled from (the largest at or below half of it)."""
+    """Whether ``top`` beats the best held level below it by ``threshold``."""
+    below = [lv.output_tokens_per_s for lv in held if lv.concurrency < top.concurrency]
+    return not below or top.output_tokens_per_s >= (1 + threshold) * max(below)
+
+
+def _first_stall(top: Level, held: Sequence[Level], threshold: float) -> bool:
+    """Whether ``top`` is the first level of the doubling that did not grow: the held level it doubled
+    from (the largest at or below half of it) did."""
     before = [lv for lv in held if lv.concurrency <= top.concurrency // 2]
-    if not before:
-        return True
-    return top.output_tokens_per_s >= (1 + threshold) * before[-1].output_tokens_per_s
+    return bool(before) and _grew(before[-1], held, threshold)
 
 
 def _midpoint(lo: int, hi: int, resolution: float) -> int | None:
