@@ -129,3 +129,16 @@ def test_the_reason_says_when_more_clients_add_nothing():
     choice = choose([Level(1, 900.0), Level(2, 2400.0), Level(4, 1900.0)], cap=64)
     assert choice.level.concurrency == 2
     assert choice.reason == "C=2: 2,400 tok/s; C=4 adds nothing (1,900 tok/s)"
+
+
+def test_the_token_budget_is_vllms_small_chunk_unless_itl_is_limited_and_prompts_are_longer():
+    from vllm_tuner.sweep import PREFILL_CHUNK, token_budget
+    from vllm_tuner.traffic import traffic_named
+
+    chat, code = traffic_named("chat"), traffic_named("code")  # median prompt ~1,500 and ~3,500 tokens
+    itl, ttft = parse_slo("itl:p95<=80ms"), parse_slo("ttft:p95<=2s")
+    assert token_budget(chat, itl, 256) == PREFILL_CHUNK  # one chat prompt fits one step's chunk
+    assert token_budget(code, itl, 256) is None  # a long prompt would slow several steps: vLLM's default
+    assert token_budget(code, ttft, 256) == PREFILL_CHUNK  # no ITL limit: prefill rides on decode steps
+    assert token_budget(traffic_named("agent"), parse_slo(None), 256) == PREFILL_CHUNK
+    assert token_budget(chat, ttft, 4096) == 4096  # vLLM refuses a budget below --max-num-seqs

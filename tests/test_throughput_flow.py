@@ -58,7 +58,7 @@ def toy_level(preempt_from: int = 10**9):
     def run(base_url, traffic, *, concurrency, **_):
         load = LoadReport(ok=True, requests=100, headroom_bytes={0: 2 * GIB})
         load.preemptions = 50 if concurrency >= preempt_from else 0
-        stats = {"ttft_p95": 0.02 * concurrency, "ttft_p50": 0.01 * concurrency}
+        stats = {"ttft_p95": 0.02 * concurrency, "ttft_p50": 0.01 * concurrency, "itl_p95": 0.03}
         tput = 4000 * concurrency / (concurrency + 64)
         return LevelReport(concurrency, 10.0, tput, tput / 200, stats, 100, load)
 
@@ -87,6 +87,19 @@ def test_one_sweep_launch_and_one_proof_at_the_choice():
     assert [row["concurrency"] for row in result.table()] == sorted(
         row["concurrency"] for row in result.table()
     )
+
+
+def test_the_sweep_and_the_proof_launch_with_the_same_token_budget():
+    trials = FakeTrials()
+    search(trials, toy_level(), slo="ttft:p95<=2s,itl:p95<=80ms")  # chat prompts fit vLLM's 2,048 chunk
+    assert [c.max_num_batched_tokens for c in trials.runs] == [2048, 2048]
+    trials = FakeTrials()
+    ThroughputSearch(
+        FakeFinder(trials),
+        ThroughputPlan(traffic_named("code"), parse_slo("itl:p95<=80ms")),
+        level_runner=toy_level(),
+    ).run()
+    assert [c.max_num_batched_tokens for c in trials.runs] == [None, None]  # vLLM's default
 
 
 def test_a_sweep_cap_that_does_not_boot_is_halved():

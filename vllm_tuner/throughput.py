@@ -3,9 +3,10 @@
 1. The memory fit is find's own search (``Finder.run``) with the ``throughput`` objective: the largest
    stable KV pool at the context the workload's longest request needs.
 2. One launch at that utilization and length with a high --max-num-seqs cap (halved while it does not
-   boot: memory permitting), and on that one server a closed-loop sweep of client concurrency
-   (``sweep.next_level``; each level measured by ``loadgen.run_level``).
-3. One more launch at the chosen --max-num-seqs, proved under the workload at saturation (twice as
+   boot: memory permitting) and the token budget ``sweep.token_budget`` picks for the workload and the
+   SLO, and on that one server a closed-loop sweep of client concurrency (``sweep.next_level``; each
+   level measured by ``loadgen.run_level``).
+3. One more launch at the chosen --max-num-seqs and the same token budget, proved under the workload at saturation (twice as
    many clients as sequences, so the scheduler always has a queue): alive, no failed request,
    headroom on every device, preemptions per finished request within ``max_preemption_rate``. If it
    does not hold, the next held level below it gets the same proof (once).
@@ -27,7 +28,7 @@ from .objectives.throughput import GOODPUT, THROUGHPUT
 from .search import Observation, ProbeSummary
 from .serveconfig import ServeConfig
 from .slo import Slo
-from .sweep import Choice, Level, choose, level_words, next_level
+from .sweep import Choice, Level, choose, level_words, next_level, token_budget
 from .traffic import Traffic
 from .trial import ProbePlan, TrialOutcome, probe_verdict
 from .units import GIB
@@ -179,6 +180,8 @@ class ThroughputSearch:
             return result
         fitted = fit.winner.config
         self._sweep(fitted, result)
+        # the proofs run under the sweep's token budget: the one its levels were measured under
+        fitted = fitted.replace(max_num_batched_tokens=result.launches[-1].config.max_num_batched_tokens)
         result.judged = self._levels(result)
         held = [lv for lv in result.judged if lv.held]
         result.choice = choose(result.judged, cap=self._cap(result))
@@ -211,7 +214,8 @@ class ThroughputSearch:
     def _sweep(self, fitted: ServeConfig, result: ThroughputResult) -> None:
         cap = max(fitted.max_num_seqs or 1, self.plan.seq_cap)
         for _ in range(BOOT_TRIES):
-            cfg = fitted.replace(max_num_seqs=cap)
+            budget = fitted.max_num_batched_tokens or token_budget(self.plan.traffic, self.plan.slo, cap)
+            cfg = fitted.replace(max_num_seqs=cap, max_num_batched_tokens=budget)
             levels: list[LevelReport] = []
             outcome = self._launch(cfg, "sweep", f"closed-loop concurrency sweep up to {cap}", levels, cap)
             result.launches.append(outcome)
