@@ -11,6 +11,7 @@ from vllm_tuner.probe import LoadReport
 from vllm_tuner.progress import QuietProgress
 from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.slo import parse_slo
+from vllm_tuner.store import Store
 from vllm_tuner.throughput import ThroughputPlan, ThroughputSearch
 from vllm_tuner.traffic import traffic_named
 from vllm_tuner.trial import TrialOutcome
@@ -37,16 +38,26 @@ class FakeTrials:
 
 
 class FakeFinder:
-    def __init__(self, trials: FakeTrials) -> None:
+    """The memory fit done; with a ``store``, as a finished run of it."""
+
+    def __init__(self, trials: FakeTrials, store: Store | None = None) -> None:
         self.request = FindRequest(model="m", gpu_ids=(0,), tensor_parallel_size=1, objective="throughput")
         self.trials = trials
         self.progress = QuietProgress()
         self.log_dir = Path("/nonexistent")
         self.nvml = None
+        self.store = store
+
+    def env_fingerprint(self) -> str:
+        return "env-1"
 
     def run(self) -> FindResult:
         winner = TrialOutcome(FITTED, "success", "stable")
-        return FindResult(self.request, winner, [winner], 2, "done", True)
+        run_id = None
+        if self.store is not None:
+            run_id = self.store.begin_run("find", "req-1", {}, self.env_fingerprint())
+            self.store.finish_run(run_id, "done", {})
+        return FindResult(self.request, winner, [winner], 2, "done", True, run_id=run_id)
 
     def _with_totals(self, facts):
         return dict(facts)
@@ -143,3 +154,32 @@ def test_the_chart_marks_the_choice_and_says_why_levels_were_not_chosen():
     assert "TTFT limit 2 s" in page
     broke = [lv for lv in result.judged if lv.broken]
     assert broke and f"<li>C={broke[0].concurrency}: TTFT SLO (p95" in page
+
+
+def test_the_sweep_and_the_proof_are_recorded_and_the_same_command_reuses_them(tmp_path):
+    store = Store.open(tmp_path / "runs.db")
+    plan = ThroughputPlan(traffic_named("chat"), parse_slo("ttft:p95<=2s"))
+    trials = FakeTrials()
+    first = ThroughputSearch(FakeFinder(trials, store), plan, level_runner=toy_level()).run()
+    assert len(trials.runs) == 2
+    recorded = store.trials(first.fit.run_id)
+    assert [r.config["max_num_seqs"] for r in recorded] == [256, first.choice.level.concurrency]
+    assert all(r.verdict == "stable" for r in recorded)
+
+    again = FakeTrials()
+    measured: list[int] = []
+
+    def level(base_url, traffic, *, concurrency, **kw):
+        measured.append(concurrency)
+        return toy_level()(base_url, traffic, concurrency=concurrency, **kw)
+
+    second = ThroughputSearch(FakeFinder(again, store), plan, level_runner=level).run()
+    assert again.runs == [] and measured == []  # nothing launched, nothing measured again
+    assert second.table() == first.table()
+    assert second.winner.config == first.winner.config
+    assert second.proof.row() == first.proof.row()
+
+    other = FakeTrials()  # another SLO measures another sweep: launched afresh
+    plan2 = ThroughputPlan(traffic_named("chat"), parse_slo("ttft:p95<=1s"))
+    ThroughputSearch(FakeFinder(other, store), plan2, level_runner=toy_level()).run()
+    assert len(other.runs) == 2

@@ -13,16 +13,22 @@
 
 A level breaks when it breaks the SLO, loses a request, runs short of headroom or preempts more than
 the rate: the sweep never chooses what the proof would refuse.
+
+The sweep and proof launches go to the store as trials of the memory fit's run (``history`` shows
+them), each with its levels, under a key of the launch's flags and the plan (workload, SLO, durations):
+the same command run again, after an interruption say, reuses a recorded launch instead of relaunching.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .find import Finder, FindResult, trial_json
+from .hashkey import stable_key
 from .loadgen import LevelReport, run_level
 from .objectives.throughput import GOODPUT, THROUGHPUT
 from .search import Observation, ProbeSummary
@@ -31,6 +37,7 @@ from .slo import Slo
 from .sweep import Choice, Level, choose, level_words, next_level, token_budget
 from .traffic import Traffic
 from .trial import ProbePlan, TrialOutcome, probe_verdict
+from .trialrecord import config_record, outcome_from_record
 from .units import GIB
 from .vllmargv import shell_command
 from .workload import merge_reports
@@ -39,6 +46,7 @@ SWEEP_SEQ_CAP = 256  # the sweep launch's --max-num-seqs: vLLM's default on most
 BOOT_TRIES = 3  # the cap is halved this many times at most while the sweep launch does not boot
 DEFAULT_MAX_PREEMPTION_RATE = 0.05  # preemptions per finished request at saturation
 SATURATION = 2  # clients per sequence in the proof
+LEVELS = "levels"  # the facts key of a recorded sweep or proof launch's measured levels
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,7 @@ class ThroughputSearch:
         self.level_runner = level_runner
         self.numbers = itertools.count()  # every level draws new requests of the workload
         self.unit = finder.request.device_kind.unit
+        self.run_id: int | None = None  # the memory fit's stored run: the sweep and proofs are its trials
 
     def run(self) -> ThroughputResult:
         fit = self.finder.run()
@@ -178,6 +187,7 @@ class ThroughputSearch:
         if fit.winner is None:
             result.reason = f"no memory fit: {fit.reason}"
             return result
+        self.run_id = fit.run_id
         fitted = fit.winner.config
         self._sweep(fitted, result)
         # the proofs run under the sweep's token budget: the one its levels were measured under
@@ -228,6 +238,8 @@ class ThroughputSearch:
         self, cfg: ServeConfig, what: str, why: str, levels: list[LevelReport], cap: int
     ) -> TrialOutcome:
         finder = self.finder
+        if (recorded := self._recorded(what, cfg, levels)) is not None:
+            return recorded
         finder.progress.step(f"{what}: {_flags(cfg)}", why)
         plan = self._probe_plan(cap)
 
@@ -252,6 +264,7 @@ class ThroughputSearch:
         ):
             # a level short of headroom is a broken level, not a failed sweep
             outcome.verdict, outcome.probe_failure = "stable", ""
+        self._record(what, outcome, levels)
         finder.progress.done(outcome.verdict, outcome.probe_failure or outcome.category.replace("_", " "))
         return outcome
 
@@ -280,9 +293,12 @@ class ThroughputSearch:
         finder = self.finder
         seqs = cfg.max_num_seqs or 1
         clients = seqs * SATURATION
+        measured: list[LevelReport] = []
+        if (recorded := self._recorded("proof", cfg, measured)) is not None:
+            result.launches.append(recorded)
+            return recorded, measured[0] if measured else None
         finder.progress.step(f"proof: {_flags(cfg)}", f"the workload at saturation ({clients} clients)")
         plan = self._probe_plan(clients)
-        measured: list[LevelReport] = []
 
         def load(base_url: str, served: str, is_alive: Callable[[], bool]):
             measured.append(self._measure(base_url, served, is_alive, clients, self.plan.proof_duration_s))
@@ -300,9 +316,54 @@ class ThroughputSearch:
                 outcome.verdict, outcome.probe_failure = "unstable", rate_broken
         if proof is not None:
             outcome.facts[GOODPUT] = proof.output_tokens_per_s
+        self._record("proof", outcome, measured)
         result.launches.append(outcome)
         finder.progress.done(outcome.verdict, outcome.probe_failure or _proof_words(proof))
         return outcome, proof
+
+    # -- the store ------------------------------------------------------------------------------
+    def _launch_key(self, what: str, cfg: ServeConfig) -> str:
+        """A sweep or proof launch is the same when its flags and everything the plan measures are."""
+        return f"{what}-{cfg.key()}-{stable_key(dataclasses.asdict(self.plan))}"
+
+    def _record(self, what: str, outcome: TrialOutcome, levels: list[LevelReport]) -> None:
+        """The launch as a trial of the memory fit's run, its levels in its facts."""
+        if self.run_id is None:  # a fit that no stored run holds
+            return
+        probe = outcome.probe
+        self.finder.store.record_trial(
+            self.run_id,
+            config=config_record(outcome.config),
+            config_key=self._launch_key(what, outcome.config),
+            env_fingerprint=self.finder.env_fingerprint(),
+            category=outcome.category,
+            verdict=outcome.verdict,
+            facts={**outcome.facts, LEVELS: [lv.as_record() for lv in levels]},
+            probe={
+                "ok": outcome.verdict == "stable",
+                "failure": outcome.probe_failure,
+                "min_headroom_bytes": outcome.min_headroom_bytes,
+                "preemptions": getattr(probe, "preemptions", None),
+                "server_died": getattr(probe, "server_died", None),
+            },
+            started_at=outcome.started_at,
+            duration_s=outcome.duration_s,
+            log_path=str(outcome.log_path) if outcome.log_path else None,
+        )
+
+    def _recorded(self, what: str, cfg: ServeConfig, levels: list[LevelReport]) -> TrialOutcome | None:
+        """The same launch recorded by an earlier run (its levels appended to ``levels``), or None."""
+        if self.run_id is None:
+            return None
+        rec = self.finder.store.known_trial(self.finder.env_fingerprint(), self._launch_key(what, cfg))
+        if rec is None:
+            return None
+        facts = dict(rec.facts)
+        levels.extend(LevelReport.from_record(lv) for lv in facts.pop(LEVELS, []))
+        outcome = outcome_from_record(cfg, dataclasses.replace(rec, facts=facts))
+        self.finder.progress.step(f"{what}: {_flags(cfg)}", "recorded by an earlier run: not launched again")
+        self.finder.progress.done(outcome.verdict, f"{len(levels)} level(s) from run {rec.run_id}")
+        return outcome
 
     def _probe_plan(self, clients: int) -> ProbePlan:
         """The thresholds a trial judges the load by (headroom; preemptions are judged as a rate here),
