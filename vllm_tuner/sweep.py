@@ -180,8 +180,8 @@ def level_words(lv: Level) -> str:
 
 
 def token_budget(traffic: Traffic, slo: Slo, cap: int, *, sample: int = 1000) -> int | None:
-    """The sweep launch's --max-num-batched-tokens (the proof keeps it: the sweep measured under it);
-    None: vLLM's default.
+    """The sweep launch's --max-num-batched-tokens where the memory fit did not lower it (the proof keeps
+    it: the sweep measured under it); None: vLLM's default.
 
     With chunked prefill, vLLM's scheduler serves the running decodes first and fills what is left of
     the step's token budget with prefill chunks of waiting prompts. A small budget (``PREFILL_CHUNK``)
