@@ -40,7 +40,8 @@ class FakeTrials:
 class FakeFinder:
     """The memory fit done; with a ``store``, as a finished run of it."""
 
-    def __init__(self, trials: FakeTrials, store: Store | None = None) -> None:
+    def __init__(self, trials: FakeTrials, store: Store | None = None, fitted: ServeConfig = FITTED) -> None:
+        self.fitted = fitted
         self.request = FindRequest(model="m", gpu_ids=(0,), tensor_parallel_size=1, objective="throughput")
         self.trials = trials
         self.progress = QuietProgress()
@@ -52,7 +53,7 @@ class FakeFinder:
         return "env-1"
 
     def run(self) -> FindResult:
-        winner = TrialOutcome(FITTED, "success", "stable")
+        winner = TrialOutcome(self.fitted, "success", "stable")
         run_id = None
         if self.store is not None:
             run_id = self.store.begin_run("find", "req-1", {}, self.env_fingerprint())
@@ -165,6 +166,8 @@ def test_the_sweep_and_the_proof_are_recorded_and_the_same_command_reuses_them(t
     recorded = store.trials(first.fit.run_id)
     assert [r.config["max_num_seqs"] for r in recorded] == [256, first.choice.level.concurrency]
     assert all(r.verdict == "stable" for r in recorded)
+    run = store.run(first.fit.run_id)  # the run's result is the throughput choice, as `history` shows it
+    assert run.status == "done" and run.result["command"] == first.command()
 
     again = FakeTrials()
     measured: list[int] = []
@@ -173,10 +176,14 @@ def test_the_sweep_and_the_proof_are_recorded_and_the_same_command_reuses_them(t
         measured.append(concurrency)
         return toy_level()(base_url, traffic, concurrency=concurrency, **kw)
 
-    second = ThroughputSearch(FakeFinder(again, store), plan, level_runner=level).run()
+    # the rerun's memory fit landed 0.01 lower: the recorded sweep (at 0.93) and its proof are reused
+    refit = FakeFinder(again, store, fitted=FITTED.replace(gpu_memory_utilization=0.92))
+    second = ThroughputSearch(refit, plan, level_runner=level).run()
     assert again.runs == [] and measured == []  # nothing launched, nothing measured again
     assert second.table() == first.table()
     assert second.winner.config == first.winner.config
+    assert second.winner.config.gpu_memory_utilization == 0.93
+    assert "2 more recorded by an earlier run, not launched again" in second.reason
     assert second.proof.row() == first.proof.row()
 
     other = FakeTrials()  # another SLO measures another sweep: launched afresh
