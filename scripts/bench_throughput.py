@@ -5,18 +5,20 @@ For every scenario of SUITE (a GPU scenario of profiles/sim, a model, a workload
 simulator's serving oracle (``vllm_tuner.simlite.oracle.load``: the engine's own scheduler and step
 model, a closed loop of clients, no server, no sleeping):
 
-  find:        the sweep policy ``vllm_tuner.sweep`` (the same ``next_level`` and ``choose`` the CLI runs),
-               each level a closed loop of C clients on one launch at --max-num-seqs 256, then the
-               proof: the choice at saturation (2 clients per sequence);
+  find:        the sweep policy ``vllm_tuner.sweep`` (the same ``token_budget``, ``next_level`` and
+               ``choose`` the CLI runs), each level a closed loop of C clients on one launch at
+               --max-num-seqs 256 and the token budget, then the proof: the choice at saturation
+               (2 clients per sequence);
   exhaustive:  every --max-num-seqs of GRID_SEQS x --max-num-batched-tokens of GRID_BATCHED, one launch
                each, C = --max-num-seqs clients;
   goodput:     output tokens/s of a config with C = --max-num-seqs clients when it holds the SLO and
                preempts at most --max-preemption-rate per request, else 0. find's choice is evaluated
-               the same way, at vLLM's default --max-num-batched-tokens.
+               the same way, at the token budget it chose (vLLM's default where it chose none).
 
 All three start from the same memory fit (--max-model-len = the workload's longest request, utilization
 0.90), so its launches are left out of every cost. GPU-minutes (wall x GPUs) are modelled:
-  find:       2 launches (sweep, proof) + warm-up and window of every level + the proof's window;
+  find:       2 launches (sweep, proof) + every level's LEVEL_S + the proof's PROOF_S (each the whole
+              simulated run, warm-up included);
   auto_tune:  vLLM's benchmarks/auto_tune phase 2 grid, --max-num-seqs {128, 256} x
               --max-num-batched-tokens {512, 1024, 2048, 4096}: a restart per combination, then a bisection
               of the request rate (RATE_RUNS benchmark runs of BENCH_S each);
@@ -44,14 +46,16 @@ from vllm_tuner.simlite.activate import load_scenario_file  # noqa: E402
 from vllm_tuner.simlite.groundtruth import DEFAULT_TIMING  # noqa: E402
 from vllm_tuner.simlite.oracle import load  # noqa: E402
 from vllm_tuner.slo import Slo, parse_slo  # noqa: E402
-from vllm_tuner.sweep import Level, choose, next_level  # noqa: E402
+from vllm_tuner.sweep import Level, choose, next_level, token_budget  # noqa: E402
 from vllm_tuner.throughput import DEFAULT_MAX_PREEMPTION_RATE, SATURATION, SWEEP_SEQ_CAP  # noqa: E402
 from vllm_tuner.traffic import traffic_named  # noqa: E402
 
 GRID_SEQS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 GRID_BATCHED = (2048, 8192)
 AUTO_TUNE_GRID = 2 * 4
-LEVEL_S, WARMUP_S, PROOF_S = 60.0, 15.0, 120.0  # simulated seconds
+# simulated seconds a level and the proof run, each counting WARMUP_S of warm-up (the oracle's
+# ``seconds`` is the whole run: its window is what follows the warm-up)
+LEVEL_S, WARMUP_S, PROOF_S = 60.0, 15.0, 120.0
 BENCH_S, RATE_RUNS = 60.0, 6  # one benchmark run of the request-rate bisection, and how many
 BOOT_S = sum(DEFAULT_TIMING[k] for k in ("load_s", "compile_s", "profile_s", "capture_s", "server_s"))
 REQUESTS = 4000  # the workload's requests, drawn once per scenario, taken in turn
@@ -121,20 +125,23 @@ def run(sc: Scenario) -> dict:
     slo = parse_slo(sc.slo)
     requests = [traffic.draw(n) for n in range(REQUESTS)]
     context = traffic.longest
-    # find: one launch at the cap, the sweep on it
+    # find: one launch at the cap and the token budget, the sweep on it
+    budget = token_budget(traffic, slo, SWEEP_SEQ_CAP)
     levels: list[Level] = []
     while (c := next_level(levels, cap=SWEEP_SEQ_CAP)) is not None:
         tput, broken = judged(
-            slo, measure(scenario, sc, requests, context, SWEEP_SEQ_CAP, None, c, LEVEL_S, WARMUP_S)
+            slo, measure(scenario, sc, requests, context, SWEEP_SEQ_CAP, budget, c, LEVEL_S, WARMUP_S)
         )
         levels.append(Level(c, tput, broken))
     choice = choose(levels, cap=SWEEP_SEQ_CAP)
     chosen = choice.level.concurrency if choice.level else None
     proof_holds = False
     if chosen:
-        proof = measure(scenario, sc, requests, context, chosen, None, SATURATION * chosen, PROOF_S, WARMUP_S)
+        proof = measure(
+            scenario, sc, requests, context, chosen, budget, SATURATION * chosen, PROOF_S, WARMUP_S
+        )
         proof_holds = proof is not None and judged(Slo(), proof)[1] == ()
-    find_goodput = goodput(scenario, sc, slo, requests, context, chosen, None) if chosen else 0.0
+    find_goodput = goodput(scenario, sc, slo, requests, context, chosen, budget) if chosen else 0.0
     # the exhaustive grid
     grid = {
         (s, b): goodput(scenario, sc, slo, requests, context, s, b)
@@ -142,12 +149,13 @@ def run(sc: Scenario) -> dict:
     }
     (best_s, best_b), best = max(grid.items(), key=lambda kv: kv[1])
     minutes = sc.gpus / 60
-    find_cost = (2 * BOOT_S + len(levels) * (LEVEL_S + WARMUP_S) + PROOF_S + WARMUP_S) * minutes
+    find_cost = (2 * BOOT_S + len(levels) * LEVEL_S + PROOF_S) * minutes
     per_combination = BOOT_S + RATE_RUNS * BENCH_S
     return {
         **asdict(sc),
         "levels": [(lv.concurrency, round(lv.output_tokens_per_s, 1), list(lv.broken)) for lv in levels],
         "chosen": chosen,
+        "max_num_batched_tokens": budget,
         "reason": choice.reason,
         "proof_holds": proof_holds,
         "find_goodput": round(find_goodput, 1),
@@ -159,6 +167,10 @@ def run(sc: Scenario) -> dict:
             "serve_sla": round(len(grid) * per_combination * minutes, 1),
         },
     }
+
+
+def _pair(seqs: int | None, batched: int | None) -> str:
+    return f"({seqs or '-'}, {batched or 'default'})"
 
 
 def main() -> int:
@@ -173,7 +185,7 @@ def main() -> int:
             rows.append(run(sc))
             print(f"{sc.name}: done", file=sys.stderr, flush=True)
     bad = 0
-    print(f"{'scenario':<20} {'find C':>6} {'goodput':>9} {'best (S, B)':>18} {'best':>9} {'ratio':>6} "
+    print(f"{'scenario':<20} {'find (S, B)':>14} {'goodput':>9} {'best (S, B)':>18} {'best':>9} {'ratio':>6} "
           f"{'GPU-min find':>12} {'auto_tune':>9} {'serve_sla':>9}")  # fmt: skip
     for r in rows:
         best = r["best"]
@@ -181,7 +193,7 @@ def main() -> int:
         ok = (r["ratio"] or 0) >= 0.95 and r["proof_holds"]
         bad += not ok
         print(
-            f"{r['name']:<20} {r['chosen'] or '-':>6} {r['find_goodput']:>9,.0f} "
+            f"{r['name']:<20} {_pair(r['chosen'], r['max_num_batched_tokens']):>14} {r['find_goodput']:>9,.0f} "
             f"{'(' + str(best['max_num_seqs']) + ', ' + str(best['max_num_batched_tokens']) + ')':>18} "
             f"{best['goodput']:>9,.0f} {r['ratio'] or 0:>6.1%} {cost['find']:>12.1f} {cost['auto_tune']:>9.1f} "
             f"{cost['serve_sla']:>9.1f}{'' if ok else '  ✘'}"

@@ -86,9 +86,12 @@ def test_throughput_sweeps_one_server_and_proves_its_choice(capsys, tmp_path):
     sweep, proof = out["launches"]
     assert sweep["flags"]["--max-num-seqs"] == 256 and sweep["verdict"] == "stable"
     assert proof["flags"]["--max-num-seqs"] == chosen and proof["verdict"] == "stable"
+    # prompts of at most 979 tokens and no ITL limit: vLLM's 2,048-token chunk, on both launches
+    assert sweep["flags"]["--max-num-batched-tokens"] == proof["flags"]["--max-num-batched-tokens"] == 2048
     assert out["proof"]["concurrency"] == 2 * chosen and out["proof"]["errors"] == 0
     assert out["command"].endswith(
-        f"--max-num-seqs {chosen} --gpu-memory-utilization {out['config']['--gpu-memory-utilization']}"
+        f"--max-num-seqs {chosen} --max-num-batched-tokens 2048 "
+        f"--gpu-memory-utilization {out['config']['--gpu-memory-utilization']}"
     )
     assert any(line.startswith(f"chosen C={chosen}: ") for line in out["explanation"])
     assert "<svg" in Path(out["chart"]).read_text()

@@ -101,6 +101,17 @@ def test_throughput_rises_with_concurrency_then_flattens():
     assert rate[1024] < 1.3 * rate[256]  # four times the clients, little more: past the knee
 
 
+def test_throughput_counts_the_tokens_streamed_in_the_window_not_only_finished_requests():
+    # each request streams 100 tokens at one per second, so in a 30 s window after 5 s of warm-up
+    # no request of one client finishes, yet it streams 30 tokens there
+    sched = Scheduler(
+        num_blocks=1000, block_size=16, max_num_seqs=8, max_num_batched_tokens=512, step_time=lambda w: 1.0
+    )
+    result = scheduler.closed_loop(sched, 1, [(10, 100)], seconds=35, warmup=5)
+    assert result.requests_per_s == 0
+    assert result.output_tokens_per_s == pytest.approx(1.0, rel=0.05)
+
+
 def test_time_to_first_token_grows_with_load():
     boot, model = launch("h100", "--max-model-len", "8192", "--max-num-seqs", "512")
     ttft = {c: p50(closed_loop(boot, model, c, prompt=2048, output=128).ttft_s) for c in (1, 16, 256)}

@@ -11,6 +11,7 @@ from vllm_tuner.probe import LoadReport
 from vllm_tuner.progress import QuietProgress
 from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.slo import parse_slo
+from vllm_tuner.store import Store
 from vllm_tuner.throughput import ThroughputPlan, ThroughputSearch
 from vllm_tuner.traffic import traffic_named
 from vllm_tuner.trial import TrialOutcome
@@ -37,16 +38,27 @@ class FakeTrials:
 
 
 class FakeFinder:
-    def __init__(self, trials: FakeTrials) -> None:
+    """The memory fit done; with a ``store``, as a finished run of it."""
+
+    def __init__(self, trials: FakeTrials, store: Store | None = None, fitted: ServeConfig = FITTED) -> None:
+        self.fitted = fitted
         self.request = FindRequest(model="m", gpu_ids=(0,), tensor_parallel_size=1, objective="throughput")
         self.trials = trials
         self.progress = QuietProgress()
         self.log_dir = Path("/nonexistent")
         self.nvml = None
+        self.store = store
+
+    def env_fingerprint(self) -> str:
+        return "env-1"
 
     def run(self) -> FindResult:
-        winner = TrialOutcome(FITTED, "success", "stable")
-        return FindResult(self.request, winner, [winner], 2, "done", True)
+        winner = TrialOutcome(self.fitted, "success", "stable")
+        run_id = None
+        if self.store is not None:
+            run_id = self.store.begin_run("find", "req-1", {}, self.env_fingerprint())
+            self.store.finish_run(run_id, "done", {})
+        return FindResult(self.request, winner, [winner], 2, "done", True, run_id=run_id)
 
     def _with_totals(self, facts):
         return dict(facts)
@@ -58,7 +70,7 @@ def toy_level(preempt_from: int = 10**9):
     def run(base_url, traffic, *, concurrency, **_):
         load = LoadReport(ok=True, requests=100, headroom_bytes={0: 2 * GIB})
         load.preemptions = 50 if concurrency >= preempt_from else 0
-        stats = {"ttft_p95": 0.02 * concurrency, "ttft_p50": 0.01 * concurrency}
+        stats = {"ttft_p95": 0.02 * concurrency, "ttft_p50": 0.01 * concurrency, "itl_p95": 0.03}
         tput = 4000 * concurrency / (concurrency + 64)
         return LevelReport(concurrency, 10.0, tput, tput / 200, stats, 100, load)
 
@@ -87,6 +99,19 @@ def test_one_sweep_launch_and_one_proof_at_the_choice():
     assert [row["concurrency"] for row in result.table()] == sorted(
         row["concurrency"] for row in result.table()
     )
+
+
+def test_the_sweep_and_the_proof_launch_with_the_same_token_budget():
+    trials = FakeTrials()
+    search(trials, toy_level(), slo="ttft:p95<=2s,itl:p95<=80ms")  # chat prompts fit vLLM's 2,048 chunk
+    assert [c.max_num_batched_tokens for c in trials.runs] == [2048, 2048]
+    trials = FakeTrials()
+    ThroughputSearch(
+        FakeFinder(trials),
+        ThroughputPlan(traffic_named("code"), parse_slo("itl:p95<=80ms")),
+        level_runner=toy_level(),
+    ).run()
+    assert [c.max_num_batched_tokens for c in trials.runs] == [None, None]  # vLLM's default
 
 
 def test_a_sweep_cap_that_does_not_boot_is_halved():
@@ -130,3 +155,38 @@ def test_the_chart_marks_the_choice_and_says_why_levels_were_not_chosen():
     assert "TTFT limit 2 s" in page
     broke = [lv for lv in result.judged if lv.broken]
     assert broke and f"<li>C={broke[0].concurrency}: TTFT SLO (p95" in page
+
+
+def test_the_sweep_and_the_proof_are_recorded_and_the_same_command_reuses_them(tmp_path):
+    store = Store.open(tmp_path / "runs.db")
+    plan = ThroughputPlan(traffic_named("chat"), parse_slo("ttft:p95<=2s"))
+    trials = FakeTrials()
+    first = ThroughputSearch(FakeFinder(trials, store), plan, level_runner=toy_level()).run()
+    assert len(trials.runs) == 2
+    recorded = store.trials(first.fit.run_id)
+    assert [r.config["max_num_seqs"] for r in recorded] == [256, first.choice.level.concurrency]
+    assert all(r.verdict == "stable" for r in recorded)
+    run = store.run(first.fit.run_id)  # the run's result is the throughput choice, as `history` shows it
+    assert run.status == "done" and run.result["command"] == first.command()
+
+    again = FakeTrials()
+    measured: list[int] = []
+
+    def level(base_url, traffic, *, concurrency, **kw):
+        measured.append(concurrency)
+        return toy_level()(base_url, traffic, concurrency=concurrency, **kw)
+
+    # the rerun's memory fit landed 0.01 lower: the recorded sweep (at 0.93) and its proof are reused
+    refit = FakeFinder(again, store, fitted=FITTED.replace(gpu_memory_utilization=0.92))
+    second = ThroughputSearch(refit, plan, level_runner=level).run()
+    assert again.runs == [] and measured == []  # nothing launched, nothing measured again
+    assert second.table() == first.table()
+    assert second.winner.config == first.winner.config
+    assert second.winner.config.gpu_memory_utilization == 0.93
+    assert "2 more recorded by an earlier run, not launched again" in second.reason
+    assert second.proof.row() == first.proof.row()
+
+    other = FakeTrials()  # another SLO measures another sweep: launched afresh
+    plan2 = ThroughputPlan(traffic_named("chat"), parse_slo("ttft:p95<=1s"))
+    ThroughputSearch(FakeFinder(other, store), plan2, level_runner=toy_level()).run()
+    assert len(other.runs) == 2

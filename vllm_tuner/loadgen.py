@@ -69,6 +69,45 @@ class LevelReport:
     measured_requests: int
     load: LoadReport = field(default_factory=LoadReport)
 
+    def as_record(self) -> dict:
+        """What the store keeps of the level (JSON): enough to judge it and show its row again."""
+        load = self.load
+        return {
+            "concurrency": self.concurrency,
+            "window_s": self.window_s,
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "requests_per_s": self.requests_per_s,
+            "stats": dict(self.stats),
+            "measured_requests": self.measured_requests,
+            "load": {
+                "ok": load.ok,
+                "requests": load.requests,
+                "errors": dict(load.errors),
+                "server_died": load.server_died,
+                "peak_used_bytes": {str(k): v for k, v in load.peak_used_bytes.items()},
+                "headroom_bytes": {str(k): v for k, v in load.headroom_bytes.items()},
+                "max_kv_usage": load.max_kv_usage,
+                "preemptions": load.preemptions,
+                "first_error": load.first_error,
+            },
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict) -> LevelReport:
+        """The level :meth:`as_record` kept."""
+        load = dict(rec.get("load") or {})
+        for key in ("peak_used_bytes", "headroom_bytes"):
+            load[key] = {int(k): v for k, v in (load.get(key) or {}).items()}
+        return cls(
+            rec["concurrency"],
+            rec["window_s"],
+            rec["output_tokens_per_s"],
+            rec["requests_per_s"],
+            dict(rec["stats"]),
+            rec["measured_requests"],
+            LoadReport(**load),
+        )
+
     def row(self) -> dict:
         """The table row (and ``--json``'s)."""
         return {

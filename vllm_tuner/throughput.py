@@ -3,33 +3,41 @@
 1. The memory fit is find's own search (``Finder.run``) with the ``throughput`` objective: the largest
    stable KV pool at the context the workload's longest request needs.
 2. One launch at that utilization and length with a high --max-num-seqs cap (halved while it does not
-   boot: memory permitting), and on that one server a closed-loop sweep of client concurrency
-   (``sweep.next_level``; each level measured by ``loadgen.run_level``).
-3. One more launch at the chosen --max-num-seqs, proved under the workload at saturation (twice as
+   boot: memory permitting) and the token budget ``sweep.token_budget`` picks for the workload and the
+   SLO, and on that one server a closed-loop sweep of client concurrency (``sweep.next_level``; each
+   level measured by ``loadgen.run_level``).
+3. One more launch at the chosen --max-num-seqs and the same token budget, proved under the workload at saturation (twice as
    many clients as sequences, so the scheduler always has a queue): alive, no failed request,
    headroom on every device, preemptions per finished request within ``max_preemption_rate``. If it
    does not hold, the next held level below it gets the same proof (once).
 
 A level breaks when it breaks the SLO, loses a request, runs short of headroom or preempts more than
 the rate: the sweep never chooses what the proof would refuse.
+
+The sweep and proof launches go to the store as trials of the memory fit's run (``history`` shows
+them), each with its levels, under a key of the launch's flags and the plan (workload, SLO, durations):
+the same command run again, after an interruption say, reuses a recorded launch instead of relaunching.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .find import Finder, FindResult, trial_json
+from .hashkey import stable_key
 from .loadgen import LevelReport, run_level
 from .objectives.throughput import GOODPUT, THROUGHPUT
 from .search import Observation, ProbeSummary
 from .serveconfig import ServeConfig
 from .slo import Slo
-from .sweep import Choice, Level, choose, level_words, next_level
+from .sweep import Choice, Level, choose, level_words, next_level, token_budget
 from .traffic import Traffic
 from .trial import ProbePlan, TrialOutcome, probe_verdict
+from .trialrecord import config_from_record, config_record, outcome_from_record
 from .units import GIB
 from .vllmargv import shell_command
 from .workload import merge_reports
@@ -38,6 +46,7 @@ SWEEP_SEQ_CAP = 256  # the sweep launch's --max-num-seqs: vLLM's default on most
 BOOT_TRIES = 3  # the cap is halved this many times at most while the sweep launch does not boot
 DEFAULT_MAX_PREEMPTION_RATE = 0.05  # preemptions per finished request at saturation
 SATURATION = 2  # clients per sequence in the proof
+LEVELS = "levels"  # the facts key of a recorded sweep or proof launch's measured levels
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,8 @@ class ThroughputSearch:
         self.level_runner = level_runner
         self.numbers = itertools.count()  # every level draws new requests of the workload
         self.unit = finder.request.device_kind.unit
+        self.run_id: int | None = None  # the memory fit's stored run: the sweep and proofs are its trials
+        self.reused = 0  # launches recorded by an earlier run, not launched again
 
     def run(self) -> ThroughputResult:
         fit = self.finder.run()
@@ -177,14 +188,27 @@ class ThroughputSearch:
         if fit.winner is None:
             result.reason = f"no memory fit: {fit.reason}"
             return result
+        self.run_id = fit.run_id
+        self._search(result)
+        if self.run_id is not None:  # the run's result is the throughput choice (``history`` shows it)
+            status = "done" if result.winner is not None else "failed"
+            self.finder.store.finish_run(self.run_id, status, result.as_json())
+        return result
+
+    def _search(self, result: ThroughputResult) -> None:
+        fit = result.fit
+        assert fit.winner is not None  # run() returned before without one
         fitted = fit.winner.config
         self._sweep(fitted, result)
+        # the proofs run on the sweep's flags (its token budget: the one its levels were measured under;
+        # a recorded sweep's, where one was reused)
+        fitted = result.launches[-1].config
         result.judged = self._levels(result)
         held = [lv for lv in result.judged if lv.held]
         result.choice = choose(result.judged, cap=self._cap(result))
         if result.choice.level is None:
             result.reason = result.choice.reason
-            return result
+            return
         candidates = [result.choice.level.concurrency] + [
             lv.concurrency
             for lv in sorted(held, key=lambda lv: -lv.concurrency)
@@ -199,21 +223,25 @@ class ThroughputSearch:
             result.reason = "the chosen --max-num-seqs did not hold at saturation: " + (
                 result.launches[-1].probe_failure or result.launches[-1].category.replace("_", " ")
             )
-            return result
+            return
         best = max(
             (self._observation(t) for t in result.launches if t.verdict == "stable"), key=THROUGHPUT.rank
         )
         result.winner = next(t for t in result.launches if t.config == best.config)
-        result.reason = f"{fit.launches} launch(es) to fit memory, {len(result.launches)} to sweep and prove"
-        return result
+        launched = len(result.launches) - self.reused
+        result.reason = f"{fit.launches} launch(es) to fit memory, {launched} to sweep and prove" + (
+            f" ({self.reused} more recorded by an earlier run, not launched again)" if self.reused else ""
+        )
 
     # -- the sweep ------------------------------------------------------------------------------
     def _sweep(self, fitted: ServeConfig, result: ThroughputResult) -> None:
         cap = max(fitted.max_num_seqs or 1, self.plan.seq_cap)
-        for _ in range(BOOT_TRIES):
-            cfg = fitted.replace(max_num_seqs=cap)
+        for attempt in range(BOOT_TRIES):
+            budget = fitted.max_num_batched_tokens or token_budget(self.plan.traffic, self.plan.slo, cap)
+            cfg = fitted.replace(max_num_seqs=cap, max_num_batched_tokens=budget)
             levels: list[LevelReport] = []
-            outcome = self._launch(cfg, "sweep", f"closed-loop concurrency sweep up to {cap}", levels, cap)
+            key = self._launch_key(f"sweep{attempt + 1}")
+            outcome = self._launch(cfg, key, f"closed-loop concurrency sweep up to {cap}", levels, cap)
             result.launches.append(outcome)
             result.levels = levels
             if outcome.verdict != "failed" or cap <= (fitted.max_num_seqs or 1):
@@ -221,10 +249,12 @@ class ThroughputSearch:
             cap = max(fitted.max_num_seqs or 1, cap // 2)  # memory permitting: a smaller cap boots
 
     def _launch(
-        self, cfg: ServeConfig, what: str, why: str, levels: list[LevelReport], cap: int
+        self, cfg: ServeConfig, key: str, why: str, levels: list[LevelReport], cap: int
     ) -> TrialOutcome:
         finder = self.finder
-        finder.progress.step(f"{what}: {_flags(cfg)}", why)
+        if (recorded := self._recorded("sweep", key, cfg, levels)) is not None:
+            return recorded
+        finder.progress.step(f"sweep: {_flags(cfg)}", why)
         plan = self._probe_plan(cap)
 
         def load(base_url: str, served: str, is_alive: Callable[[], bool]):
@@ -236,7 +266,7 @@ class ThroughputSearch:
                     break
             return merge_reports([lv.load for lv in levels])
 
-        log_path = finder.log_dir / f"{what}-{cfg.key()}.log"
+        log_path = finder.log_dir / f"sweep-{cfg.key()}.log"
         outcome = finder.trials.run(
             cfg, log_path=log_path, decide_probe=lambda facts: plan, make_load=lambda facts: load
         )
@@ -248,6 +278,7 @@ class ThroughputSearch:
         ):
             # a level short of headroom is a broken level, not a failed sweep
             outcome.verdict, outcome.probe_failure = "stable", ""
+        self._record(key, outcome, levels)
         finder.progress.done(outcome.verdict, outcome.probe_failure or outcome.category.replace("_", " "))
         return outcome
 
@@ -276,9 +307,13 @@ class ThroughputSearch:
         finder = self.finder
         seqs = cfg.max_num_seqs or 1
         clients = seqs * SATURATION
+        measured: list[LevelReport] = []
+        key = self._launch_key("proof", cfg)
+        if (recorded := self._recorded("proof", key, cfg, measured)) is not None:
+            result.launches.append(recorded)
+            return recorded, measured[0] if measured else None
         finder.progress.step(f"proof: {_flags(cfg)}", f"the workload at saturation ({clients} clients)")
         plan = self._probe_plan(clients)
-        measured: list[LevelReport] = []
 
         def load(base_url: str, served: str, is_alive: Callable[[], bool]):
             measured.append(self._measure(base_url, served, is_alive, clients, self.plan.proof_duration_s))
@@ -296,9 +331,64 @@ class ThroughputSearch:
                 outcome.verdict, outcome.probe_failure = "unstable", rate_broken
         if proof is not None:
             outcome.facts[GOODPUT] = proof.output_tokens_per_s
+        self._record(key, outcome, measured)
         result.launches.append(outcome)
         finder.progress.done(outcome.verdict, outcome.probe_failure or _proof_words(proof))
         return outcome, proof
+
+    # -- the store ------------------------------------------------------------------------------
+    def _launch_key(self, what: str, cfg: ServeConfig | None = None) -> str:
+        """The store's key of a launch. The same sweep (``sweep1``, or ``sweep2`` after a cap that did
+        not boot...) is the same request (model, GPUs, length...) and plan (workload, SLO, durations),
+        whatever pool this run's memory fit landed on (a rerun's fit may land 0.01 off): the recorded
+        sweep's flags are then used, and the proof follows from them. The same proof is the same flags
+        and plan."""
+        plan = stable_key(dataclasses.asdict(self.plan))
+        flags = cfg.key() if cfg is not None else self.finder.request.key()
+        return f"{what}-{flags}-{plan}"
+
+    def _record(self, key: str, outcome: TrialOutcome, levels: list[LevelReport]) -> None:
+        """The launch as a trial of the memory fit's run, its levels in its facts."""
+        if self.run_id is None:  # a fit that no stored run holds
+            return
+        probe = outcome.probe
+        self.finder.store.record_trial(
+            self.run_id,
+            config=config_record(outcome.config),
+            config_key=key,
+            env_fingerprint=self.finder.env_fingerprint(),
+            category=outcome.category,
+            verdict=outcome.verdict,
+            facts={**outcome.facts, LEVELS: [lv.as_record() for lv in levels]},
+            probe={
+                "ok": outcome.verdict == "stable",
+                "failure": outcome.probe_failure,
+                "min_headroom_bytes": outcome.min_headroom_bytes,
+                "preemptions": getattr(probe, "preemptions", None),
+                "server_died": getattr(probe, "server_died", None),
+            },
+            started_at=outcome.started_at,
+            duration_s=outcome.duration_s,
+            log_path=str(outcome.log_path) if outcome.log_path else None,
+        )
+
+    def _recorded(
+        self, what: str, key: str, cfg: ServeConfig, levels: list[LevelReport]
+    ) -> TrialOutcome | None:
+        """The same launch recorded by an earlier run (its levels appended to ``levels``), or None."""
+        if self.run_id is None:
+            return None
+        rec = self.finder.store.known_trial(self.finder.env_fingerprint(), key)
+        if rec is None:
+            return None
+        facts = dict(rec.facts)
+        levels.extend(LevelReport.from_record(lv) for lv in facts.pop(LEVELS, []))
+        cfg = config_from_record(cfg, rec)
+        outcome = outcome_from_record(cfg, dataclasses.replace(rec, facts=facts))
+        self.reused += 1
+        self.finder.progress.step(f"{what}: {_flags(cfg)}", "recorded by an earlier run: not launched again")
+        self.finder.progress.done(outcome.verdict, f"{len(levels)} level(s) from run {rec.run_id}")
+        return outcome
 
     def _probe_plan(self, clients: int) -> ProbePlan:
         """The thresholds a trial judges the load by (headroom; preemptions are judged as a rate here),

@@ -173,7 +173,9 @@ class Scheduler:
 
 @dataclass(frozen=True)
 class LoadResult:
-    """A closed loop's outcome over its measured window (requests that finished after the warm-up)."""
+    """A closed loop's outcome over its measured window (after the warm-up): output tokens/s counts every
+    token that streamed in the window, finished request or not (a window shorter than a long request
+    still measures it); requests/s and the latencies count the requests that finished in it."""
 
     output_tokens_per_s: float
     requests_per_s: float
@@ -213,19 +215,21 @@ def closed_loop(
 
     for _ in range(clients):
         send(0.0)
-    now, done = 0.0, []
+    now, done, streamed = 0.0, [], 0
     while now < seconds:
         step = scheduler.step(now)
         if step is None:
             break
         now = step.ends
+        if now > warmup:
+            streamed += len(step.sampled)
         for seq in step.finished:
             done.append(seq)
             send(now)
     counted = [s for s in done if s.finished_at is not None and s.finished_at > warmup]
     window = max(now - warmup, 1e-9)
     return LoadResult(
-        output_tokens_per_s=sum(s.generated for s in counted) / window,
+        output_tokens_per_s=streamed / window,
         requests_per_s=len(counted) / window,
         ttft_s=[s.first_token_at - s.arrived for s in counted if s.first_token_at is not None],
         itl_s=[gap for s in counted for gap in s.token_gaps],
