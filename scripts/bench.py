@@ -15,6 +15,7 @@ BENCHMARKS = (
     "bench_detect.py",
     "bench_proxy.py",
     "bench_real_cpu.py",
+    "bench_real_throughput.py",
 )
 
 

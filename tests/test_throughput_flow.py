@@ -141,8 +141,11 @@ def test_a_proof_that_does_not_hold_falls_back_to_the_next_level_once():
 
     result = search(trials, level)
     first, second = trials.runs[1].max_num_seqs, trials.runs[2].max_num_seqs
-    assert second < first == result.choice.level.concurrency
-    assert result.winner.config.max_num_seqs == second
+    assert second < first
+    assert result.winner.config.max_num_seqs == second == result.choice.level.concurrency
+    assert result.choice.reason.startswith(f"C={second}: ")
+    assert f"C={first} did not hold at saturation (preemption rate" in result.choice.reason
+    assert result.as_json()["chosen"]["concurrency"] == result.as_json()["config"]["--max-num-seqs"] == second
     assert result.launches[1].verdict == "unstable" and "preemption rate" in result.launches[1].probe_failure
 
 

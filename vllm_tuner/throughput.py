@@ -218,6 +218,15 @@ class ThroughputSearch:
             outcome, proof = self._prove(fitted.replace(max_num_seqs=seqs, load_format=None), result)
             if outcome.verdict == "stable":
                 result.winner, result.proof = outcome, proof
+                if seqs != candidates[0]:  # the choice fell back: it says so, and why
+                    level = next(lv for lv in held if lv.concurrency == seqs)
+                    failure = result.launches[-2].probe_failure or result.launches[-2].category.replace(
+                        "_", " "
+                    )
+                    result.choice = Choice(
+                        level,
+                        f"C={seqs}: {level_words(level)}; C={candidates[0]} did not hold at saturation ({failure})",
+                    )
                 break
         if result.winner is None:
             result.reason = "the chosen --max-num-seqs did not hold at saturation: " + (
