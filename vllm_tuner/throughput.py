@@ -37,7 +37,7 @@ from .slo import Slo
 from .sweep import Choice, Level, choose, level_words, next_level, token_budget
 from .traffic import Traffic
 from .trial import ProbePlan, TrialOutcome, probe_verdict
-from .trialrecord import config_from_record, config_record, outcome_from_record
+from .trialrecord import config_from_record, config_record, outcome_from_record, probe_record
 from .units import GIB
 from .vllmargv import shell_command
 from .workload import merge_reports
@@ -360,7 +360,6 @@ class ThroughputSearch:
         """The launch as a trial of the memory fit's run, its levels in its facts."""
         if self.run_id is None:  # a fit that no stored run holds
             return
-        probe = outcome.probe
         self.finder.store.record_trial(
             self.run_id,
             config=config_record(outcome.config),
@@ -369,13 +368,7 @@ class ThroughputSearch:
             category=outcome.category,
             verdict=outcome.verdict,
             facts={**outcome.facts, LEVELS: [lv.as_record() for lv in levels]},
-            probe={
-                "ok": outcome.verdict == "stable",
-                "failure": outcome.probe_failure,
-                "min_headroom_bytes": outcome.min_headroom_bytes,
-                "preemptions": getattr(probe, "preemptions", None),
-                "server_died": getattr(probe, "server_died", None),
-            },
+            probe=probe_record(outcome),
             started_at=outcome.started_at,
             duration_s=outcome.duration_s,
             log_path=str(outcome.log_path) if outcome.log_path else None,

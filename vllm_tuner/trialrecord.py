@@ -38,6 +38,24 @@ def config_record(cfg: ServeConfig) -> dict:
     }
 
 
+def probe_record(t: TrialOutcome) -> dict | None:
+    """What the store keeps of a trial's load probe (None: no probe ran): its verdict, the headroom,
+    preemptions, death, latency and the peak memory per device."""
+    if t.probe is None:
+        return None
+    p = t.probe
+    return {
+        "ok": t.verdict == "stable",
+        "failure": t.probe_failure,
+        "min_headroom_bytes": t.min_headroom_bytes,
+        "preemptions": getattr(p, "preemptions", None),
+        "server_died": getattr(p, "server_died", None),
+        "latency_p50_s": getattr(p, "latency_p50_s", None),
+        "latency_p99_s": getattr(p, "latency_p99_s", None),
+        "peak_used_bytes": {str(k): v for k, v in (getattr(p, "peak_used_bytes", {}) or {}).items()},
+    }
+
+
 def config_from_record(base: ServeConfig, rec) -> ServeConfig:
     data = dict(rec.config)
     data["extra_args"] = tuple(data.get("extra_args") or ())

@@ -22,7 +22,13 @@ from ..search import (
 )
 from ..serveconfig import ServeConfig
 from ..trial import ProbePlan, TrialOutcome, TrialSetup
-from ..trialrecord import config_from_record, config_record, env_fingerprint, outcome_from_record
+from ..trialrecord import (
+    config_from_record,
+    config_record,
+    env_fingerprint,
+    outcome_from_record,
+    probe_record,
+)
 from ..units import GIB
 from ..vllm_defaults import DEFAULT_BLOCK_SIZE, MLA_BLOCK_SIZE
 from .request import LOSSY_FLAGS, REQUIRED_FLAGS, FindRequest, context_guess
@@ -301,19 +307,6 @@ class Finder:
         return run_id, history, outcomes
 
     def _record(self, run_id: int, env_fp: str, t: TrialOutcome) -> None:
-        probe = None
-        if t.probe is not None:
-            p = t.probe
-            probe = {
-                "ok": t.verdict == "stable",
-                "failure": t.probe_failure,
-                "min_headroom_bytes": t.min_headroom_bytes,
-                "preemptions": getattr(p, "preemptions", None),
-                "server_died": getattr(p, "server_died", None),
-                "latency_p50_s": getattr(p, "latency_p50_s", None),
-                "latency_p99_s": getattr(p, "latency_p99_s", None),
-                "peak_used_bytes": {str(k): v for k, v in (getattr(p, "peak_used_bytes", {}) or {}).items()},
-            }
         self.store.record_trial(
             run_id,
             config=config_record(t.config),
@@ -322,7 +315,7 @@ class Finder:
             category=t.category,
             verdict=t.verdict,
             facts=t.facts,
-            probe=probe,
+            probe=probe_record(t),
             started_at=t.started_at,
             duration_s=t.duration_s,
             log_path=str(t.log_path) if t.log_path else None,
