@@ -198,10 +198,15 @@ def test_the_tuner_stopped_mid_trial_leaves_no_vllm_and_the_next_run_works(real,
     # Ctrl-C, then SIGKILL of a second run, each mid-trial; one complete run after both
     args = ("find", "--model", model, "--context", "2048", "--seqs", "2", "--util-ceiling", str(small_fraction()),
             "--json", "--", *DUMMY)  # fmt: skip
+    # the stopped runs keep their probe going long after the engine appears, so the signal lands mid-trial
+    # however slowly a loaded machine lets this test see the engine (a one-wave probe of a tiny model can
+    # end first, and the tuner then exits 0 before the signal)
+    stopped = (*args[: args.index("--json")], "--probe-duration", "300s", *args[args.index("--json") :])
     for sig in (signal.SIGINT, signal.SIGKILL):
-        tuner = real.start_tuner(*args)
+        tuner = real.start_tuner(*stopped)
         try:
             real.wait_for_process(r"VLLM::(EngineCore|Worker)", timeout_s=180)
+            assert tuner.poll() is None, "the tuner ended before it could be stopped mid-trial"
             tuner.send_signal(sig)
             _out, err = tuner.communicate(timeout=90)
         finally:
