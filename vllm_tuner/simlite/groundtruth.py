@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..units import GIB, MIB
+from . import hfconfig
 from .runner import Runner
 from .weights import Loaded, WeightLayout, layout
 
@@ -89,14 +90,10 @@ class ModelTruth:
 
 def model_truth(name: str, config: dict, weights_bytes: int | None) -> ModelTruth:
     """Read what matters from an HF config (nested ``text_config`` too)."""
-    text = config.get("text_config") or config
-    layers = int(text.get("num_hidden_layers") or text.get("n_layer") or 32)
-    hidden = int(text.get("hidden_size") or 4096)
-    heads = int(text.get("num_attention_heads") or 32)
-    kv_heads = int(text.get("num_key_value_heads") or text.get("num_kv_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // heads)
-    inter = int(text.get("intermediate_size") or 4 * hidden)
-    vocab = int(text.get("vocab_size") or 32000)
+    shape = hfconfig.dims(config)
+    text = shape.text
+    layers, hidden, kv_heads = shape.layers, shape.hidden, shape.kv_heads
+    head_dim, inter, vocab = shape.head_dim, shape.intermediate, shape.vocab
     mla = bool(text.get("kv_lora_rank"))
     if mla:
         per_token = layers * (int(text["kv_lora_rank"]) + int(text.get("qk_rope_head_dim") or 64)) * 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import dataclass
 
 LENGTH_KEYS = (
     "max_position_embeddings",
@@ -140,3 +141,35 @@ def derived_max_len(config: dict) -> tuple[int, str]:
                 factor = params.get("factor", factor)
         derived *= factor if factor is not None else 1.0
     return int(derived), key
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shape of a transformer as its HF config gives it (``text_config`` of a multimodal one), with
+    the defaults the simulator assumes where a key is missing."""
+
+    text: dict  # the config's text part, for the keys only one reader needs
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
+def dims(config: dict) -> Dims:
+    """The transformer's shape from an HF config (nested ``text_config`` too)."""
+    text = config.get("text_config") or config
+    hidden = int(text.get("hidden_size") or 4096)
+    heads = int(text.get("num_attention_heads") or 32)
+    return Dims(
+        text=text,
+        layers=int(text.get("num_hidden_layers") or text.get("n_layer") or 32),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or text.get("num_kv_heads") or heads),
+        head_dim=int(text.get("head_dim") or hidden // heads),
+        intermediate=int(text.get("intermediate_size") or 4 * hidden),
+        vocab=int(text.get("vocab_size") or 32000),
+    )

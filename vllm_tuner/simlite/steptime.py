@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import yaml
 
 from ..paths import profiles_dir
+from . import hfconfig
 
 DEFAULT_EFFICIENCY = {
     "compute_efficiency": 0.5,  # achieved / peak dense BF16 FLOPs on large matmuls
@@ -67,14 +68,10 @@ class ModelCost:
 
 def model_cost(config: dict) -> ModelCost:
     """From an HF config (nested ``text_config`` too): the model's active parameters and attention width."""
-    text = config.get("text_config") or config
-    layers = int(text.get("num_hidden_layers") or text.get("n_layer") or 32)
-    hidden = int(text.get("hidden_size") or 4096)
-    heads = int(text.get("num_attention_heads") or 32)
-    kv_heads = int(text.get("num_key_value_heads") or text.get("num_kv_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // heads)
-    inter = int(text.get("intermediate_size") or 4 * hidden)
-    vocab = int(text.get("vocab_size") or 32000)
+    shape = hfconfig.dims(config)
+    text = shape.text
+    layers, hidden, heads, kv_heads = shape.layers, shape.hidden, shape.heads, shape.kv_heads
+    head_dim, inter, vocab = shape.head_dim, shape.intermediate, shape.vocab
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, k, v, o
     experts = int(
         text.get("n_routed_experts") or text.get("num_experts") or text.get("num_local_experts") or 0
