@@ -130,12 +130,17 @@ class ThroughputResult:
             self.table(),
             title=f"{self.request.model}: throughput sweep, workload {self.plan.traffic.name}",
             chosen=chosen,
-            broken={lv.concurrency: "; ".join(lv.broken) for lv in self.judged if lv.broken},
+            broken={row["concurrency"]: "; ".join(row["broken"]) for row in self.table() if row["broken"]},
             ttft_limit_s=ttft[0] if ttft else None,
         )
 
     def table(self) -> list[dict]:
-        return [lv.row() for lv in sorted(self.levels, key=lambda lv: lv.concurrency)]
+        """A row per measured level, with what broke it (empty: it held)."""
+        broken = {lv.concurrency: list(lv.broken) for lv in self.judged}
+        return [
+            {**lv.row(), "broken": broken.get(lv.concurrency, [])}
+            for lv in sorted(self.levels, key=lambda lv: lv.concurrency)
+        ]
 
     def as_json(self) -> dict:
         cfg = self.final_config()

@@ -386,6 +386,7 @@ def _print_throughput(result) -> None:
                 f"  {row['concurrency']:>5}  {row['output_tokens_per_s']:>10,.0f}  {row['requests_per_s']:>7.2f}  "
                 f"{sec(row['ttft_p50']):>9}  {sec(row['ttft_p95']):>9}  {sec(row['itl_p50']):>8}  "
                 f"{sec(row['itl_p95']):>8}  {row['kv_usage']:>4.0%}  {row['preemptions']:>7}"
+                + (f"  broke: {'; '.join(row['broken'])}" if row["broken"] else "")
             )
     if result.winner is None:
         click.echo(f"✘ No throughput config: {result.reason}")
