@@ -16,6 +16,7 @@ import pytest
 from vllm_tuner.devices import CPU
 from vllm_tuner.errors import GpuError, LaunchError, VllmError
 from vllm_tuner.launch import (
+    INTERRUPTED_RELEASE_S,
     DockerLauncher,
     LocalLauncher,
     ServerProcess,
@@ -417,6 +418,29 @@ def test_memory_still_held_after_stop_names_the_gpu_and_the_holder(sim, tmp_path
     assert message.startswith("GPU 0 still holds 3.00 GiB more than before the trial 0.5s after")
     assert f"pid {squatter.pid} uses 3.00 GiB" in message
     assert "\n" not in message
+
+
+def test_ctrl_c_mid_trial_ends_the_tree_and_is_not_replaced_by_a_memory_wait(sim, tmp_path):
+    # a co-tenant keeps 3 GiB through the stop: after Ctrl-C the tuner waits briefly, not release_timeout_s,
+    # and the interrupt (exit 130 at the CLI) is not turned into "GPU 0 still holds ..."
+    env = sim("rtx-5090")
+    squatter = subprocess.Popen(["sleep", "60"])
+    try:
+        with open_nvml() as nvml:
+            proc = server(
+                env, tmp_path, ServeConfig(MODEL, max_model_len=4096), nvml=nvml, release_timeout_s=600
+            )
+            with pytest.raises(KeyboardInterrupt), proc:
+                assert proc.wait_ready(timeout_s=30, stall_s=10).ready
+                write_proc(env.state_dir, squatter.pid, {0: 3 * GIB}, "python")
+                stopping = time.monotonic()
+                raise KeyboardInterrupt
+            took = time.monotonic() - stopping
+            assert proc.returncode is not None  # the server itself is gone
+            assert took < INTERRUPTED_RELEASE_S + 10, took
+    finally:
+        squatter.kill()
+        squatter.wait(10)
 
 
 def test_server_env_sets_gpus_and_allocator_unless_a_kv_connector_is_configured():

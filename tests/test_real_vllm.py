@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -208,7 +209,16 @@ def test_the_tuner_stopped_mid_trial_leaves_no_vllm_and_the_next_run_works(real,
             real.wait_for_process(r"VLLM::(EngineCore|Worker)", timeout_s=180)
             assert tuner.poll() is None, "the tuner ended before it could be stopped mid-trial"
             tuner.send_signal(sig)
-            _out, err = tuner.communicate(timeout=90)
+            signalled = time.monotonic()
+            try:
+                _out, err = tuner.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                tuner.kill()
+                _out, err = tuner.communicate()
+                raise AssertionError(
+                    f"the tuner did not end within 90 s of {sig.name}:\n{err[-3000:]}"
+                ) from None
+            print(f"{sig.name}: the tuner ended {time.monotonic() - signalled:.1f} s after the signal")
         finally:
             if tuner.poll() is None:
                 tuner.kill()

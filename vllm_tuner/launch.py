@@ -486,6 +486,8 @@ class Readiness:
 
 ProgressFn = Callable[[str, float, "dict[int, int] | None"], None]
 _SERVERS = itertools.count(1)
+# after Ctrl-C or SIGTERM: how long the stopped tree's memory is waited for before the tuner exits anyway
+INTERRUPTED_RELEASE_S = 10.0
 
 
 class ServerProcess:
@@ -555,7 +557,13 @@ class ServerProcess:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Ctrl-C or SIGTERM: the tree is ended and reaped all the same, and the memory gets a short
+            # wait; the stop the user asked for stays the answer (no GpuError in its place, no 2-minute wait)
+            self.stop(wait_release=False)
+            self._still_held(min(self.release_timeout_s, INTERRUPTED_RELEASE_S))
+            return
         self.stop()
 
     def start(self) -> None:
@@ -696,16 +704,20 @@ class ServerProcess:
         if wait_release:
             self.wait_released()
 
-    def wait_released(self) -> None:
+    def _still_held(self, timeout_s: float) -> dict[int, int]:
+        """What each device still holds over the trial's baseline once ``timeout_s`` has passed ({}: released)."""
         if self.nvml is None or not self._baseline:
-            return
-        held = wait_released(
+            return {}
+        return wait_released(
             lambda: self.used_memory() or {},
             self._baseline,
-            timeout_s=self.release_timeout_s,
+            timeout_s=timeout_s,
             poll_s=0.1,
             clock=self.clock,
         )
+
+    def wait_released(self) -> None:
+        held = self._still_held(self.release_timeout_s)
         if held:
             worst = max(held, key=held.__getitem__)
             unit = unit_of(self.nvml)
