@@ -92,14 +92,68 @@ def test_unknown_model_and_gpu_exit_2(capsys):
     assert main(["estimate", "--model", "qwen2.5-7b", "--gpu", "h1000"]) == 2
 
 
-def test_models_file_shares_one_gpu(capsys, tmp_path):
+def run_models_file(capsys, tmp_path, text: str, *args: str) -> tuple[int, dict]:
     path = tmp_path / "models.yaml"
-    path.write_text(
-        "- model: qwen2.5-7b\n  max-model-len: 8192\n- model: mistral-7b\n  max_model_len: 8192\n"
+    path.write_text(text)
+    return run_json(capsys, "--models", str(path), *args)
+
+
+def test_models_file_shares_one_gpu(capsys, tmp_path):
+    code, data = run_models_file(
+        capsys,
+        tmp_path,
+        "- model: qwen2.5-7b\n  max-model-len: 8192\n- model: mistral-7b\n  max_model_len: 8192\n",
+        "--gpu",
+        "h100",
     )
-    code, data = run_json(capsys, "--models", str(path), "--gpu", "h100")
     assert code == 0 and data["fits"] and len(data["models"]) == 2
     assert all(m["max_model_len"] >= 8192 and 0 < m["gpu_memory_utilization"] < 1 for m in data["models"])
+    assert all(m["fits"] and m["reason"] == "" and m["gpu_ids"] == [0] for m in data["models"])
+    total, used = data["total_gib"], 0.0
+    for m in data["models"]:  # in start order
+        # vLLM's startup check: util x total free after the ones started before and its own CUDA context
+        assert total - used - 0.5 >= m["gpu_memory_utilization"] * total - 0.01
+        # the pool holds its requests in whole blocks plus vLLM's null block
+        assert m["kv_cache_tokens"] >= m["max_model_len"] * m["max_num_seqs"] + 16
+        used += m["weights_gib"] + m["overhead_gib"] + m["kv_pool_gib"]
+    assert used + data["headroom_gib"] + data["spare_gib"] == pytest.approx(total, abs=0.01)
+
+
+def test_models_that_do_not_share_a_card_say_which_and_why(capsys):
+    args = ["--model", "qwen2.5-7b", "--model", "mistral-7b", "--gpu", "rtx-3090", "--max-model-len", "32768"]
+    code, data = run_json(capsys, *args)
+    assert code == 0 and not data["fits"]
+    placed, refused = data["models"]
+    assert placed["fits"] and placed["reason"] == "" and placed["gpu_memory_utilization"] < 1
+    assert not refused["fits"] and refused["gpu_memory_utilization"] is None
+    assert refused["reason"].startswith("needs ") and "GPU 0 has only" in refused["reason"]
+    assert {placed["model"], refused["model"]} == {"qwen2.5-7b", "mistral-7b"}
+    assert main(["estimate", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("they do NOT fit")
+    assert any(line.split()[:4] == [refused["model"], "does", "NOT", "fit:"] for line in lines)
+    assert any(f"--max-model-len {placed['max_model_len']}" in line for line in lines)
+
+
+def test_models_that_do_not_share_a_card_go_to_another_gpu(capsys, tmp_path):
+    code, data = run_models_file(
+        capsys,
+        tmp_path,
+        "- {model: qwen2.5-7b, max-model-len: 32768, tensor-parallel-size: 1}\n"
+        "- {model: mistral-7b, max-model-len: 32768, tensor-parallel-size: 1}\n",
+        "--gpu",
+        "rtx-3090",
+        "--gpus",
+        "2",
+    )
+    assert code == 0 and data["fits"] and data["gpu_ids"] == [0, 1]
+    assert sorted(m["gpu_ids"] for m in data["models"]) == [[0], [1]]
+
+
+def test_the_same_model_twice_is_two_servers(capsys):
+    code, data = run_json(capsys, "--model", "qwen2.5-7b", "--model", "qwen2.5-7b", "--gpu", "h100")
+    assert code == 0 and data["fits"]
+    assert sorted(m["model"] for m in data["models"]) == ["qwen2.5-7b", "qwen2.5-7b-2"]
 
 
 def test_click_usage_errors_are_one_line_with_the_help_to_read(capsys):

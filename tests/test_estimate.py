@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vllm_tuner.estimate import GIB, Calibration, estimate, kv_layout, share
+from vllm_tuner.estimate import GIB, Calibration, estimate, kv_layout
 from vllm_tuner.models import ModelSpec, find_profile
 from vllm_tuner.serveconfig import ServeConfig
 
@@ -150,17 +150,6 @@ def test_hybrid_counts_state_per_sequence():
     # group size 2: one full-attention group (2 layers) + three Mamba groups of one block each
     assert layout.group_size == 2
     assert layout.blocks_per_request(10**5, 0) == math.ceil(10**5 / layout.block_size) + 3
-
-
-def test_share_two_models_on_one_gpu():
-    a, b = find_profile("qwen2.5-7b"), find_profile("mistral-7b")
-    plan = share([(a, cfg(max_model_len=8192)), (b, cfg(max_model_len=8192))], H100, gpu_name="h100")
-    assert plan.fits and len(plan.entries) == 2
-    assert sum(e.utilization for e in plan.entries) * H100 + 2 * (512 << 20) <= H100 - plan.reserve_bytes + 1
-    for e in plan.entries:
-        assert e.context >= 8192 and e.estimate.fits
-    crowded = share([(a, cfg(max_model_len=32768))] * 2, R3090)
-    assert not crowded.fits and "GiB" in crowded.reason
 
 
 def test_bad_utilization_raises():

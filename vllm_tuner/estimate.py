@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -686,95 +686,3 @@ def _calibrated_layout(
         bytes_per_block=max(1, int(layout.bytes_per_block * ratio)),
         bytes_per_token=int(layout.bytes_per_token * ratio),
     )
-
-
-# -- several models on one GPU ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShareEntry:
-    name: str
-    config: ServeConfig
-    context: int  # max_model_len this model gets
-    seqs: int
-    utilization: float  # its --gpu-memory-utilization (fraction of the GPU's total)
-    kv_cache_memory_bytes: int  # its pool, for --kv-cache-memory-bytes
-    min_bytes: int  # the smallest budget that holds its requested (context, seqs)
-    estimate: Estimate
-
-
-@dataclass(frozen=True)
-class SharePlan:
-    fits: bool
-    total_bytes: int
-    reserve_bytes: int
-    entries: tuple[ShareEntry, ...]
-    spare_bytes: int  # left unassigned (negative: missing)
-    reason: str = ""
-
-
-def share(
-    models: Sequence[tuple[ModelSpec, ServeConfig]],
-    gpu_total_bytes: int,
-    *,
-    gpu_name: str = "",
-    reserve_bytes: int = GIB // 2,
-    calibrations: Sequence[Calibration | None] | None = None,
-) -> SharePlan:
-    """Can these servers share one GPU (per GPU of their TP group)? Pure.
-
-    Every instance takes ``util × total`` plus its own CUDA context outside that budget, and vLLM's
-    startup check wants ``util × total`` free after the earlier ones started, so the sum of budgets
-    and contexts must fit in ``total − reserve``. Each model first gets the budget its requested
-    ``(max_model_len or native, max_num_seqs or 1)`` needs; what is left is split in proportion to
-    those KV needs and turned into more context (up to the native maximum) — its ``utilization`` and
-    ``kv_cache_memory_bytes`` are the flags to launch it with, in the given order.
-    """
-    cals = list(calibrations or [None] * len(models))
-    context_bytes = OVERHEADS["cuda_context"]["bytes"]
-    probes: list[tuple[Estimate, int, int]] = []
-    mins: list[int] = []
-    kv_mins: list[int] = []
-    for (spec, cfg), cal in zip(models, cals, strict=True):
-        est = estimate(
-            spec, gpu_total_bytes, cfg.replace(kv_cache_memory_bytes=0), gpu_name=gpu_name, calibration=cal
-        )
-        ctx = cfg.max_model_len if cfg.max_model_len and cfg.max_model_len > 0 else spec.derived_max_model_len
-        seqs = cfg.max_num_seqs or 1
-        kv = est.kv_bytes_for(ctx, seqs)
-        probes.append((est, ctx, seqs))
-        kv_mins.append(kv)
-        mins.append(est.non_kv_bytes + est.cudagraph_bytes + kv)
-    room = gpu_total_bytes - reserve_bytes - context_bytes * len(models)
-    spare = room - sum(mins)
-    kv_total = sum(kv_mins)
-    entries = []
-    for i, ((spec, cfg), (est, ctx, seqs)) in enumerate(zip(models, probes, strict=True)):
-        extra = int(spare * kv_mins[i] / kv_total) if spare > 0 and kv_total else 0
-        budget = mins[i] + extra
-        util = math.floor(budget / gpu_total_bytes * 10000) / 10000
-        pool = math.ceil(gpu_total_bytes * util) - est.non_kv_bytes - est.cudagraph_bytes
-        sized = dataclasses.replace(
-            est, kv_pool_bytes=max(0, pool), num_blocks=max(0, pool) // est.bytes_per_block
-        )
-        context = min(spec.derived_max_model_len, max(ctx if spare >= 0 else 0, sized.max_context(seqs)))
-        final = estimate(
-            spec,
-            gpu_total_bytes,
-            cfg.replace(
-                gpu_memory_utilization=util,
-                max_model_len=max(1, context),
-                max_num_seqs=seqs,
-                kv_cache_memory_bytes=max(0, pool),
-            ),
-            gpu_name=gpu_name,
-            calibration=cals[i],
-        )
-        entries.append(ShareEntry(spec.name, cfg, context, seqs, util, max(0, pool), mins[i], final))
-    reason = (
-        ""
-        if spare >= 0
-        else (
-            f"the models need {sum(mins) / GIB:.2f} GiB plus {context_bytes * len(models) / GIB:.1f} GiB of CUDA contexts, "
-            f"{-spare / GIB:.2f} GiB more than the GPU has after a {reserve_bytes / GIB:.1f} GiB reserve"
-        )
-    )
-    return SharePlan(spare >= 0, gpu_total_bytes, reserve_bytes, tuple(entries), spare, reason)

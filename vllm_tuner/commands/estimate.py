@@ -426,44 +426,102 @@ def _echo_overrides(spec, cfg: ServeConfig, overrides: str) -> None:
 
 
 def _shared(pairs, gpu, json_: bool) -> None:
-    from ..estimate import share
+    """Several servers on the GPUs: packed by the deployment planner (``vllm-tune plan``'s), each model
+    asking for its --max-model-len (else the model's own) and --max-num-seqs (else 1), the spare memory
+    turned into context."""
+    from ..deploy.plan import CUDA_CONTEXT_BYTES, make_plan, need_bytes
     from ._common import emit_json
 
-    plan = share(pairs, gpu.total_bytes, gpu_name=gpu.name)
+    deployment, gpus, costs = _deployment(pairs, gpu)
+    plan = make_plan(deployment, gpus, costs, offline=True)
+
+    def row(entry, inst=None) -> dict:
+        cost, refusal = costs[entry.name], plan.refusal(entry.name)
+        return {
+            "model": entry.name,
+            "gpu_ids": list(inst.gpu_ids) if inst else None,
+            "gpu_memory_utilization": inst.gpu_memory_utilization if inst else None,
+            "kv_cache_memory_bytes": inst.config.kv_cache_memory_bytes if inst else None,  # None: no KV
+            "max_model_len": inst.max_model_len if inst else entry.needs.min_context,
+            "max_num_seqs": inst.max_num_seqs if inst else entry.min_seqs,
+            "min_gib": round(need_bytes(entry, cost) / GIB, 3),
+            "weights_gib": round(cost.weights_bytes / GIB, 3),
+            "overhead_gib": round((CUDA_CONTEXT_BYTES + cost.overhead_bytes) / GIB, 3),
+            "kv_pool_gib": round(inst.kv_bytes / GIB, 3) if inst else None,
+            "kv_cache_tokens": inst.kv_tokens if inst else None,
+            "fits": inst is not None,
+            "reason": refusal.reason if refusal else "",
+        }
+
+    models = [row(inst.entry, inst) for inst in plan.start_order()]
+    models += [row(deployment.model(name)) for name in plan.unplaced]
     out = {
         "fits": plan.fits,
         "gpu": gpu.name,
-        "total_gib": round(plan.total_bytes / GIB, 3),
-        "spare_gib": round(plan.spare_bytes / GIB, 3),
-        "reason": plan.reason,
-        "models": [
-            {
-                "model": e.name,
-                "gpu_memory_utilization": e.utilization,
-                "kv_cache_memory_bytes": e.kv_cache_memory_bytes,
-                "max_model_len": e.context,
-                "max_num_seqs": e.seqs,
-                "min_gib": round(e.min_bytes / GIB, 3),
-                **{
-                    k: v
-                    for k, v in e.estimate.as_dict().items()
-                    if k.endswith("_gib") or k in ("kv_cache_tokens", "fits")
-                },
-            }
-            for e in plan.entries
-        ],
+        "gpu_ids": [g.id for g in gpus],
+        "total_gib": round(gpu.total_bytes / GIB, 3),
+        "headroom_gib": round(deployment.headroom_bytes / GIB, 3),
+        "spare_gib": round(min(b.free_bytes for b in plan.budgets()) / GIB, 3),
+        "reason": "; ".join(plan.problems),
+        "models": models,
     }
     if json_:
         emit_json(out)
         return
+    on = f"{gpu.count} × " if gpu.count > 1 else ""
     click.echo(
-        f"{len(pairs)} models on {gpu.name or 'GPU'} ({_gib(gpu.total_bytes)}): "
-        + ("they fit" if plan.fits else f"they do NOT fit: {plan.reason}")
+        f"{len(pairs)} models on {on}{gpu.name or 'GPU'} ({_gib(gpu.total_bytes)}"
+        f"{' each' if gpu.count > 1 else ''}, {_gib(deployment.headroom_bytes)} kept free): "
+        + ("they fit" if plan.fits else "they do NOT fit")
     )
-    for m in out["models"]:
+    for m in models:
+        where = f"GPU {','.join(map(str, m['gpu_ids']))}  " if gpu.count > 1 and m["fits"] else ""
+        if not m["fits"]:
+            click.echo(f"  {m['model']:<28} does NOT fit: {m['reason']}")
+            continue
+        kv = m["kv_cache_memory_bytes"]
         click.echo(
-            f"  {m['model']:<28} --gpu-memory-utilization {m['gpu_memory_utilization']:<7} "
-            f"--kv-cache-memory-bytes {m['kv_cache_memory_bytes']:<12} --max-model-len {m['max_model_len']:<7} "
+            f"  {m['model']:<28} {where}--gpu-memory-utilization {m['gpu_memory_utilization']:.2f} "
+            + (f"--kv-cache-memory-bytes {kv:<11} " if kv is not None else "")
+            + f"--max-model-len {m['max_model_len']:<7} --max-num-seqs {m['max_num_seqs']:<4} "
             f"(needs at least {m['min_gib']:.2f} GiB)"
         )
-    click.echo("Start them in this order; each needs its utilization × total free when it starts.")
+    if plan.instances:
+        click.echo("Start them in this order; each needs its utilization × total free when it starts.")
+
+
+def _deployment(pairs, gpu):
+    """The estimate's servers as the planner's inputs: a deployment of them on ``gpu``'s GPUs (as the
+    card, not what runs on it now), and each model's cost from the estimator at its minimum."""
+    from ..deploy.costs import cost_of
+    from ..deploy.plan import GpuInfo
+    from ..deploy.spec import Deployment, GpuSpec, ModelEntry, Needs
+    from ..estimate import estimate
+
+    entries, costs = [], {}
+    for i, (spec, cfg) in enumerate(pairs):
+        name = spec.name if all(s.name != spec.name for s, _ in pairs[:i]) else f"{spec.name}-{i + 1}"
+        context = cfg.max_model_len if cfg.max_model_len and cfg.max_model_len > 0 else None
+        seqs = cfg.max_num_seqs or 1
+        est = estimate(
+            spec, gpu.total_bytes, cfg.replace(max_model_len=context, max_num_seqs=seqs), gpu_name=gpu.name
+        )
+        flags = (
+            *(("--enforce-eager",) if cfg.enforce_eager else ()),
+            *(("--hf-overrides", cfg.hf_overrides) if cfg.hf_overrides else ()),
+        )
+        entries.append(
+            ModelEntry(
+                name=name,
+                model=spec.serve_name,
+                port=8000 + i,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                kv_cache_dtype=cfg.kv_cache_dtype,
+                flags=flags,
+                needs=Needs(min_context=context or est.max_model_len, min_seqs=seqs, objective="context"),
+            )
+        )
+        costs[name] = cost_of(spec, est)
+    gpus = [GpuInfo(i, gpu.name, gpu.total_bytes) for i in gpu.ids]
+    deployment = Deployment("estimate", tuple(entries), GpuSpec(ids=tuple(gpu.ids)))
+    return deployment, gpus, costs

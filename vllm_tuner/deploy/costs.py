@@ -86,13 +86,16 @@ def estimated_cost(
         enforce_eager=switch_of(entry.flags, "--enforce-eager") is True,
         extra_args=tuple(entry.flags),  # --runner pooling / --convert change what vLLM budgets
     )
-    est = estimate_fn(spec, gpu_total_bytes, config, gpu_name=gpu_name)
-    overhead = int(est.non_torch_bytes) + int(est.activation_bytes) + int(est.cudagraph_bytes)
+    return cost_of(spec, estimate_fn(spec, gpu_total_bytes, config, gpu_name=gpu_name))
+
+
+def cost_of(spec: ModelSpec, est: Estimate) -> ModelCost:
+    """The plan's per-GPU cost of a model from the estimator's breakdown of one server of it (pure)."""
     return ModelCost(
         weights_bytes=int(est.weights_bytes),
-        overhead_bytes=overhead,
+        overhead_bytes=int(est.non_torch_bytes) + int(est.activation_bytes) + int(est.cudagraph_bytes),
         kv_bytes_per_token=int(est.kv_bytes_per_token),  # 0: an encoder's pooling runner keeps no KV cache
-        max_context=max_context,
+        max_context=int(est.derived_max_model_len or 0) or None,  # the length vLLM derives (overrides in)
         source="estimate",
         kv_dtype_bytes=int(getattr(spec, "dtype_bytes", 2) or 2),
         serve_name=str(getattr(spec, "serve_name", "") or "") or None,

@@ -130,18 +130,42 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A model the plan could not place, and why (one line, without the model's name)."""
+
+    name: str
+    reason: str
+    phase: str | None = None
+
+    @property
+    def problem(self) -> str:
+        where = f" in phase {self.phase!r}" if self.phase is not None else ""
+        return f"{self.name}{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
 class DeploymentPlan:
     deployment: Deployment
     gpus: tuple[GpuInfo, ...]
     instances: tuple[Instance, ...]
-    problems: tuple[str, ...] = ()
+    refusals: tuple[Refusal, ...] = ()
     suggestions: tuple[str, ...] = ()
-    unplaced: tuple[str, ...] = ()
     offline: bool = False
 
     @property
     def fits(self) -> bool:
-        return not self.problems
+        return not self.refusals
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return tuple(r.problem for r in self.refusals)
+
+    @property
+    def unplaced(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.refusals)
+
+    def refusal(self, name: str) -> Refusal | None:
+        return next((r for r in self.refusals if r.name == name), None)
 
     def instance(self, name: str) -> Instance:
         for inst in self.instances:
@@ -234,9 +258,8 @@ class _Placed:
 @dataclass
 class _Packing:
     placed: dict[str, _Placed] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
-    unplaced: list[str] = field(default_factory=list)
 
 
 def make_plan(
@@ -246,25 +269,22 @@ def make_plan(
     packing = _Packing()
     capacity = {g.id: g.total_bytes - g.used_bytes - deployment.headroom_bytes for g in gpus}
     always = [m for m in deployment.models if m.phase is None]
-    base_load = _pack(always, gpus, costs, {g.id: 0 for g in gpus}, capacity, packing, deployment, label="")
+    base_load = _pack(always, gpus, costs, {g.id: 0 for g in gpus}, capacity, packing, deployment)
     phase_loads: dict[str | None, dict[int, int]] = {}
     for phase in deployment.phases or (None,):
         if phase is None:
             phase_loads[None] = base_load
             continue
         members = [m for m in deployment.models if m.phase == phase]
-        phase_loads[phase] = _pack(
-            members, gpus, costs, dict(base_load), capacity, packing, deployment, label=f" in phase {phase!r}"
-        )
+        phase_loads[phase] = _pack(members, gpus, costs, dict(base_load), capacity, packing, deployment)
     _share_spare(packing, deployment, capacity, phase_loads)
     instances = _order_and_utilize(packing, deployment, gpus)
     return DeploymentPlan(
         deployment,
         tuple(gpus),
         tuple(instances),
-        tuple(packing.problems),
+        tuple(packing.refusals),
         tuple(packing.suggestions),
-        tuple(packing.unplaced),
         offline,
     )
 
@@ -306,7 +326,9 @@ def context_within(cost: ModelCost, kv_bytes: int, seqs: int, step: int = CONTEX
     return _floor(blocks * max(1, cost.block_tokens), step)
 
 
-def _need(entry: ModelEntry, cost: ModelCost) -> int:
+def need_bytes(entry: ModelEntry, cost: ModelCost) -> int:
+    """What ``entry`` takes on each of its GPUs at its needs: CUDA context, weights, overhead and the KV
+    of ``min_seqs`` requests of its minimum context."""
     return cost.fixed_bytes + kv_bytes_for(cost, min_context_of(entry, cost), entry.min_seqs)
 
 
@@ -318,28 +340,30 @@ def _pack(
     capacity: dict[int, int],
     packing: _Packing,
     deployment: Deployment,
-    *,
-    label: str,
 ) -> dict[int, int]:
-    ordered = sorted(members, key=lambda m: (m.gpus is None, -_need(m, costs[m.name]) * m.world_size, m.name))
+    ordered = sorted(
+        members, key=lambda m: (m.gpus is None, -need_bytes(m, costs[m.name]) * m.world_size, m.name)
+    )
     for position, entry in enumerate(ordered):
         cost = costs[entry.name]
         context = min_context_of(entry, cost)
         if cost.max_context and context > cost.max_context:
-            packing.problems.append(
-                f"{entry.name}: needs.min_context {context} is above the model's maximum "
-                f"context {cost.max_context}"
+            packing.refusals.append(
+                Refusal(
+                    entry.name,
+                    f"a context of {context} tokens is above the model's maximum context {cost.max_context}",
+                    entry.phase,
+                )
             )
             packing.suggestions.append(f"{entry.name}: set needs.min_context to at most {cost.max_context}")
-            packing.unplaced.append(entry.name)
             continue
-        need = _need(entry, cost)
+        need = need_bytes(entry, cost)
         group = _first_fit(entry, need, gpus, load, capacity)
         if group is None:
             # on a single GPU group, the models still to be placed share the same room
             single = len(gpus) == entry.world_size
-            later = sum(_need(m, costs[m.name]) for m in ordered[position + 1 :]) if single else 0
-            _refuse(entry, cost, need, gpus, load, capacity, packing, deployment, label, later)
+            later = sum(need_bytes(m, costs[m.name]) for m in ordered[position + 1 :]) if single else 0
+            _refuse(entry, cost, need, gpus, load, capacity, packing, deployment, later)
             continue
         for g in group:
             load[g] += need
@@ -388,19 +412,21 @@ def _refuse(
     capacity: dict[int, int],
     packing: _Packing,
     deployment: Deployment,
-    label: str,
     later: int = 0,
 ) -> None:
     context = min_context_of(entry, cost)
     room, group = _best_room(entry, gpus, load, capacity)
     where = f"GPU {','.join(map(str, group))}" if group else "any GPU"
     kv = need - cost.fixed_bytes
-    packing.unplaced.append(entry.name)
-    packing.problems.append(
-        f"{entry.name}{label} needs {_gib(need)} GiB per GPU (weights {_gib(cost.weights_bytes)} + overhead "
-        f"{_gib(CUDA_CONTEXT_BYTES + cost.overhead_bytes)} + KV {_gib(kv)} for {entry.min_seqs} x {context} "
-        f"tokens) but {where} has only {_gib(max(room, 0))} GiB left after the models placed before it and "
-        f"{_gib(deployment.headroom_bytes)} GiB headroom"
+    packing.refusals.append(
+        Refusal(
+            entry.name,
+            f"needs {_gib(need)} GiB per GPU (weights {_gib(cost.weights_bytes)} + overhead "
+            f"{_gib(CUDA_CONTEXT_BYTES + cost.overhead_bytes)} + KV {_gib(kv)} for {entry.min_seqs} x {context} "
+            f"tokens) but {where} has only {_gib(max(room, 0))} GiB left after the models placed before it "
+            f"and {_gib(deployment.headroom_bytes)} GiB headroom",
+            entry.phase,
+        )
     )
     packing.suggestions += _what_would_fit(entry, cost, context, room - later)
 
