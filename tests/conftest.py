@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 
 import pytest
 
-from vllm_tuner.launch import LocalLauncher, ServerProcess
+from vllm_tuner.launch import ServerProcess
 from vllm_tuner.logparse import LogWatcher
-from vllm_tuner.simlite.activate import SHIM_DIR, create
+from vllm_tuner.simlite.activate import create
 from vllm_tuner.simlite.state import live_procs
 
 
@@ -27,21 +26,16 @@ def isolated_state(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def sim(tmp_path, monkeypatch):
-    """``sim(scenario, time_scale=..., **overrides) -> SimEnvironment``, applied to this process
-    (environment, ``pynvml`` from the shim). After the test no simulated server may survive."""
+def sim(tmp_path):
+    """``sim(scenario, time_scale=..., **overrides) -> SimEnvironment``: a simulated machine, reached as
+    the tuner reaches it (``env.launcher()``, ``env.open_nvml()``); nothing of this process changes.
+    After the test no simulated server may survive."""
     made = []
 
     def make(scenario: str = "rtx-5090", *, time_scale: float = 400.0, **overrides):
         env = create(
             scenario, state_dir=tmp_path / f"sim-{len(made)}", time_scale=time_scale, overrides=overrides
         )
-        for key, value in env.env.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.syspath_prepend(str(SHIM_DIR))
-        module = sys.modules.get("pynvml")
-        if module is not None and not str(getattr(module, "__file__", "")).startswith(str(SHIM_DIR)):
-            monkeypatch.delitem(sys.modules, "pynvml")
         made.append(env)
         return env
 
@@ -66,7 +60,7 @@ def sim_server():
     @contextlib.contextmanager
     def serve(env, config, log_path, *, nvml=None, wait: bool = True, wait_release: bool = True):
         server = ServerProcess(
-            LocalLauncher(env.vllm_cmd),
+            env.launcher(),
             config,
             gpu_ids=[0],
             log_path=log_path,

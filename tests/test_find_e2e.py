@@ -15,9 +15,8 @@ import pytest
 from vllm_tuner.cli import main
 from vllm_tuner.find import Finder, FindRequest
 from vllm_tuner.gpus import resolve_gpus
-from vllm_tuner.launch import LocalLauncher, detect_vllm
+from vllm_tuner.launch import detect_vllm
 from vllm_tuner.models import resolve_model
-from vllm_tuner.nvml import open_nvml
 from vllm_tuner.paths import default_db_path
 from vllm_tuner.progress import QuietProgress
 from vllm_tuner.store import Store
@@ -149,10 +148,10 @@ class InterruptAfter(QuietProgress):
 def _finder(env, store, progress, tmp_path, **request) -> Finder:
     from vllm_tuner.estimate import Calibration, estimate
 
-    nvml = open_nvml()
+    nvml = env.open_nvml()
     spec = resolve_model("qwen2.5-7b")
     gpu = resolve_gpus(gpus=2, gpu_ids=None, gpu_name=None, gpu_memory=None, nvml_opener=lambda: nvml)
-    launcher = LocalLauncher(env.vllm_cmd)
+    launcher = env.launcher()
     req = FindRequest(model="qwen2.5-7b", gpu_ids=gpu.ids, tensor_parallel_size=2, **request)
     return Finder(
         req,
@@ -299,7 +298,7 @@ def test_two_tuners_never_launch_on_the_same_gpu(sim, capsys):
     from vllm_tuner.gpulock import GpuLock, gpu_lock_keys
 
     env = sim("rtx-5090")
-    nvml = open_nvml()
+    nvml = env.open_nvml()
     keys = gpu_lock_keys([(0, nvml.device(0).uuid)])
     with GpuLock(keys):  # another tuner holds GPU 0
         code = main(["find", "--model", "qwen2.5-7b", "--gpus", "2", "--vllm-cmd", env.vllm_cmd])
