@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 
 import pytest
 
@@ -26,9 +27,12 @@ def isolated_state(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def sim(tmp_path):
+def sim(tmp_path, monkeypatch):
     """``sim(scenario, time_scale=..., **overrides) -> SimEnvironment``: a simulated machine, reached as
-    the tuner reaches it (``env.launcher()``, ``env.open_nvml()``); nothing of this process changes.
+    the tuner reaches it under ``--simulate`` (``env.launcher()``, ``env.open_nvml()``). For the tests that
+    run the CLI in-process as on a real machine (``--vllm-cmd env.vllm_cmd``, no ``--simulate``, which
+    would boot a machine of its own), it also stands in for this machine until the test ends: its
+    environment keys set and its ``pynvml`` as this process's (the tuner itself never does either).
     After the test no simulated server may survive."""
     made = []
 
@@ -36,6 +40,9 @@ def sim(tmp_path):
         env = create(
             scenario, state_dir=tmp_path / f"sim-{len(made)}", time_scale=time_scale, overrides=overrides
         )
+        for key, value in env.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setitem(sys.modules, "pynvml", env.nvml_module())
         made.append(env)
         return env
 

@@ -17,7 +17,7 @@ from vllm_tuner.find import Finder, FindRequest
 from vllm_tuner.gpus import resolve_gpus
 from vllm_tuner.launch import detect_vllm
 from vllm_tuner.models import resolve_model
-from vllm_tuner.paths import default_db_path
+from vllm_tuner.paths import data_dir, default_db_path
 from vllm_tuner.progress import QuietProgress
 from vllm_tuner.store import Store
 
@@ -346,14 +346,14 @@ def test_weights_larger_than_the_cards_are_served_with_offload_when_allowed(sim,
     assert result["config"]["--cpu-offload-gb"] > 33  # more than the weights' excess over the card
 
 
-def test_ctrl_c_stops_every_server_marks_the_run_and_says_how_to_resume(sim):
-    env = sim("h100", time_scale=5)
+def test_ctrl_c_stops_every_server_marks_the_run_and_says_how_to_resume():
+    # the tuner in a process of its own, as a user runs it: --simulate boots its machine in the data folder
+    argv = ["find", "--model", "qwen2.5-7b", "--gpus", "1", "--simulate", "h100", "--sim-time-scale", "5"]
     with subprocess.Popen(
-        [sys.executable, "-m", "vllm_tuner", "find", "--model", "qwen2.5-7b", "--gpus", "1", *sim_find(env)],
+        [sys.executable, "-m", "vllm_tuner", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **env.env},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as on a terminal
     ) as tuner:
         for line in tuner.stderr:  # until vLLM is loading weights
@@ -364,7 +364,9 @@ def test_ctrl_c_stops_every_server_marks_the_run_and_says_how_to_resume(sim):
         assert tuner.wait(30) == 130
     assert "interrupted: run the same command again to resume where it stopped" in rest
     assert rest.strip().splitlines()[-1] == "vllm-tune: interrupted; every vLLM it started has been stopped"
-    assert not list((env.state_dir / "procs").glob("*.json"))  # no simulated server holds memory
+    machine = data_dir() / "sim" / "h100"
+    assert (machine / "scenario.json").is_file()
+    assert not list((machine / "procs").glob("*.json"))  # no simulated server holds memory
     with Store.open(default_db_path()) as store:
         assert [r.status for r in store.runs()] == ["interrupted"]
 

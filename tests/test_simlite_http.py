@@ -15,7 +15,7 @@ import pytest
 from vllm_tuner.logparse import classify
 from vllm_tuner.probe import parse_metrics
 from vllm_tuner.serveconfig import ServeConfig
-from vllm_tuner.simlite.activate import load_nvml
+from vllm_tuner.simlite.activate import create, load_nvml
 
 MODEL = "qwen2.5-7b"
 GIB = 1 << 30
@@ -141,11 +141,11 @@ def test_shim_without_state_is_a_machine_without_a_driver(tmp_path):
         module.nvmlDeviceGetCount()
 
 
-def test_each_machine_has_its_own_nvml_and_this_process_is_untouched(sim, monkeypatch):
+def test_each_machine_has_its_own_nvml_and_this_process_is_untouched(tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_TUNE_SIM_STATE", raising=False)
     before = (dict(os.environ), list(sys.path), sys.modules.get("pynvml"))
-    one = sim("rtx-5090", foreign=[{"gpu": 1, "gib": 3}])
-    two = sim("rtx-4090")
+    one = create("rtx-5090", state_dir=tmp_path / "one", overrides={"foreign": [{"gpu": 1, "gib": 3}]})
+    two = create("rtx-4090", state_dir=tmp_path / "two")
     with one.open_nvml() as first, two.open_nvml() as second:
         assert (first.device_count(), first.memory(1).used) == (2, 3 * GIB)
         assert second.device_count() == 1 and "4090" in second.device(0).name
