@@ -431,7 +431,8 @@ def _sim_flag(simulation: dict) -> str:
     return f" --simulate {_arg(simulation['scenario'])}" if simulation else ""
 
 
-SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")  # what --simulate sets
+# what --simulate gave a deployment's servers (PYTHONPATH too, in state files of older versions)
+SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")
 
 
 def recorded_simulation(state) -> dict:
