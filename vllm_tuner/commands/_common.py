@@ -31,7 +31,7 @@ from ..trial import Timeouts
 from ..units import parse_duration
 
 if TYPE_CHECKING:
-    from ..launch import DockerLauncher, LocalLauncher
+    from ..launch import DockerLauncher, Launcher, LocalLauncher
     from ..simlite.activate import SimEnvironment
 
 DEFAULT_SIM_TIME_SCALE = 40.0
@@ -213,7 +213,7 @@ def runtime_options(func):
 
 @dataclass
 class Runtime:
-    launcher: object
+    launcher: Launcher
     db_path: Path
     json: bool
     progress: Progress

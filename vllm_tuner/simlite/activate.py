@@ -40,7 +40,7 @@ def load_nvml(state_dir: Path) -> ModuleType:
     assert spec is not None and spec.loader is not None  # a .py file by its path always has both
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.STATE_DIR = Path(state_dir)
+    module.use_state_dir(Path(state_dir))
     return module
 
 

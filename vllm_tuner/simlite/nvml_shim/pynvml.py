@@ -1,7 +1,7 @@
 """Simulated NVML: a drop-in ``pynvml`` backed by the simulator's state folder.
 
 Loaded by its path as a module of its own (:func:`vllm_tuner.simlite.activate.load_nvml`), never as the
-process's ``pynvml``, and told its machine in :data:`STATE_DIR`; handed to :class:`vllm_tuner.nvml.Nvml`
+process's ``pynvml``, and told its machine (:func:`use_state_dir`); handed to :class:`vllm_tuner.nvml.Nvml`
 it answers for the scenario's GPUs. Without a state folder it fails like a machine without an NVIDIA
 driver.
 """
@@ -57,7 +57,13 @@ class NVMLError_LibraryNotFound(NVMLError):
 c_nvmlMemory_t = namedtuple("c_nvmlMemory_t", "total free used")
 c_nvmlProcessInfo_t = namedtuple("c_nvmlProcessInfo_t", "pid usedGpuMemory")
 _initialised = False
-STATE_DIR: Path | None = None  # the simulated machine's state folder, set by whoever loads this module
+STATE_DIR: Path | None = None  # the simulated machine's state folder: use_state_dir()'s
+
+
+def use_state_dir(folder: Path) -> None:
+    """Answer for the simulated machine in ``folder`` (called by whoever loads this module)."""
+    global STATE_DIR
+    STATE_DIR = Path(folder)
 
 
 def _folder() -> Path:
