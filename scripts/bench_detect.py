@@ -74,8 +74,7 @@ def main() -> int:
     rows: list[tuple[str, str, str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         env = create("rtx-4090", state_dir=Path(tmp) / "sim", time_scale=args.time_scale)
-        env.apply()
-        launcher = LocalLauncher(env.vllm_cmd)
+        launcher = env.launcher()
         for i in range(args.runs):
             expected, config = CASES[i % len(CASES)]
             category, delay = one_run(launcher, config, Path(tmp) / f"sim{i}.log")

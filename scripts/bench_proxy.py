@@ -33,7 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vllm_tuner.launch import LocalLauncher, ServerProcess  # noqa: E402
+from vllm_tuner.launch import ServerProcess  # noqa: E402
 from vllm_tuner.logparse import LogWatcher  # noqa: E402
 from vllm_tuner.serveconfig import ServeConfig  # noqa: E402
 from vllm_tuner.simlite.activate import create  # noqa: E402
@@ -142,14 +142,13 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         env = create("rtx-5090", state_dir=Path(tmp) / "sim", time_scale=args.time_scale)
-        env.apply()
         urls = []
         for gpu, (name, max_len) in enumerate(MODELS):
             config = ServeConfig(
                 "qwen2.5-7b", max_model_len=max_len, extra_args=("--served-model-name", name)
             )
             server = ServerProcess(
-                LocalLauncher(env.vllm_cmd),
+                env.launcher(),
                 config,
                 gpu_ids=[gpu],
                 log_path=Path(tmp) / f"{name}.log",

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from vllm_tuner.launch import LocalLauncher, ServerProcess
+from vllm_tuner.launch import ServerProcess
 from vllm_tuner.logparse import LogWatcher
-from vllm_tuner.simlite.activate import SHIM_DIR, create
+from vllm_tuner.simlite.activate import create
 from vllm_tuner.simlite.state import live_procs
 
 
@@ -28,8 +28,12 @@ def isolated_state(tmp_path, monkeypatch):
 
 @pytest.fixture
 def sim(tmp_path, monkeypatch):
-    """``sim(scenario, time_scale=..., **overrides) -> SimEnvironment``, applied to this process
-    (environment, ``pynvml`` from the shim). After the test no simulated server may survive."""
+    """``sim(scenario, time_scale=..., **overrides) -> SimEnvironment``: a simulated machine, reached as
+    the tuner reaches it under ``--simulate`` (``env.launcher()``, ``env.open_nvml()``). For the tests that
+    run the CLI in-process as on a real machine (``--vllm-cmd env.vllm_cmd``, no ``--simulate``, which
+    would boot a machine of its own), it also stands in for this machine until the test ends: its
+    environment keys set and its ``pynvml`` as this process's (the tuner itself never does either).
+    After the test no simulated server may survive."""
     made = []
 
     def make(scenario: str = "rtx-5090", *, time_scale: float = 400.0, **overrides):
@@ -38,10 +42,7 @@ def sim(tmp_path, monkeypatch):
         )
         for key, value in env.env.items():
             monkeypatch.setenv(key, value)
-        monkeypatch.syspath_prepend(str(SHIM_DIR))
-        module = sys.modules.get("pynvml")
-        if module is not None and not str(getattr(module, "__file__", "")).startswith(str(SHIM_DIR)):
-            monkeypatch.delitem(sys.modules, "pynvml")
+        monkeypatch.setitem(sys.modules, "pynvml", env.nvml_module())
         made.append(env)
         return env
 
@@ -66,7 +67,7 @@ def sim_server():
     @contextlib.contextmanager
     def serve(env, config, log_path, *, nvml=None, wait: bool = True, wait_release: bool = True):
         server = ServerProcess(
-            LocalLauncher(env.vllm_cmd),
+            env.launcher(),
             config,
             gpu_ids=[0],
             log_path=log_path,

@@ -21,7 +21,6 @@ from vllm_tuner.deploy.spec import load_deployment
 from vllm_tuner.deploy.state import deployment_states
 from vllm_tuner.launch import free_port
 from vllm_tuner.paths import profiles_dir
-from vllm_tuner.simlite.activate import SHIM_DIR
 
 SCENARIO = "rtx-pro-6000"
 
@@ -95,9 +94,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     """One ``vllm-tune`` run in a fresh process, as a user types it: nothing of an earlier run's
     simulation in its environment."""
     env = {k: v for k, v in os.environ.items() if k not in SIM_KEYS}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(SHIM_DIR)
-    )
     return subprocess.run(
         [sys.executable, "-m", "vllm_tuner", *args], capture_output=True, text=True, env=env, timeout=60
     )

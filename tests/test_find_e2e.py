@@ -15,10 +15,9 @@ import pytest
 from vllm_tuner.cli import main
 from vllm_tuner.find import Finder, FindRequest
 from vllm_tuner.gpus import resolve_gpus
-from vllm_tuner.launch import LocalLauncher, detect_vllm
+from vllm_tuner.launch import detect_vllm
 from vllm_tuner.models import resolve_model
-from vllm_tuner.nvml import open_nvml
-from vllm_tuner.paths import default_db_path
+from vllm_tuner.paths import data_dir, default_db_path
 from vllm_tuner.progress import QuietProgress
 from vllm_tuner.store import Store
 
@@ -149,10 +148,10 @@ class InterruptAfter(QuietProgress):
 def _finder(env, store, progress, tmp_path, **request) -> Finder:
     from vllm_tuner.estimate import Calibration, estimate
 
-    nvml = open_nvml()
+    nvml = env.open_nvml()
     spec = resolve_model("qwen2.5-7b")
     gpu = resolve_gpus(gpus=2, gpu_ids=None, gpu_name=None, gpu_memory=None, nvml_opener=lambda: nvml)
-    launcher = LocalLauncher(env.vllm_cmd)
+    launcher = env.launcher()
     req = FindRequest(model="qwen2.5-7b", gpu_ids=gpu.ids, tensor_parallel_size=2, **request)
     return Finder(
         req,
@@ -299,7 +298,7 @@ def test_two_tuners_never_launch_on_the_same_gpu(sim, capsys):
     from vllm_tuner.gpulock import GpuLock, gpu_lock_keys
 
     env = sim("rtx-5090")
-    nvml = open_nvml()
+    nvml = env.open_nvml()
     keys = gpu_lock_keys([(0, nvml.device(0).uuid)])
     with GpuLock(keys):  # another tuner holds GPU 0
         code = main(["find", "--model", "qwen2.5-7b", "--gpus", "2", "--vllm-cmd", env.vllm_cmd])
@@ -347,14 +346,14 @@ def test_weights_larger_than_the_cards_are_served_with_offload_when_allowed(sim,
     assert result["config"]["--cpu-offload-gb"] > 33  # more than the weights' excess over the card
 
 
-def test_ctrl_c_stops_every_server_marks_the_run_and_says_how_to_resume(sim):
-    env = sim("h100", time_scale=5)
+def test_ctrl_c_stops_every_server_marks_the_run_and_says_how_to_resume():
+    # the tuner in a process of its own, as a user runs it: --simulate boots its machine in the data folder
+    argv = ["find", "--model", "qwen2.5-7b", "--gpus", "1", "--simulate", "h100", "--sim-time-scale", "5"]
     with subprocess.Popen(
-        [sys.executable, "-m", "vllm_tuner", "find", "--model", "qwen2.5-7b", "--gpus", "1", *sim_find(env)],
+        [sys.executable, "-m", "vllm_tuner", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **env.env},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as on a terminal
     ) as tuner:
         for line in tuner.stderr:  # until vLLM is loading weights
@@ -365,7 +364,9 @@ def test_ctrl_c_stops_every_server_marks_the_run_and_says_how_to_resume(sim):
         assert tuner.wait(30) == 130
     assert "interrupted: run the same command again to resume where it stopped" in rest
     assert rest.strip().splitlines()[-1] == "vllm-tune: interrupted; every vLLM it started has been stopped"
-    assert not list((env.state_dir / "procs").glob("*.json"))  # no simulated server holds memory
+    machine = data_dir() / "sim" / "h100"
+    assert (machine / "scenario.json").is_file()
+    assert not list((machine / "procs").glob("*.json"))  # no simulated server holds memory
     with Store.open(default_db_path()) as store:
         assert [r.status for r in store.runs()] == ["interrupted"]
 

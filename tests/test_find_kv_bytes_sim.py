@@ -13,7 +13,6 @@ from vllm_tuner.find import Finder, FindRequest
 from vllm_tuner.gpus import resolve_gpus
 from vllm_tuner.launch import LocalLauncher, detect_vllm
 from vllm_tuner.models import resolve_model
-from vllm_tuner.nvml import open_nvml
 from vllm_tuner.progress import QuietProgress
 from vllm_tuner.store import Store
 
@@ -22,10 +21,12 @@ MIB = 1 << 20
 
 
 def _find_on_cpu(env, tmp_path, **request):
-    nvml = open_nvml()  # the simulator's node, read through its shim
+    nvml = env.open_nvml()  # the simulator's node, read through its shim
     spec = resolve_model("qwen2.5-7b")
     node = resolve_gpus(gpus=1, gpu_ids=None, gpu_name=None, gpu_memory=None, nvml_opener=lambda: nvml)
-    launcher = LocalLauncher(env.vllm_cmd, device=CPU)  # VLLM_TARGET_DEVICE=cpu, CPU_VISIBLE_MEMORY_NODES
+    launcher = LocalLauncher(
+        env.vllm_cmd, device=CPU, command_env=env.env
+    )  # VLLM_TARGET_DEVICE=cpu, CPU_VISIBLE_MEMORY_NODES
     req = FindRequest(model="qwen2.5-7b", gpu_ids=node.ids, tensor_parallel_size=1, device="cpu", **request)
     with Store.open(tmp_path / "t.db") as store:
         return Finder(

@@ -20,8 +20,16 @@ def test_the_gpu_script_finds_a_config_and_its_command_serves(sim, tmp_path):
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
     smi.write_text('#!/bin/sh\necho "NVIDIA H100 80GB HBM3, 81559 MiB"\n')
+    # the tuner as on a GPU machine, whose NVML is the simulated machine's
+    on_sim = tmp_path / "vllm_tune_on_sim.py"
+    on_sim.write_text(
+        "import sys\nfrom pathlib import Path\n"
+        "from vllm_tuner.cli import main\nfrom vllm_tuner.simlite.activate import load_nvml\n"
+        f"sys.modules['pynvml'] = load_nvml(Path({str(env.state_dir)!r}))\n"
+        "sys.exit(main())\n"
+    )
     tune = bin_dir / "vllm-tune"
-    tune.write_text(f'#!/bin/sh\nexec {sys.executable} -m vllm_tuner "$@"\n')
+    tune.write_text(f'#!/bin/sh\nexec {sys.executable} {on_sim} "$@"\n')
     for script in (smi, tune):
         script.chmod(0o755)
     run = subprocess.run(

@@ -25,7 +25,6 @@ from vllm_tuner.launch import (
     trial_env,
 )
 from vllm_tuner.logparse import LogWatcher
-from vllm_tuner.nvml import open_nvml
 from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.simlite.state import write_proc
 from vllm_tuner.units import GIB
@@ -51,7 +50,7 @@ def server(
     env, tmp_path: Path, config: ServeConfig, *, nvml=None, port=None, watcher=None, release_timeout_s=5.0
 ) -> ServerProcess:
     return ServerProcess(
-        LocalLauncher(env.vllm_cmd),
+        env.launcher(),
         config,
         gpu_ids=[0],
         log_path=tmp_path / "trial.log",
@@ -65,7 +64,7 @@ def server(
 
 def test_boots_and_reports_ready_then_releases_memory(sim, tmp_path):
     env = sim("rtx-5090")
-    with open_nvml() as nvml:
+    with env.open_nvml() as nvml:
         before = nvml.memory(0).used
         with server(env, tmp_path, ServeConfig(MODEL, max_model_len=4096), nvml=nvml) as proc:
             ready = proc.wait_ready(timeout_s=30, stall_s=10)
@@ -182,7 +181,7 @@ def test_no_orphan_when_the_tuner_is_interrupted_or_killed(sim, tmp_path, sig):
 
 def test_detect_vllm_reads_version_and_flags_and_caches_them(sim, tmp_path):
     env = sim("rtx-5090")
-    launcher = LocalLauncher(env.vllm_cmd)
+    launcher = env.launcher()
     info = detect_vllm(launcher, cache_dir=tmp_path)
     assert info.version == "0.33.0"
     assert info.accepts("--max-model-len")
@@ -371,6 +370,22 @@ def test_detect_vllm_reads_the_cpu_build_from_its_interpreter(tmp_path):
     assert info.accepts("--max-model-len")
 
 
+def test_the_command_env_reaches_every_process_the_launcher_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("WHICH_VLLM", raising=False)
+    script = tmp_path / "vllm"  # a vLLM only when its environment says which: like the simulated one
+    script.write_text(
+        '#!/bin/sh\n[ "$WHICH_VLLM" = sim ] || exit 3\n'
+        'case "$1" in --version) echo 0.32.0;; *) echo "--max-model-len";; esac\n'
+    )
+    script.chmod(0o755)
+    launcher = LocalLauncher(str(script), command_env={"WHICH_VLLM": "sim"})
+    assert launcher.env([1]) == {"WHICH_VLLM": "sim", "CUDA_VISIBLE_DEVICES": "1"}
+    assert detect_vllm(launcher, cache_dir=tmp_path).version == "0.32.0"
+    with pytest.raises(VllmError):
+        detect_vllm(LocalLauncher(str(script)), cache_dir=tmp_path / "other")
+    assert "WHICH_VLLM" not in os.environ
+
+
 def test_script_interpreter_is_read_from_the_shebang(tmp_path):
     script = tmp_path / "vllm"
     script.write_text("#!/opt/venv/bin/python3\nimport sys\n")
@@ -403,7 +418,7 @@ def test_memory_still_held_after_stop_names_the_gpu_and_the_holder(sim, tmp_path
     env = sim("rtx-5090")
     squatter = subprocess.Popen(["sleep", "60"])  # a co-tenant that arrives during the trial
     try:
-        with open_nvml() as nvml:
+        with env.open_nvml() as nvml:
             proc = server(
                 env, tmp_path, ServeConfig(MODEL, max_model_len=4096), nvml=nvml, release_timeout_s=0.5
             )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from vllm_tuner.loadgen import RequestRecord, run_level, summarize
-from vllm_tuner.nvml import open_nvml
 from vllm_tuner.serveconfig import ServeConfig
 from vllm_tuner.traffic import Traffic
 
@@ -42,7 +41,7 @@ def test_a_level_on_the_simulator_measures_throughput_latency_and_kv(sim, sim_se
     env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 0.0}}, timing={"decode_step_s": 0.4})
     traffic = Traffic("rows", rows=((300, 20), (900, 40)))
     cfg = ServeConfig("qwen2.5-7b", max_model_len=2048, max_num_seqs=16)
-    with open_nvml() as nvml, sim_server(env, cfg, tmp_path / "level.log", nvml=nvml) as proc:
+    with env.open_nvml() as nvml, sim_server(env, cfg, tmp_path / "level.log", nvml=nvml) as proc:
         levels = [
             run_level(
                 proc.base_url,

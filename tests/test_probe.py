@@ -9,7 +9,6 @@ import time
 import httpx
 import pytest
 
-from vllm_tuner.nvml import open_nvml
 from vllm_tuner.probe import (
     MetricSample,
     kv_usage_from_metrics,
@@ -87,7 +86,7 @@ def _probe_server(proc, nvml, **load) -> object:
 def test_load_probe_reports_requests_memory_and_kv(sim, sim_server, tmp_path):
     # 1 ms decode steps at this scale: 400 tokens last ~400 ms, so /metrics is sampled mid-flight
     env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 0.0}}, timing={"decode_step_s": 0.4})
-    with open_nvml() as nvml:
+    with env.open_nvml() as nvml:
         idle = nvml.memory(0).used
         with sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml) as proc:
             report = _probe_server(proc, nvml, prompt_tokens=1600, max_tokens=400, duration_s=None)
@@ -105,7 +104,7 @@ def test_load_probe_reports_requests_memory_and_kv(sim, sim_server, tmp_path):
 
 def test_load_probe_reports_a_server_dying_mid_probe(sim, sim_server, tmp_path):
     env = sim("rtx-5090", models={"qwen2.5-7b": {"runtime_spike_gib": 400}})
-    with open_nvml() as nvml, sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml) as proc:
+    with env.open_nvml() as nvml, sim_server(env, SERVED, tmp_path / "probe.log", nvml=nvml) as proc:
         started = time.monotonic()
         report = _probe_server(proc, nvml, prompt_tokens=2000, max_tokens=40, duration_s=30)
         took = time.monotonic() - started

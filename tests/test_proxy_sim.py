@@ -13,7 +13,7 @@ import httpx
 import pytest
 from proxy_running import run_proxy
 
-from vllm_tuner.launch import LocalLauncher, ServerProcess
+from vllm_tuner.launch import ServerProcess
 from vllm_tuner.logparse import LogWatcher
 from vllm_tuner.probe import parse_metrics
 from vllm_tuner.serveconfig import ServeConfig
@@ -32,7 +32,7 @@ def two_servers(sim, tmp_path: Path):
                 "qwen2.5-7b", max_model_len=max_len, extra_args=("--served-model-name", name)
             )
             server = ServerProcess(
-                LocalLauncher(env.vllm_cmd),
+                env.launcher(),
                 config,
                 gpu_ids=[gpu],
                 log_path=tmp_path / f"{name}.log",

@@ -9,9 +9,7 @@ import pytest
 
 from vllm_tuner.cli import main
 from vllm_tuner.gpus import resolve_gpus
-from vllm_tuner.launch import LocalLauncher
 from vllm_tuner.models import resolve_model
-from vllm_tuner.nvml import open_nvml
 from vllm_tuner.progress import QuietProgress
 from vllm_tuner.ramp import Ramp, RampPlan, RampRequest
 from vllm_tuner.serveconfig import ServeConfig
@@ -125,7 +123,7 @@ class InterruptDuringSoak(QuietProgress):
 
 def _ramp(env, store, progress, tmp_path, **plan) -> Ramp:
     spec = resolve_model("qwen2.5-7b")
-    nvml = open_nvml()
+    nvml = env.open_nvml()
     gpu = resolve_gpus(gpus=1, gpu_ids=None, gpu_name=None, gpu_memory=None, nvml_opener=lambda: nvml)
     request = RampRequest(
         model=spec.serve_name,
@@ -137,7 +135,7 @@ def _ramp(env, store, progress, tmp_path, **plan) -> Ramp:
     return Ramp(
         request,
         env_fingerprint=env_fingerprint(spec, gpu, (0,), None),
-        launcher=LocalLauncher(env.vllm_cmd),
+        launcher=env.launcher(),
         nvml=nvml,
         store=store,
         progress=progress,

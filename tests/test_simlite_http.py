@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -13,10 +13,9 @@ import httpx
 import pytest
 
 from vllm_tuner.logparse import classify
-from vllm_tuner.nvml import open_nvml
 from vllm_tuner.probe import parse_metrics
 from vllm_tuner.serveconfig import ServeConfig
-from vllm_tuner.simlite.activate import SHIM_DIR
+from vllm_tuner.simlite.activate import create, load_nvml
 
 MODEL = "qwen2.5-7b"
 GIB = 1 << 30
@@ -107,7 +106,7 @@ def test_api_key_is_required_on_v1(sim, booted):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_nvml_sees_memory_appear_and_disappear(sim, booted, sig):
     env = sim("rtx-5090")
-    with open_nvml() as nvml:
+    with env.open_nvml() as nvml:
         before = nvml.memory(0).used
         assert nvml.device_count() == 2
         assert nvml.device(0).name == "NVIDIA GeForce RTX 5090"
@@ -126,23 +125,31 @@ def test_nvml_sees_memory_appear_and_disappear(sim, booted, sig):
 
 
 def test_foreign_memory_is_visible(sim):
-    sim("rtx-5090", foreign=[{"gpu": 1, "gib": 3, "pid": 777}])
-    with open_nvml() as nvml:
+    env = sim("rtx-5090", foreign=[{"gpu": 1, "gib": 3, "pid": 777}])
+    with env.open_nvml() as nvml:
         assert nvml.memory(1).used == 3 * GIB
         assert [(p.pid, p.used) for p in nvml.processes(1)] == [(777, 3 * GIB)]
         assert nvml.memory(0).used == 0
 
 
-def test_shim_without_state_is_a_machine_without_a_driver(monkeypatch):
-    monkeypatch.delenv("VLLM_TUNE_SIM_STATE", raising=False)
-    spec = importlib.util.spec_from_file_location("sim_pynvml", SHIM_DIR / "pynvml.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_shim_without_state_is_a_machine_without_a_driver(tmp_path):
+    module = load_nvml(tmp_path / "no-machine")  # no scenario.json there
     with pytest.raises(module.NVMLError) as caught:
         module.nvmlInit()
     assert "NVML Shared Library Not Found" in str(caught.value)
     with pytest.raises(module.NVMLError):
         module.nvmlDeviceGetCount()
+
+
+def test_each_machine_has_its_own_nvml_and_this_process_is_untouched(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_TUNE_SIM_STATE", raising=False)
+    before = (dict(os.environ), list(sys.path), sys.modules.get("pynvml"))
+    one = create("rtx-5090", state_dir=tmp_path / "one", overrides={"foreign": [{"gpu": 1, "gib": 3}]})
+    two = create("rtx-4090", state_dir=tmp_path / "two")
+    with one.open_nvml() as first, two.open_nvml() as second:
+        assert (first.device_count(), first.memory(1).used) == (2, 3 * GIB)
+        assert second.device_count() == 1 and "4090" in second.device(0).name
+    assert (dict(os.environ), list(sys.path), sys.modules.get("pynvml")) == before
 
 
 def test_runtime_spike_kills_the_server_under_load(sim, booted, tmp_path):
@@ -205,7 +212,7 @@ def test_memory_rises_through_the_startup_phases(sim, booted, tmp_path):
     """A tuner sampling NVML while vLLM starts sees context, then weights, then the KV pool."""
     env = sim("rtx-5090", time_scale=40.0)
     seen: list[int] = []
-    with open_nvml() as nvml, booted(env, nvml=nvml, wait=False):
+    with env.open_nvml() as nvml, booted(env, nvml=nvml, wait=False):
         deadline = time.monotonic() + 30
         while (
             time.monotonic() < deadline

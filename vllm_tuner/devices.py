@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 from .errors import GpuError, UsageError
 from .serveconfig import ServeConfig
@@ -133,15 +134,16 @@ def device_kind(name: str) -> DeviceKind:
         raise UsageError(f"unknown device {name!r}", "use --device cuda or --device cpu") from None
 
 
-def open_devices(kind: DeviceKind):
-    """An open memory reader for ``kind``: NVML for cuda, the NUMA nodes for cpu."""
+def open_devices(kind: DeviceKind, *, nvml_module: ModuleType | None = None):
+    """An open memory reader for ``kind``: NVML for cuda (through ``nvml_module``, a ``pynvml``; None:
+    the installed one), the NUMA nodes for cpu."""
     if kind.name == "cpu":
         from .hostmem import HostNodes
 
         return HostNodes()
     from .nvml import open_nvml
 
-    return open_nvml()
+    return open_nvml(nvml_module)
 
 
 def nvml_sees_a_gpu() -> bool:

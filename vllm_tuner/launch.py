@@ -56,6 +56,9 @@ class Launcher(Protocol):
 
     def env(self, gpu_ids: Sequence[int]) -> dict[str, str]: ...
 
+    @property
+    def command_env(self) -> Mapping[str, str]: ...
+
     def version_argv(self) -> list[str]: ...
 
     def help_argv(self) -> list[str]: ...
@@ -89,11 +92,19 @@ _ABOUT_SCRIPT = (
 
 class LocalLauncher:
     """Runs vLLM on this machine: its CLI (``vllm``, ``uv run vllm``, ``/opt/venv/bin/vllm``) or its
-    server module (``/opt/venv/bin/python -m vllm.entrypoints.openai.api_server``), on ``device``."""
+    server module (``/opt/venv/bin/python -m vllm.entrypoints.openai.api_server``), on ``device``, with
+    ``command_env`` added to the environment of every process it runs (servers and version detection)."""
 
-    def __init__(self, vllm_cmd: str = "vllm", *, device: DeviceKind = CUDA) -> None:
+    def __init__(
+        self,
+        vllm_cmd: str = "vllm",
+        *,
+        device: DeviceKind = CUDA,
+        command_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.words = shlex.split(vllm_cmd)
         self._device = device
+        self._command_env = dict(command_env or {})
         if not self.words:
             raise VllmError("--vllm-cmd is empty", "pass the vLLM command, e.g. --vllm-cmd vllm")
 
@@ -104,6 +115,12 @@ class LocalLauncher:
     @property
     def key(self) -> str:
         return shlex.join(self.words)
+
+    @property
+    def command_env(self) -> Mapping[str, str]:
+        """What the command needs in its environment wherever it runs (the simulated machine's state
+        folder for the simulated vLLM)."""
+        return self._command_env
 
     def check(self) -> None:
         word = self.words[0]
@@ -135,7 +152,7 @@ class LocalLauncher:
         return [*vllm_argv(self.words, serve_args), "--host", HOST, "--port", str(port)]
 
     def env(self, gpu_ids):
-        return {self._device.visible_env: ",".join(str(i) for i in gpu_ids)}
+        return {**self._command_env, self._device.visible_env: ",".join(str(i) for i in gpu_ids)}
 
     def version_argv(self):
         if is_api_server_form(self.words):  # the module takes no --version
@@ -222,6 +239,10 @@ class DockerLauncher:
         )
 
     def env(self, gpu_ids):
+        return {}
+
+    @property
+    def command_env(self) -> Mapping[str, str]:
         return {}
 
     def version_argv(self):
@@ -316,7 +337,7 @@ def detect_vllm(launcher: Launcher, *, cache_dir: Path | None = None, timeout_s:
         info = VllmInfo(cached["version"], frozenset(cached["flags"]), cached.get("build"))
         _check_build(info, launcher)
         return info
-    env = {**os.environ, **launcher.device.base_env}
+    env = {**os.environ, **launcher.device.base_env, **launcher.command_env}
     version, build = None, None
     about = launcher.about_argv()
     if about is not None:

@@ -101,12 +101,14 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def open_nvml() -> Nvml:
-    """Initialise NVML through whatever ``pynvml`` is first on the import path."""
-    try:
-        module = importlib.import_module("pynvml")
-    except ImportError as exc:
-        raise GpuError("pynvml is not installed", "pip install nvidia-ml-py") from exc
+def open_nvml(module: ModuleType | None = None) -> Nvml:
+    """Initialise NVML through ``module``, a ``pynvml`` (the simulated machine's under ``--simulate``);
+    by default the installed one, imported."""
+    if module is None:
+        try:
+            module = importlib.import_module("pynvml")
+        except ImportError as exc:
+            raise GpuError("pynvml is not installed", "pip install nvidia-ml-py") from exc
     try:
         module.nvmlInit()
     except module.NVMLError as exc:

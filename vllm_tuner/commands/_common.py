@@ -2,10 +2,12 @@
 
 This is the composition root: it builds the launcher, the store, NVML access and the progress
 reporter from the command line and hands them to the domain code, which never builds its own.
-``--simulate`` of find, ramp and up is wired here: it points ``--vllm-cmd`` at the simulated vLLM and
-puts the simulated ``pynvml`` first on the import path — exactly the seams real vLLM and NVML use.
-(``estimate --simulate`` and a simulated deployment's ``status``/``down`` attach in their own commands;
-nothing below ``commands/`` knows about the simulator.)
+``--simulate`` of find, ramp and up is wired here, as values the runtime carries: a launcher of the
+simulated vLLM with the environment it needs (the simulated machine's state folder and time scale) and
+the simulated ``pynvml`` module its NVML reads — exactly the seams real vLLM and NVML use, and nothing
+of this process (environment, import path, ``sys.modules``) changed. (``estimate --simulate`` and a
+simulated deployment's ``status``/``down`` attach in their own commands; nothing below ``commands/``
+knows about the simulator.)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import click
@@ -28,7 +31,7 @@ from ..trial import Timeouts
 from ..units import parse_duration
 
 if TYPE_CHECKING:
-    from ..launch import DockerLauncher, LocalLauncher
+    from ..launch import DockerLauncher, Launcher, LocalLauncher
     from ..simlite.activate import SimEnvironment
 
 DEFAULT_SIM_TIME_SCALE = 40.0
@@ -210,13 +213,16 @@ def runtime_options(func):
 
 @dataclass
 class Runtime:
-    launcher: object
+    launcher: Launcher
     db_path: Path
     json: bool
     progress: Progress
     log_root: Path
     simulated: SimEnvironment | None = None  # when --simulate is on
     device: DeviceKind = CUDA
+    nvml_module: ModuleType | None = (
+        None  # the pynvml NVML reads through (--simulate's); None: the installed one
+    )
 
     def open_store(self):
         from ..store import Store
@@ -225,7 +231,7 @@ class Runtime:
 
     def open_nvml(self):
         """The memory reader of the runtime's device (NVML, or the NUMA nodes on cpu)."""
-        return open_devices(self.device)
+        return open_devices(self.device, nvml_module=self.nvml_module)
 
 
 def build_runtime(
@@ -246,6 +252,7 @@ def build_runtime(
         )
     launcher: LocalLauncher | DockerLauncher
     simulated = None
+    nvml_module = None
     if simulate:
         if docker_image:
             raise UsageError("--simulate and --docker-image cannot be combined", "drop one of them")
@@ -254,12 +261,12 @@ def build_runtime(
         simulated = create(
             simulate, state_dir=data_dir() / "sim" / Path(simulate).stem, time_scale=sim_time_scale
         )
-        simulated.apply()
         if device == "cpu":
             raise UsageError(
                 "--simulate runs simulated GPUs, not vLLM's CPU backend", "drop --device cpu or --simulate"
             )
-        launcher = LocalLauncher(simulated.vllm_cmd)
+        launcher = simulated.launcher()
+        nvml_module = simulated.nvml_module()
         kind = CUDA
     elif docker_image:
         if device == "cpu":
@@ -282,6 +289,7 @@ def build_runtime(
         log_root=data_dir() / "logs",
         simulated=simulated,
         device=kind,
+        nvml_module=nvml_module,
     )
 
 

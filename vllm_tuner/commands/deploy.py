@@ -58,9 +58,9 @@ def _as_before_up(name: str):
     def opener():
         from ..devices import device_kind, open_devices
 
-        if simulation:  # started with --simulate: its GPUs are that simulated machine's
-            _attach(simulation)
-        return _Borrowed(open_devices(device_kind(state.device)), before, owned=True)
+        # started with --simulate: its GPUs are that simulated machine's
+        nvml_module = _attach(simulation).nvml_module() if simulation else None
+        return _Borrowed(open_devices(device_kind(state.device), nvml_module=nvml_module), before, owned=True)
 
     return opener
 
@@ -431,7 +431,8 @@ def _sim_flag(simulation: dict) -> str:
     return f" --simulate {_arg(simulation['scenario'])}" if simulation else ""
 
 
-SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")  # what --simulate sets
+# what --simulate gave a deployment's servers (PYTHONPATH too, in state files of older versions)
+SIM_ENV_KEYS = ("VLLM_TUNE_SIM_STATE", "VLLM_TUNE_SIM_TIME_SCALE", "PYTHONPATH")
 
 
 def recorded_simulation(state) -> dict:
@@ -476,7 +477,7 @@ def _simulation_of(state, simulate: str | None) -> dict:
 
 def _attach(simulation: dict):
     """The simulated machine a running deployment was started on, as it is now (its servers' memory
-    included), seen by this process too: not a fresh one from the scenario file."""
+    included): not a fresh one from the scenario file."""
     from ..simlite.activate import SimEnvironment
     from ..simlite.state import load_scenario
 
@@ -486,14 +487,12 @@ def _attach(simulation: dict):
             f"the simulated machine this deployment was started on is gone (no {folder / 'scenario.json'})",
             "its servers cannot be read; stop them by their pids in the state file and remove that file",
         )
-    sim = SimEnvironment(
+    return SimEnvironment(
         state_dir=folder,
         vllm_cmd=simulation["vllm_cmd"],
         env=dict(simulation["env"]),
         scenario=load_scenario(folder),
     )
-    sim.apply()
-    return sim
 
 
 def _find_one(session, *, vllm_cmd: str, ready_timeout_s: float, max_launches: int):
@@ -673,10 +672,8 @@ def _session(
     if attach:
         from dataclasses import replace
 
-        from ..launch import LocalLauncher
-
         sim = _attach(attach)
-        runtime = replace(runtime, launcher=LocalLauncher(sim.vllm_cmd), simulated=sim)
+        runtime = replace(runtime, launcher=sim.launcher(), simulated=sim, nvml_module=sim.nvml_module())
         simulation = attach
     else:
         sim = runtime.simulated
@@ -692,7 +689,7 @@ def _session(
         )
     settings = Settings(
         vllm_cmd=sim.vllm_cmd if sim else vllm_cmd,
-        env=dict(sim.env) if sim else {},
+        env=dict(runtime.launcher.command_env),
         ready_timeout_s=ready_timeout_s,
         verify=verify,
         docker_image=docker_image,

@@ -73,6 +73,7 @@ def command(
     """Estimate per-GPU memory and what context x concurrency fits."""
     from ..gpus import resolve_gpus
     from ..models import resolve_model
+    from ..nvml import open_nvml
     from ..rope import parse_hf_overrides
     from .find import _check_heads  # the same refusal of a TP size the heads cannot take
 
@@ -87,17 +88,28 @@ def command(
     for flag, value in (("--tensor-parallel-size", tp), ("--max-num-seqs", max_num_seqs)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}", f"pass e.g. {flag} 1")
-    if simulate:
+    simulated_nvml = None
+    if simulate:  # the simulated machine's GPUs, read through its own pynvml
         from ..paths import data_dir
         from ..simlite.activate import create
 
-        create(simulate, state_dir=data_dir() / "sim" / Path(simulate).stem).apply()
+        simulated_nvml = create(simulate, state_dir=data_dir() / "sim" / Path(simulate).stem).open_nvml()
     entries = _entries(models, models_file)
     ids = _parse_ids(gpu_ids)
     tp_size = tp or (len(ids) if ids else gpus) or 1
     if gpus is None and not ids and tp_size > 1:
         gpus = tp_size
-    gpu = resolve_gpus(gpus=gpus, gpu_ids=ids, gpu_name=gpu_name, gpu_memory=gpu_memory)
+    try:
+        gpu = resolve_gpus(
+            gpus=gpus,
+            gpu_ids=ids,
+            gpu_name=gpu_name,
+            gpu_memory=gpu_memory,
+            nvml_opener=open_nvml if simulated_nvml is None else lambda: simulated_nvml,
+        )
+    finally:
+        if simulated_nvml is not None:
+            simulated_nvml.close()
     if tp_size > gpu.count:
         raise UsageError(
             f"--tensor-parallel-size {tp_size} needs {tp_size} GPUs, only {gpu.count} given",

@@ -1,6 +1,9 @@
-"""Turn a scenario into a simulated machine: a state folder, the vLLM command, the environment.
+"""Turn a scenario into a simulated machine: a state folder, the vLLM command and the environment it
+needs, and the ``pynvml`` that reads the machine's GPUs.
 
-Used by ``--simulate SCENARIO`` and by the tests' ``sim`` fixture; nothing else in the tuner knows.
+Used by ``--simulate SCENARIO`` and by the tests' ``sim`` fixture; nothing else in the tuner knows. The
+machine reaches the tuner only as values handed to it (a launcher's ``command_env``, an NVML module):
+this process's environment, import path and ``sys.modules`` stay as they are.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -15,6 +19,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
@@ -24,25 +29,43 @@ from ..paths import profiles_dir
 from ..units import GIB
 from .state import SCALE_ENV, STATE_ENV, live_procs, pid_alive
 
-SHIM_DIR = Path(__file__).resolve().parent / "nvml_shim"
+SHIM_FILE = Path(__file__).resolve().parent / "nvml_shim" / "pynvml.py"
+
+
+def load_nvml(state_dir: Path) -> ModuleType:
+    """The simulated ``pynvml`` of the machine in ``state_dir``: the shim loaded by its path as a module
+    of its own (``sys.modules`` and the import path untouched; two machines, two modules), told its
+    state folder."""
+    spec = importlib.util.spec_from_file_location(f"vllm_tune_sim_pynvml_{machine_tag(state_dir)}", SHIM_FILE)
+    assert spec is not None and spec.loader is not None  # a .py file by its path always has both
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.use_state_dir(Path(state_dir))
+    return module
 
 
 @dataclass
 class SimEnvironment:
     state_dir: Path
     vllm_cmd: str
-    env: dict[str, str]
+    env: dict[str, str]  # what the simulated vLLM needs in its environment: the state folder, the time scale
     scenario: dict = field(default_factory=dict)
 
-    def apply(self) -> None:
-        """Make this process see the simulated machine: environment, ``pynvml`` from the shim."""
-        os.environ.update(self.env)
-        shim = str(SHIM_DIR)
-        if shim not in sys.path:
-            sys.path.insert(0, shim)
-        module = sys.modules.get("pynvml")
-        if module is not None and not str(getattr(module, "__file__", "")).startswith(shim):
-            del sys.modules["pynvml"]
+    def nvml_module(self) -> ModuleType:
+        """The ``pynvml`` that reads this machine's GPUs (:func:`load_nvml`)."""
+        return load_nvml(self.state_dir)
+
+    def open_nvml(self):
+        """An open :class:`vllm_tuner.nvml.Nvml` of this machine's GPUs."""
+        from ..nvml import open_nvml
+
+        return open_nvml(self.nvml_module())
+
+    def launcher(self):
+        """A :class:`vllm_tuner.launch.LocalLauncher` of the simulated vLLM on this machine."""
+        from ..launch import LocalLauncher
+
+        return LocalLauncher(self.vllm_cmd, command_env=self.env)
 
 
 def scenario_names() -> list[str]:
@@ -170,7 +193,6 @@ def create(
     resolved = resolve(raw, machine=machine_tag(folder))
     _boot(folder, resolved, str(scenario))
     _use(folder)
-    pythonpath = os.pathsep.join(p for p in (str(SHIM_DIR), os.environ.get("PYTHONPATH", "")) if p)
-    env = {STATE_ENV: str(folder), SCALE_ENV: str(time_scale), "PYTHONPATH": pythonpath}
+    env = {STATE_ENV: str(folder), SCALE_ENV: str(time_scale)}
     cmd = f"{shlex.quote(sys.executable)} -m vllm_tuner.simlite"
     return SimEnvironment(state_dir=folder, vllm_cmd=cmd, env=env, scenario=resolved)

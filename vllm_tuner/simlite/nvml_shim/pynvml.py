@@ -1,13 +1,14 @@
 """Simulated NVML: a drop-in ``pynvml`` backed by the simulator's state folder.
 
-Put this folder first on the import path (``PYTHONPATH``) and ``import pynvml`` answers for the
-scenario's GPUs. With no ``$VLLM_TUNE_SIM_STATE`` it fails like a machine without an NVIDIA driver.
+Loaded by its path as a module of its own (:func:`vllm_tuner.simlite.activate.load_nvml`), never as the
+process's ``pynvml``, and told its machine (:func:`use_state_dir`); handed to :class:`vllm_tuner.nvml.Nvml`
+it answers for the scenario's GPUs. Without a state folder it fails like a machine without an NVIDIA
+driver.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import namedtuple
 from pathlib import Path
 
@@ -56,13 +57,19 @@ class NVMLError_LibraryNotFound(NVMLError):
 c_nvmlMemory_t = namedtuple("c_nvmlMemory_t", "total free used")
 c_nvmlProcessInfo_t = namedtuple("c_nvmlProcessInfo_t", "pid usedGpuMemory")
 _initialised = False
+STATE_DIR: Path | None = None  # the simulated machine's state folder: use_state_dir()'s
+
+
+def use_state_dir(folder: Path) -> None:
+    """Answer for the simulated machine in ``folder`` (called by whoever loads this module)."""
+    global STATE_DIR
+    STATE_DIR = Path(folder)
 
 
 def _folder() -> Path:
-    value = os.environ.get("VLLM_TUNE_SIM_STATE")
-    if not value or not (Path(value) / "scenario.json").is_file():
+    if STATE_DIR is None or not (Path(STATE_DIR) / "scenario.json").is_file():
         raise NVMLError_LibraryNotFound()
-    return Path(value)
+    return Path(STATE_DIR)
 
 
 def _scenario() -> dict:
