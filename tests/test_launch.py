@@ -441,7 +441,7 @@ def test_ctrl_c_mid_trial_ends_the_tree_and_is_not_replaced_by_a_memory_wait(sim
     env = sim("rtx-5090")
     squatter = subprocess.Popen(["sleep", "60"])
     try:
-        with open_nvml() as nvml:
+        with env.open_nvml() as nvml:
             proc = server(
                 env, tmp_path, ServeConfig(MODEL, max_model_len=4096), nvml=nvml, release_timeout_s=600
             )

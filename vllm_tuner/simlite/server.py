@@ -314,7 +314,7 @@ def scenario_model_entry(scenario: dict, name: str) -> dict:
 
 # -- the server's state -------------------------------------------------------------------------
 @dataclass
-class Request:
+class PendingCompletion:
     """One HTTP request: the scheduler's sequence and what its handler waits on."""
 
     prompt_len: int
@@ -364,7 +364,7 @@ class Engine:
         self.util = util
         self.lock = threading.Condition()
         self.scheduler = scheduler  # the launch's pool, batch limits and step model (oracle.scheduler)
-        self.requests: dict[Seq, Request] = {}
+        self.requests: dict[Seq, PendingCompletion] = {}
         self.dead = False
         self.kv_usage = 0.0
         self.peak_usage = 0.0  # PyTorch's caching allocator keeps what it reserved: NVML sees the peak
@@ -383,7 +383,7 @@ class Engine:
     def preemptions(self) -> int:
         return self.scheduler.preemptions
 
-    def submit(self, req: Request) -> None:
+    def submit(self, req: PendingCompletion) -> None:
         with self.lock:
             req.seq.arrived = sim_now()
             self.requests[req.seq] = req
@@ -595,7 +595,7 @@ def make_handler(
                     "length of the input prompt.",
                     "input_tokens",
                 )
-        reqs = [Request(n, 0) for n in lengths]
+        reqs = [PendingCompletion(n, 0) for n in lengths]
         for req in reqs:
             eng.submit(req)
         for req in reqs:
@@ -800,7 +800,7 @@ def make_handler(
                     ),
                 )
                 return
-            req = Request(prompt_len, min(max_tokens, max_len - prompt_len))
+            req = PendingCompletion(prompt_len, min(max_tokens, max_len - prompt_len))
             eng.submit(req)
             if body.get("stream"):
                 self._stream(req, chat)
@@ -829,7 +829,7 @@ def make_handler(
                     },
                 )
 
-        def _stream(self, req: Request, chat: bool) -> None:
+        def _stream(self, req: PendingCompletion, chat: bool) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
