@@ -147,6 +147,7 @@ class RealVllm:
         env["VLLM_TUNE_VLLM_CMD"] = self.vllm_cmd
         env["VLLM_TUNE_DEVICE"] = "cpu"
         env["VLLM_CPU_CI_ENV"] = "1"  # skip the CPU worker's warm-up (see the module's docstring)
+        env["PYTHONFAULTHANDLER"] = "1"  # a tuner that hangs shows its stacks when a test aborts it
         env.update(extra or {})
         return env
 

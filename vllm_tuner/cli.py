@@ -7,10 +7,13 @@ this module loads it only when that subcommand runs, so ``vllm-tune diagnose`` n
 from __future__ import annotations
 
 import datetime as _dt
+import faulthandler
 import importlib
+import os
 import platform
 import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -73,14 +76,71 @@ class Terminated(BaseException):
     """SIGTERM or SIGHUP reached the tuner: unwind like Ctrl-C so every child is stopped."""
 
 
-def _raise_terminated(signum: int, _frame: object) -> None:
-    raise Terminated(signum)
+# Ctrl-C or SIGTERM of these commands ends within INTERRUPT_DEADLINE_S. Every vLLM they start hangs off a
+# reaper that ends its group when the tuner dies, and a trial's own stop takes at most ~55 s (the SIGTERM
+# grace, the SIGKILL wait, a short wait for the memory): past the deadline the tuner exits and the reapers
+# finish the stop. `up` is not among them: the servers it starts outlive it by design.
+BOUNDED_STOP_COMMANDS = frozenset({"find", "ramp"})
+INTERRUPT_DEADLINE_S = 75.0
+_deadline_armed = threading.Event()
+
+
+def _exit_at_deadline() -> None:
+    """Past the deadline: every thread's stack into a crash log, one line, exit 130."""
+    if _deadline_armed.is_set():
+        return
+    _deadline_armed.set()
+
+    def expire() -> None:
+        where = "<crash log could not be written>"
+        try:
+            folder = data_dir() / "crashes"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"stop-{_dt.datetime.now():%Y%m%d-%H%M%S}.log"
+            with path.open("w") as out:
+                out.write(
+                    f"vllm-tune {__version__}: still stopping {INTERRUPT_DEADLINE_S:g}s after the signal\n"
+                )
+                faulthandler.dump_traceback(file=out, all_threads=True)
+            where = str(path)
+        except OSError:
+            pass
+        sys.stderr.write(
+            f"vllm-tune: interrupted; stopping took over {INTERRUPT_DEADLINE_S:g}s, so the tuner exits now and "
+            f"the reaper of each vLLM it started ends it (stacks in {where})\n"
+        )
+        sys.stderr.flush()
+        os._exit(130)
+
+    timer = threading.Timer(INTERRUPT_DEADLINE_S, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def install_interrupt_handlers(*, bounded: bool) -> None:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM/SIGHUP raise :class:`Terminated`, so every ``with``
+    that owns a process unwinds; ``bounded``: the unwinding gets :data:`INTERRUPT_DEADLINE_S`."""
+
+    def interrupted(signum: int, _frame: object) -> None:
+        if bounded:
+            _exit_at_deadline()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+
+
+def _command_of(argv: list[str]) -> str | None:
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every way out goes through here. Returns the process exit code."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_terminated)
+    words = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():
+        install_interrupt_handlers(bounded=_command_of(words) in BOUNDED_STOP_COMMANDS)
     try:
         # outside standalone mode click hands back a command's ``click.exceptions.Exit`` as its code
         code = cli.main(args=argv, prog_name="vllm-tune", standalone_mode=False)
