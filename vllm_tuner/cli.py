@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 import click
 
@@ -92,11 +93,9 @@ def _exit_at_deadline() -> None:
     _deadline_armed.set()
 
     def expire() -> None:
-        where = "<crash log could not be written>"
+        where = _NO_CRASH_LOG
         try:
-            folder = data_dir() / "crashes"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"stop-{_dt.datetime.now():%Y%m%d-%H%M%S}.log"
+            path = _crash_log_path("stop")
             with path.open("w") as out:
                 out.write(
                     f"vllm-tune {__version__}: still stopping {INTERRUPT_DEADLINE_S:g}s after the signal\n"
@@ -165,18 +164,27 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+_NO_CRASH_LOG = "<crash log could not be written>"
+
+
+def _crash_log_path(kind: str) -> Path:
+    """A new file under the data directory's ``crashes/``: ``crash-…`` for a bug, ``stop-…`` for a stop
+    that hung past its deadline."""
+    folder = data_dir() / "crashes"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{kind}-{_dt.datetime.now():%Y%m%d-%H%M%S}.log"
+
+
 def _write_crash_log(exc: BaseException) -> str:
     try:
-        folder = data_dir() / "crashes"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"crash-{_dt.datetime.now():%Y%m%d-%H%M%S}.log"
+        path = _crash_log_path("crash")
         path.write_text(
             f"vllm-tune {__version__} python {platform.python_version()} {platform.platform()}\n"
             f"argv: {sys.argv}\n\n" + "".join(traceback.format_exception(exc))
         )
         return str(path)
     except OSError:
-        return "<crash log could not be written>"
+        return _NO_CRASH_LOG
 
 
 def run() -> None:
